@@ -298,7 +298,7 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign or corrupt file: say which, do not unpickle it unsafely
-        fail(f"cannot read checkpoint {path} as a weights-only torch file ({type(e).__name__}: {e})")
+        fail(f"cannot read {path} as a weights-only torch checkpoint: {str(e).strip().splitlines()[0]}")
 
 
 class Logger:
@@ -477,7 +477,8 @@ def noise_for_seeds(seeds, shape, label_dim=0):
         noise.append(torch.randn(shape, generator=g))
         if label_dim:
             labels.append(torch.randint(label_dim, [], generator=g))
-    return torch.stack(noise), (torch.stack(labels) if label_dim else None)
+    noise = torch.stack(noise) if noise else torch.empty(0, *shape)
+    return noise, (torch.tensor(labels, dtype=torch.long) if label_dim else None)
 
 
 # --- data ---
@@ -643,13 +644,13 @@ def train(args):
     grid_noise, grid_labels = noise_for_seeds(
         range(args.grid), (images.shape[1], res, res), net_kwargs["label_dim"]
     )
-    stop, total = StopFlag(), int(args.duration * 1e6)
+    stop, total = StopFlag(), round(args.duration * 1e6)
     loss_sum, t_last, step_last = torch.zeros((), device=device), time.time(), step
     while nimg < total:
         seed_step(args.seed, rank, world, step)
         idx = batch_indices(n_data, args.batch, step, args.seed)[rank * batch_rank : (rank + 1) * batch_rank]
-        for g in opt.param_groups:  # EDM's linear learning-rate ramp-up over --lr-rampup Mimg
-            g["lr"] = args.lr * min(nimg / max(args.lr_rampup * 1e6, 1e-8), 1)
+        for g in opt.param_groups:  # EDM's linear learning-rate ramp-up over --lr-rampup Mimg (0: none)
+            g["lr"] = args.lr * (min(nimg / (args.lr_rampup * 1e6), 1) if args.lr_rampup > 0 else 1)
         opt.zero_grad(set_to_none=True)
         chunks = idx.split(batch_gpu)
         for j, chunk in enumerate(chunks):

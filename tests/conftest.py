@@ -1,0 +1,30 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The test-size UNet of DESIGN.md section 3, as command-line flags and as net_kwargs.
+TINY_FLAGS = ["--model-channels", "16", "--channel-mult", "1,2", "--num-blocks", "1", "--attn-res", "8"]
+TINY_NET = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+
+
+@pytest.fixture
+def npz_data(tmp_path):
+    """A small synthetic dataset in the --data FILE.npz format: 32 RGB 16x16 images with 3 classes."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+    labels = np.arange(32) % 3
+    path = tmp_path / "data.npz"
+    np.savez(path, images=images, labels=labels)
+    return str(path)
+
+
+def run_script(args, timeout=300):
+    """Run a command in a fresh interpreter from the repository root; returns CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,197 @@
+"""edm_teacher.py as a program: training, resume, torchrun, generation and its errors."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import edm_teacher as E
+from conftest import TINY_FLAGS, run_script
+
+
+def train_flags(data, outdir, steps, batch=8, extra=()):
+    # duration is in Mimg: `steps` steps of `batch` images
+    return [
+        "--data",
+        data,
+        "--outdir",
+        str(outdir),
+        "--batch",
+        str(batch),
+        "--duration",
+        str(steps * batch / 1e6),
+        "--lr-rampup",
+        "0",
+        "--ema",
+        "0.05",
+        "--grid",
+        "4",
+        "--grid-steps",
+        "2",
+        "--log-every",
+        "1",
+        *TINY_FLAGS,
+        *extra,
+    ]
+
+
+def read_log(outdir):
+    with open(os.path.join(outdir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_training_writes_checkpoint_grid_and_log(npz_data, tmp_path):
+    out = tmp_path / "run"
+    E.main(train_flags(npz_data, out, 3, extra=["--cond", "--xflip", "--snap-every", "2"]))
+    files = sorted(os.listdir(out))
+    assert files == [
+        "args.json",
+        "ckpt-0000002.pt",
+        "ckpt-0000003.pt",
+        "grid-0000002.png",
+        "grid-0000003.png",
+        "latest.pt",
+        "log.jsonl",
+    ]
+    ckpt = torch.load(out / "latest.pt", weights_only=True)
+    assert ckpt["method"] == "edm_teacher" and ckpt["step"] == 3 and ckpt["kimg"] == 0.024
+    assert ckpt["net_kwargs"]["label_dim"] == 3 and ckpt["args"]["cond"]
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    assert [r["lr"] for r in read_log(out)] == [1e-3] * 3  # --lr-rampup 0: no warm-up
+    net = E.build_net(ckpt["net_kwargs"])
+    net.load_state_dict(ckpt["ema"])
+    x, nfe = E.sample(net.eval(), torch.randn(2, 3, 16, 16), 5, labels=torch.tensor([0, 2]))
+    assert x.shape == (2, 3, 16, 16) and nfe == 5 and torch.isfinite(x).all()
+
+
+def test_loss_decreases_on_a_tiny_overfit_problem(tmp_path):
+    images = np.zeros((4, 16, 16, 3), dtype=np.uint8)  # four flat colours
+    images[:] = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)[:, None, None, :]
+    data = tmp_path / "flat.npz"
+    np.savez(data, images=images)
+    extra = ["--dropout", "0", "--snap-every", "1000", "--grid", "0", "--lr", "5e-3"]
+    E.main(train_flags(str(data), tmp_path / "run", 100, batch=16, extra=extra))
+    ckpt = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
+    torch.manual_seed(0)  # the run's initial weights: same seed, same constructor
+    net = E.build_net(ckpt["net_kwargs"]).eval()
+    y = torch.from_numpy(images).permute(0, 3, 1, 2).float().repeat(4, 1, 1, 1) / 127.5 - 1
+    sigma = torch.tensor([0.02, 0.1, 0.3, 1.0]).repeat_interleave(4).view(-1, 1, 1, 1)  # fixed evaluation
+    n = torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = E.edm_loss(net, y, sigma=sigma, n=n).mean().item()
+        net.load_state_dict(ckpt["net"])
+        after = E.edm_loss(net, y, sigma=sigma, n=n).mean().item()
+    assert after < 0.5 * before, (before, after)  # measured: 1.85 -> 0.76
+
+
+def test_resume_equals_uninterrupted_bit_exact(npz_data, tmp_path):
+    flags = ["--xflip", "--cond", "--batch-gpu", "4", "--snap-every", "100"]  # with gradient accumulation
+    E.main(train_flags(npz_data, tmp_path / "a", 6, extra=flags))
+    E.main(train_flags(npz_data, tmp_path / "b", 3, extra=flags))
+    E.main(train_flags(npz_data, tmp_path / "b", 6, extra=[*flags, "--resume", str(tmp_path / "b")]))
+    a = torch.load(tmp_path / "a" / "ckpt-0000006.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt-0000006.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for key in ("net", "ema"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), (key, name)
+    for i, state in a["opt"]["state"].items():
+        assert all(torch.equal(v, b["opt"]["state"][i][k]) for k, v in state.items())
+    # and the run did move: different from its own step-3 checkpoint
+    mid = torch.load(tmp_path / "b" / "ckpt-0000003.pt", weights_only=True)
+    assert not torch.equal(mid["net"]["model.enc.16x16_conv.weight"], a["net"]["model.enc.16x16_conv.weight"])
+
+
+def test_torchrun_two_processes_train_and_generate(npz_data, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    out = tmp_path / "run"
+    r = run_script([*torchrun, "edm_teacher.py", *train_flags(npz_data, out, 2, extra=["--cond"])])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(f for f in os.listdir(out) if f.startswith("ckpt")) == ["ckpt-0000002.pt"]
+    assert [rec["step"] for rec in read_log(out)] == [1, 2]  # rank 0 logs, once per step
+    ckpt = torch.load(out / "latest.pt", weights_only=True)
+    assert ckpt["args"]["batch"] == 8 and ckpt["kimg"] == 0.016
+    gen = [
+        "--generate",
+        "5",
+        "--ckpt",
+        str(out / "latest.pt"),
+        "--nfe",
+        "3",
+        "--gen-batch",
+        "2",
+        "--seed",
+        "7",
+    ]
+    r = run_script([*torchrun, "edm_teacher.py", *gen, "--out", str(tmp_path / "two.npz")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    E.main([*gen, "--out", str(tmp_path / "one.npz"), "--gen-batch", "5"])
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert one["images"].shape == (5, 16, 16, 3) and one["images"].dtype == np.uint8
+    assert one["seeds"].tolist() == list(range(7, 12))
+    assert np.array_equal(one["labels"], two["labels"]) and np.array_equal(one["seeds"], two["seeds"])
+    # same per-image seeds, so the same images for 1 or 2 processes (up to a quantisation step)
+    assert np.abs(one["images"].astype(int) - two["images"].astype(int)).max() <= 1
+    assert os.path.isfile(tmp_path / "one.png")
+
+
+def one_line_error(excinfo, *words):
+    msg = str(excinfo.value)
+    assert msg.startswith("error: ") and "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_bad_input_gives_one_line_errors(npz_data, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        E.main(train_flags(str(tmp_path / "missing.npz"), tmp_path / "o", 1))
+    one_line_error(e, "not found", "missing.npz")
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((4, 16, 16), dtype=np.uint8))
+    with pytest.raises(SystemExit) as e:
+        E.main(train_flags(str(bad), tmp_path / "o", 1))
+    one_line_error(e, "[N, H, W, C]", "(4, 16, 16)")
+
+    np.savez(bad, pixels=np.zeros((4, 16, 16, 3), dtype=np.uint8))
+    with pytest.raises(SystemExit) as e:
+        E.main(train_flags(str(bad), tmp_path / "o", 1))
+    one_line_error(e, "no 'images'", "pixels")
+
+    np.savez(bad, images=np.zeros((4, 16, 16, 3), dtype=np.uint8))
+    with pytest.raises(SystemExit) as e:
+        E.main(train_flags(str(bad), tmp_path / "o", 1, extra=["--cond"]))
+    one_line_error(e, "--cond", "labels")
+
+    with pytest.raises(SystemExit) as e:
+        E.main(train_flags(npz_data, tmp_path / "o", 1, extra=["--batch-gpu", "3"]))
+    one_line_error(e, "--batch-gpu 3")
+
+    monkeypatch.setattr(
+        E, "dist_setup", lambda: (0, 3, torch.device("cpu"))
+    )  # as if under 3-process torchrun
+    with pytest.raises(SystemExit) as e:
+        E.main(train_flags(npz_data, tmp_path / "o", 1))
+    one_line_error(e, "--batch 8", "divisible", "3 processes")
+
+
+def test_cifar10_offline_is_a_clear_error(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    def offline(*a, **k):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with pytest.raises(SystemExit) as e:
+        E.main(train_flags("cifar10", tmp_path / "o", 1, extra=["--data-dir", str(tmp_path / "ds")]))
+    one_line_error(e, "CIFAR-10", "cifar-10-python.tar.gz", str(tmp_path / "ds"))
+
+
+def test_error_exit_code_and_no_traceback_from_the_command_line(tmp_path):
+    r = run_script([sys.executable, "edm_teacher.py", "--data", str(tmp_path / "nope.npz")])
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "nope.npz" in r.stderr

@@ -1,0 +1,65 @@
+"""The shared DDPM++ UNet against EDM's reference network (fixtures made by running NVlabs/edm's own code)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import edm_teacher as E
+from conftest import TINY_NET
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+CIFAR = dict(img_resolution=32, img_channels=3, augment_dim=9, dropout=0.13)  # EDM's DDPM++ CIFAR-10 config
+
+
+@pytest.mark.parametrize("label_dim,count", [(0, 55_733_891), (10, 55_735_299)])
+def test_cifar10_ddpmpp_parameter_count_and_keys_equal_edm(label_dim, count):
+    torch.manual_seed(0)
+    net = E.build_net(dict(CIFAR, label_dim=label_dim))
+    assert sum(p.numel() for p in net.parameters()) == count
+    # edm_ddpmpp_cifar10_keys.json: EDMPrecond(SongUNet) state_dict (key, shape) list, NVlabs/edm @ 008a4e5
+    with open(os.path.join(DATA, "edm_ddpmpp_cifar10_keys.json")) as f:
+        ref = json.load(f)["cond" if label_dim else "uncond"]
+    mine = [[k, list(v.shape)] for k, v in net.state_dict().items()]
+    assert mine == ref  # same keys, same shapes, same order: official checkpoints load strictly by key
+
+
+def test_output_equals_edm_reference_network_on_random_weights():
+    # edm_songunet_tiny_ref.pt: a tiny SongUNet (EDM's code) with random weights, its inputs and its output D.
+    ref = torch.load(os.path.join(DATA, "edm_songunet_tiny_ref.pt"), weights_only=True)
+    net = E.build_net(
+        dict(img_resolution=16, img_channels=3, label_dim=4, augment_dim=9, dropout=0.0, **TINY_NET)
+    )
+    net.load_state_dict(ref["state_dict"], strict=True)
+    net.eval()
+    with torch.no_grad():
+        d = net(ref["x"], ref["sigma"], ref["class_labels"], augment_labels=ref["augment_labels"])
+        d_int = net(
+            ref["x"], ref["sigma"], ref["class_labels"].argmax(1), augment_labels=ref["augment_labels"]
+        )
+    torch.testing.assert_close(d, ref["D"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(d_int, d)  # int labels are one-hot encoded like EDM's
+    c_skip = E.edm_precond(ref["sigma"].view(-1, 1, 1, 1))[0]
+    assert (ref["D"] - c_skip * ref["x"]).abs().mean() > 1e-2  # the network part is not negligible
+
+
+def test_shapes_labels_and_dropout():
+    torch.manual_seed(0)
+    net = E.build_net(dict(img_resolution=16, img_channels=3, label_dim=5, dropout=0.5, **TINY_NET))
+    with torch.no_grad():
+        for p in net.parameters():  # move away from EDM's near-zero init of the output layers
+            p.add_(torch.randn_like(p) * 0.05)
+    x, sigma = torch.randn(4, 3, 16, 16), torch.full([4], 1.0)
+    net.eval()
+    a = net(x, sigma, torch.tensor([0, 1, 2, 3]))
+    b = net(x, sigma, torch.tensor([4, 4, 4, 4]))
+    assert a.shape == x.shape and a.dtype == torch.float32
+    assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 1e-4  # the label changes every output
+    assert torch.equal(a, net(x, sigma, torch.tensor([0, 1, 2, 3])))  # eval: deterministic
+    net.train()
+    assert not torch.equal(net(x, sigma, torch.tensor([0, 1, 2, 3])), a)  # train: dropout active
+    net.eval()
+    torch.testing.assert_close(
+        net(x, torch.tensor(1.0), torch.tensor([0, 1, 2, 3])), a
+    )  # scalar sigma broadcasts
