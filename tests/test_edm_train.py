@@ -195,3 +195,48 @@ def test_error_exit_code_and_no_traceback_from_the_command_line(tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert "nope.npz" in r.stderr
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(npz_data, tmp_path):
+    import signal
+    import subprocess
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "edm_teacher.py",
+        *train_flags(npz_data, out, 10**6, extra=["--snap-every", "100000"]),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=os.path.dirname(E.__file__), env=env, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step=2 "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and "stopped by signal" in rest, rest
+    ckpt = torch.load(out / "latest.pt", weights_only=True)
+    assert ckpt["step"] >= 2
+    E.main(train_flags(npz_data, out, ckpt["step"] + 1, extra=["--resume", str(out)]))
+    assert torch.load(out / "latest.pt", weights_only=True)["step"] == ckpt["step"] + 1
+
+
+def test_image_folder_with_edm_dataset_json(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    os.makedirs(tmp_path / "imgs" / "sub")
+    names = ["sub/b.png", "a.png", "c.png"]
+    for name, img in zip(names, images, strict=True):
+        Image.fromarray(img).save(tmp_path / "imgs" / name)
+    with open(tmp_path / "imgs" / "dataset.json", "w") as f:
+        json.dump({"labels": [[n, i] for i, n in enumerate(names)]}, f)
+    x, y = E.load_images(str(tmp_path / "imgs"))
+    order = [1, 2, 0]  # sorted paths: a.png, c.png, sub/b.png
+    assert torch.equal(x, torch.from_numpy(images[order]).permute(0, 3, 1, 2))
+    assert y.tolist() == order
+    idx = torch.tensor([0, 3])  # with --xflip, index 3 is image 0 mirrored
+    batch, _ = E.get_batch(x, None, idx, torch.device("cpu"))
+    torch.testing.assert_close(batch[1], batch[0].flip(2))
+    torch.testing.assert_close(batch[0], x[0].float() / 127.5 - 1)
