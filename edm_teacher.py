@@ -22,13 +22,18 @@ accepts augment labels (augment_dim) so that official checkpoints load; our trai
 """
 
 import argparse
+import collections
 import contextlib
 import copy
+import io
 import json
 import math
 import os
+import pickle
+import shutil
 import signal
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -481,6 +486,173 @@ def noise_for_seeds(seeds, shape, label_dim=0):
     return noise, (torch.tensor(labels, dtype=torch.long) if label_dim else None)
 
 
+# --- official EDM checkpoints ---
+# EDM's snapshots (edm-cifar10-32x32-{cond,uncond}-vp.pkl, ...) are pickles in which every layer is rebuilt by
+# torch_utils.persistence._reconstruct_persistent_obj(meta), which EXECUTES meta["module_src"]. We never do:
+# the unpickler below resolves only an allow-list of globals, keeps persistent objects as inert metadata, and
+# the weights are then loaded by key into our own UNet (identical keys, see the UNet block).
+
+EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+EDM_SNAPSHOTS = (
+    "edm-cifar10-32x32-cond-vp.pkl",
+    "edm-cifar10-32x32-uncond-vp.pkl",
+    "edm-afhqv2-64x64-uncond-vp.pkl",
+    "edm-ffhq-64x64-uncond-vp.pkl",
+)
+
+
+class _Persistent:
+    """Stands in for an EDM persistent object: only its metadata (class name, state) is kept."""
+
+    def __init__(self, meta):
+        self.meta = meta
+
+
+class _Container:
+    """Stands in for torch.nn.ModuleDict/ModuleList/Sequential: keeps the pickled __dict__."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+def _load_storage(blob):
+    return torch.load(io.BytesIO(blob), weights_only=True)  # a legacy torch.save blob of one storage
+
+
+def _numpy_scalar(dtype, data):
+    if dtype.hasobject:  # an object scalar would be built from raw pointer bytes
+        raise pickle.UnpicklingError("refusing a numpy object scalar")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+class EDMUnpickler(pickle.Unpickler):
+    """Resolves only the globals an EDM snapshot needs; refuses everything else (os.system, eval, ...)."""
+
+    SAFE = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("numpy", "dtype"): np.dtype,
+        ("builtins", "set"): set,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch.storage", "_load_from_bytes"): _load_storage,
+        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
+        ("dnnlib.util", "EasyDict"): dict,
+    }
+
+    def find_class(self, module, name):
+        if module == "torch.nn.modules.container" and name in ("ModuleDict", "ModuleList", "Sequential"):
+            return _Container
+        if (module, name) in self.SAFE:
+            return self.SAFE[(module, name)]
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (not on the allow-list)")
+
+
+def _edm_state_dict(obj, prefix="", out=None):
+    """Walk the pickled module tree: parameters and persistent buffers by key, as nn.Module.state_dict()."""
+    out = {} if out is None else out
+    state = obj.meta["state"] if isinstance(obj, _Persistent) else obj.__dict__
+    skip = state.get("_non_persistent_buffers_set", set())
+    for key, t in [*state.get("_parameters", {}).items(), *state.get("_buffers", {}).items()]:
+        if t is not None and key not in skip:
+            out[prefix + key] = t.detach().clone() if isinstance(t, torch.Tensor) else t
+    for key, child in state.get("_modules", {}).items():
+        if child is not None:
+            _edm_state_dict(child, f"{prefix}{key}.", out)
+    return out
+
+
+def fetch_file(url, cache_dir):
+    """Download url once into cache_dir (atomic) and return the local path."""
+    dest = os.path.join(cache_dir, os.path.basename(url))
+    if os.path.isfile(dest):
+        return dest
+    import urllib.request
+
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{dest}.tmp{os.getpid()}"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        fail(f"cannot download {url} ({type(e).__name__}: {e}); fetch it elsewhere and put it at {dest}")
+    os.replace(tmp, dest)
+    return dest
+
+
+def import_edm_pickle(path):
+    """An official EDM snapshot (.pkl) -> a checkpoint dict in our format (DESIGN 5), with the EMA weights.
+    Only EDMPrecond + SongUNet in its DDPM++ form is supported (EDM's "vp" CIFAR-10, AFHQv2, FFHQ nets)."""
+    if not os.path.isfile(path):
+        fail(f"EDM snapshot not found: {path} (official ones: {EDM_URL}<name>, e.g. {EDM_SNAPSHOTS[1]})")
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # TypedStorage deprecation inside torch's rebuild
+        try:
+            snapshot = EDMUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, ValueError, RuntimeError) as e:
+            fail(f"{path} is not a loadable EDM snapshot: {e}")
+    ema = snapshot.get("ema") if isinstance(snapshot, dict) else None
+    if not isinstance(ema, _Persistent) or ema.meta.get("type") != "class":
+        fail(f"{path} has no EDM network under 'ema' (is it an EDM training snapshot?)")
+    name, kw = ema.meta.get("class_name"), dict(ema.meta["state"].get("_init_kwargs", {}))
+    if name != "EDMPrecond":
+        fail(f"{path}: preconditioning {name!r} is not supported yet (only EDMPrecond)")
+    model_type = kw.get("model_type", "DhariwalUNet")  # EDMPrecond's default is ADM's DhariwalUNet
+    if model_type != "SongUNet":
+        fail(f"{path}: {model_type} (ADM) networks are not supported yet (only DDPM++ SongUNet)")
+    ddpmpp = dict(
+        embedding_type="positional",
+        encoder_type="standard",
+        decoder_type="standard",
+        channel_mult_noise=1,
+        resample_filter=[1, 1],
+        channel_mult_emb=4,
+    )
+    other = {k: kw[k] for k in ddpmpp if k in kw and kw[k] != ddpmpp[k]}
+    if other:
+        fail(f"{path}: SongUNet variant {other} is not supported yet (only the DDPM++ configuration)")
+    net_kwargs = dict(
+        img_resolution=kw["img_resolution"],
+        img_channels=kw["img_channels"],
+        label_dim=kw.get("label_dim", 0),
+        sigma_data=kw.get("sigma_data", 0.5),
+        augment_dim=kw.get("augment_dim", 0),
+        model_channels=kw.get("model_channels", 128),
+        channel_mult=list(kw.get("channel_mult", [1, 2, 2, 2])),
+        num_blocks=kw.get("num_blocks", 4),
+        attn_resolutions=list(kw.get("attn_resolutions", [16])),
+        dropout=kw.get("dropout", 0.10),
+    )
+    state_dict = _edm_state_dict(ema)
+    try:
+        build_net(net_kwargs).load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        fail(f"{path}: weights do not match the DDPM++ network: {str(e).splitlines()[0]}")
+    return dict(
+        method=METHOD,
+        version=VERSION,
+        args=dict(imported_from=os.path.abspath(path)),
+        net_kwargs=net_kwargs,
+        net=state_dict,
+        ema=state_dict,
+        opt=None,
+        step=0,
+        kimg=0.0,
+        state=dict(source="EDM snapshot", edm_init_kwargs=json.loads(json.dumps(kw))),
+    )
+
+
+def load_teacher(spec, cache_dir=None):
+    """Our checkpoint (.pt / run folder), an EDM snapshot (.pkl), or a URL of either -> a checkpoint dict."""
+    if spec.startswith(("http://", "https://")):
+        cache = cache_dir or os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edm"
+        )
+        spec = fetch_file(spec, cache)
+    return import_edm_pickle(spec) if spec.endswith(".pkl") else load_checkpoint(spec)
+
+
 # --- data ---
 
 
@@ -716,12 +888,23 @@ def train(args):
 # --- generation ---
 
 
+def convert(args):
+    """--convert OUT.pt: write an imported EDM snapshot (or any teacher) as our checkpoint format."""
+    ckpt = load_teacher(args.ckpt, args.cache_dir)
+    atomic_save(ckpt, args.convert)
+    k = ckpt["net_kwargs"]
+    print(
+        f"wrote {args.convert}: {ckpt['method']} {k['img_resolution']}x{k['img_resolution']}, "
+        f"label_dim {k['label_dim']}, {sum(t.numel() for t in ckpt['ema'].values())} weights"
+    )
+
+
 def generate(args):
     """Write --generate N images (uint8 NHWC npz with seeds and labels, plus a PNG grid of the first 64)."""
     from tqdm import tqdm
 
     rank, world, device = dist_setup()
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt = load_teacher(args.ckpt, args.cache_dir)
     if ckpt.get("method") != METHOD:
         fail(
             f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; use that method's file to sample it"
@@ -814,14 +997,20 @@ def parse_args(argv=None):
     p.add_argument(
         "--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt instead"
     )
-    p.add_argument("--ckpt", default=None, help="checkpoint to generate from (its EMA weights)")
+    p.add_argument(
+        "--ckpt",
+        default=None,
+        help="checkpoint for --generate/--convert: ours (.pt), an EDM snapshot (.pkl), or a URL",
+    )
+    p.add_argument("--convert", default=None, metavar="OUT.pt", help="write --ckpt as our checkpoint format")
+    p.add_argument("--cache-dir", default=None, help="download folder for URLs (default ~/.cache/edm)")
     p.add_argument("--out", default="samples.npz", help="output .npz of --generate (a .png grid beside it)")
     p.add_argument("--nfe", type=int, default=35, help="network evaluations per image (35 = 18 Heun steps)")
     p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
     args = p.parse_args(argv)
-    if args.generate:
+    if args.generate or args.convert:
         if not args.ckpt:
-            p.error("--generate needs --ckpt")
+            p.error("--generate and --convert need --ckpt")
     elif not args.data:
         p.error("--data is required for training (or use --generate N --ckpt FILE)")
     for name in ("batch", "duration", "log_every", "snap_every", "nfe", "gen_batch"):
@@ -832,7 +1021,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    generate(args) if args.generate else train(args)
+    if args.convert:
+        convert(args)
+    elif args.generate:
+        generate(args)
+    else:
+        train(args)
 
 
 if __name__ == "__main__":

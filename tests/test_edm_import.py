@@ -1,0 +1,184 @@
+"""Official EDM snapshots: a restricted unpickler that never runs code from the file, and faithful import.
+
+The snapshots here are synthetic: built by pickling objects whose __reduce__ points at a fake
+torch_utils.persistence._reconstruct_persistent_obj with EDM's meta layout (type, version, module_src,
+class_name, state), as EDM's persistence module writes them.
+"""
+
+import collections
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+
+import edm_teacher as E
+from conftest import TINY_NET
+
+PWNED = "/tmp/edm_import_test_pwned"
+
+
+def _reconstruct_persistent_obj(meta):  # what EDM's loader is: it would exec(meta["module_src"])
+    exec(meta["module_src"])
+    raise AssertionError("the real reconstruct function must never be called by our loader")
+
+
+class FakePersistent:
+    def __init__(self, class_name, state):
+        self.class_name, self.state = class_name, state
+
+    def __reduce__(self):
+        meta = dict(
+            type="class",
+            version=6,
+            class_name=self.class_name,
+            state=self.state,
+            module_src=f"open({PWNED!r}, 'w').write('executed')",
+        )
+        return (_reconstruct_persistent_obj, (meta,))
+
+
+def fake_module_dict(state):
+    """A real torch.nn.ModuleDict holding the given __dict__: pickles as NEWOBJ ModuleDict + BUILD state."""
+    md = object.__new__(torch.nn.ModuleDict)
+    md.__dict__.update(state)
+    return md
+
+
+def as_edm_pickle_tree(module, init_kwargs=None):
+    """Our nn.Module -> the object tree EDM's persistence would pickle."""
+    state = dict(
+        training=False,
+        _parameters=collections.OrderedDict(module._parameters),
+        _buffers=collections.OrderedDict(module._buffers),
+        _non_persistent_buffers_set=set(),
+        _modules=collections.OrderedDict((k, as_edm_pickle_tree(m)) for k, m in module._modules.items()),
+        _forward_hooks=collections.OrderedDict(),
+    )
+    if isinstance(module, torch.nn.ModuleDict):
+        return fake_module_dict(state)
+    if init_kwargs is not None:
+        state.update(
+            _init_args=(), _init_kwargs=init_kwargs, sigma_min=0, sigma_max=float("inf"), sigma_data=0.5
+        )
+    name = {"EDMPrecond": "EDMPrecond", "UNet": "SongUNet"}.get(type(module).__name__, type(module).__name__)
+    return FakePersistent(name, state)
+
+
+@pytest.fixture
+def fake_persistence(monkeypatch):
+    mod = types.ModuleType("torch_utils.persistence")
+    _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+    mod._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", mod)
+    if os.path.exists(PWNED):
+        os.remove(PWNED)
+    yield
+    assert not os.path.exists(PWNED), "code from the pickle was executed"
+
+
+EDM_KWARGS = dict(
+    model_type="SongUNet",
+    embedding_type="positional",
+    encoder_type="standard",
+    decoder_type="standard",
+    channel_mult_noise=1,
+    resample_filter=[1, 1],
+    model_channels=16,
+    channel_mult=[1, 2],
+    num_blocks=1,
+    attn_resolutions=[8],
+    augment_dim=9,
+    dropout=0.13,
+    use_fp16=False,
+    img_resolution=16,
+    img_channels=3,
+    label_dim=4,
+)
+
+
+def write_snapshot(path, net, init_kwargs):
+    snapshot = dict(
+        ema=as_edm_pickle_tree(net, init_kwargs),
+        loss_fn=FakePersistent("EDMLoss", {"P_mean": -1.2}),
+        augment_pipe=None,
+        dataset_kwargs={"class_name": "training.dataset.ImageFolderDataset"},
+    )
+    with open(path, "wb") as f:
+        pickle.dump(snapshot, f)
+
+
+def test_edm_format_snapshot_imports_exactly(tmp_path, fake_persistence):
+    torch.manual_seed(0)
+    net = E.build_net(dict(img_resolution=16, img_channels=3, label_dim=4, augment_dim=9, **TINY_NET)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    write_snapshot(tmp_path / "snap.pkl", net.requires_grad_(False), EDM_KWARGS)
+    ckpt = E.load_teacher(str(tmp_path / "snap.pkl"))
+    assert ckpt["method"] == "edm_teacher" and ckpt["net_kwargs"]["label_dim"] == 4
+    assert ckpt["net_kwargs"]["dropout"] == 0.13 and ckpt["net_kwargs"]["augment_dim"] == 9
+    ref = net.state_dict()
+    assert list(ckpt["ema"]) == list(ref) and all(torch.equal(ckpt["ema"][k], v) for k, v in ref.items())
+    imported = E.build_net(ckpt["net_kwargs"]).eval()
+    imported.load_state_dict(ckpt["ema"])
+    x, sigma, labels = torch.randn(3, 3, 16, 16), torch.tensor([0.1, 1.0, 10.0]), torch.tensor([0, 1, 3])
+    with torch.no_grad():
+        assert torch.equal(imported(x, sigma, labels), net(x, sigma, labels))
+    # --convert writes it as our (weights-only) checkpoint format
+    E.main(["--convert", str(tmp_path / "conv.pt"), "--ckpt", str(tmp_path / "snap.pkl")])
+    conv = torch.load(tmp_path / "conv.pt", weights_only=True)
+    assert conv["net_kwargs"] == ckpt["net_kwargs"] and torch.equal(
+        conv["ema"]["model.map_label.weight"], ref["model.map_label.weight"]
+    )
+
+
+def test_adm_and_other_variants_are_refused_clearly(tmp_path, fake_persistence):
+    net = E.build_net(dict(img_resolution=16, img_channels=3, label_dim=4, augment_dim=9, **TINY_NET))
+    for change, words in [
+        (dict(model_type="DhariwalUNet"), "not supported yet"),
+        (dict(embedding_type="fourier"), "fourier"),
+        (dict(num_blocks=2), "do not match"),
+    ]:
+        write_snapshot(tmp_path / "s.pkl", net, dict(EDM_KWARGS, **change))
+        with pytest.raises(SystemExit, match=words) as e:
+            E.load_teacher(str(tmp_path / "s.pkl"))
+        assert "\n" not in str(e.value)
+
+
+class Shell:
+    def __reduce__(self):
+        return (os.system, (f"touch {PWNED}",))
+
+
+@pytest.mark.parametrize("payload", [Shell(), {"ema": Shell()}, {"ema": [eval]}])
+def test_restricted_unpickler_refuses_non_allow_listed_globals(tmp_path, payload, fake_persistence):
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(payload, f)
+    with pytest.raises(SystemExit, match="refusing to load global") as e:
+        E.load_teacher(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_or_corrupt_snapshot(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        E.load_teacher(str(tmp_path / "edm-cifar10-32x32-uncond-vp.pkl"))
+    (tmp_path / "bad.pkl").write_bytes(b"not a pickle at all")
+    with pytest.raises(SystemExit, match="not a loadable EDM snapshot"):
+        E.load_teacher(str(tmp_path / "bad.pkl"))
+
+
+def test_url_teacher_offline_names_the_cache_path(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*a, **k):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(SystemExit) as e:
+        E.load_teacher(E.EDM_URL + "edm-cifar10-32x32-uncond-vp.pkl", cache_dir=str(tmp_path))
+    assert str(tmp_path / "edm-cifar10-32x32-uncond-vp.pkl") in str(e.value)
