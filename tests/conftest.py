@@ -28,3 +28,46 @@ def run_script(args, timeout=300):
     """Run a command in a fresh interpreter from the repository root; returns CompletedProcess."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def teacher_ckpt(tmp_path):
+    """A class-conditional tiny EDM checkpoint (random weights, visibly non-trivial outputs)."""
+    import torch
+
+    import edm_teacher
+
+    torch.manual_seed(0)
+    kw = dict(img_resolution=16, img_channels=3, label_dim=3, dropout=0.0, **TINY_NET)
+    net = edm_teacher.build_net(kw)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sd = net.state_dict()
+    ckpt = dict(
+        method="edm_teacher",
+        version=1,
+        args={},
+        net_kwargs=kw,
+        net=sd,
+        ema=sd,
+        opt=None,
+        step=0,
+        kimg=0.0,
+        state={},
+    )
+    path = tmp_path / "teacher.pt"
+    torch.save(ckpt, path)
+    return str(path)
+
+
+@pytest.fixture
+def one_thread():
+    """Run in-process work with one intra-op thread, as the torchrun/subprocess runs do (OMP_NUM_THREADS=1):
+    CPU results are bit-reproducible for a fixed thread count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

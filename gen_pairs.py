@@ -1,0 +1,421 @@
+"""gen_pairs.py: any checkpoint -> a file of (noise, sample) pairs, for LMM and reflow.
+
+Pair i is fully determined by (teacher, seed, i): its noise x0 ~ N(0, I) comes from a torch.Generator seeded
+with seed + i, its class label (conditional teachers) is uniform over the classes, drawn from the same
+generator after the noise, and its data x1 is the teacher's deterministic sampler output from that noise
+(`sample(net, noise, nfe, labels)` of the checkpoint's method file; EDM: 18 Heun steps = 35 NFE). Pairs
+are made in batches of --batch consecutive indices, so the file is bit-identical for any number of processes
+at a given --batch (and per-process thread count); another --batch gives the same noise and labels and data
+equal to float rounding only, because convolution kernels depend on the batch shape.
+
+The output is an uncompressed .npz (DESIGN 6): noise [N,C,H,W], data [N,C,H,W] (float32 or float16; data in
+[-1, 1] up to the teacher's overshoot, not quantised), label [N] int64 (conditional only), meta (JSON: the
+teacher and its sha256, sampler, NFE, seed, dtype, date). `load_pairs` memory-maps it.
+
+Ranks write shard files of --shard-size pairs into OUT.shards/ (atomically); a rerun after a crash or kill
+skips the shards present (same teacher and settings, else it refuses to mix), rank 0 then streams them into
+OUT (atomically), verifies the merge and removes the shards.
+
+Commands
+  CPU smoke run (a checkpoint of edm_teacher.py):
+    python gen_pairs.py --teacher runs/edm-shapes/latest.pt --num-pairs 256 --out pairs_shapes.npz --batch 64
+  The LMM teacher pairs, 1M pairs from the official EDM CIFAR-10 checkpoint on 8 GPUs:
+    torchrun --standalone --nproc_per_node=8 gen_pairs.py \\
+        --teacher https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl --cond \\
+        --num-pairs 1000000 --out pairs_cifar10_cond.npz
+  Inspect a pairs file:
+    python gen_pairs.py --inspect pairs_cifar10_cond.npz
+"""
+
+import argparse
+import datetime
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import struct
+import time
+import zipfile
+
+import numpy as np
+import torch
+
+VERSION = 1
+
+# --- pairs file ---
+
+
+def write_npz_stream(path, fields):
+    """Write an uncompressed .npz without holding its arrays in memory, atomically.
+    fields: [(name, dtype, shape, chunks)], chunks an iterable of arrays that fill shape[0] in order."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, dtype, shape, chunks in fields:
+            dtype = np.dtype(dtype)
+            header = {
+                "descr": np.lib.format.dtype_to_descr(dtype),
+                "fortran_order": False,
+                "shape": tuple(shape),
+            }
+            rows = 0
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, header)
+                for a in chunks:
+                    a = np.ascontiguousarray(a, dtype=dtype)
+                    f.write(a.tobytes())
+                    rows += len(a) if a.ndim else 1
+            if rows != (shape[0] if shape else 1):
+                raise ValueError(f"{name}: wrote {rows} rows, expected {shape}")
+    os.replace(tmp, path)
+
+
+def load_pairs(path):
+    """Memory-map the arrays of an uncompressed .npz (noise, data, label): nothing is read into RAM until
+    indexed. Returns a dict of np.memmap, with 'meta' decoded from JSON."""
+    out = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: {info.filename} is compressed; pairs files must be uncompressed")
+            f.seek(info.header_offset)
+            name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # zip local file header
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            major, _ = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                raise ValueError(f"{path}: {info.filename} holds Python objects; refusing to load it")
+            key = info.filename[:-4]
+            if shape == ():
+                out[key] = np.frombuffer(f.read(dtype.itemsize), dtype)[0]
+            else:
+                order = "F" if fortran else "C"
+                out[key] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+    if "meta" in out:
+        out["meta"] = json.loads(str(out["meta"]))
+    return out
+
+
+# --- pairs ---
+
+
+def pair_inputs(indices, seed, shape, label_dim=0):
+    """Pair i: noise from torch.Generator(seed + i), then its uniform label from the same generator (the same
+    noise and label as edm_teacher.py --generate gives image seed + i)."""
+    noise, labels = [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(seed + int(i))
+        noise.append(torch.randn(shape, generator=g))
+        if label_dim:
+            labels.append(torch.randint(label_dim, [], generator=g))
+    return torch.stack(noise), (torch.tensor(labels, dtype=torch.long) if label_dim else None)
+
+
+@torch.no_grad()
+def make_pairs(module, net, lo, hi, seed, shape, label_dim, nfe, batch, device, sample_kw=None):
+    """Pairs lo..hi-1 in batches of `batch` consecutive indices -> (noise, data, label or None, NFE used)."""
+    noise, data, labels, used = [], [], [], 0
+    for start in range(lo, hi, batch):
+        x0, y = pair_inputs(range(start, min(start + batch, hi)), seed, shape, label_dim)
+        x1, used = module.sample(
+            net, x0.to(device), nfe, None if y is None else y.to(device), **(sample_kw or {})
+        )
+        noise.append(x0)
+        data.append(x1.float().cpu())
+        labels.append(y)
+    label = torch.cat(labels) if label_dim else None
+    return torch.cat(noise), torch.cat(data), label, used
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_teacher(spec, cache_dir, device):
+    """Any checkpoint of this project (its method file's build_net/sample) or an official EDM snapshot."""
+    import edm_teacher
+
+    if spec.startswith(("http://", "https://")):
+        cache = cache_dir or os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edm"
+        )
+        spec = edm_teacher.fetch_file(spec, cache)
+    path = os.path.realpath(os.path.join(spec, "latest.pt") if os.path.isdir(spec) else spec)
+    if not os.path.isfile(path):
+        edm_teacher.fail(f"teacher not found: {spec} (a .pt checkpoint, a run folder, an EDM .pkl or a URL)")
+    ckpt = edm_teacher.load_teacher(path)
+    try:
+        module = importlib.import_module(ckpt["method"])
+    except (KeyError, ImportError):
+        edm_teacher.fail(
+            f"{spec}: unknown method {ckpt.get('method')!r} (no such method file next to gen_pairs.py)"
+        )
+    net = module.build_net(ckpt["net_kwargs"])
+    net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"])
+    return module, net.eval().requires_grad_(False).to(device), ckpt, path
+
+
+# --- distributed (generation only: no training state) ---
+
+
+def dist_setup():
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # generous timeout: ranks wait for each other only at the start and around rank 0's merge
+    torch.distributed.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6)
+    )
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# --- generation ---
+
+
+def shard_name(shard_dir, c):
+    return os.path.join(shard_dir, f"shard-{c:06d}.npz")
+
+
+def check_shards(shard_dir, n_shards, fingerprint, fail):
+    """Indices of the shards already made; refuses shards made with another teacher or other settings."""
+    done = []
+    for c in range(n_shards):
+        path = shard_name(shard_dir, c)
+        if os.path.isfile(path):
+            with np.load(path) as f:
+                theirs = json.loads(str(f["meta"]))
+            diff = {k: (theirs.get(k), v) for k, v in fingerprint.items() if theirs.get(k) != v}
+            if diff:
+                fail(
+                    f"{path} was made with other settings {diff}; refusing to mix. Use the same settings "
+                    f"or delete {shard_dir}"
+                )
+            done.append(c)
+    return done
+
+
+def merge(out, shard_dir, n_shards, num, shape, dtype, label_dim, meta):
+    """Stream the shards into one uncompressed .npz, then verify it against them."""
+    paths = [shard_name(shard_dir, c) for c in range(n_shards)]
+
+    def column(key):
+        for p in paths:
+            with np.load(p) as f:
+                yield f[key]
+
+    fields = [
+        ("noise", dtype, (num, *shape), column("noise")),
+        ("data", dtype, (num, *shape), column("data")),
+    ]
+    if label_dim:
+        fields.append(("label", np.int64, (num,), column("label")))
+    text = json.dumps(meta)
+    fields.append(("meta", f"<U{len(text)}", (), [np.array(text)]))
+    write_npz_stream(out, fields)
+    pairs, lo = load_pairs(out), 0
+    for p in paths:
+        with np.load(p) as f:
+            hi = lo + len(f["noise"])
+            for key in ("noise", "data", "label") if label_dim else ("noise", "data"):
+                if not np.array_equal(pairs[key][lo:hi], f[key]):
+                    raise RuntimeError(
+                        f"merge verification failed for {p} ({key}); shards kept in {shard_dir}"
+                    )
+            lo = hi
+    shutil.rmtree(shard_dir)
+
+
+def generate(args):
+    from tqdm import tqdm
+
+    import edm_teacher
+
+    fail = edm_teacher.fail
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not args.overwrite:
+        fail(f"{args.out} exists; pass --overwrite to replace it")
+    if not os.access(os.path.dirname(out), os.W_OK):
+        fail(f"cannot write to {os.path.dirname(out)}: the folder is missing or not writable")
+    rank, world, device = dist_setup()
+    module, net, ckpt, teacher_path = load_teacher(args.teacher, args.cache_dir, device)
+    k = ckpt["net_kwargs"]
+    if "img_channels" not in k:
+        fail(f"{args.teacher}: its net_kwargs have no image shape (img_channels, img_resolution)")
+    shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k.get("label_dim", 0)
+    if label_dim and not args.cond:
+        fail(
+            f"{args.teacher} is class-conditional ({label_dim} classes): pass --cond (labels drawn per pair)"
+        )
+    if args.cond and not label_dim:
+        fail(f"--cond was given but {args.teacher} is unconditional")
+    fingerprint = dict(
+        teacher_sha256=sha256_file(teacher_path),
+        method=ckpt["method"],
+        seed=args.seed,
+        num=args.num,
+        nfe=args.nfe,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        label_dim=label_dim,
+        shape=list(shape),
+        version=VERSION,
+    )
+    shard_dir = out + ".shards"
+    n_shards = -(-args.num // args.shard_size)
+    if rank == 0:
+        os.makedirs(shard_dir, exist_ok=True)
+    barrier()
+    done = check_shards(shard_dir, n_shards, fingerprint, fail)
+    barrier()  # every rank has listed the shards before any new one appears
+    mine = [c for c in range(n_shards) if c not in set(done)][rank::world]
+    ranges = [(c * args.shard_size, min((c + 1) * args.shard_size, args.num)) for c in mine]
+    if rank == 0:
+        print(
+            f"{args.num} pairs from {ckpt['method']} teacher {args.teacher}: {len(done)} of {n_shards} "
+            f"shards present, {world} process(es) on {device}",
+            flush=True,
+        )
+    t0, nfe_used = time.time(), None
+    bar = tqdm(total=sum(hi - lo for lo, hi in ranges), disable=rank != 0, unit="pair", smoothing=0.1)
+    for c, (lo, hi) in zip(mine, ranges, strict=True):
+        x0, x1, y, nfe_used = make_pairs(
+            module, net, lo, hi, args.seed, shape, label_dim, args.nfe, args.batch, device
+        )
+        arrays = dict(
+            noise=x0.numpy().astype(args.dtype),
+            data=x1.numpy().astype(args.dtype),
+            meta=np.array(json.dumps(dict(fingerprint, nfe_used=nfe_used))),
+        )
+        if y is not None:
+            arrays["label"] = y.numpy()
+        tmp = shard_name(shard_dir, c) + f".tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, shard_name(shard_dir, c))
+        bar.update(hi - lo)
+        bar.set_postfix(all_ranks_pairs_per_s=f"{bar.n * world / max(time.time() - t0, 1e-9):.1f}")
+    bar.close()
+    barrier()
+    if rank == 0:
+        if nfe_used is None:  # every shard was already there: read the NFE from one
+            with np.load(shard_name(shard_dir, 0)) as f:
+                nfe_used = json.loads(str(f["meta"]))["nfe_used"]
+        meta = dict(
+            fingerprint,
+            nfe_used=nfe_used,
+            teacher=args.teacher,
+            sampler=f"{ckpt['method']}.sample",
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            torch=torch.__version__,
+            world_size=world,
+            batch=args.batch,
+        )
+        merge(out, shard_dir, n_shards, args.num, shape, args.dtype, label_dim, meta)
+        dt = time.time() - t0
+        made = sum(hi - lo for lo, hi in ranges) * world
+        print(
+            f"wrote {args.num} pairs to {args.out} ({os.path.getsize(out) / 2**30:.2f} GiB, NFE {nfe_used} "
+            f"per pair); about {made} made now in {dt:.1f} s ({made / max(dt, 1e-9):.1f} pairs/s)",
+            flush=True,
+        )
+    barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def inspect(path):
+    """Print N, shapes, dtypes, the label histogram, meta and statistics of a pairs file (in chunks)."""
+    p = load_pairs(path)
+    n = len(p["noise"])
+    print(f"{path}: {n} pairs")
+    for key in ("noise", "data", "label"):
+        if key in p:
+            print(f"  {key}: shape {tuple(p[key].shape)} dtype {p[key].dtype}")
+    if "label" in p:
+        print(f"  label histogram: {np.bincount(np.asarray(p['label'])).tolist()}")
+    print(f"  meta: {json.dumps(p.get('meta', {}))}")
+    for key in ("noise", "data"):
+        s = s2 = outside = 0.0
+        for lo in range(0, n, 4096):
+            a = np.asarray(p[key][lo : lo + 4096], dtype=np.float64)
+            s, s2, outside = s + a.sum(), s2 + (a * a).sum(), outside + (np.abs(a) > 1).sum()
+        count = p[key][0].size * n
+        mean = s / count
+        line = f"  {key}: mean {mean:.4f} std {np.sqrt(max(s2 / count - mean**2, 0)):.4f}"
+        print(line + (f", outside [-1, 1]: {outside / count:.2%}" if key == "data" else ""))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Make (noise, teacher sample) pairs from any checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--teacher", help="our checkpoint (.pt or run folder), an EDM snapshot (.pkl), or a URL")
+    p.add_argument(
+        "--num-pairs",
+        "--num",
+        dest="num",
+        type=int,
+        default=1_000_000,
+        help="number of pairs (under torchrun write --num-pairs: torchrun takes --num for --numa-binding)",
+    )
+    p.add_argument("--out", help="output .npz (uncompressed)")
+    p.add_argument(
+        "--nfe", type=int, default=35, help="network evaluations per pair (EDM: 35 = 18 Heun steps)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="pair i uses seed + i")
+    p.add_argument("--batch", type=int, default=512, help="pairs per sampling batch on each process")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype")
+    p.add_argument("--cond", action="store_true", help="the teacher is class-conditional: draw labels")
+    p.add_argument("--shard-size", type=int, default=8192, help="pairs per shard (the unit of resumption)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--cache-dir", default=None, help="download folder for URL teachers (default ~/.cache/edm)"
+    )
+    p.add_argument(
+        "--inspect", metavar="FILE", help="print a pairs file's contents and statistics, then exit"
+    )
+    args = p.parse_args(argv)
+    if not args.inspect:
+        if not args.teacher or not args.out:
+            p.error("--teacher and --out are required (or --inspect FILE)")
+        if not args.out.endswith(".npz"):
+            p.error("--out must end in .npz")
+        for name, flag in (
+            ("num", "--num-pairs"),
+            ("nfe", "--nfe"),
+            ("batch", "--batch"),
+            ("shard_size", "--shard-size"),
+        ):
+            if getattr(args, name) <= 0:
+                p.error(f"{flag} must be positive, got {getattr(args, name)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.inspect:
+        inspect(args.inspect)
+    else:
+        generate(args)
+
+
+if __name__ == "__main__":
+    main()

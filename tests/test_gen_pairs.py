@@ -1,0 +1,275 @@
+"""gen_pairs.py: deterministic, resumable, memory-mapped pairs from any checkpoint."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import edm_teacher as E
+import gen_pairs as G
+from conftest import ROOT, run_script
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def pairs_flags(teacher, out, num=14, batch=4, extra=()):
+    return [
+        "--teacher",
+        teacher,
+        "--num-pairs",
+        str(num),
+        "--out",
+        str(out),
+        "--batch",
+        str(batch),
+        "--nfe",
+        "5",
+        "--shard-size",
+        "4",
+        "--seed",
+        "100",
+        "--cond",
+        *extra,
+    ]
+
+
+def read(path):
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_pairs_identical_for_one_and_two_ranks_and_two_batch_sizes(teacher_ckpt, tmp_path, one_thread):
+    G.main(pairs_flags(teacher_ckpt, tmp_path / "a.npz", batch=4))
+    G.main(pairs_flags(teacher_ckpt, tmp_path / "b.npz", batch=3))
+    r = run_script([*TORCHRUN, "gen_pairs.py", *pairs_flags(teacher_ckpt, tmp_path / "c.npz", batch=4)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b, c = read(tmp_path / "a.npz"), read(tmp_path / "b.npz"), read(tmp_path / "c.npz")
+    assert a["noise"].shape == (14, 3, 16, 16) and a["label"].dtype == np.int64
+    for key in ("noise", "data", "label"):
+        assert np.array_equal(a[key], c[key]), key  # 1 vs 2 processes: bit-identical
+    assert np.array_equal(a["noise"], b["noise"]) and np.array_equal(a["label"], b["label"])
+    # batch 4 vs 3: the convolution kernels differ with the batch shape, so data agree to float rounding only
+    assert np.abs(a["data"] - b["data"]).max() <= 1e-5 * np.abs(a["data"]).max()
+    assert not os.path.exists(tmp_path / "a.npz.shards")  # removed after the verified merge
+    meta = json.loads(str(a["meta"]))
+    assert (
+        meta["nfe_used"] == 5
+        and meta["seed"] == 100
+        and meta["num"] == 14
+        and len(meta["teacher_sha256"]) == 64
+    )
+    # pair i is edm_teacher's image seed + i: same noise and label, and data = its sampler output
+    noise, labels = E.noise_for_seeds(range(100, 114), (3, 16, 16), label_dim=3)
+    assert np.array_equal(a["noise"], noise.numpy()) and np.array_equal(a["label"], labels.numpy())
+    ckpt = torch.load(teacher_ckpt, weights_only=True)
+    net = E.build_net(ckpt["net_kwargs"]).eval()
+    net.load_state_dict(ckpt["ema"])
+    x, _ = E.sample(net, noise[:4], 5, labels[:4])
+    assert np.array_equal(a["data"][:4], x.numpy())
+    assert np.abs(a["data"]).mean() > 0.05  # a non-trivial teacher
+
+
+def test_kill_and_resume_equals_uninterrupted(teacher_ckpt, tmp_path):
+    flags = pairs_flags(teacher_ckpt, tmp_path / "k.npz", num=40, batch=2, extra=["--nfe", "35"])
+    shard_dir = tmp_path / "k.npz.shards"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "gen_pairs.py", *flags],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while (
+        time.time() < deadline
+        and len([f for f in os.listdir(shard_dir) if f.endswith(".npz")] if shard_dir.exists() else []) < 2
+    ):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    present = sorted(f for f in os.listdir(shard_dir) if f.endswith(".npz"))
+    assert 2 <= len(present) < 10 and not (tmp_path / "k.npz").exists()  # really interrupted mid-way
+    # resume (makes only the missing shards), and an uninterrupted run: both with the killed run's thread count
+    r = run_script([sys.executable, "gen_pairs.py", *flags])
+    assert r.returncode == 0 and f"{len(present)} of 10 shards present" in r.stdout, r.stderr[-2000:]
+    r = run_script(
+        [
+            sys.executable,
+            "gen_pairs.py",
+            *pairs_flags(teacher_ckpt, tmp_path / "u.npz", num=40, batch=2, extra=["--nfe", "35"]),
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    k, u = read(tmp_path / "k.npz"), read(tmp_path / "u.npz")
+    for key in ("noise", "data", "label"):
+        assert np.array_equal(k[key], u[key]), key
+
+
+def test_no_flag_is_taken_by_torchrun():
+    # torchrun parses every --flag on its command line, also those after the script: one that abbreviates
+    # a torchrun option (e.g. --num for --numa-binding) breaks the torchrun command
+    import argparse
+
+    import torch.distributed.run
+
+    theirs = [o for a in torch.distributed.run.get_args_parser()._actions for o in a.option_strings]
+    for module in (E, G):
+        parser = capture_parser(module, argparse)
+        assert len(parser._actions) > 10
+        for flag in (o for a in parser._actions for o in a.option_strings if o.startswith("--")):
+            if flag in ("--help", "--num"):  # --num: documented single-process alias of --num-pairs
+                continue
+            assert not [t for t in theirs if t.startswith(flag)], (module.__name__, flag)
+
+
+def capture_parser(module, argparse):
+    """The ArgumentParser that module.parse_args builds."""
+    captured = {}
+    original = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        module.parse_args([])
+    except SystemExit:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    return captured["parser"]
+
+
+def gaussian_denoiser(x, s, class_labels=None):  # exact D for y ~ N(0.2, 0.5^2 I)
+    return 0.2 + 0.25 / (0.25 + torch.as_tensor(s, dtype=torch.float64) ** 2) * (x - 0.2)
+
+
+def test_pairs_of_a_gaussian_teacher_are_its_ode_endpoints():
+    x0, x1, label, used = G.make_pairs(
+        E, gaussian_denoiser, 3, 11, 7, (2, 4, 4), 0, 399, 3, torch.device("cpu")
+    )
+    assert label is None and used == 399 and x0.shape == (8, 2, 4, 4)
+    assert torch.equal(x0, G.pair_inputs(range(3, 11), 7, (2, 4, 4))[0])
+    exact = 0.2 + (80 * x0.double() - 0.2) * 0.5 / math.sqrt(0.25 + 80**2)  # closed-form x(sigma = 0)
+    assert (x1.double() - exact).abs().max() < 1e-3 * (exact - 0.2).abs().max()
+
+
+def test_load_pairs_memory_maps_instead_of_reading(tmp_path):
+    n, shape = 4096, (3, 32, 32)  # 2 x 48 MiB of float32
+    path = tmp_path / "big.npz"
+    rng = np.random.default_rng(0)
+    chunks = [rng.standard_normal((512, *shape), dtype=np.float32) for _ in range(n // 512)]
+    G.write_npz_stream(
+        str(path),
+        [
+            ("noise", np.float32, (n, *shape), chunks),
+            ("data", np.float32, (n, *shape), chunks),
+            ("label", np.int64, (n,), [np.arange(n)]),
+            ("meta", "<U2", (), [np.array("{}")]),
+        ],
+    )
+    size = os.path.getsize(path)
+    probe = (
+        "import os, sys, numpy as np\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import gen_pairs\n"
+        "rss = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) * 1024\n"
+        "before = rss()\n"
+        f"p = gen_pairs.load_pairs({str(path)!r})\n"
+        "rows = p['data'][[5, 1000, 4000]]\n"
+        "print(rss() - before, float(rows.sum()), p['noise'].shape, p['label'][4095])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
+    grown = int(out[0])
+    assert grown < size / 20, (grown, size)  # a few pages, not the 96 MiB file
+    assert float(out[1]) == pytest.approx(float(np.concatenate(chunks)[[5, 1000, 4000]].sum()), rel=1e-5)
+    # np.savez files (uncompressed) read the same way
+    np.savez(tmp_path / "small.npz", noise=chunks[0][:3], label=np.arange(3))
+    small = G.load_pairs(str(tmp_path / "small.npz"))
+    assert np.array_equal(small["noise"], chunks[0][:3]) and small["label"].tolist() == [0, 1, 2]
+    np.savez_compressed(tmp_path / "zip.npz", noise=chunks[0][:3])
+    with pytest.raises(ValueError, match="compressed"):
+        G.load_pairs(str(tmp_path / "zip.npz"))
+
+
+def test_inspect_prints_counts_histogram_and_statistics(teacher_ckpt, tmp_path, capsys):
+    G.main(pairs_flags(teacher_ckpt, tmp_path / "p.npz", num=9, extra=["--dtype", "float16"]))
+    capsys.readouterr()
+    G.main(["--inspect", str(tmp_path / "p.npz")])
+    text = capsys.readouterr().out
+    labels = read(tmp_path / "p.npz")["label"]
+    assert "9 pairs" in text and "float16" in text and str(np.bincount(labels).tolist()) in text
+    assert "outside [-1, 1]" in text and '"seed": 100' in text
+
+
+def one_line_error(excinfo, *words):
+    msg = str(excinfo.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_bad_input(teacher_ckpt, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        G.main(pairs_flags(str(tmp_path / "none.pt"), tmp_path / "o.npz"))
+    one_line_error(e, "not found", "none.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as e:
+        G.main(pairs_flags(str(tmp_path / "corrupt.pt"), tmp_path / "o.npz"))
+    one_line_error(e, "corrupt.pt")
+    for num in ("0", "-5"):
+        with pytest.raises(SystemExit) as e:
+            G.main([*pairs_flags(teacher_ckpt, tmp_path / "o.npz"), "--num", num])  # the single-process alias
+        assert e.value.code == 2  # argparse error
+    with pytest.raises(SystemExit) as e:
+        G.main(pairs_flags(teacher_ckpt, tmp_path / "missing_dir" / "o.npz"))
+    one_line_error(e, "not writable")
+    with pytest.raises(SystemExit) as e:
+        G.main([a for a in pairs_flags(teacher_ckpt, tmp_path / "o.npz") if a != "--cond"])
+    one_line_error(e, "class-conditional", "--cond")
+    G.main(pairs_flags(teacher_ckpt, tmp_path / "o.npz", num=4))
+    with pytest.raises(SystemExit) as e:
+        G.main(pairs_flags(teacher_ckpt, tmp_path / "o.npz", num=4))
+    one_line_error(e, "exists", "--overwrite")
+    G.main([*pairs_flags(teacher_ckpt, tmp_path / "o.npz", num=4), "--overwrite"])
+
+
+def test_refuses_to_mix_shards_of_another_seed_or_teacher(teacher_ckpt, tmp_path):
+    out = tmp_path / "m.npz"
+    os.makedirs(str(out) + ".shards")
+    G.main(pairs_flags(teacher_ckpt, tmp_path / "first.npz", num=8))
+    # leave one shard of a seed-100 run in m.npz.shards, then ask for seed 101
+    fp = dict(
+        teacher_sha256=G.sha256_file(teacher_ckpt),
+        method="edm_teacher",
+        seed=100,
+        num=8,
+        nfe=5,
+        dtype="float32",
+        shard_size=4,
+        label_dim=3,
+        shape=[3, 16, 16],
+        version=G.VERSION,
+    )
+    np.savez(G.shard_name(str(out) + ".shards", 0), noise=np.zeros(1), meta=np.array(json.dumps(fp)))
+    with pytest.raises(SystemExit) as e:
+        G.main([*pairs_flags(teacher_ckpt, out, num=8), "--seed", "101"])
+    one_line_error(e, "refusing to mix", "seed")
+    other = tmp_path / "other.pt"
+    ckpt = torch.load(teacher_ckpt, weights_only=True)
+    ckpt["ema"]["model.enc.16x16_conv.bias"] += 1
+    torch.save(ckpt, other)
+    with pytest.raises(SystemExit) as e:
+        G.main(pairs_flags(str(other), out, num=8))
+    one_line_error(e, "refusing to mix", "teacher_sha256")
