@@ -748,6 +748,8 @@ def get_batch(images, labels, idx, device):
 def train(args):
     rank, world, device = dist_setup()
     log = Logger(args.outdir, rank)
+    torch.backends.cudnn.benchmark = True  # as EDM: fastest kernels for training, tf32 off (full fp32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     if args.batch % world:
         fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
     batch_rank = args.batch // world

@@ -254,6 +254,9 @@ def generate(args):
     if not os.access(os.path.dirname(out), os.W_OK):
         fail(f"cannot write to {os.path.dirname(out)}: the folder is missing or not writable")
     rank, world, device = dist_setup()
+    # the same kernels on every rank and run (no autotuning, no tf32): pairs do not depend on the world size
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     module, net, ckpt, teacher_path = load_teacher(args.teacher, args.cache_dir, device)
     k = ckpt["net_kwargs"]
     if "img_channels" not in k:
