@@ -590,7 +590,7 @@ def import_edm_pickle(path):
         warnings.simplefilter("ignore", UserWarning)  # TypedStorage deprecation inside torch's rebuild
         try:
             snapshot = EDMUnpickler(f).load()
-        except (pickle.UnpicklingError, EOFError, ValueError, RuntimeError) as e:
+        except (pickle.UnpicklingError, EOFError, ValueError, RuntimeError, TypeError, AttributeError) as e:
             fail(f"{path} is not a loadable EDM snapshot: {e}")
     ema = snapshot.get("ema") if isinstance(snapshot, dict) else None
     if not isinstance(ema, _Persistent) or ema.meta.get("type") != "class":
@@ -729,6 +729,9 @@ def _load_folder(path):
     if os.path.isfile(meta):
         with open(meta) as f:
             table = dict(json.load(f).get("labels") or [])
+        missing = [f for f in files if f.replace(os.sep, "/") not in table]
+        if missing:
+            fail(f"{meta} has no label for {len(missing)} image(s), e.g. {missing[0]}")
         labels = np.asarray([table[f.replace(os.sep, "/")] for f in files], dtype=np.int64)
     return images, labels
 

@@ -287,7 +287,8 @@ def generate(args):
     barrier()
     done = check_shards(shard_dir, n_shards, fingerprint, fail)
     barrier()  # every rank has listed the shards before any new one appears
-    mine = [c for c in range(n_shards) if c not in set(done)][rank::world]
+    done = set(done)
+    mine = [c for c in range(n_shards) if c not in done][rank::world]
     ranges = [(c * args.shard_size, min((c + 1) * args.shard_size, args.num)) for c in mine]
     if rank == 0:
         print(
@@ -415,7 +416,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.inspect:
-        inspect(args.inspect)
+        import edm_teacher
+
+        if not os.path.isfile(args.inspect):
+            edm_teacher.fail(f"pairs file not found: {args.inspect}")
+        try:
+            inspect(args.inspect)
+        except (ValueError, KeyError, zipfile.BadZipFile) as e:
+            edm_teacher.fail(f"{args.inspect} is not a readable pairs file: {e}")
     else:
         generate(args)
 

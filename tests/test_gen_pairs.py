@@ -211,6 +211,11 @@ def test_inspect_prints_counts_histogram_and_statistics(teacher_ckpt, tmp_path, 
     labels = read(tmp_path / "p.npz")["label"]
     assert "9 pairs" in text and "float16" in text and str(np.bincount(labels).tolist()) in text
     assert "outside [-1, 1]" in text and '"seed": 100' in text
+    with pytest.raises(SystemExit, match="not found"):
+        G.main(["--inspect", str(tmp_path / "nope.npz")])
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="not a readable pairs file"):
+        G.main(["--inspect", str(tmp_path / "junk.npz")])
 
 
 def one_line_error(excinfo, *words):

@@ -20,7 +20,7 @@ def test_batch_stream_is_a_permutation_per_epoch(n, batch):
     assert torch.equal(
         E.batch_indices(n, batch, 5, seed=3), stream[5 * batch : 6 * batch]
     )  # step-addressable
-    assert not torch.equal(E.batch_indices(n, batch, 0, seed=4), stream[:batch]) or n < 3
+    assert not torch.equal(E.batch_indices(n, batch, 0, seed=4), stream[:batch])  # the seed matters
 
 
 def test_edm_ema_half_life():
