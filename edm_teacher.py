@@ -368,6 +368,9 @@ METHOD = "edm_teacher"
 VERSION = 1
 
 
+# --- shared: EDM preconditioning (identical in edm_teacher, aot_edm, lmm) ---
+
+
 def edm_precond(sigma, sigma_data=0.5):
     """EDM Table 1 ("Ours" column): the preconditioning coefficients (c_skip, c_out, c_in, c_noise)."""
     c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
@@ -403,6 +406,9 @@ class EDMPrecond(nn.Module):
         if not labels.is_floating_point():
             return F.one_hot(labels.long(), self.label_dim).float()
         return labels.float().reshape(-1, self.label_dim)
+
+
+# --- end shared: EDM preconditioning ---
 
 
 def edm_loss(net, y, labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, sigma=None, n=None):
@@ -653,7 +659,8 @@ def load_teacher(spec, cache_dir=None):
     return import_edm_pickle(spec) if spec.endswith(".pkl") else load_checkpoint(spec)
 
 
-# --- data ---
+# --- shared: data (identical in every method file) ---
+# --data cifar10 | shapes | FILE.npz | DIR -> uint8 images held on the device; --xflip as extra indices.
 
 
 def make_shapes(n=4096, res=16, seed=0):
@@ -744,6 +751,8 @@ def get_batch(images, labels, idx, device):
     y = torch.where(flip[:, None, None, None], y.flip(3), y)
     return y, None if labels is None else labels[idx % n].to(device)
 
+
+# --- end shared: data ---
 
 # --- training ---
 

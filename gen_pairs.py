@@ -70,6 +70,9 @@ def write_npz_stream(path, fields):
     os.replace(tmp, path)
 
 
+# --- shared: pairs reader (identical in gen_pairs, lmm, cfm_couplings) ---
+
+
 def load_pairs(path):
     """Memory-map the arrays of an uncompressed .npz (noise, data, label): nothing is read into RAM until
     indexed. Returns a dict of np.memmap, with 'meta' decoded from JSON."""
@@ -100,6 +103,8 @@ def load_pairs(path):
         out["meta"] = json.loads(str(out["meta"]))
     return out
 
+
+# --- end shared: pairs reader ---
 
 # --- pairs ---
 

@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import pytest
 import torch
@@ -74,7 +75,8 @@ def test_checkpoint_loader_never_executes_pickled_code(tmp_path):
         E.load_checkpoint(str(tmp_path / "missing.pt"))
 
 
-FENCES = ["UNet", "runtime"]
+FENCE = re.compile(r"^# --- shared: (.+) \(identical in (.+)\) ---$", re.M)
+EVERY = "every method file"
 
 
 def read(path):
@@ -82,19 +84,29 @@ def read(path):
         return f.read()
 
 
-def shared_block(path, name):
-    text = read(path)
-    start = f"# --- shared: {name} (identical in every method file) ---\n"
-    end = f"# --- end shared: {name} ---\n"
-    assert text.count(start) == 1 and text.count(end) == 1, f"{path}: fence of the {name} block"
-    return text[text.index(start) : text.index(end) + len(end)]
+def shared_blocks(path):
+    """{name: (scope, text)} of the fenced shared blocks of one file, fences included."""
+    text, out = read(path), {}
+    for m in FENCE.finditer(text):
+        name, scope = m.group(1), m.group(2)
+        end = f"# --- end shared: {name} ---\n"
+        assert text.count(m.group(0)) == 1 and text.count(end) == 1, f"{path}: fence of the {name} block"
+        out[name] = (scope, text[m.start() : text.index(end) + len(end)])
+    return out
 
 
 def test_fenced_shared_blocks_are_byte_identical_across_method_files():
-    method_files = [p for p in sorted(glob.glob(os.path.join(ROOT, "*.py"))) if "# --- shared: " in read(p)]
-    assert os.path.join(ROOT, "edm_teacher.py") in method_files
-    for name in FENCES:
-        ref = shared_block(os.path.join(ROOT, "edm_teacher.py"), name)
+    files = {os.path.basename(p)[:-3]: p for p in sorted(glob.glob(os.path.join(ROOT, "*.py")))}
+    blocks = {m: shared_blocks(p) for m, p in files.items()}
+    methods = [m for m, p in files.items() if re.search(r"^METHOD = ", read(p), re.M)]
+    assert {"edm_teacher", "lmm"} <= set(methods)
+    names = {name: scope for b in blocks.values() for name, (scope, _) in b.items()}
+    assert {"UNet", "runtime", "data", "EDM preconditioning", "pairs reader"} <= set(names)
+    for name, scope in names.items():
+        owners = methods if scope == EVERY else [m for m in scope.split(", ") if m in files]
+        holders = [m for m in files if name in blocks[m]]
+        assert sorted(holders) == sorted(owners), f"shared {name} block: in {holders}, should be in {owners}"
+        ref = blocks[owners[0]][name][1]
         assert len(ref.splitlines()) > 20
-        for path in method_files:
-            assert shared_block(path, name) == ref, f"{os.path.basename(path)}: shared {name} block drifted"
+        for m in owners:
+            assert blocks[m][name] == (scope, ref), f"{m}.py: shared {name} block drifted"

@@ -1,0 +1,1304 @@
+"""LMM: Generative Lines Matching Models (Matityahu & Fattal, 2024).
+
+A deterministic teacher sampler pairs every noise x0 with one image x1 = N*_Sampler(x0) (EDM, 18 Heun steps
+for CIFAR-10; made by gen_pairs.py). The LMM N_theta learns the *globally straight* lines between them: from
+any point x_sigma = x1 + sigma * x0 of a line it predicts the line's end x1 (Eq. 3), under EDM's
+preconditioning. Because the target is an image, the distance can be perceptual (LPIPS-VGG), an adversarial
+loss against real data can be added with VQGAN's adaptive weight (Eq. 5), and training can be restricted to
+the noise levels the sampler uses (Sampling-Optimised Training). Sampling (App. A.4): x = sigma_max * noise,
+then x_hat = N_theta(x, sigma_t) and x = x_hat + sigma_{t+1} * eta on a few indices t of EDM's schedule.
+
+Convention (VE, as the paper and EDM): x0 ~ N(0, I) is the noise, x1 the teacher's image in [-1, 1],
+x_sigma = x1 + sigma * x0 with sigma in [sigma_min, sigma_max] = [0.002, 80]; sigma = 80 is the noise end.
+Step indices t refer to EDM's rho = 7 schedule of --sched-steps levels (18 for CIFAR-10, 40 at 64x64).
+
+Choices where the paper is silent (each is a flag):
+  - sigma for Eq. 3 is drawn from EDM's rho-schedule at a continuous u ~ U[0, 1] (--sigma-dist rho): the
+    density of the sampling steps, sigma_max included, which the 1-2 step sampler starts from. EDM's
+    training log-normal (--sigma-dist lognormal) almost never reaches sigma > 20.
+  - L2 is the mean squared error per image; LPIPS is the `lpips` package's VGG variant.
+  - The adversarial loss is the hinge form used by CTM (Kim et al.), whose discriminator LMM adopts, not the
+    log form written in Eq. 5 (the issue asks for hinge). G and D steps alternate: each step updates
+    N_theta, then D against the updated N_theta's outputs for the same inputs and a fresh real batch.
+  - lambda_adapt uses the gradients of the global batch (all-reduced over ranks); it is computed per
+    --batch-gpu chunk when gradients are accumulated.
+  - Weights start random, as the paper states nothing else; --init starts from any EDM-family checkpoint.
+
+Commands
+  Pairs first (see gen_pairs.py), then a CPU smoke run on them (tiny net, L2, no discriminator):
+    python lmm.py --pairs pairs_shapes.npz --outdir runs/lmm-shapes --tiny --loss l2 --adv-start off \\
+        --duration 0.05 --batch 64
+  The paper's CIFAR-10 run (Table 6: LPIPS at 64 px for 80k steps, then LPIPS at 224 px + adversarial loss
+  for 20k steps, batch 512), 4 GPUs:
+    torchrun --standalone --nproc_per_node=4 lmm.py --pairs pairs_cifar10_cond.npz --data cifar10 \\
+        --outdir runs/lmm-cifar10
+  Table 7 columns: --loss l2 --adv-start off | --adv-start off | (default) | --sot 0 (NFE 1) or --sot 0,1.
+  Other datasets: --preset afhq64 | imagenet64 (Table 6 columns; ImageNet's ADM net is not implemented,
+  the DDPM++ UNet is used).
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import struct
+import time
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --- shared: UNet (identical in every method file) ---
+# DDPM++ UNet (Song et al. 2021), structured as EDM's SongUNet so that its state_dict keys match the official
+# EDM checkpoints exactly. Down-sampling is a 2x2 box filter, up-sampling nearest, both applied before conv.
+
+
+def _xavier(shape, fan_in, fan_out, gain=1.0):
+    return (torch.rand(shape) * 2 - 1) * math.sqrt(6 / (fan_in + fan_out)) * gain
+
+
+class Linear(nn.Module):
+    def __init__(self, cin, cout, bias=True, gain=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(_xavier([cout, cin], cin, cout, gain))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Conv2d(nn.Module):
+    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0):
+        super().__init__()
+        self.up, self.down = up, down
+        fan_in, fan_out = cin * kernel * kernel, cout * kernel * kernel
+        self.weight = nn.Parameter(_xavier([cout, cin, kernel, kernel], fan_in, fan_out, gain))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        # EDM stores the [1,1] resample filter as a buffer: keep it so that official weights load by key.
+        f = torch.ones(2, 2).div(4).view(1, 1, 2, 2)
+        self.register_buffer("resample_filter", f if up or down else None)
+
+    def forward(self, x):
+        c = x.shape[1]
+        if self.up:  # nearest x2 as a transposed conv with the (4 * box) filter
+            x = F.conv_transpose2d(
+                x, self.resample_filter.mul(4).tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2
+            )
+        if self.down:  # 2x2 average
+            x = F.conv2d(x, self.resample_filter.tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2)
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
+
+
+def _group_norm(c):
+    return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
+
+
+class UNetBlock(nn.Module):
+    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0):
+        super().__init__()
+        self.in_channels, self.out_channels, self.dropout = cin, cout, dropout
+        self.norm0 = _group_norm(cin)
+        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
+        self.affine = Linear(emb_ch, cout)
+        self.norm1 = _group_norm(cout)
+        self.conv1 = Conv2d(cout, cout, 3, gain=1e-5)
+        self.skip = Conv2d(cin, cout, 1, up=up, down=down) if (cin != cout or up or down) else None
+        self.attention = attention
+        if attention:
+            self.norm2 = _group_norm(cout)
+            self.qkv = Conv2d(cout, cout * 3, 1, gain=math.sqrt(0.2))
+            self.proj = Conv2d(cout, cout, 1, gain=1e-5)
+
+    def forward(self, x, emb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None].to(h.dtype)))
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        x = (h + (x if self.skip is None else self.skip(x))) * math.sqrt(0.5)
+        if self.attention:  # one head; qkv channels interleaved as (c, 3), as in EDM
+            n, c, hh, ww = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, hh * ww).unbind(2)
+            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c)).softmax(dim=2)
+            a = torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)
+            x = (self.proj(a.reshape(n, c, hh, ww)) + x) * math.sqrt(0.5)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=128,
+        channel_mult=(2, 2, 2),
+        num_blocks=4,
+        attn_resolutions=(16,),
+        dropout=0.10,
+    ):
+        super().__init__()
+        mc, emb = model_channels, model_channels * 4
+        self.map_label = Linear(label_dim, mc) if label_dim else None
+        self.map_augment = Linear(augment_dim, mc, bias=False) if augment_dim else None
+        self.map_layer0, self.map_layer1 = Linear(mc, emb), Linear(emb, emb)
+        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
+        cout, skips = in_channels, []
+        for level, mult in enumerate(channel_mult):
+            r = img_resolution >> level
+            if level == 0:
+                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc, 3), mc
+            else:
+                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, emb, down=True, dropout=dropout)
+            skips.append(cout)
+            for i in range(num_blocks):
+                attn = r in attn_resolutions
+                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout, mc * mult, emb, attention=attn, dropout=dropout
+                )
+                cout = mc * mult
+                skips.append(cout)
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            r = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, emb, attention=True, dropout=dropout)
+                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, emb, dropout=dropout)
+            else:
+                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, emb, up=True, dropout=dropout)
+            for i in range(num_blocks + 1):
+                attn = i == num_blocks and r in attn_resolutions
+                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout + skips.pop(), mc * mult, emb, attention=attn, dropout=dropout
+                )
+                cout = mc * mult
+        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = _group_norm(cout)
+        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        # Positional embedding of the noise label (endpoint=True), halves ordered [sin, cos] as in EDM.
+        half = self.map_layer0.weight.shape[1] // 2
+        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / (half - 1))
+        arg = noise_labels.float().ger(freqs)
+        emb = torch.cat([arg.sin(), arg.cos()], dim=1)
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if name.endswith("aux_norm"):
+                x = F.silu(block(x))
+            elif name.endswith("aux_conv"):
+                x = block(x)
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return x
+
+
+# --- end shared: UNet ---
+
+# --- shared: runtime (identical in every method file) ---
+# Distributed setup, per-step seeding, EMA, atomic checkpoints, data order and rank-0 logging.
+
+
+def fail(msg):
+    """Stop with a one-line message for the user (exit code 1), not a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+def dist_setup():
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def dist_teardown():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_mean(value, device):
+    """Mean of a float over ranks."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t.item()
+
+
+def seed_step(seed, rank, world_size, step):
+    """Seed torch's global RNGs from (seed * world_size + rank, step): resume needs no stored RNG state."""
+    state = np.random.SeedSequence([seed * world_size + rank, step]).generate_state(2)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch: a permutation of range(n) that depends only on (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(n, batch, step, seed):
+    """Global data indices of training step `step`: consecutive slices of a stream of epoch permutations.
+    Independent of the world size; rank r takes the r-th slice of the per-rank batch."""
+    pos = step * batch + torch.arange(batch)
+    epochs = pos // n
+    out = torch.empty(batch, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        sel = epochs == e
+        out[sel] = epoch_order(n, seed, e)[pos[sel] % n]
+    return out
+
+
+def edm_ema_beta(batch, nimg, halflife_kimg, rampup_ratio):
+    """EDM's EMA decay: half-life in images, ramped up as min(halflife, rampup_ratio * images seen)."""
+    halflife = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife = min(halflife, nimg * rampup_ratio)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def ema_update(ema, net, beta):
+    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+        p_ema.copy_(p.detach().lerp(p_ema, beta))
+    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt, outdir, step):
+    """Write <outdir>/ckpt-<step>.pt and point <outdir>/latest.pt at it (both atomic)."""
+    name = f"ckpt-{step:07d}.pt"
+    atomic_save(ckpt, os.path.join(outdir, name))
+    tmp = os.path.join(outdir, f"latest.pt.tmp{os.getpid()}")
+    os.symlink(name, tmp)
+    os.replace(tmp, os.path.join(outdir, "latest.pt"))
+
+
+def load_checkpoint(path):
+    """Load one of our checkpoints safely (tensors and plain containers only). A directory means latest.pt."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "latest.pt")
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign or corrupt file: say which, do not unpickle it unsafely
+        fail(f"cannot read {path} as a weights-only torch checkpoint: {str(e).strip().splitlines()[0]}")
+
+
+class Logger:
+    """Rank 0 prints `k=v` lines and appends the same record as JSON to <outdir>/log.jsonl."""
+
+    def __init__(self, outdir, rank):
+        self.rank, self.path = rank, os.path.join(outdir, "log.jsonl") if outdir else None
+
+    def print(self, *a):
+        if self.rank == 0:
+            print(*a, flush=True)
+
+    def log(self, **rec):
+        if self.rank != 0:
+            return
+        print(
+            " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
+            flush=True,
+        )
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step (agreed on by all ranks)."""
+
+    def __init__(self):
+        self.requested = False
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def any(self, device):
+        t = torch.tensor([int(self.requested)], device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        return bool(t.item())
+
+
+def save_image_grid(images, path):
+    """images: [N, C, H, W] floats in [-1, 1] -> a PNG grid (EDM's quantisation)."""
+    from PIL import Image
+
+    x = (images * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
+    for i in range(n):
+        grid[:, (i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
+
+
+# --- end shared: runtime ---
+
+# --- method: Lines Matching Model (Matityahu & Fattal) ---
+METHOD = "lmm"
+VERSION = 1
+# LMM Table 7: the step indices t of EDM's schedule behind each NFE (for 3: the better of (0,1,2) and (0,3,5))
+NFE_STEPS = {1: (0,), 2: (0, 1), 3: (0, 3, 5), 4: (0, 1, 3, 5)}
+SCHEDULE = dict(steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0)  # EDM's CIFAR-10 schedule (App. A.4)
+
+
+# --- shared: EDM preconditioning (identical in edm_teacher, aot_edm, lmm) ---
+
+
+def edm_precond(sigma, sigma_data=0.5):
+    """EDM Table 1 ("Ours" column): the preconditioning coefficients (c_skip, c_out, c_in, c_noise)."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+class EDMPrecond(nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Eq. 7), computed in float32.
+    class_labels: int64 class indices [N] or one-hot floats [N, label_dim]."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, **unet_kwargs):
+        super().__init__()
+        self.img_resolution, self.img_channels = img_resolution, img_channels
+        self.label_dim, self.sigma_data = label_dim, sigma_data
+        self.model = UNet(img_resolution, img_channels, img_channels, label_dim=label_dim, **unet_kwargs)
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None):
+        x = x.float()
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        sigma = sigma.expand(x.shape[0], 1, 1, 1)
+        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+        f_x = self.model(c_in * x, c_noise.flatten(), self.one_hot(class_labels), augment_labels)
+        return c_skip * x + c_out * f_x.float()
+
+    def one_hot(self, labels):
+        if not self.label_dim:
+            return None
+        if labels is None:
+            raise ValueError("this network is class-conditional: pass class_labels (int64 [N] or one-hot)")
+        if not labels.is_floating_point():
+            return F.one_hot(labels.long(), self.label_dim).float()
+        return labels.float().reshape(-1, self.label_dim)
+
+
+# --- end shared: EDM preconditioning ---
+
+
+# --- shared: pairs reader (identical in gen_pairs, lmm, cfm_couplings) ---
+
+
+def load_pairs(path):
+    """Memory-map the arrays of an uncompressed .npz (noise, data, label): nothing is read into RAM until
+    indexed. Returns a dict of np.memmap, with 'meta' decoded from JSON."""
+    out = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: {info.filename} is compressed; pairs files must be uncompressed")
+            f.seek(info.header_offset)
+            name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # zip local file header
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            major, _ = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                raise ValueError(f"{path}: {info.filename} holds Python objects; refusing to load it")
+            key = info.filename[:-4]
+            if shape == ():
+                out[key] = np.frombuffer(f.read(dtype.itemsize), dtype)[0]
+            else:
+                order = "F" if fortran else "C"
+                out[key] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+    if "meta" in out:
+        out["meta"] = json.loads(str(out["meta"]))
+    return out
+
+
+# --- end shared: pairs reader ---
+
+
+def lmm_schedule(steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """LMM App. A.4 (EDM Eq. 5), t = 0..N-1:
+    sigma_t = (sigma_max^(1/rho) + t/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, float64 [N].
+    The step indices of Tables 7-9 index this list."""
+    t = torch.arange(steps, dtype=torch.float64)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (a + t / max(steps - 1, 1) * (b - a)) ** rho
+
+
+def draw_sigma(n, dist="rho", sot=None, schedule=None, P_mean=-1.2, P_std=1.2, device="cpu"):
+    """Noise levels [n] for Eq. 3 (global RNG). sot: Sampling-Optimised Training (Sec. 3), sigma uniform over
+    the schedule's levels at those indices. Otherwise dist 'rho': EDM's schedule at continuous u ~ U[0, 1]
+    over [sigma_min, sigma_max]; 'lognormal': EDM's ln sigma ~ N(P_mean, P_std^2)."""
+    s = dict(SCHEDULE, **(schedule or {}))
+    if sot:
+        levels = lmm_schedule(**s)[list(sot)].float().to(device)
+        return levels[torch.randint(len(levels), (n,), device=device)]
+    if dist == "lognormal":
+        return (torch.randn(n, device=device) * P_std + P_mean).exp()
+    a, b = s["sigma_max"] ** (1 / s["rho"]), s["sigma_min"] ** (1 / s["rho"])
+    return (a + torch.rand(n, device=device) * (b - a)) ** s["rho"]
+
+
+def lmm_loss(net, x0, x1, sigma, labels=None, distance=None):
+    """LMM Eq. 3: || N_theta(x1 + sigma x0, sigma) - x1 ||_p per pair, [N]; also N_theta's output (the sample
+    the adversarial loss judges). distance(a, b) -> [N]; None: squared L2, mean over pixels."""
+    x_sigma = x1 + sigma.reshape(-1, 1, 1, 1) * x0  # a point on the line from x1 (sigma=0) towards noise
+    x1_hat = net(x_sigma, sigma, class_labels=labels)
+    d = (x1_hat - x1).square().flatten(1).mean(1) if distance is None else distance(x1_hat, x1)
+    return d, x1_hat
+
+
+VGG_FILE = "vgg16-397923af.pth"
+
+
+def make_lpips(device, random_trunk=False):
+    """LPIPS-VGG (Zhang et al. 2018) from the `lpips` package, frozen and in eval mode. random_trunk: VGG16
+    with random weights (tests only: no download). Offline without the VGG16 weights: a one-line error."""
+    import lpips
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's deprecation of `pretrained=` inside lpips
+            model = lpips.LPIPS(net="vgg", pnet_rand=random_trunk, verbose=False)
+    except Exception as e:
+        fail(
+            f"cannot load the VGG16 weights for LPIPS ({type(e).__name__}): put {VGG_FILE} in "
+            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}/ ($TORCH_HOME/hub/checkpoints) "
+            "or use --loss l2"
+        )
+    return model.eval().requires_grad_(False).to(device)
+
+
+def lpips_distance(model, a, b, res):
+    """LPIPS of images in [-1, 1], both bilinearly resized to res x res first (224 in LMM App. A.4), [N]."""
+    if a.shape[-1] != res:
+        a = F.interpolate(a, size=(res, res), mode="bilinear", align_corners=False)
+        b = F.interpolate(b, size=(res, res), mode="bilinear", align_corners=False)
+    return model(a, b).flatten()
+
+
+# --- adversarial loss (LMM Eq. 5 with CTM's discriminator, VQGAN's adaptive weight, DiffAugment) ---
+
+
+def adaptive_weight(loss_lines, loss_g, last_layer, clamp=(0.0, 1e4), eps=1e-4):
+    """VQGAN's adaptive weight (Esser et al. 2021, Eq. 7; LMM App. A.4):
+    lambda_adapt = ||grad_{W_L} L_lines|| / (||grad_{W_L} L_G|| + 1e-4), clamped and detached. W_L is the
+    network's last layer. Under torchrun the two gradients are averaged over ranks first (global batch)."""
+    (g_lines,) = torch.autograd.grad(loss_lines, last_layer, retain_graph=True)
+    (g_adv,) = torch.autograd.grad(loss_g, last_layer, retain_graph=True)
+    if torch.distributed.is_initialized():
+        g = torch.stack([g_lines, g_adv]) / torch.distributed.get_world_size()
+        torch.distributed.all_reduce(g)
+        g_lines, g_adv = g[0], g[1]
+    return (g_lines.norm() / (g_adv.norm() + eps)).clamp(*clamp).detach()
+
+
+def d_hinge_loss(d_real, d_fake):
+    """Discriminator hinge loss: relu(1 - D(real)) + relu(1 + D(fake)), mean over images and patches."""
+    return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+
+
+def g_hinge_loss(d_fake):
+    return -d_fake.mean()
+
+
+def diff_augment(x, policy=("color", "translation", "cutout"), translation=0.125, cutout=0.2):
+    """DiffAugment (Zhao et al. 2020), independently per image, differentiable in x (global RNG).
+    color: brightness +U[-0.5, 0.5), saturation x U[0, 2), contrast x U[0.5, 1.5); translation: integer shift
+    of up to translation * size pixels per axis, zero fill; cutout: a zeroed square of cutout * size."""
+    n, _, h, w = x.shape
+    dev = x.device
+    if "color" in policy:
+        x = x + (torch.rand(n, 1, 1, 1, device=dev) - 0.5)
+        mean = x.mean(1, keepdim=True)
+        x = (x - mean) * (torch.rand(n, 1, 1, 1, device=dev) * 2) + mean
+        mean = x.mean((1, 2, 3), keepdim=True)
+        x = (x - mean) * (torch.rand(n, 1, 1, 1, device=dev) + 0.5) + mean
+    if "translation" in policy:
+        sy, sx = int(h * translation + 0.5), int(w * translation + 0.5)
+        dy = torch.randint(-sy, sy + 1, (n, 1, 1), device=dev)
+        dx = torch.randint(-sx, sx + 1, (n, 1, 1), device=dev)
+        yy = torch.arange(h, device=dev).reshape(1, h, 1) - dy  # output (y, x) shows input (y - dy, x - dx)
+        xx = torch.arange(w, device=dev).reshape(1, 1, w) - dx
+        inside = ((yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)).unsqueeze(1)
+        flat = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).reshape(n, 1, h * w)
+        x = x.flatten(2).gather(2, flat.expand(-1, x.shape[1], -1)).reshape(x.shape) * inside
+    if "cutout" in policy:
+        ch, cw = int(h * cutout + 0.5), int(w * cutout + 0.5)
+        cy = torch.randint(0, h + (1 - ch % 2), (n, 1, 1), device=dev)
+        cx = torch.randint(0, w + (1 - cw % 2), (n, 1, 1), device=dev)
+        yy = torch.arange(h, device=dev).reshape(1, h, 1)
+        xx = torch.arange(w, device=dev).reshape(1, 1, w)
+        hole = (
+            (yy >= cy - ch // 2) & (yy < cy - ch // 2 + ch) & (xx >= cx - cw // 2) & (xx < cx - cw // 2 + cw)
+        )
+        x = x * ~hole.unsqueeze(1)
+    return x
+
+
+def _sn(module):
+    return nn.utils.parametrizations.spectral_norm(module)
+
+
+class PatchDisc(nn.Module):
+    """--disc patch: a small discriminator trained from scratch (works offline): spectral-norm convs, three
+    stride-2 stages, a grid of patch logits; class-conditional by projection (Miyato & Koyama 2018)."""
+
+    def __init__(self, img_channels, label_dim=0, width=64):
+        super().__init__()
+        layers, c = [_sn(nn.Conv2d(img_channels, width, 3, 1, 1)), nn.LeakyReLU(0.2)], width
+        for _ in range(3):
+            layers += [_sn(nn.Conv2d(c, 2 * c, 4, 2, 1)), nn.LeakyReLU(0.2)]
+            c *= 2
+        self.body, self.out = nn.Sequential(*layers), _sn(nn.Conv2d(c, 1, 3, 1, 1))
+        self.embed = _sn(nn.Linear(label_dim, c, bias=False)) if label_dim else None
+
+    def forward(self, x, onehot=None):
+        h = self.body(x)
+        logits = self.out(h)
+        if self.embed is not None:
+            logits = logits + (self.embed(onehot)[:, :, None, None] * h).sum(1, keepdim=True)
+        return logits.flatten(1)  # [N, patches]
+
+
+def _imagenet_net(name, pretrained):
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if pretrained else None
+    try:
+        return getattr(torchvision.models, name)(weights=weights)
+    except Exception as e:
+        fail(
+            f"cannot load the ImageNet weights of {name} for --disc projected ({type(e).__name__}): put "
+            f"{os.path.basename(weights.url)} in {os.path.join(torch.hub.get_dir(), 'checkpoints')}/ "
+            "or use --disc patch"
+        )
+
+
+class FeatureNet(nn.Module):
+    """A frozen ImageNet network -> 4 feature maps at 1/4, 1/8, 1/16, 1/32 of its input size.
+    efficientnet_b0: the outputs of stages 2, 3, 5, 7; vit_b_16: tokens after blocks 3, 6, 9, 12 as
+    14x14 maps, resized to those sizes (DPT-style reassembly, as Projected GAN does with DeiT)."""
+
+    def __init__(self, name, pretrained=True):
+        super().__init__()
+        self.name, self.net = name, _imagenet_net(name, pretrained)
+        self.requires_grad_(False).eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: BatchNorm statistics and dropout stay in eval mode
+
+    def forward(self, x):
+        size = x.shape[-1]
+        if self.name.startswith("efficientnet"):
+            out = []
+            for i, stage in enumerate(self.net.features[:8]):
+                x = stage(x)
+                if i in (2, 3, 5, 7):
+                    out.append(x)
+            return out
+        v = self.net
+        x = v._process_input(x)
+        x = torch.cat([v.class_token.expand(x.shape[0], -1, -1), x], dim=1) + v.encoder.pos_embedding
+        out, g = [], size // v.patch_size
+        for i, block in enumerate(v.encoder.layers):
+            x = block(x)
+            if i in (2, 5, 8, 11):
+                m = x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, g, g)
+                out.append(
+                    F.interpolate(m, size=size >> (2 + len(out)), mode="bilinear", align_corners=False)
+                )
+        return out
+
+
+class DiscHead(nn.Module):
+    """One scale of the projected discriminator: spectral-norm 4x4 stride-2 convs (+ BatchNorm, LeakyReLU)
+    down to <= 8x8, then patch logits; conditional: <features, class embedding> / sqrt(64) (StyleGAN-XL)."""
+
+    def __init__(self, cin, size, label_dim=0):
+        super().__init__()
+        layers, c = [], cin
+        while size > 8:
+            size //= 2
+            cout = 64 if size > 32 else 128 if size > 16 else 256 if size > 8 else 512
+            layers += [_sn(nn.Conv2d(c, cout, 4, 2, 1)), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
+            c = cout
+        self.body = nn.Sequential(*layers)
+        self.cmap_dim = 64 if label_dim else 1
+        self.out = _sn(nn.Conv2d(c, self.cmap_dim, min(4, size), 1, 0))
+        self.embed = nn.Linear(label_dim, self.cmap_dim) if label_dim else None
+
+    def forward(self, h, onehot=None):
+        h = self.out(self.body(h))
+        if self.embed is not None:
+            h = (h * self.embed(onehot)[:, :, None, None]).sum(1, keepdim=True) / math.sqrt(self.cmap_dim)
+        return h.flatten(1)
+
+
+class ProjectedDisc(nn.Module):
+    """--disc projected (Projected GAN, Sauer et al. 2021; StyleGAN-XL 2022; as CTM and LMM use it): images
+    resized to res, normalised for ImageNet, fed to frozen pretrained feature networks; their 4 maps pass a
+    frozen random cross-channel (1x1) and top-down cross-scale (3x3) mixing; a trainable spectral-norm patch
+    head per map. Output: all heads' patch logits, [N, patches]."""
+
+    def __init__(self, label_dim=0, backbones=("efficientnet_b0", "vit_b_16"), res=224, pretrained=True):
+        super().__init__()
+        self.res = res
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1))
+        self.features, self.ccm, self.csm, self.heads = (nn.ModuleList() for _ in range(4))
+        widths = (64, 128, 256, 512)
+        for name in backbones:
+            feat = FeatureNet(name, pretrained)
+            with torch.no_grad():
+                chans = [f.shape[1] for f in feat(torch.zeros(1, 3, res, res))]
+            ccm = nn.ModuleList(nn.Conv2d(c, w, 1) for c, w in zip(chans, widths, strict=True))
+            csm = nn.ModuleList(nn.Conv2d(w, w, 3, padding=1) for w in widths)
+            csm.lift = nn.ModuleList(nn.Conv2d(widths[k + 1], widths[k], 1) for k in range(3))
+            self.features.append(feat)
+            self.ccm.append(ccm.requires_grad_(False))
+            self.csm.append(csm.requires_grad_(False))
+            self.heads.append(
+                nn.ModuleList(DiscHead(w, res >> (2 + k), label_dim) for k, w in enumerate(widths))
+            )
+
+    def forward(self, x, onehot=None):
+        x = F.interpolate(x, size=(self.res, self.res), mode="bilinear", align_corners=False)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        logits = []
+        for feat, ccm, csm, heads in zip(self.features, self.ccm, self.csm, self.heads, strict=True):
+            p = [m(f) for m, f in zip(ccm, feat(x), strict=True)]
+            for k in (3, 2, 1, 0):  # cross-scale mixing, coarse to fine
+                if k < 3:
+                    p[k] = p[k] + F.interpolate(csm.lift[k](p[k + 1]), size=p[k].shape[-2:], mode="nearest")
+                p[k] = csm[k](p[k])
+            logits += [head(h, onehot) for head, h in zip(heads, p, strict=True)]
+        return torch.cat(logits, dim=1)
+
+
+def build_disc(kind, img_channels, label_dim, res=224, backbones=("efficientnet_b0",), pretrained=True):
+    """The discriminator and its trainable parameters (the projected one's feature networks stay frozen)."""
+    if kind == "patch":
+        disc = PatchDisc(img_channels, label_dim)
+    else:
+        if "vit_b_16" in backbones and res != 224:
+            fail(f"--disc-res {res}: the vit_b_16 features need 224 x 224 inputs (or drop vit_b_16)")
+        disc = ProjectedDisc(label_dim, backbones, res, pretrained)
+    return disc
+
+
+def disc_params(disc):
+    """The trainable parameters: all but the frozen feature networks and random projections."""
+    return [p for n, p in disc.named_parameters() if not n.startswith(("features.", "ccm.", "csm."))]
+
+
+# --- sampling ---
+
+
+@torch.no_grad()
+def lmm_sampler(net, noise, sigmas, steps, labels=None, sigma_min=None, generator=None):
+    """LMM App. A.4 (the consistency-model multistep sampler): x = sigma_{t_0} * noise; at each chosen
+    index t, x_hat = N_theta(x, sigma_t), then x = x_hat + sigma_{t'} * eta with t' the next chosen index and
+    eta ~ N(0, I) (drawn on the CPU from `generator`); the last x_hat is the sample. One network call per
+    index. sigma_min given: consistency models' noise sqrt(sigma_{t'}^2 - sigma_min^2) instead."""
+    x = noise.float() * float(sigmas[steps[0]])
+    for k, t in enumerate(steps):
+        x_hat = net(x, torch.full((x.shape[0],), float(sigmas[t]), device=x.device), class_labels=labels)
+        if k == len(steps) - 1:
+            return x_hat.float()
+        s = float(sigmas[steps[k + 1]])
+        scale = math.sqrt(max(s**2 - sigma_min**2, 0.0)) if sigma_min is not None else s
+        eta = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+        x = x_hat.float() + scale * eta
+
+
+def nfe_steps(nfe, sched_steps=18):
+    """Step indices for an NFE: Table 7's sets for 1-4, else nfe indices spread evenly over the schedule."""
+    if nfe < 1 or nfe > sched_steps:
+        raise ValueError(
+            f"LMM takes 1..{sched_steps} evaluations on a {sched_steps}-level schedule, not {nfe}"
+        )
+    if nfe in NFE_STEPS and NFE_STEPS[nfe][-1] < sched_steps:
+        return NFE_STEPS[nfe]
+    return tuple(int(round(v)) for v in np.linspace(0, sched_steps - 1, nfe))
+
+
+def build_net(net_kwargs):
+    """The trained network: an EDM-preconditioned denoiser net(x, sigma, class_labels=None) -> x1 estimate.
+    net.schedule holds the sampling schedule it was trained for."""
+    kw = dict(net_kwargs)
+    schedule = dict(SCHEDULE, **kw.pop("schedule", {}))
+    net = EDMPrecond(**kw)
+    net.schedule = schedule
+    return net
+
+
+def sample(net, noise, nfe, labels=None, steps=None, cm_noise=False, generator=None, **schedule):
+    """DESIGN 4: noise [N, C, H, W] standard normal -> (images in [-1, 1], NFE = number of step indices).
+    nfe 1, 2, 3, 4 -> steps (0,), (0, 1), (0, 3, 5), (0, 1, 3, 5) (Table 7); `steps` overrides. schedule:
+    steps/sigma_min/sigma_max/rho overrides of the net's schedule (named sched_steps here, as `steps`
+    means indices). cm_noise: consistency-model noise sqrt(sigma^2 - sigma_min^2)."""
+    s = dict(SCHEDULE, **getattr(net, "schedule", {}))
+    if "sched_steps" in schedule:
+        schedule["steps"] = schedule.pop("sched_steps")
+    s.update(schedule)
+    steps = tuple(steps) if steps is not None else nfe_steps(nfe, s["steps"])
+    if not steps or min(steps) < 0 or max(steps) >= s["steps"]:
+        raise ValueError(f"step indices {steps} must lie in 0..{s['steps'] - 1} (the schedule's levels)")
+    sigmas = lmm_schedule(**s)
+    x = lmm_sampler(net, noise, sigmas, steps, labels, s["sigma_min"] if cm_noise else None, generator)
+    return x, len(steps)
+
+
+def ode_velocity(net, x, t, labels=None):
+    """dx/dt on the common clock t in [0, 1] (noise at 0, data at 1) with sigma(t) = sigma_max (1 - t): the
+    remaining path to the line's end over the remaining time: (N_theta(x, sigma) - x) / (1 - t), Eq. 4."""
+    sigma_max, sigma_min = getattr(net, "schedule", SCHEDULE)["sigma_max"], SCHEDULE["sigma_min"]
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+    sigma = (sigma_max * (1 - t)).clamp(min=sigma_min)
+    x1_hat = net(x, sigma, class_labels=labels)
+    return (x1_hat - x) * (sigma_max / sigma).reshape(-1, 1, 1, 1)
+
+
+# --- shared: data (identical in every method file) ---
+# --data cifar10 | shapes | FILE.npz | DIR -> uint8 images held on the device; --xflip as extra indices.
+
+
+def make_shapes(n=4096, res=16, seed=0):
+    """A synthetic dataset for CPU smoke runs: one disc (label 0) or square (label 1) of random colour,
+    size and position on a random background. Returns uint8 [n, res, res, 3] and int64 labels [n]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+    cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
+    r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
+    labels = rng.integers(0, 2, n)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    square = np.maximum(np.abs(yy - cy), np.abs(xx - cx)) <= r
+    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
+    fg, bg = rng.integers(0, 256, (2, n, 1, 1, 3))
+    return np.where(mask, fg, bg).astype(np.uint8), labels.astype(np.int64)
+
+
+def load_images(spec, data_dir="datasets"):
+    """--data cifar10 | shapes | FILE.npz | DIR -> (uint8 [N, C, H, W] tensor, int64 labels [N] or None)."""
+    labels = None
+    if spec == "cifar10":
+        import torchvision
+
+        try:
+            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+        except Exception as e:
+            fail(
+                f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
+                f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/ or pass --data FILE.npz"
+            )
+        images, labels = ds.data, np.asarray(ds.targets, dtype=np.int64)
+    elif spec == "shapes":
+        images, labels = make_shapes()
+    elif spec.endswith(".npz"):
+        if not os.path.isfile(spec):
+            fail(f"data file not found: {spec} (expected an .npz with uint8 'images' [N, H, W, C])")
+        with np.load(spec) as f:
+            if "images" not in f:
+                fail(f"{spec} has no 'images' array (found {sorted(f.keys())}); expected uint8 [N, H, W, C]")
+            images = f["images"]
+            labels = f["labels"].astype(np.int64) if "labels" in f else None
+    elif os.path.isdir(spec):
+        images, labels = _load_folder(spec)
+    else:
+        fail(f"--data {spec!r} is neither 'cifar10', 'shapes', an existing .npz file nor a folder of images")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        fail(
+            f"images in {spec} must be uint8 [N, H, W, C] with C in (1, 3); got {images.dtype} {images.shape}"
+        )
+    if images.shape[1] != images.shape[2]:
+        fail(f"images in {spec} must be square; got {images.shape[1]}x{images.shape[2]}")
+    if labels is not None and labels.shape != (len(images),):
+        fail(f"labels in {spec} must have shape [{len(images)}]; got {labels.shape}")
+    images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return images, None if labels is None else torch.from_numpy(labels)
+
+
+def _load_folder(path):
+    """An image folder (png/jpg, sorted by relative path); labels from EDM's dataset.json when present."""
+    from PIL import Image
+
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), path)
+        for d, _, fs in os.walk(path)
+        for f in fs
+        if f.lower().endswith((".png", ".jpg", ".jpeg"))
+    )
+    if not files:
+        fail(f"no .png/.jpg images found under {path}")
+    images = np.stack([np.atleast_3d(np.asarray(Image.open(os.path.join(path, f)))) for f in files])
+    labels = None
+    meta = os.path.join(path, "dataset.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            table = dict(json.load(f).get("labels") or [])
+        missing = [f for f in files if f.replace(os.sep, "/") not in table]
+        if missing:
+            fail(f"{meta} has no label for {len(missing)} image(s), e.g. {missing[0]}")
+        labels = np.asarray([table[f.replace(os.sep, "/")] for f in files], dtype=np.int64)
+    return images, labels
+
+
+def get_batch(images, labels, idx, device):
+    """Data index i >= len(images) is the mirror image of i - len(images) (--xflip). -> floats in [-1, 1]."""
+    n, idx = len(images), idx.to(images.device)
+    y = images[idx % n].to(device).float() / 127.5 - 1
+    flip = (idx >= n).to(device)
+    y = torch.where(flip[:, None, None, None], y.flip(3), y)
+    return y, None if labels is None else labels[idx % n].to(device)
+
+
+# --- end shared: data ---
+
+
+def check_pairs(pairs, path, cond):
+    """Validate a pairs file at start-up; -> (shape [C, H, W], label_dim or 0)."""
+    missing = [k for k in ("noise", "data") if k not in pairs]
+    if missing:
+        fail(f"{path} has no {missing} array(s) (found {sorted(pairs)}); make pairs with gen_pairs.py")
+    x0, x1 = pairs["noise"], pairs["data"]
+    if x0.ndim != 4 or x0.shape != x1.shape or x0.shape[1] not in (1, 3) or x0.shape[2] != x0.shape[3]:
+        fail(
+            f"{path}: 'noise' and 'data' must both be [N, C, H, W] with C in (1, 3) and H = W; got "
+            f"{tuple(x0.shape)} and {tuple(x1.shape)}"
+        )
+    has_label = "label" in pairs
+    if has_label and pairs["label"].shape != (len(x0),):
+        fail(f"{path}: 'label' must have shape [{len(x0)}], got {tuple(pairs['label'].shape)}")
+    if cond == "on" and not has_label:
+        fail(f"--cond on, but {path} has no 'label' array (the teacher was unconditional)")
+    label_dim = 0
+    if has_label and cond != "off":
+        label_dim = int(pairs.get("meta", {}).get("label_dim") or int(np.max(pairs["label"])) + 1)
+    return tuple(x0.shape[1:]), label_dim
+
+
+def get_pairs(pairs, idx, device, cond):
+    """Rows idx of the memory-mapped pairs -> float32 (x0, x1) and labels (or None) on the device."""
+    i = idx.numpy()
+    x0 = torch.from_numpy(np.asarray(pairs["noise"][i], dtype=np.float32)).to(device)
+    x1 = torch.from_numpy(np.asarray(pairs["data"][i], dtype=np.float32)).to(device)
+    y = torch.from_numpy(np.asarray(pairs["label"][i], dtype=np.int64)).to(device) if cond else None
+    return x0, x1, y
+
+
+# --- training ---
+
+
+def _sync(module, sync):
+    """DDP: skip the gradient all-reduce on accumulation chunks that are not the last."""
+    return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
+
+
+def train(args):
+    rank, world, device = dist_setup()
+    log = Logger(args.outdir, rank)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.batch % world:
+        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
+    batch_rank = args.batch // world
+    batch_gpu = args.batch_gpu or batch_rank
+    if batch_rank % batch_gpu:
+        fail(
+            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
+        )
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and ckpt.get("method") != METHOD:
+        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+    if not os.path.isfile(args.pairs):
+        fail(f"pairs file not found: {args.pairs} (make it with gen_pairs.py)")
+    try:
+        pairs = load_pairs(args.pairs)
+    except Exception as e:
+        fail(f"cannot read {args.pairs} as an uncompressed .npz of pairs: {str(e).strip().splitlines()[0]}")
+    shape, label_dim = check_pairs(pairs, args.pairs, args.cond)
+    n_pairs, res = len(pairs["noise"]), shape[-1]
+    if res % 2 ** (len(args.channel_mult) - 1):
+        fail(f"pairs resolution {res} is not divisible by 2^{len(args.channel_mult) - 1} (--channel-mult)")
+    schedule = dict(steps=args.sched_steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
+    if args.sot and (min(args.sot) < 0 or max(args.sot) >= args.sched_steps):
+        fail(f"--sot {args.sot}: indices must lie in 0..{args.sched_steps - 1} (--sched-steps)")
+    total = round(args.duration * 1e6)
+    adv = args.adv_start >= 0 and args.adv_start * 1000 < total
+    images = labels = None
+    if adv:
+        if not args.data:
+            fail("the adversarial loss needs real images: pass --data (or --adv-start off)")
+        images, labels = load_images(args.data, args.data_dir)
+        if tuple(images.shape[1:]) != shape:
+            fail(f"--data images are {tuple(images.shape[1:])} but the pairs are {shape}: use the same size")
+        if label_dim and labels is None:
+            fail(f"the pairs are class-conditional but {args.data} has no labels for the discriminator")
+    net_kwargs = dict(
+        img_resolution=res,
+        img_channels=shape[0],
+        label_dim=label_dim,
+        model_channels=args.model_channels,
+        channel_mult=list(args.channel_mult),
+        num_blocks=args.num_blocks,
+        attn_resolutions=list(args.attn_res),
+        dropout=args.dropout,
+        schedule=schedule,
+    )
+    if ckpt is not None:
+        net_kwargs = ckpt["net_kwargs"]
+        changed = {
+            k: (ckpt["args"].get(k), v)
+            for k, v in vars(args).items()
+            if k in ("pairs", "data", "batch", "seed", "loss", "sot", "adv_start", "lr")
+            and ckpt["args"].get(k) != v
+        }
+        if changed:
+            log.print(
+                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
+            )
+    torch.manual_seed(
+        args.seed
+    )  # identical initial weights (net, discriminator, random projections) on every rank
+    net = build_net(net_kwargs).to(device).train()
+    if args.init and ckpt is None:
+        init = load_checkpoint(args.init)
+        arch = [k for k in net_kwargs if k not in ("dropout", "schedule")]
+        if init.get("method") not in ("lmm", "edm_teacher", "aot_edm") or any(
+            init["net_kwargs"].get(k) != net_kwargs[k] for k in arch
+        ):
+            fail(f"--init {args.init}: needs an EDM-family checkpoint with this architecture ({net_kwargs})")
+        net.load_state_dict(init["ema"] if init.get("ema") is not None else init["net"])
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.RAdam(net.parameters(), lr=args.lr, betas=(0.9, 0.999))  # LMM Table 6
+    if args.preset == "imagenet64" and rank == 0:
+        print("note: LMM's ImageNet-64 generator is ADM, which is not implemented; this is the DDPM++ UNet")
+    disc = opt_d = None
+    if adv:
+        disc = build_disc(
+            args.disc, shape[0], label_dim, args.disc_res, args.disc_backbones, not args.disc_random_weights
+        ).to(device)
+        opt_d = torch.optim.RAdam(disc_params(disc), lr=args.lr_d, betas=(0.5, 0.9))  # LMM Table 6
+    lp = make_lpips(device, args.lpips_random_trunk) if args.loss == "lpips" else None
+    step, nimg = 0, 0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+        if disc is not None and ckpt["state"].get("disc") is not None:
+            disc.load_state_dict(ckpt["state"]["disc"])
+            opt_d.load_state_dict(ckpt["state"]["disc_opt"])
+        log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg)")
+    ddp, ddp_d = net, disc
+    if world > 1:
+        ids = [device] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+        if disc is not None:
+            ddp_d = torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids)
+    if rank == 0:
+        os.makedirs(args.outdir, exist_ok=True)
+        with open(os.path.join(args.outdir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        log.print(json.dumps(vars(args)))
+        log.print(
+            f"{n_pairs} pairs {shape}{f', {label_dim} classes' if label_dim else ''}, "
+            f"{sum(p.numel() for p in net.parameters())} parameters, {world} process(es) on {device}; "
+            f"adversarial loss {f'from {args.adv_start:g} kimg ({args.disc})' if adv else 'off'}"
+        )
+    if adv:
+        n_real = len(images) * (2 if args.xflip else 1)
+        images = images.to(device)
+        labels = labels.to(device) if label_dim else None
+    w_last = net.model.dec[f"{res}x{res}_aux_conv"].weight  # W_L of the adaptive weight
+    grid_noise = torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0))
+    grid_labels = torch.arange(args.grid) % label_dim if label_dim else None
+    stop = StopFlag()
+    sums, t_last, step_last = {}, time.time(), step
+    while nimg < total:
+        seed_step(args.seed, rank, world, step)
+        in_adv = adv and nimg >= args.adv_start * 1000
+        lpips_res = (
+            args.lpips_res if (in_adv or not adv) else args.lpips_res_pre
+        )  # LMM App. A.4: 64 px before ADL
+        distance = None if lp is None else (lambda a, b, r=lpips_res: lpips_distance(lp, a, b, r))
+        idx = batch_indices(n_pairs, args.batch, step, args.seed)[rank * batch_rank : (rank + 1) * batch_rank]
+        chunks, rec = idx.split(batch_gpu), dict(L_lines=0.0)
+        if in_adv:
+            for p in disc_params(disc):  # the generator step leaves D's gradients alone
+                p.requires_grad_(False)
+            rec.update(L_G=0.0, lambda_adapt=0.0)
+        opt.zero_grad(set_to_none=True)
+        inputs = []
+        for j, chunk in enumerate(chunks):
+            x0, x1, y = get_pairs(pairs, chunk, device, label_dim > 0)
+            sigma = draw_sigma(
+                len(chunk), args.sigma_dist, args.sot, schedule, args.P_mean, args.P_std, device
+            )
+            with _sync(ddp, j == len(chunks) - 1):
+                d, x1_hat = lmm_loss(ddp, x0, x1, sigma, y, distance)
+                loss = l_lines = d.mean()  # LMM Eq. 3
+                if in_adv:
+                    onehot = F.one_hot(y, label_dim).float() if label_dim else None
+                    l_g = g_hinge_loss(disc(diff_augment(x1_hat, args.augment), onehot))
+                    lam = adaptive_weight(l_lines, l_g, w_last, args.adapt_clamp)
+                    loss = (
+                        args.lambda_lines * l_lines + lam * l_g
+                    )  # LMM Sec. 3: lambda_lines L_lines + lambda_adapt L_G
+                    rec["L_G"] += l_g.item() / len(chunks)
+                    rec["lambda_adapt"] += lam.item() / len(chunks)
+                    inputs.append((x0, x1, y, sigma))
+                (loss * len(chunk) / batch_rank).backward()
+            rec["L_lines"] += l_lines.item() * len(chunk) / batch_rank
+        for p in net.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        opt.step()
+        ema_update(ema, net, args.ema)
+        if in_adv:  # the discriminator step, against the updated N_theta on the same inputs (alternating)
+            for p in disc_params(disc):
+                p.requires_grad_(True)
+            opt_d.zero_grad(set_to_none=True)
+            ridx = batch_indices(n_real, args.batch, step, args.seed + 1)[
+                rank * batch_rank : (rank + 1) * batch_rank
+            ]
+            rec.update(L_D=0.0, D_real=0.0, D_fake=0.0)
+            for j, ((x0, x1, y, sigma), rchunk) in enumerate(zip(inputs, ridx.split(batch_gpu), strict=True)):
+                with torch.no_grad():
+                    fake = net(x1 + sigma.reshape(-1, 1, 1, 1) * x0, sigma, class_labels=y)
+                real, ry = get_batch(images, labels, rchunk, device)
+                with _sync(ddp_d, j == len(inputs) - 1):
+                    d_real = ddp_d(
+                        diff_augment(real, args.augment),
+                        F.one_hot(ry, label_dim).float() if label_dim else None,
+                    )
+                    d_fake = ddp_d(
+                        diff_augment(fake, args.augment),
+                        F.one_hot(y, label_dim).float() if label_dim else None,
+                    )
+                    l_d = d_hinge_loss(d_real, d_fake)
+                    (l_d / len(inputs)).backward()
+                rec["L_D"] += l_d.item() / len(inputs)
+                rec["D_real"] += d_real.mean().item() / len(inputs)
+                rec["D_fake"] += d_fake.mean().item() / len(inputs)
+            opt_d.step()
+        for k, v in rec.items():
+            sums[k] = sums.get(k, 0.0) + v
+        nimg, step = nimg + args.batch, step + 1
+        done, stop_now = nimg >= total, stop.any(device)
+        if step % args.log_every == 0 or done or stop_now:
+            n = max(step - step_last, 1)
+            metrics = {k: all_mean(v / n, device) for k, v in sums.items()}
+            log.log(step=step, kimg=nimg / 1000, **metrics, sec_per_step=(time.time() - t_last) / n)
+            sums, t_last, step_last = {}, time.time(), step
+        if step % args.snap_every == 0 or done or stop_now:
+            if rank == 0:
+                state = dict(nimg=nimg, disc=None, disc_opt=None)
+                if disc is not None:
+                    state.update(disc=disc.state_dict(), disc_opt=opt_d.state_dict())
+                ckpt_out = dict(
+                    method=METHOD,
+                    version=VERSION,
+                    args=vars(args),
+                    net_kwargs=net_kwargs,
+                    net=net.state_dict(),
+                    ema=ema.state_dict(),
+                    opt=opt.state_dict(),
+                    step=step,
+                    kimg=nimg / 1000,
+                    state=state,
+                )
+                save_checkpoint(ckpt_out, args.outdir, step)
+                for nfe in (1, 2) if args.grid else ():
+                    x, _ = sample(
+                        ema,
+                        grid_noise.to(device),
+                        nfe,
+                        None if grid_labels is None else grid_labels.to(device),
+                        generator=torch.Generator().manual_seed(1),
+                    )
+                    save_image_grid(x, os.path.join(args.outdir, f"grid-nfe{nfe}-{step:07d}.png"))
+            barrier()
+        if stop_now:
+            log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
+            break
+    dist_teardown()
+
+
+# --- command line ---
+
+# LMM Table 6 columns. Durations: 80k steps without the adversarial loss, then 20k/25k/30k with it, batch 512.
+# Dropout is not in Table 6; these are EDM's values for the same networks.
+PRESETS = {
+    "cifar10": dict(
+        lr=4e-4, channel_mult=[2, 2, 2], sched_steps=18, duration=51.2, adv_start=40960, dropout=0.13
+    ),
+    "afhq64": dict(
+        lr=1e-4, channel_mult=[1, 2, 2, 2], sched_steps=40, duration=53.76, adv_start=40960, dropout=0.25
+    ),
+    "imagenet64": dict(
+        lr=8e-6, channel_mult=[1, 2, 2, 2], sched_steps=40, duration=56.32, adv_start=40960, dropout=0.10
+    ),
+}
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def _floats(s):
+    return [float(v) for v in s.split(",") if v]
+
+
+def _kimg_or_off(s):
+    return -1.0 if s == "off" else float(s)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="LMM (Matityahu & Fattal): train a Lines Matching Model on teacher pairs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--pairs", required=True, help="pairs .npz from gen_pairs.py (noise, data, optional label)"
+    )
+    p.add_argument("--data", default=None, help="real images for the discriminator: cifar10 | FILE.npz | DIR")
+    p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
+    p.add_argument("--xflip", action="store_true", help="add mirrored copies of the real images")
+    p.add_argument("--outdir", default="runs/lmm", help="checkpoints, grids, log.jsonl, args.json")
+    p.add_argument("--preset", default="cifar10", choices=sorted(PRESETS), help="LMM Table 6 column")
+    p.add_argument(
+        "--cond", default="auto", choices=["auto", "on", "off"], help="use the pairs' class labels"
+    )
+    p.add_argument("--batch", type=int, default=512, help="global batch size (Table 6: 512)")
+    p.add_argument("--batch-gpu", type=int, default=None, help="pairs per forward pass (accumulate the rest)")
+    p.add_argument("--lr", type=float, default=None, help="generator RAdam lr (preset; CIFAR-10: 4e-4)")
+    p.add_argument("--lr-d", type=float, default=2e-3, help="discriminator RAdam lr (Table 6: 2e-3)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay per step (Table 6: 0.999)")
+    p.add_argument(
+        "--duration", type=float, default=None, help="training length, Mimg (preset; CIFAR-10: 51.2)"
+    )
+    p.add_argument("--loss", default="lpips", choices=["lpips", "l2"], help="the distance of Eq. 3")
+    p.add_argument("--lpips-res", type=int, default=224, help="LPIPS image size (App. A.4: 224)")
+    p.add_argument("--lpips-res-pre", type=int, default=64, help="LPIPS image size before --adv-start (64)")
+    p.add_argument("--lpips-random-trunk", action="store_true", help="TESTS ONLY: LPIPS with a random VGG16")
+    p.add_argument("--sigma-dist", default="rho", choices=["rho", "lognormal"], help="sigma law for Eq. 3")
+    p.add_argument("--P-mean", type=float, default=-1.2, help="mean of ln(sigma) for --sigma-dist lognormal")
+    p.add_argument("--P-std", type=float, default=1.2, help="std of ln(sigma) for --sigma-dist lognormal")
+    p.add_argument(
+        "--sot", type=_ints, default=[], help="Sampling-Optimised Training: train only at these step indices"
+    )
+    p.add_argument(
+        "--sched-steps", type=int, default=None, help="EDM schedule length (preset; 18 / 40 at 64x64)"
+    )
+    p.add_argument("--sigma-min", type=float, default=0.002, help="smallest noise level (EDM: 0.002)")
+    p.add_argument("--sigma-max", type=float, default=80.0, help="largest noise level (EDM: 80)")
+    p.add_argument("--rho", type=float, default=7.0, help="schedule exponent (EDM: 7)")
+    p.add_argument(
+        "--adv-start", type=_kimg_or_off, default=None, help="kimg where Eq. 5 starts (preset); off"
+    )
+    p.add_argument("--disc", default="projected", choices=["projected", "patch"], help="discriminator")
+    p.add_argument(
+        "--disc-backbones",
+        type=lambda s: s.split(","),
+        default=["efficientnet_b0", "vit_b_16"],
+        help="frozen ImageNet features of --disc projected (torchvision names)",
+    )
+    p.add_argument("--disc-res", type=int, default=224, help="--disc projected input size (App. A.4: 224)")
+    p.add_argument("--disc-random-weights", action="store_true", help="TESTS ONLY: random feature networks")
+    p.add_argument(
+        "--augment",
+        type=lambda s: tuple(s.split(",")) if s else (),
+        default=("color", "translation", "cutout"),
+        help="DiffAugment policy for real and fake images",
+    )
+    p.add_argument(
+        "--lambda-lines", type=float, default=0.5, help="weight of L_lines with the adversarial loss"
+    )
+    p.add_argument("--adapt-clamp", type=_floats, default=[0.0, 1e4], help="clamp range of lambda_adapt")
+    p.add_argument(
+        "--init", default=None, help="start from this EDM-family checkpoint's weights (lmm, edm_teacher)"
+    )
+    p.add_argument("--model-channels", type=int, default=128, help="UNet base width (DDPM++: 128)")
+    p.add_argument(
+        "--channel-mult", type=_ints, default=None, help="width multipliers per resolution (preset)"
+    )
+    p.add_argument("--num-blocks", type=int, default=4, help="residual blocks per resolution")
+    p.add_argument("--attn-res", type=_ints, default=[16], help="resolutions with self-attention")
+    p.add_argument("--dropout", type=float, default=None, help="dropout (preset; EDM CIFAR-10: 0.13)")
+    p.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (CPU smoke runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order, sigma, augmentation")
+    p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    p.add_argument("--snap-every", type=int, default=2000, help="steps between checkpoints and image grids")
+    p.add_argument("--grid", type=int, default=64, help="images per snapshot grid at NFE 1 and 2; 0: none")
+    p.add_argument("--resume", default=None, help="checkpoint file or run folder (its latest.pt) to continue")
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.tiny:
+        args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
+    for name in ("batch", "duration", "log_every", "snap_every", "sched_steps", "lpips_res", "lpips_res_pre"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if len(args.adapt_clamp) != 2:
+        p.error("--adapt-clamp takes two numbers: LOW,HIGH")
+    return args
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
