@@ -32,6 +32,8 @@ Commands
   for 20k steps, batch 512), 4 GPUs:
     torchrun --standalone --nproc_per_node=4 lmm.py --pairs pairs_cifar10_cond.npz --data cifar10 \\
         --outdir runs/lmm-cifar10
+  Generate 50,000 images with Table 7's steps (0, 1) (image i from seed i, same for any number of GPUs):
+    python lmm.py --generate 50000 --ckpt runs/lmm-cifar10 --nfe 2 --out lmm-nfe2.npz     # or --steps 0,3,5
   Table 7 columns: --loss l2 --adv-start off | --adv-start off | (default) | --sot 0 (NFE 1) or --sot 0,1.
   Other datasets: --preset afhq64 | imagenet64 (Table 6 columns; ImageNet's ADM net is not implemented,
   the DDPM++ UNet is used).
@@ -748,8 +750,9 @@ def disc_params(disc):
 def lmm_sampler(net, noise, sigmas, steps, labels=None, sigma_min=None, generator=None):
     """LMM App. A.4 (the consistency-model multistep sampler): x = sigma_{t_0} * noise; at each chosen
     index t, x_hat = N_theta(x, sigma_t), then x = x_hat + sigma_{t'} * eta with t' the next chosen index and
-    eta ~ N(0, I) (drawn on the CPU from `generator`); the last x_hat is the sample. One network call per
-    index. sigma_min given: consistency models' noise sqrt(sigma_{t'}^2 - sigma_min^2) instead."""
+    eta ~ N(0, I) (drawn on the CPU from `generator`, or from a list of one generator per image); the last
+    x_hat is the sample. One network call per index. sigma_min given: consistency models' noise
+    sqrt(sigma_{t'}^2 - sigma_min^2) instead."""
     x = noise.float() * float(sigmas[steps[0]])
     for k, t in enumerate(steps):
         x_hat = net(x, torch.full((x.shape[0],), float(sigmas[t]), device=x.device), class_labels=labels)
@@ -757,7 +760,10 @@ def lmm_sampler(net, noise, sigmas, steps, labels=None, sigma_min=None, generato
             return x_hat.float()
         s = float(sigmas[steps[k + 1]])
         scale = math.sqrt(max(s**2 - sigma_min**2, 0.0)) if sigma_min is not None else s
-        eta = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+        if isinstance(generator, (list, tuple)):  # one generator per image: independent of the batching
+            eta = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator]).to(x.device)
+        else:
+            eta = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
         x = x_hat.float() + scale * eta
 
 
@@ -770,6 +776,15 @@ def nfe_steps(nfe, sched_steps=18):
     if nfe in NFE_STEPS and NFE_STEPS[nfe][-1] < sched_steps:
         return NFE_STEPS[nfe]
     return tuple(int(round(v)) for v in np.linspace(0, sched_steps - 1, nfe))
+
+
+def check_steps(steps, sched_steps):
+    steps = tuple(int(t) for t in steps)
+    if not steps or min(steps) < 0 or max(steps) >= sched_steps:
+        raise ValueError(
+            f"step indices {list(steps)} must lie in 0..{sched_steps - 1} (the schedule's levels)"
+        )
+    return steps
 
 
 def build_net(net_kwargs):
@@ -791,12 +806,24 @@ def sample(net, noise, nfe, labels=None, steps=None, cm_noise=False, generator=N
     if "sched_steps" in schedule:
         schedule["steps"] = schedule.pop("sched_steps")
     s.update(schedule)
-    steps = tuple(steps) if steps is not None else nfe_steps(nfe, s["steps"])
-    if not steps or min(steps) < 0 or max(steps) >= s["steps"]:
-        raise ValueError(f"step indices {steps} must lie in 0..{s['steps'] - 1} (the schedule's levels)")
+    steps = check_steps(steps, s["steps"]) if steps is not None else nfe_steps(nfe, s["steps"])
     sigmas = lmm_schedule(**s)
     x = lmm_sampler(net, noise, sigmas, steps, labels, s["sigma_min"] if cm_noise else None, generator)
     return x, len(steps)
+
+
+def inputs_for_seeds(seeds, shape, label_dim=0):
+    """Image i's noise, then its class label, from a generator seeded with seeds[i] (the same noise and label
+    as edm_teacher.py --generate and gen_pairs.py for that seed: LMM image s starts from teacher pair s's
+    noise). The generators, returned too, then draw that image's sampler noise eta."""
+    gens, noise, labels = [], [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        noise.append(torch.randn(shape, generator=g))
+        if label_dim:
+            labels.append(torch.randint(label_dim, [], generator=g))
+        gens.append(g)
+    return torch.stack(noise), (torch.tensor(labels, dtype=torch.long) if label_dim else None), gens
 
 
 def ode_velocity(net, x, t, labels=None):
@@ -1175,6 +1202,62 @@ def train(args):
     dist_teardown()
 
 
+# --- generation ---
+
+
+def generate(args):
+    """--generate N images from --ckpt: uint8 NHWC npz (images, seeds, labels) and a PNG grid of the first 64.
+    Image i uses seed --seed + i for its noise, label and eta: identical for any number of processes."""
+    from tqdm import tqdm
+
+    rank, world, device = dist_setup()
+    ckpt = load_checkpoint(args.ckpt)
+    if ckpt.get("method") != METHOD:
+        fail(
+            f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; use that method's file to sample it"
+        )
+    net = build_net(ckpt["net_kwargs"]).eval().requires_grad_(False)
+    net.load_state_dict(ckpt["ema"])
+    net.to(device)
+    k = ckpt["net_kwargs"]
+    shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k["label_dim"]
+    try:
+        n = net.schedule["steps"]
+        steps = check_steps(args.steps, n) if args.steps else nfe_steps(args.nfe, n)
+    except ValueError as e:
+        fail(str(e))
+    seeds = list(range(args.seed, args.seed + args.generate))[rank::world]
+    out_x, out_y = [], []
+    for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
+        noise, lab, gens = inputs_for_seeds(seeds[i : i + args.gen_batch], shape, label_dim)
+        lab = None if lab is None else lab.to(device)
+        x, nfe = sample(
+            net, noise.to(device), len(steps), lab, steps=steps, cm_noise=args.cm_noise, generator=gens
+        )
+        out_x.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        out_y.append(lab.cpu() if lab is not None else torch.zeros(len(x), dtype=torch.long))
+    mine = (seeds, torch.cat(out_x).numpy() if out_x else None, torch.cat(out_y).numpy() if out_y else None)
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+    if rank == 0:
+        parts = [p for p in parts if p[0]]
+        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+        images = np.concatenate([p[1] for p in parts])[order]
+        arrays = dict(images=images, seeds=np.arange(args.seed, args.seed + args.generate))
+        if label_dim:
+            arrays["labels"] = np.concatenate([p[2] for p in parts])[order]
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, args.out)
+        grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        save_image_grid(grid, os.path.splitext(args.out)[0] + ".png")
+        print(f"wrote {len(images)} images to {args.out} (steps {list(steps)}, NFE {len(steps)})", flush=True)
+    dist_teardown()
+
+
 # --- command line ---
 
 # LMM Table 6 columns. Durations: 80k steps without the adversarial loss, then 20k/25k/30k with it, batch 512.
@@ -1209,9 +1292,7 @@ def parse_args(argv=None):
         description="LMM (Matityahu & Fattal): train a Lines Matching Model on teacher pairs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--pairs", required=True, help="pairs .npz from gen_pairs.py (noise, data, optional label)"
-    )
+    p.add_argument("--pairs", default=None, help="pairs .npz from gen_pairs.py (noise, data, optional label)")
     p.add_argument("--data", default=None, help="real images for the discriminator: cifar10 | FILE.npz | DIR")
     p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
     p.add_argument("--xflip", action="store_true", help="add mirrored copies of the real images")
@@ -1282,13 +1363,36 @@ def parse_args(argv=None):
     p.add_argument("--snap-every", type=int, default=2000, help="steps between checkpoints and image grids")
     p.add_argument("--grid", type=int, default=64, help="images per snapshot grid at NFE 1 and 2; 0: none")
     p.add_argument("--resume", default=None, help="checkpoint file or run folder (its latest.pt) to continue")
+    p.add_argument(
+        "--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt instead"
+    )
+    p.add_argument("--ckpt", default=None, help="lmm checkpoint (or run folder) for --generate")
+    p.add_argument("--out", default="samples.npz", help="output .npz of --generate (a .png grid beside it)")
+    p.add_argument("--nfe", type=int, default=1, help="--generate: evaluations (1-4: Table 7's step sets)")
+    p.add_argument("--steps", type=_ints, default=None, help="--generate: explicit step indices, e.g. 0,3,5")
+    p.add_argument("--cm-noise", action="store_true", help="--generate: noise sqrt(sigma^2 - sigma_min^2)")
+    p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
     args = p.parse_args(argv)
+    if args.generate:
+        if not args.ckpt:
+            p.error("--generate needs --ckpt")
+    elif not args.pairs:
+        p.error("--pairs is required for training (or use --generate N --ckpt FILE)")
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.tiny:
         args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
-    for name in ("batch", "duration", "log_every", "snap_every", "sched_steps", "lpips_res", "lpips_res_pre"):
+    for name in (
+        "batch",
+        "duration",
+        "log_every",
+        "snap_every",
+        "sched_steps",
+        "lpips_res",
+        "lpips_res_pre",
+        "gen_batch",
+    ):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if len(args.adapt_clamp) != 2:
@@ -1297,7 +1401,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    train(parse_args(argv))
+    args = parse_args(argv)
+    generate(args) if args.generate else train(args)
 
 
 if __name__ == "__main__":

@@ -441,3 +441,43 @@ def capture_actions():
     finally:
         argparse.ArgumentParser.parse_args = original
     return captured["p"]._actions
+
+
+def test_generate_is_per_image_seeded_and_matches_the_pairs_noise(tmp_path, one_thread):
+    import gen_pairs
+
+    L.main(lmm_flags(tmp_path, "run", 1, ["--loss", "l2", "--adv-start", "off", "--grid", "0"]))
+    ckpt = str(tmp_path / "run")
+    outs = []
+    for batch in ("4", "6"):
+        out = str(tmp_path / f"s{batch}.npz")
+        L.main(
+            [
+                "--generate",
+                "6",
+                "--ckpt",
+                ckpt,
+                "--out",
+                out,
+                "--nfe",
+                "2",
+                "--gen-batch",
+                batch,
+                "--seed",
+                "3",
+            ]
+        )
+        outs.append(np.load(out))
+    assert np.array_equal(outs[0]["images"], outs[1]["images"])  # eta per image, not per batch
+    assert outs[0]["images"].shape == (6, 16, 16, 3) and list(outs[0]["seeds"]) == [3, 4, 5, 6, 7, 8]
+    noise, labels, _ = L.inputs_for_seeds([3, 4], (3, 16, 16), 3)
+    ref_noise, ref_labels = gen_pairs.pair_inputs([0, 1], 3, (3, 16, 16), 3)  # pairs 0, 1 of seed 3
+    assert torch.equal(noise, ref_noise) and torch.equal(labels, ref_labels)
+    assert list(outs[0]["labels"][:2]) == labels.tolist()
+    with pytest.raises(SystemExit, match="0..17") as e:
+        L.main(["--generate", "2", "--ckpt", ckpt, "--out", str(tmp_path / "x.npz"), "--steps", "0,18"])
+    assert "\n" not in str(e.value)
+    os.makedirs(tmp_path / "edm")
+    with pytest.raises(SystemExit, match="'edm_teacher' checkpoint"):
+        E.save_checkpoint({**E.load_checkpoint(ckpt), "method": "edm_teacher"}, str(tmp_path / "edm"), 1)
+        L.main(["--generate", "2", "--ckpt", str(tmp_path / "edm"), "--out", str(tmp_path / "x.npz")])
