@@ -1311,7 +1311,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--loss", default="lpips", choices=["lpips", "l2"], help="the distance of Eq. 3")
     p.add_argument("--lpips-res", type=int, default=224, help="LPIPS image size (App. A.4: 224)")
-    p.add_argument("--lpips-res-pre", type=int, default=64, help="LPIPS image size before --adv-start (64)")
+    p.add_argument(
+        "--lpips-res-pre", type=int, default=64, help="LPIPS size before --adv-start (64; unused with it off)"
+    )
     p.add_argument("--lpips-random-trunk", action="store_true", help="TESTS ONLY: LPIPS with a random VGG16")
     p.add_argument("--sigma-dist", default="rho", choices=["rho", "lognormal"], help="sigma law for Eq. 3")
     p.add_argument("--P-mean", type=float, default=-1.2, help="mean of ln(sigma) for --sigma-dist lognormal")

@@ -348,7 +348,10 @@ def test_resume_equals_uninterrupted(tmp_path, npz_data, one_thread):
 
 
 def test_torchrun_two_ranks(tmp_path, npz_data):
-    flags = lmm_flags(tmp_path, "ddp", 3, ["--adv-start", "0.008", "--grid", "0"], data=npz_data)
+    # per-rank batch 4 in forward chunks of 2: DDP no_sync accumulation for N_theta and D, global lambda_adapt
+    flags = lmm_flags(
+        tmp_path, "ddp", 3, ["--adv-start", "0.008", "--grid", "0", "--batch-gpu", "2"], data=npz_data
+    )
     r = run_script(
         [
             sys.executable,
