@@ -479,6 +479,19 @@ def sample(
     return edm_sampler(net, noise, sigmas.to(noise.device), labels, **churn)
 
 
+def ode_start(net, noise):
+    """x at t = 0 of the common clock (DESIGN 4): sigma_max * noise."""
+    return noise * 80.0
+
+
+def ode_velocity(net, x, t, labels=None, sigma_min=0.002, sigma_max=80.0):
+    """The probability-flow ODE (EDM Eq. 4, dx/dsigma = (x - D(x; sigma)) / sigma) on the common clock t in
+    [0, 1] with sigma(t) = sigma_max (1 - t), noise at t = 0: dx/dt = sigma_max (D(x; sigma) - x) / sigma."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+    sigma = (sigma_max * (1 - t)).clamp(min=sigma_min)
+    return (net(x, sigma, class_labels=labels) - x) * (sigma_max / sigma).reshape(-1, 1, 1, 1)
+
+
 def noise_for_seeds(seeds, shape, label_dim=0):
     """EDM's per-image seeds: image i's noise (and uniform class label, drawn after it) come from a generator
     seeded with seeds[i], so a generated set does not depend on the number of processes or the batch."""

@@ -826,6 +826,11 @@ def inputs_for_seeds(seeds, shape, label_dim=0):
     return torch.stack(noise), (torch.tensor(labels, dtype=torch.long) if label_dim else None), gens
 
 
+def ode_start(net, noise):
+    """x at t = 0 of the common clock: the sampler's start, sigma_max * noise."""
+    return noise * getattr(net, "schedule", SCHEDULE)["sigma_max"]
+
+
 def ode_velocity(net, x, t, labels=None):
     """dx/dt on the common clock t in [0, 1] (noise at 0, data at 1) with sigma(t) = sigma_max (1 - t): the
     remaining path to the line's end over the remaining time: (N_theta(x, sigma) - x) / (1 - t), Eq. 4."""
