@@ -22,7 +22,8 @@ output then says "random-cnn: not FID".
 Commands
   python evaluate.py --ckpt runs/lmm-cifar10 runs/edm-cifar10 --nfe 1,2,35 --num 50000 --out results.json \\
       --grid grids.png --trajectory traj.png
-  torchrun --standalone --nproc_per_node=8 evaluate.py --ckpt runs/lmm-cifar10 --nfe 1,2 --fid-seeds 3
+  torchrun --standalone --nproc_per_node=8 evaluate.py --ckpt runs/lmm-cifar10 --nfe 1,2 --fid-seeds 3 \\
+      --num-images 50000                       # under torchrun --num is taken by torchrun's --numa-binding
   python evaluate.py --pairs pairs_cifar10_cond.npz --num 50000          # the teacher's quality
   python evaluate.py --ckpt runs/lmm-shapes --nfe 1,2 --num 256 --ref-data shapes \\
       --feature-extractor random-cnn --metrics fid,kid,straightness,curvature        # offline smoke run
@@ -502,7 +503,15 @@ def parse_args(argv=None):
     p.add_argument(
         "--nfe", type=lambda s: [int(v) for v in s.split(",") if v], default=[1, 2], help="NFE list"
     )
-    p.add_argument("--num", type=int, default=50000, help="images per (checkpoint, NFE) and seed range")
+    p.add_argument(
+        "--num-images",
+        "--num",
+        dest="num",
+        type=int,
+        default=50000,
+        help="images per (checkpoint, NFE) and seed range (under torchrun write --num-images: torchrun takes "
+        "--num for its --numa-binding)",
+    )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch", type=int, default=250, help="images per sampling / feature batch and process")
     p.add_argument(
@@ -550,7 +559,7 @@ def parse_args(argv=None):
     if not args.nfe or min(args.nfe) < 1:
         p.error("--nfe takes positive integers, e.g. 1,2,4")
     if args.num < args.batch and any(m in args.metrics for m in ("fid", "kid")):
-        p.error(f"--num {args.num} is smaller than --batch {args.batch}: lower --batch to at most --num")
+        p.error(f"--num-images {args.num} is smaller than --batch {args.batch}: lower --batch to at most it")
     return args
 
 

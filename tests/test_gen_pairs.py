@@ -121,13 +121,15 @@ def test_no_flag_is_taken_by_torchrun():
     import torch.distributed.run
 
     theirs = [o for a in torch.distributed.run.get_args_parser()._actions for o in a.option_strings]
+    import evaluate
     import lmm
 
-    for module in (E, G, lmm):
+    for module in (E, G, lmm, evaluate):
         parser = capture_parser(module, argparse)
         assert len(parser._actions) > 10
         for flag in (o for a in parser._actions for o in a.option_strings if o.startswith("--")):
-            if flag in ("--help", "--num"):  # --num: documented single-process alias of --num-pairs
+            # --num: the documented single-process alias of --num-pairs / --num-images
+            if flag in ("--help", "--num"):
                 continue
             assert not [t for t in theirs if t.startswith(flag)], (module.__name__, flag)
 
