@@ -256,7 +256,13 @@ def ode_metrics(module, net, noise, labels=None, grid=None):
     per sample: straightness (LMM Table 1) = sum_k ||v_k - (x1 - x0)|| dt_k with v_k the step's velocity
     (x_k+1 - x_k) / dt_k, its value relative to ||x1 - x0||, and curvature = mean_k 1 - cos(v_k, v_k+1)."""
     grid = ode_grid(100) if grid is None else grid
-    start = getattr(module, "ode_start", lambda net, z: z)
+    start = getattr(module, "ode_start", None)
+    if start is None:  # flow convention: x(0) is the noise itself; EDM-family files must scale it
+        if getattr(module, "METHOD", None) in DENOISERS:
+            raise ValueError(
+                f"{module.METHOD} must export ode_start(net, noise) (x at t = 0, e.g. 80 * noise)"
+            )
+        start = lambda net, z: z  # noqa: E731
     x = x0 = start(net, noise).float()
     vs, dts = [], []
     for k in range(len(grid) - 1):
@@ -391,13 +397,16 @@ def evaluate(args):
             per = {}
             for i in range(0, len(seeds), args.batch):
                 noise, labels, _ = inputs_for_seeds(seeds[i : i + args.batch], shape, label_dim)
-                m, _ = ode_metrics(
-                    module,
-                    net,
-                    noise.to(device),
-                    None if labels is None else labels.to(device),
-                    ode_grid(args.ode_steps, args.ode_grid),
-                )
+                try:
+                    m, _ = ode_metrics(
+                        module,
+                        net,
+                        noise.to(device),
+                        None if labels is None else labels.to(device),
+                        ode_grid(args.ode_steps, args.ode_grid),
+                    )
+                except ValueError as e:
+                    fail(f"{spec}: {e}")
                 for key, v in m.items():
                     per.setdefault(key, []).append(v.cpu().numpy())
             row = dict(ckpt=spec, method=ckpt["method"], ode_steps=args.ode_steps, ode_grid=args.ode_grid)

@@ -834,7 +834,8 @@ def ode_start(net, noise):
 def ode_velocity(net, x, t, labels=None):
     """dx/dt on the common clock t in [0, 1] (noise at 0, data at 1) with sigma(t) = sigma_max (1 - t): the
     remaining path to the line's end over the remaining time: (N_theta(x, sigma) - x) / (1 - t), Eq. 4."""
-    sigma_max, sigma_min = getattr(net, "schedule", SCHEDULE)["sigma_max"], SCHEDULE["sigma_min"]
+    schedule = getattr(net, "schedule", SCHEDULE)
+    sigma_max, sigma_min = schedule["sigma_max"], schedule["sigma_min"]
     t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
     sigma = (sigma_max * (1 - t)).clamp(min=sigma_min)
     x1_hat = net(x, sigma, class_labels=labels)

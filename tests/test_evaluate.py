@@ -44,6 +44,12 @@ def flow_module(velocity):
     return types.SimpleNamespace(ode_velocity=lambda net, x, t, labels=None: velocity(x, t))
 
 
+def test_edm_family_without_ode_start_is_refused():
+    module = types.SimpleNamespace(METHOD="lmm", ode_velocity=lambda net, x, t, labels=None: x)
+    with pytest.raises(ValueError, match="ode_start"):
+        V.ode_metrics(module, None, torch.zeros(1, 1, 2, 2))
+
+
 def test_straight_flow_has_zero_straightness_and_curvature():
     d = torch.randn(3, 1, 2, 2)
     m, x1 = V.ode_metrics(flow_module(lambda x, t: d.expand_as(x)), None, torch.zeros(3, 1, 2, 2))
