@@ -1,0 +1,1212 @@
+"""CFM couplings: conditional flow matching with independent, minibatch-OT, Sinkhorn and reflow couplings.
+
+Flow matching (Lipman et al. 2023; Tong et al. 2024, "Improving and generalizing flow-based generative models
+with minibatch optimal transport") learns a velocity field v_theta(x, t) whose ODE carries noise x0 to data
+x1. Each training pair (x0, x1) defines a straight path x_t = t x1 + (1 - t) x0 (+ sigma_min eps) with the
+constant velocity x1 - x0, and v_theta regresses it. *Which* x0 goes with which x1 is the coupling, and it is
+the only thing this file varies:
+  - independent: I-CFM, x0 and x1 drawn independently (the baseline of every coupling paper).
+  - ot: BatchOT / OT-CFM with the exact minibatch plan, returned as a permutation of the noise (scipy's
+    Hungarian solver): every noise and every image used exactly once. --ot-batch M solves over M samples and
+    consumes them over M / batch steps.
+  - sinkhorn: the entropic plan (log-domain Sinkhorn, regularisation relative to the mean cost); pairs are
+    sampled from it, by default without replacement. A plan that fails to converge raises: never a silent
+    fallback to independent pairs.
+  - pairs: fixed (noise, image) pairs from gen_pairs.py: reflow (Rectified Flow; 2-Rect-Flow when the pairs
+    come from a 1-RF model) or LMM's "globally straight lines" baseline when they come from the EDM teacher.
+Conditional models solve the coupling within each class (AOT Alg. 2): labels move with their images.
+
+Convention (Lipman/Tong): t = 0 is the noise x0 ~ N(0, I), t = 1 the data x1 in [-1, 1]; the network sees
+(x_t, time_scale * t) with time_scale = 1000 through the shared UNet. Samplers integrate t from 0 to 1:
+euler (1 NFE per step), midpoint (2 NFE per step) and dopri5 (adaptive Dormand-Prince, NFE counted).
+
+Distributed policy: every global block of --ot-batch samples (data indices and noise) is a function of
+(seed, block) only, so rank 0 solves the coupling of the whole global block once and broadcasts it; each
+rank trains on its slice. Pairs and costs are therefore identical for any number of processes.
+
+Commands
+  CPU smoke run on a synthetic dataset (tiny net, exact OT):
+    python cfm_couplings.py --data shapes --coupling ot --tiny --batch 64 --duration 0.02 --outdir runs/ot
+  The torchcfm / LOOM CIFAR-10 recipe (Adam 2e-4, 5k warm-up, clip 1, EMA 0.9999, batch 128, 400k steps):
+    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --data cifar10 --coupling ot --outdir runs/ot
+  Reflow (2-Rect-Flow) from a 1-RF model's pairs, starting from its weights:
+    python gen_pairs.py --ckpt runs/icfm --num-pairs 1000000 --out pairs_1rf.npz
+    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --coupling pairs --pairs pairs_1rf.npz \\
+        --init runs/icfm --outdir runs/2rf
+  Generate 50,000 images (image i from seed i, any number of GPUs):
+    python cfm_couplings.py --generate 50000 --ckpt runs/ot --solver dopri5 --out ot-dopri5.npz
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import struct
+import time
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --- shared: UNet (identical in every method file) ---
+# DDPM++ UNet (Song et al. 2021), structured as EDM's SongUNet so that its state_dict keys match the official
+# EDM checkpoints exactly. Down-sampling is a 2x2 box filter, up-sampling nearest, both applied before conv.
+
+
+def _xavier(shape, fan_in, fan_out, gain=1.0):
+    return (torch.rand(shape) * 2 - 1) * math.sqrt(6 / (fan_in + fan_out)) * gain
+
+
+class Linear(nn.Module):
+    def __init__(self, cin, cout, bias=True, gain=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(_xavier([cout, cin], cin, cout, gain))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Conv2d(nn.Module):
+    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0):
+        super().__init__()
+        self.up, self.down = up, down
+        fan_in, fan_out = cin * kernel * kernel, cout * kernel * kernel
+        self.weight = nn.Parameter(_xavier([cout, cin, kernel, kernel], fan_in, fan_out, gain))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        # EDM stores the [1,1] resample filter as a buffer: keep it so that official weights load by key.
+        f = torch.ones(2, 2).div(4).view(1, 1, 2, 2)
+        self.register_buffer("resample_filter", f if up or down else None)
+
+    def forward(self, x):
+        c = x.shape[1]
+        if self.up:  # nearest x2 as a transposed conv with the (4 * box) filter
+            x = F.conv_transpose2d(
+                x, self.resample_filter.mul(4).tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2
+            )
+        if self.down:  # 2x2 average
+            x = F.conv2d(x, self.resample_filter.tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2)
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
+
+
+def _group_norm(c):
+    return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
+
+
+class UNetBlock(nn.Module):
+    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0):
+        super().__init__()
+        self.in_channels, self.out_channels, self.dropout = cin, cout, dropout
+        self.norm0 = _group_norm(cin)
+        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
+        self.affine = Linear(emb_ch, cout)
+        self.norm1 = _group_norm(cout)
+        self.conv1 = Conv2d(cout, cout, 3, gain=1e-5)
+        self.skip = Conv2d(cin, cout, 1, up=up, down=down) if (cin != cout or up or down) else None
+        self.attention = attention
+        if attention:
+            self.norm2 = _group_norm(cout)
+            self.qkv = Conv2d(cout, cout * 3, 1, gain=math.sqrt(0.2))
+            self.proj = Conv2d(cout, cout, 1, gain=1e-5)
+
+    def forward(self, x, emb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None].to(h.dtype)))
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        x = (h + (x if self.skip is None else self.skip(x))) * math.sqrt(0.5)
+        if self.attention:  # one head; qkv channels interleaved as (c, 3), as in EDM
+            n, c, hh, ww = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, hh * ww).unbind(2)
+            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c)).softmax(dim=2)
+            a = torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)
+            x = (self.proj(a.reshape(n, c, hh, ww)) + x) * math.sqrt(0.5)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=128,
+        channel_mult=(2, 2, 2),
+        num_blocks=4,
+        attn_resolutions=(16,),
+        dropout=0.10,
+    ):
+        super().__init__()
+        mc, emb = model_channels, model_channels * 4
+        self.map_label = Linear(label_dim, mc) if label_dim else None
+        self.map_augment = Linear(augment_dim, mc, bias=False) if augment_dim else None
+        self.map_layer0, self.map_layer1 = Linear(mc, emb), Linear(emb, emb)
+        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
+        cout, skips = in_channels, []
+        for level, mult in enumerate(channel_mult):
+            r = img_resolution >> level
+            if level == 0:
+                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc, 3), mc
+            else:
+                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, emb, down=True, dropout=dropout)
+            skips.append(cout)
+            for i in range(num_blocks):
+                attn = r in attn_resolutions
+                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout, mc * mult, emb, attention=attn, dropout=dropout
+                )
+                cout = mc * mult
+                skips.append(cout)
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            r = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, emb, attention=True, dropout=dropout)
+                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, emb, dropout=dropout)
+            else:
+                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, emb, up=True, dropout=dropout)
+            for i in range(num_blocks + 1):
+                attn = i == num_blocks and r in attn_resolutions
+                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout + skips.pop(), mc * mult, emb, attention=attn, dropout=dropout
+                )
+                cout = mc * mult
+        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = _group_norm(cout)
+        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        # Positional embedding of the noise label (endpoint=True), halves ordered [sin, cos] as in EDM.
+        half = self.map_layer0.weight.shape[1] // 2
+        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / (half - 1))
+        arg = noise_labels.float().ger(freqs)
+        emb = torch.cat([arg.sin(), arg.cos()], dim=1)
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if name.endswith("aux_norm"):
+                x = F.silu(block(x))
+            elif name.endswith("aux_conv"):
+                x = block(x)
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return x
+
+
+# --- end shared: UNet ---
+
+# --- shared: runtime (identical in every method file) ---
+# Distributed setup, per-step seeding, EMA, atomic checkpoints, data order and rank-0 logging.
+
+
+def fail(msg):
+    """Stop with a one-line message for the user (exit code 1), not a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+def dist_setup():
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def dist_teardown():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_mean(value, device):
+    """Mean of a float over ranks."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t.item()
+
+
+def seed_step(seed, rank, world_size, step):
+    """Seed torch's global RNGs from (seed * world_size + rank, step): resume needs no stored RNG state."""
+    state = np.random.SeedSequence([seed * world_size + rank, step]).generate_state(2)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch: a permutation of range(n) that depends only on (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(n, batch, step, seed):
+    """Global data indices of training step `step`: consecutive slices of a stream of epoch permutations.
+    Independent of the world size; rank r takes the r-th slice of the per-rank batch."""
+    pos = step * batch + torch.arange(batch)
+    epochs = pos // n
+    out = torch.empty(batch, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        sel = epochs == e
+        out[sel] = epoch_order(n, seed, e)[pos[sel] % n]
+    return out
+
+
+def edm_ema_beta(batch, nimg, halflife_kimg, rampup_ratio):
+    """EDM's EMA decay: half-life in images, ramped up as min(halflife, rampup_ratio * images seen)."""
+    halflife = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife = min(halflife, nimg * rampup_ratio)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def ema_update(ema, net, beta):
+    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+        p_ema.copy_(p.detach().lerp(p_ema, beta))
+    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt, outdir, step):
+    """Write <outdir>/ckpt-<step>.pt and point <outdir>/latest.pt at it (both atomic)."""
+    name = f"ckpt-{step:07d}.pt"
+    atomic_save(ckpt, os.path.join(outdir, name))
+    tmp = os.path.join(outdir, f"latest.pt.tmp{os.getpid()}")
+    os.symlink(name, tmp)
+    os.replace(tmp, os.path.join(outdir, "latest.pt"))
+
+
+def load_checkpoint(path):
+    """Load one of our checkpoints safely (tensors and plain containers only). A directory means latest.pt."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "latest.pt")
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign or corrupt file: say which, do not unpickle it unsafely
+        fail(f"cannot read {path} as a weights-only torch checkpoint: {str(e).strip().splitlines()[0]}")
+
+
+class Logger:
+    """Rank 0 prints `k=v` lines and appends the same record as JSON to <outdir>/log.jsonl."""
+
+    def __init__(self, outdir, rank):
+        self.rank, self.path = rank, os.path.join(outdir, "log.jsonl") if outdir else None
+
+    def print(self, *a):
+        if self.rank == 0:
+            print(*a, flush=True)
+
+    def log(self, **rec):
+        if self.rank != 0:
+            return
+        print(
+            " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
+            flush=True,
+        )
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step (agreed on by all ranks)."""
+
+    def __init__(self):
+        self.requested = False
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def any(self, device):
+        t = torch.tensor([int(self.requested)], device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        return bool(t.item())
+
+
+def save_image_grid(images, path):
+    """images: [N, C, H, W] floats in [-1, 1] -> a PNG grid (EDM's quantisation)."""
+    from PIL import Image
+
+    x = (images * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
+    for i in range(n):
+        grid[:, (i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
+
+
+# --- end shared: runtime ---
+
+
+# --- method: conditional flow matching and its couplings ---
+METHOD = "cfm_couplings"
+VERSION = 1
+COUPLINGS = ("independent", "ot", "sinkhorn", "pairs")
+
+
+class VelocityNet(nn.Module):
+    """v_theta(x, t, class_labels=None) -> dx/dt: the shared UNet on (x, time_scale * t), t in [0, 1].
+    class_labels: int64 class indices [N] or one-hot floats [N, label_dim]."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, time_scale=1000.0, **unet_kwargs):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.time_scale = time_scale
+        self.model = UNet(img_resolution, img_channels, img_channels, label_dim=label_dim, **unet_kwargs)
+
+    def forward(self, x, t, class_labels=None):
+        x = x.float()
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        onehot = None
+        if self.label_dim:
+            if class_labels is None:
+                raise ValueError(
+                    "this network is class-conditional: pass class_labels (int64 [N] or one-hot)"
+                )
+            onehot = (
+                class_labels.float().reshape(-1, self.label_dim)
+                if class_labels.is_floating_point()
+                else F.one_hot(class_labels.long(), self.label_dim).float()
+            )
+        return self.model(x, self.time_scale * t, onehot).float()
+
+
+def cfm_loss(net, x0, x1, t, labels=None, sigma_min=0.0, eps=None):
+    """Per-sample CFM loss [N] (LOOM Eq. 3 with x = x1 data, z = x0 noise): the network at
+    x_t = t x1 + (1 - t) x0 + sigma_min eps regresses the path's constant velocity x1 - x0."""
+    t4 = t.reshape(-1, 1, 1, 1)
+    xt = t4 * x1 + (1 - t4) * x0
+    if sigma_min:
+        xt = xt + sigma_min * eps
+    return (net(xt, t, labels) - (x1 - x0)).square().flatten(1).mean(1)
+
+
+def pair_cost(x0, x1, cost="sqeuclidean"):
+    """C[j, i] = ||x1_j - x0_i||^2 (cost sqeuclidean) or ||x1_j - x0_i|| (cost l2), float64 [n1, n0]:
+    rows are images, columns noises (the transport cost c(x, z) of LOOM Eq. 7)."""
+    c = torch.cdist(x1.flatten(1).double(), x0.flatten(1).double())
+    return c if cost == "l2" else c.square()
+
+
+def ot_permutation(x0, x1, cost="sqeuclidean"):
+    """Exact minibatch OT (BatchOT; LOOM Eq. 7 on one minibatch) -> perm with x0[perm[j]] the noise of x1[j].
+    The images stay where they are and the noise moves: permuting x1 instead would detach images from their
+    labels and indices (the classic bug). With uniform marginals the optimal plan is a permutation matrix, so
+    every noise and every image is used exactly once (no sampling from the plan with replacement)."""
+    from scipy.optimize import linear_sum_assignment
+
+    _, cols = linear_sum_assignment(pair_cost(x0, x1, cost).cpu().numpy())  # rows come back as 0..n-1
+    return torch.as_tensor(cols, dtype=torch.long, device=x0.device)
+
+
+class SinkhornError(RuntimeError):
+    """The entropic plan degenerated or did not converge (raised; never replaced by independent pairs)."""
+
+
+def sinkhorn_log_plan(c, reg=0.05, max_iter=2000, tol=1e-6):
+    """log P of the entropic OT plan between uniform marginals (OT-CFM's plan; Cuturi 2013): P minimises
+    <P, C> - eps H(P) with eps = reg * mean(C). Log-domain Sinkhorn on potentials f (rows), g (columns):
+    log P = (f_j + g_i - C_ji) / eps never underflows, and a relative eps gives the same sharpness at any
+    image size (an absolute 0.05 on CIFAR-10's costs of ~3.7e3 underflows exp(-C / eps) in the plain domain).
+    """
+    n, m = c.shape
+    eps = reg * c.mean().item()
+    if not (eps > 0 and math.isfinite(eps)):
+        raise SinkhornError(
+            f"Sinkhorn eps = reg {reg:g} x mean cost {c.mean().item():.4g} = {eps:g}: use reg > 0"
+        )
+    log_a, log_b = -math.log(n), -math.log(m)
+    f, g = torch.zeros(n, dtype=c.dtype, device=c.device), torch.zeros(m, dtype=c.dtype, device=c.device)
+    err = float("nan")
+    for it in range(max_iter):
+        f = eps * (log_a - torch.logsumexp((g[None, :] - c) / eps, dim=1))
+        g = eps * (log_b - torch.logsumexp((f[:, None] - c) / eps, dim=0))  # columns now sum to 1/m exactly
+        if it % 10 == 9 or it == max_iter - 1:
+            log_p = (f[:, None] + g[None, :] - c) / eps
+            err = (torch.logsumexp(log_p, dim=1).exp() - 1 / n).abs().sum().item()  # row-marginal L1 error
+            if not math.isfinite(err):
+                raise SinkhornError(f"Sinkhorn potentials are not finite at eps = {eps:g} (underflow)")
+            if err < tol:
+                return log_p
+    raise SinkhornError(
+        f"Sinkhorn did not converge: row-marginal error {err:.3g} > {tol:g} after {max_iter} iterations at "
+        f"reg {reg:g}; raise --sinkhorn-reg or --sinkhorn-iters"
+    )
+
+
+def sinkhorn_pairs(log_p, replace=False, generator=None):
+    """Pairs drawn from a plan -> (i0 noise indices, i1 image indices), one pair per image.
+    replace=False: every image once, in random order; its noise drawn from its row of the plan among the
+    noises not yet taken (Gumbel-max), so every noise is used once too and the noise marginal stays exact.
+    replace=True: torchcfm's OT-CFM, n (image, noise) pairs i.i.d. from the plan: duplicates both sides (about
+    81 of 128 pairs unique at a sharp plan)."""
+    log_p = log_p.cpu()
+    n, m = log_p.shape
+    if replace:
+        flat = torch.multinomial(log_p.flatten().softmax(0), n, replacement=True, generator=generator)
+        return flat % m, flat // m
+    u = torch.rand(n, m, dtype=log_p.dtype, generator=generator).clamp_(1e-300, 1 - 1e-16)
+    scores = log_p - torch.log(-torch.log(u))  # log p + Gumbel noise
+    i0, taken = torch.empty(n, dtype=torch.long), torch.zeros(m, dtype=torch.bool)
+    for j in torch.randperm(n, generator=generator).tolist():
+        k = int(torch.argmax(scores[j].masked_fill(taken, -math.inf)))
+        i0[j], taken[k] = k, True
+    return i0, torch.arange(n)
+
+
+def couple(x0, x1, labels, coupling, cost="sqeuclidean", reg=0.05, replace=False, iters=2000, generator=None):
+    """The coupling of one block of noises x0 and images x1 -> (i0, i1): train on (x0[i0], x1[i1], y[i1]).
+    independent / pairs: the identity. With labels the problem is solved within each class (AOT Alg. 2): noise
+    moves only between images of one class, and a class's noise set is unchanged (labels stay independent of
+    the noise marginal)."""
+    n = len(x1)
+    i0, i1 = torch.arange(n), torch.arange(n)
+    if coupling in ("independent", "pairs"):
+        return i0, i1
+    groups = [i1] if labels is None else [torch.nonzero(labels.cpu() == k).flatten() for k in labels.unique()]
+    for g in groups:
+        gd = g.to(x0.device)
+        if coupling == "ot":
+            i0[g] = g[ot_permutation(x0[gd], x1[gd], cost).cpu()]
+        elif coupling == "sinkhorn":
+            log_p = sinkhorn_log_plan(pair_cost(x0[gd], x1[gd], cost), reg, iters)
+            a, b = sinkhorn_pairs(log_p, replace, generator)
+            i0[g], i1[g] = g[a], g[b]
+        else:
+            raise ValueError(f"unknown coupling {coupling!r}; expected one of {COUPLINGS}")
+    return i0, i1
+
+
+def path_cost(x0, x1, cost="sqeuclidean"):
+    """c(x1_j, x0_j) per pair [N] (the diagonal of pair_cost)."""
+    d = (x1 - x0).flatten(1).double().square().sum(1)
+    return d.sqrt() if cost == "l2" else d
+
+
+# --- sampling: integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data) (LOOM Eq. 1-2) ---
+
+
+@torch.no_grad()
+def euler_sample(net, x, steps, labels=None):
+    """Euler: x <- x + h v(x, t), h = 1 / steps; steps NFE."""
+    h = 1.0 / steps
+    for i in range(steps):
+        x = x + h * net(x, i * h, labels)
+    return x
+
+
+@torch.no_grad()
+def midpoint_sample(net, x, steps, labels=None):
+    """Explicit midpoint (RK2): x <- x + h v(x + h/2 v(x, t), t + h/2); 2 NFE per step."""
+    h = 1.0 / steps
+    for i in range(steps):
+        t = i * h
+        x_mid = x + 0.5 * h * net(x, t, labels)
+        x = x + h * net(x_mid, t + 0.5 * h, labels)
+    return x
+
+
+# Dormand-Prince 5(4) tableau: stages A, 5th-order weights B5 (= the last stage row, FSAL), 4th-order B4.
+DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+DP_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+
+
+@torch.no_grad()
+def dopri5_sample(net, x, labels=None, atol=1e-5, rtol=1e-5, max_steps=100_000):
+    """Adaptive Dormand-Prince 5(4) from t = 0 to 1 -> (x, NFE). The batch is one ODE system with an RMS error
+    norm over all its elements (as torchdiffeq, which torchcfm uses): every image gets the same steps and NFE.
+    Initial step by Hairer-Norsett-Wanner's rule (II.4); step factor 0.9 err^(-1/5) clipped to [0.2, 10]."""
+    nfe = 0
+
+    def f(xx, t):
+        nonlocal nfe
+        nfe += 1
+        return net(xx, t, labels).float()
+
+    def rms(v, scale):
+        return (v / scale).square().mean().sqrt().item()
+
+    t, k1 = 0.0, f(x, 0.0)
+    scale = atol + rtol * x.abs()
+    d0, d1 = rms(x, scale), rms(k1, scale)
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    d2 = rms(f(x + h0 * k1, h0) - k1, scale) / h0
+    h = min(100 * h0, max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2, 1.0)
+    for _ in range(max_steps):
+        if t >= 1.0:
+            return x, nfe
+        h = min(h, 1.0 - t)
+        ks = [k1]
+        for i in range(1, 7):
+            xi = x + h * sum(a * k for a, k in zip(DP_A[i], ks, strict=False) if a)
+            ks.append(f(xi, t + DP_C[i] * h))
+        x5 = xi  # the last stage is evaluated at the 5th-order solution (FSAL)
+        x4 = x + h * sum(b * k for b, k in zip(DP_B4, ks, strict=True) if b)
+        err = rms(x5 - x4, atol + rtol * torch.maximum(x.abs(), x5.abs()))
+        if err <= 1.0:
+            t, x, k1 = t + h, x5, ks[6]
+        h *= min(10.0, max(0.2, 0.9 * (err if err > 0 else 1e-10) ** -0.2))
+    raise RuntimeError(f"dopri5 did not reach t = 1 in {max_steps} steps (t = {t:.4g})")
+
+
+def build_net(net_kwargs):
+    """The trained network: a velocity field net(x, t, class_labels=None) with t = 0 noise, t = 1 data."""
+    return VelocityNet(**net_kwargs)
+
+
+def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5):
+    """DESIGN 4: noise [N, C, H, W] standard normal -> (images, NFE used). euler: nfe steps; midpoint: nfe / 2
+    steps (nfe even); dopri5: adaptive with atol/rtol, nfe ignored, the NFE it took is returned."""
+    if solver == "dopri5":
+        return dopri5_sample(net, noise, labels, atol, rtol)
+    if solver not in ("euler", "midpoint"):
+        raise ValueError(f"unknown solver {solver!r}; expected euler, midpoint or dopri5")
+    if nfe < 1 or (solver == "midpoint" and nfe % 2):
+        raise ValueError(
+            f"{solver} needs {'an even NFE >= 2' if solver == 'midpoint' else 'NFE >= 1'}, got {nfe}"
+        )
+    if solver == "euler":
+        return euler_sample(net, noise, nfe, labels), nfe
+    return midpoint_sample(net, noise, nfe // 2, labels), nfe
+
+
+def inputs_for_seeds(seeds, shape, label_dim=0):
+    """Image i's noise, then its class label, from a generator seeded with seeds[i] (the same noise and label
+    as every other method file and gen_pairs.py use for that seed)."""
+    noise, labels = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        noise.append(torch.randn(shape, generator=g))
+        if label_dim:
+            labels.append(torch.randint(label_dim, [], generator=g))
+    return torch.stack(noise), (torch.tensor(labels, dtype=torch.long) if label_dim else None)
+
+
+def ode_velocity(net, x, t, labels=None):
+    """dx/dt on the common clock (t = 0 noise, t = 1 data): this file's own convention, so v_theta itself."""
+    return net(x, t, labels)
+
+
+def predict_x1(x, t, v):
+    """The image the current velocity points at: x + (1 - t) v (the end of the straight path through x)."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+    return x + (1 - t) * v
+
+
+# --- shared: pairs reader (identical in gen_pairs, lmm, cfm_couplings) ---
+
+
+def load_pairs(path):
+    """Memory-map the arrays of an uncompressed .npz (noise, data, label): nothing is read into RAM until
+    indexed. Returns a dict of np.memmap, with 'meta' decoded from JSON."""
+    out = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: {info.filename} is compressed; pairs files must be uncompressed")
+            f.seek(info.header_offset)
+            name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # zip local file header
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            major, _ = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                raise ValueError(f"{path}: {info.filename} holds Python objects; refusing to load it")
+            key = info.filename[:-4]
+            if shape == ():
+                out[key] = np.frombuffer(f.read(dtype.itemsize), dtype)[0]
+            else:
+                order = "F" if fortran else "C"
+                out[key] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+    if "meta" in out:
+        out["meta"] = json.loads(str(out["meta"]))
+    return out
+
+
+# --- end shared: pairs reader ---
+
+
+# --- shared: data (identical in every method file) ---
+# --data cifar10 | shapes | FILE.npz | DIR -> uint8 images held on the device; --xflip as extra indices.
+
+
+def make_shapes(n=4096, res=16, seed=0):
+    """A synthetic dataset for CPU smoke runs: one disc (label 0) or square (label 1) of random colour,
+    size and position on a random background. Returns uint8 [n, res, res, 3] and int64 labels [n]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+    cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
+    r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
+    labels = rng.integers(0, 2, n)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    square = np.maximum(np.abs(yy - cy), np.abs(xx - cx)) <= r
+    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
+    fg, bg = rng.integers(0, 256, (2, n, 1, 1, 3))
+    return np.where(mask, fg, bg).astype(np.uint8), labels.astype(np.int64)
+
+
+def load_images(spec, data_dir="datasets"):
+    """--data cifar10 | shapes | FILE.npz | DIR -> (uint8 [N, C, H, W] tensor, int64 labels [N] or None)."""
+    labels = None
+    if spec == "cifar10":
+        import torchvision
+
+        try:
+            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+        except Exception as e:
+            fail(
+                f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
+                f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/ or pass --data FILE.npz"
+            )
+        images, labels = ds.data, np.asarray(ds.targets, dtype=np.int64)
+    elif spec == "shapes":
+        images, labels = make_shapes()
+    elif spec.endswith(".npz"):
+        if not os.path.isfile(spec):
+            fail(f"data file not found: {spec} (expected an .npz with uint8 'images' [N, H, W, C])")
+        with np.load(spec) as f:
+            if "images" not in f:
+                fail(f"{spec} has no 'images' array (found {sorted(f.keys())}); expected uint8 [N, H, W, C]")
+            images = f["images"]
+            labels = f["labels"].astype(np.int64) if "labels" in f else None
+    elif os.path.isdir(spec):
+        images, labels = _load_folder(spec)
+    else:
+        fail(f"--data {spec!r} is neither 'cifar10', 'shapes', an existing .npz file nor a folder of images")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        fail(
+            f"images in {spec} must be uint8 [N, H, W, C] with C in (1, 3); got {images.dtype} {images.shape}"
+        )
+    if images.shape[1] != images.shape[2]:
+        fail(f"images in {spec} must be square; got {images.shape[1]}x{images.shape[2]}")
+    if labels is not None and labels.shape != (len(images),):
+        fail(f"labels in {spec} must have shape [{len(images)}]; got {labels.shape}")
+    images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return images, None if labels is None else torch.from_numpy(labels)
+
+
+def _load_folder(path):
+    """An image folder (png/jpg, sorted by relative path); labels from EDM's dataset.json when present."""
+    from PIL import Image
+
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), path)
+        for d, _, fs in os.walk(path)
+        for f in fs
+        if f.lower().endswith((".png", ".jpg", ".jpeg"))
+    )
+    if not files:
+        fail(f"no .png/.jpg images found under {path}")
+    images = np.stack([np.atleast_3d(np.asarray(Image.open(os.path.join(path, f)))) for f in files])
+    labels = None
+    meta = os.path.join(path, "dataset.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            table = dict(json.load(f).get("labels") or [])
+        missing = [f for f in files if f.replace(os.sep, "/") not in table]
+        if missing:
+            fail(f"{meta} has no label for {len(missing)} image(s), e.g. {missing[0]}")
+        labels = np.asarray([table[f.replace(os.sep, "/")] for f in files], dtype=np.int64)
+    return images, labels
+
+
+def get_batch(images, labels, idx, device):
+    """Data index i >= len(images) is the mirror image of i - len(images) (--xflip). -> floats in [-1, 1]."""
+    n, idx = len(images), idx.to(images.device)
+    y = images[idx % n].to(device).float() / 127.5 - 1
+    flip = (idx >= n).to(device)
+    y = torch.where(flip[:, None, None, None], y.flip(3), y)
+    return y, None if labels is None else labels[idx % n].to(device)
+
+
+# --- end shared: data ---
+
+
+def check_pairs(pairs, path, cond):
+    """Validate a pairs file at start-up; -> (shape [C, H, W], label_dim or 0)."""
+    missing = [k for k in ("noise", "data") if k not in pairs]
+    if missing:
+        fail(f"{path} has no {missing} array(s) (found {sorted(pairs)}); make pairs with gen_pairs.py")
+    x0, x1 = pairs["noise"], pairs["data"]
+    if x0.ndim != 4 or x0.shape != x1.shape or x0.shape[1] not in (1, 3) or x0.shape[2] != x0.shape[3]:
+        fail(
+            f"{path}: 'noise' and 'data' must both be [N, C, H, W] with C in (1, 3) and H = W; got "
+            f"{tuple(x0.shape)} and {tuple(x1.shape)}"
+        )
+    has_label = "label" in pairs
+    if has_label and pairs["label"].shape != (len(x0),):
+        fail(f"{path}: 'label' must have shape [{len(x0)}], got {tuple(pairs['label'].shape)}")
+    if cond == "on" and not has_label:
+        fail(f"--cond on, but {path} has no 'label' array (its generator was unconditional)")
+    label_dim = 0
+    if has_label and cond != "off":
+        label_dim = int(pairs.get("meta", {}).get("label_dim") or int(np.max(pairs["label"])) + 1)
+    return tuple(x0.shape[1:]), label_dim
+
+
+def get_pairs(pairs, idx, device, cond):
+    """Rows idx of the memory-mapped pairs -> float32 (x0, x1) and labels (or None) on the device."""
+    i = idx.numpy()
+    x0 = torch.from_numpy(np.asarray(pairs["noise"][i], dtype=np.float32)).to(device)
+    x1 = torch.from_numpy(np.asarray(pairs["data"][i], dtype=np.float32)).to(device)
+    y = torch.from_numpy(np.asarray(pairs["label"][i], dtype=np.int64)).to(device) if cond else None
+    return x0, x1, y
+
+
+def generator_for(seed, *keys):
+    """A CPU generator that depends only on (seed, keys): the same stream on every rank and device."""
+    state = np.random.SeedSequence([seed, *keys]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+# --- training ---
+
+
+class Source:
+    """The training stream in global blocks of `block` samples: block b holds images from the epoch stream
+    (batch_indices with batch = block) and fresh noise, both functions of (seed, b) only, coupled once; step s
+    trains on rows [(s mod steps_per_block) * batch, + batch) of block s // steps_per_block."""
+
+    def __init__(self, args, images, labels, pairs, shape, label_dim, device, rank, world):
+        self.args, self.images, self.labels, self.pairs = args, images, labels, pairs
+        self.shape, self.cond, self.device, self.rank, self.world = shape, label_dim > 0, device, rank, world
+        self.block = args.ot_batch or args.batch
+        self.n = len(pairs["noise"]) if pairs is not None else len(images) * (2 if args.xflip else 1)
+        self.cached = None
+
+    def solve(self, b):
+        a = self.args
+        idx = batch_indices(self.n, self.block, b, a.seed)
+        if self.pairs is not None:  # reflow: the generator's own pairs, never re-coupled
+            x0, x1, y = get_pairs(self.pairs, idx, self.device, self.cond)
+        else:
+            x1, y = get_batch(self.images, self.labels, idx, self.device)
+            y = y if self.cond else None
+            x0 = torch.randn([self.block, *self.shape], generator=generator_for(a.seed, b, 1)).to(self.device)
+        t0 = time.time()
+        if self.rank == 0:
+            i0, i1 = couple(
+                x0, x1, y, a.coupling, a.cost, a.sinkhorn_reg, a.sinkhorn_replace, a.sinkhorn_iters,
+                generator_for(a.seed, b, 2),
+            )  # fmt: skip
+        else:
+            i0 = i1 = torch.empty(self.block, dtype=torch.long)
+        if self.world > 1:  # rank 0's solution for everyone (identical inputs; one solver's answer)
+            both = torch.cat([i0, i1]).to(self.device)
+            torch.distributed.broadcast(both, 0)
+            i0, i1 = both.cpu().chunk(2)
+        solve_s = time.time() - t0
+        stats = dict(
+            cost_before=path_cost(x0, x1, a.cost).mean().item(),
+            cost_after=path_cost(x0[i0.to(x0.device)], x1[i1.to(x1.device)], a.cost).mean().item(),
+            changed=(i0 != i1).float().mean().item(),
+            solve_s=solve_s / (self.block // self.args.batch),  # per training step
+        )
+        i0, i1 = i0.to(self.device), i1.to(self.device)
+        self.cached = (b, x0[i0], x1[i1], None if y is None else y[i1], stats)
+
+    def step(self, step):
+        """This rank's (x0, x1, labels) of a training step, and the block's coupling statistics."""
+        spb = self.block // self.args.batch
+        b = step // spb
+        if self.cached is None or self.cached[0] != b:
+            self.solve(b)
+        _, x0, x1, y, stats = self.cached
+        br = self.args.batch // self.world
+        rows = slice(
+            (step % spb) * self.args.batch + self.rank * br,
+            (step % spb) * self.args.batch + (self.rank + 1) * br,
+        )
+        return x0[rows], x1[rows], None if y is None else y[rows], stats
+
+
+def train(args):
+    rank, world, device = dist_setup()
+    log = Logger(args.outdir, rank)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.batch % world:
+        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
+    batch_rank = args.batch // world
+    batch_gpu = args.batch_gpu or batch_rank
+    if batch_rank % batch_gpu:
+        fail(
+            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
+        )
+    if args.ot_batch and (args.ot_batch % args.batch or args.coupling == "pairs"):
+        fail(
+            f"--ot-batch {args.ot_batch} must be a multiple of --batch {args.batch}"
+            if args.coupling != "pairs"
+            else "--ot-batch has no meaning with --coupling pairs (the pairs are fixed)"
+        )
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and ckpt.get("method") != METHOD:
+        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+    images = labels = pairs = None
+    if args.coupling == "pairs":
+        if not os.path.isfile(args.pairs):
+            fail(f"pairs file not found: {args.pairs} (make it with gen_pairs.py)")
+        try:
+            pairs = load_pairs(args.pairs)
+        except Exception as e:
+            fail(
+                f"cannot read {args.pairs} as an uncompressed .npz of pairs: {str(e).strip().splitlines()[0]}"
+            )
+        shape, label_dim = check_pairs(pairs, args.pairs, args.cond)
+        n_data = len(pairs["noise"])
+    else:
+        images, labels = load_images(args.data, args.data_dir)
+        if args.cond == "on" and labels is None:
+            fail(f"--cond on, but {args.data} has no labels")
+        label_dim = int(labels.max()) + 1 if labels is not None and args.cond != "off" else 0
+        shape, n_data = tuple(images.shape[1:]), len(images) * (2 if args.xflip else 1)
+        images = images.to(device)
+        labels = labels.to(device) if label_dim else None
+    block = args.ot_batch or args.batch
+    if block > n_data:
+        fail(f"the coupling block ({block} = --ot-batch or --batch) exceeds the {n_data} training samples")
+    res = shape[-1]
+    if res % 2 ** (len(args.channel_mult) - 1):
+        fail(f"image size {res} is not divisible by 2^{len(args.channel_mult) - 1} (--channel-mult)")
+    net_kwargs = dict(
+        img_resolution=res,
+        img_channels=shape[0],
+        label_dim=label_dim,
+        time_scale=args.time_scale,
+        model_channels=args.model_channels,
+        channel_mult=list(args.channel_mult),
+        num_blocks=args.num_blocks,
+        attn_resolutions=list(args.attn_res),
+        dropout=args.dropout,
+    )
+    if ckpt is not None:
+        net_kwargs = ckpt["net_kwargs"]
+        keys = ("data", "pairs", "coupling", "batch", "ot_batch", "seed", "lr", "cost", "sinkhorn_reg")
+        changed = {
+            k: (ckpt["args"].get(k), v)
+            for k, v in vars(args).items()
+            if k in keys and ckpt["args"].get(k) != v
+        }
+        if changed:
+            log.print(
+                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
+            )
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    net = build_net(net_kwargs).to(device).train()
+    if args.init and ckpt is None:  # e.g. 2-Rect-Flow starts from the 1-RF weights
+        init = load_checkpoint(args.init)
+        arch = [k for k in net_kwargs if k != "dropout"]
+        if init.get("method") not in ("cfm_couplings", "loom_cfm") or any(
+            init["net_kwargs"].get(k) != net_kwargs[k] for k in arch
+        ):
+            fail(f"--init {args.init}: needs a flow checkpoint of this architecture {net_kwargs}")
+        net.load_state_dict(init["ema"] if init.get("ema") is not None else init["net"])
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    step, nimg = 0, 0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+        log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg)")
+    ddp = net
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if device.type == "cuda" else None
+        )
+    if rank == 0:
+        os.makedirs(args.outdir, exist_ok=True)
+        with open(os.path.join(args.outdir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        log.print(json.dumps(vars(args)))
+        log.print(
+            f"{n_data} training {'pairs' if pairs is not None else 'images'} {shape}"
+            f"{f', {label_dim} classes (coupled within each class)' if label_dim else ''}, "
+            f"{sum(p.numel() for p in net.parameters())} parameters, {world} process(es) on {device}; "
+            f"coupling {args.coupling} over blocks of {block} (solved on rank 0, broadcast)"
+        )
+    source = Source(args, images, labels, pairs, shape, label_dim, device, rank, world)
+    total_steps = math.ceil(args.duration * 1e6 / args.batch)
+    grid_noise = torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0))
+    grid_labels = torch.arange(args.grid) % label_dim if label_dim else None
+    stop = StopFlag()
+    sums, t_last, step_last = {}, time.time(), step
+    while step < total_steps:
+        seed_step(args.seed, rank, world, step)  # dropout
+        x0, x1, y, stats = source.step(step)
+        g = generator_for(args.seed, step, 3)  # t and eps of the global batch: independent of the world size
+        t = torch.rand(args.batch, generator=g)[rank * batch_rank : (rank + 1) * batch_rank].to(device)
+        eps = None
+        if args.sigma_min:
+            eps = torch.randn([args.batch, *shape], generator=g)[rank * batch_rank : (rank + 1) * batch_rank]
+            eps = eps.to(device)
+        for group in opt.param_groups:  # linear warm-up, then constant (torchcfm's CIFAR-10 recipe)
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+        opt.zero_grad(set_to_none=True)
+        loss_sum, chunks = 0.0, list(range(0, batch_rank, batch_gpu))
+        for j, lo in enumerate(chunks):
+            sl = slice(lo, lo + batch_gpu)
+            with _sync(ddp, j == len(chunks) - 1):
+                loss = cfm_loss(ddp, x0[sl], x1[sl], t[sl], None if y is None else y[sl], args.sigma_min,
+                                None if eps is None else eps[sl]).mean()  # LOOM Eq. 3  # fmt: skip
+                (loss * batch_gpu / batch_rank).backward()
+            loss_sum += loss.item() * batch_gpu / batch_rank
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf)
+        opt.step()
+        ema_update(ema, net, args.ema)
+        rec = dict(loss=loss_sum, grad_norm=grad_norm.item(), **stats)
+        for k, v in rec.items():
+            sums[k] = sums.get(k, 0.0) + v
+        nimg, step = nimg + args.batch, step + 1
+        done, stop_now = step >= total_steps, stop.any(device)
+        if step % args.log_every == 0 or done or stop_now:
+            n = max(step - step_last, 1)
+            metrics = {k: all_mean(v / n, device) for k, v in sums.items()}
+            log.log(step=step, kimg=nimg / 1000, **metrics, sec_per_step=(time.time() - t_last) / n)
+            sums, t_last, step_last = {}, time.time(), step
+        if step % args.snap_every == 0 or done or stop_now:
+            if rank == 0:
+                ckpt_out = dict(
+                    method=METHOD,
+                    version=VERSION,
+                    args=vars(args),
+                    net_kwargs=net_kwargs,
+                    net=net.state_dict(),
+                    ema=ema.state_dict(),
+                    opt=opt.state_dict(),
+                    step=step,
+                    kimg=nimg / 1000,
+                    state=dict(nimg=nimg),
+                )
+                save_checkpoint(ckpt_out, args.outdir, step)
+                for nfe in args.grid_nfe if args.grid else ():
+                    lab = None if grid_labels is None else grid_labels.to(device)
+                    x, _ = sample(ema, grid_noise.to(device), nfe, lab)
+                    save_image_grid(x, os.path.join(args.outdir, f"grid-euler{nfe}-{step:07d}.png"))
+            barrier()
+        if stop_now:
+            log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
+            break
+    dist_teardown()
+
+
+def _sync(module, sync):
+    """DDP: skip the gradient all-reduce on accumulation chunks that are not the last."""
+    return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
+
+
+# --- generation ---
+
+
+def generate(args):
+    """--generate N images from --ckpt: uint8 NHWC npz (images, seeds, labels) and a PNG grid of the first 64.
+    Image i uses seed --seed + i for its noise and label: identical for any number of processes."""
+    from tqdm import tqdm
+
+    rank, world, device = dist_setup()
+    ckpt = load_checkpoint(args.ckpt)
+    if ckpt.get("method") != METHOD:
+        fail(
+            f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; use that method's file to sample it"
+        )
+    net = build_net(ckpt["net_kwargs"]).eval().requires_grad_(False)
+    net.load_state_dict(ckpt["ema"])
+    net.to(device)
+    k = ckpt["net_kwargs"]
+    shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k["label_dim"]
+    seeds = list(range(args.seed, args.seed + args.generate))[rank::world]
+    out_x, out_y, nfes = [], [], []
+    for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
+        noise, lab = inputs_for_seeds(seeds[i : i + args.gen_batch], shape, label_dim)
+        lab = None if lab is None else lab.to(device)
+        try:
+            x, nfe = sample(net, noise.to(device), args.nfe, lab, args.solver, args.atol, args.rtol)
+        except ValueError as e:
+            fail(str(e))
+        nfes.append(nfe)
+        out_x.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        out_y.append(lab.cpu() if lab is not None else torch.zeros(len(x), dtype=torch.long))
+    mine = (
+        seeds,
+        torch.cat(out_x).numpy() if out_x else None,
+        torch.cat(out_y).numpy() if out_y else None,
+        nfes,
+    )
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+    if rank == 0:
+        nfes = [v for p in parts for v in p[3]]
+        parts = [p for p in parts if p[0]]
+        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+        images = np.concatenate([p[1] for p in parts])[order]
+        arrays = dict(images=images, seeds=np.arange(args.seed, args.seed + args.generate))
+        if label_dim:
+            arrays["labels"] = np.concatenate([p[2] for p in parts])[order]
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, args.out)
+        grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        save_image_grid(grid, os.path.splitext(args.out)[0] + ".png")
+        print(
+            f"wrote {len(images)} images to {args.out} ({args.solver}, mean NFE {np.mean(nfes):.1f})",
+            flush=True,
+        )
+    dist_teardown()
+
+
+# --- command line ---
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Flow matching with independent / minibatch-OT / Sinkhorn / reflow couplings.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--coupling", default="ot", choices=COUPLINGS, help="how noise is paired with data")
+    p.add_argument("--data", default=None, help="training images: cifar10 | shapes | FILE.npz | DIR")
+    p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
+    p.add_argument("--xflip", action="store_true", help="add mirrored copies of the images")
+    p.add_argument("--pairs", default=None, help="--coupling pairs: a gen_pairs.py .npz (noise, data, label)")
+    p.add_argument("--outdir", default="runs/cfm", help="checkpoints, grids, log.jsonl, args.json")
+    p.add_argument(
+        "--cond", default="auto", choices=["auto", "on", "off"], help="use class labels if present"
+    )
+    p.add_argument("--cost", default="sqeuclidean", choices=["sqeuclidean", "l2"], help="transport cost")
+    p.add_argument(
+        "--ot-batch",
+        type=int,
+        default=0,
+        help="samples per coupling problem (a multiple of --batch; 0: --batch)",
+    )
+    p.add_argument(
+        "--sinkhorn-reg", type=float, default=0.05, help="entropic eps as a fraction of the mean cost"
+    )
+    p.add_argument("--sinkhorn-iters", type=int, default=2000, help="Sinkhorn iterations before it raises")
+    p.add_argument(
+        "--sinkhorn-replace", action="store_true", help="draw pairs with replacement (torchcfm's OT-CFM)"
+    )
+    p.add_argument(
+        "--sigma-min", type=float, default=0.0, help="path noise sigma of LOOM Eq. 3 (torchcfm: 0)"
+    )
+    p.add_argument("--time-scale", type=float, default=1000.0, help="the UNet sees time_scale * t")
+    p.add_argument("--batch", type=int, default=128, help="global batch size (torchcfm/LOOM: 128)")
+    p.add_argument(
+        "--batch-gpu", type=int, default=None, help="samples per forward pass (accumulate the rest)"
+    )
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
+    p.add_argument("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay per step")
+    p.add_argument("--duration", type=float, default=51.2, help="training length, Mimg (400k steps at 128)")
+    p.add_argument("--init", default=None, help="start from this flow checkpoint's weights (2-Rect-Flow)")
+    p.add_argument("--model-channels", type=int, default=128, help="UNet base width (DDPM++: 128)")
+    p.add_argument("--channel-mult", type=_ints, default=[2, 2, 2], help="width multipliers per resolution")
+    p.add_argument("--num-blocks", type=int, default=4, help="residual blocks per resolution")
+    p.add_argument("--attn-res", type=_ints, default=[16], help="resolutions with self-attention")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout (torchcfm CIFAR-10: 0.1)")
+    p.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (CPU smoke runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order, noise, t")
+    p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    p.add_argument("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
+    p.add_argument("--grid", type=int, default=64, help="images per snapshot grid; 0: none")
+    p.add_argument("--grid-nfe", type=_ints, default=[1, 20], help="Euler NFEs of the snapshot grids")
+    p.add_argument("--resume", default=None, help="checkpoint file or run folder (its latest.pt) to continue")
+    p.add_argument(
+        "--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt instead"
+    )
+    p.add_argument("--ckpt", default=None, help="cfm_couplings checkpoint (or run folder) for --generate")
+    p.add_argument("--out", default="samples.npz", help="output .npz of --generate (a .png grid beside it)")
+    p.add_argument(
+        "--solver", default="euler", choices=["euler", "midpoint", "dopri5"], help="--generate ODE solver"
+    )
+    p.add_argument("--nfe", type=int, default=100, help="--generate: evaluations for euler / midpoint")
+    p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
+    p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
+    p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
+    args = p.parse_args(argv)
+    if args.generate:
+        if not args.ckpt:
+            p.error("--generate needs --ckpt")
+    elif args.coupling == "pairs" and not args.pairs:
+        p.error("--coupling pairs needs --pairs FILE.npz (from gen_pairs.py)")
+    elif args.coupling != "pairs" and not args.data:
+        p.error(f"--coupling {args.coupling} needs --data (cifar10 | shapes | FILE.npz | DIR)")
+    elif args.coupling != "pairs" and args.pairs:
+        p.error("--pairs is only read by --coupling pairs")
+    if args.tiny:
+        args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
+    for name in ("batch", "duration", "log_every", "snap_every", "gen_batch", "sinkhorn_iters", "time_scale"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.ot_batch < 0 or args.warmup < 0 or args.sinkhorn_reg <= 0 or args.sigma_min < 0:
+        p.error("--ot-batch, --warmup, --sigma-min must be >= 0 and --sinkhorn-reg > 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    generate(args) if args.generate else train(args)
+
+
+if __name__ == "__main__":
+    main()
