@@ -1,0 +1,348 @@
+"""cfm_couplings.py: OT against brute force, Sinkhorn's limit and failures, class-wise coupling, the Gaussian
+closed form of LOOM Eq. 4, samplers on ODEs with known solutions, block consumption, resume, torchrun, bad
+input."""
+
+import itertools
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cfm_couplings as C
+from conftest import ROOT, run_script
+
+
+def brute_force_cost(x0, x1, cost):
+    c = C.pair_cost(x0, x1, cost)
+    n = len(x1)
+    return min(sum(c[j, p[j]].item() for j in range(n)) for p in itertools.permutations(range(n)))
+
+
+@pytest.mark.parametrize("n", [2, 3, 5, 7])
+@pytest.mark.parametrize("cost", ["sqeuclidean", "l2"])
+def test_ot_permutation_is_a_permutation_with_the_brute_force_optimal_cost(n, cost):
+    g = torch.Generator().manual_seed(n)
+    for _ in range(3):
+        x0, x1 = torch.randn(n, 3, 2, 2, generator=g), torch.randn(n, 3, 2, 2, generator=g)
+        perm = C.ot_permutation(x0, x1, cost)
+        assert sorted(perm.tolist()) == list(range(n))
+        got = C.path_cost(x0[perm], x1, cost).sum().item()
+        assert got == pytest.approx(brute_force_cost(x0, x1, cost), rel=1e-9)
+        assert got <= C.path_cost(x0, x1, cost).sum().item() + 1e-9  # never worse than the identity
+
+
+def test_ot_moves_the_noise_and_keeps_the_images_in_place():
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(6, 4, generator=g) * 10  # well separated images
+    shuffle = torch.tensor([3, 0, 5, 1, 4, 2])
+    x0 = x1[shuffle] + 0.01 * torch.randn(6, 4, generator=g)  # noise j sits next to image shuffle[j]
+    perm = C.ot_permutation(x0, x1)
+    assert torch.allclose(x0[perm], x1, atol=0.05)  # x0[perm[j]] is the noise of image j
+    assert torch.equal(shuffle[perm], torch.arange(6))
+
+
+def test_sinkhorn_approaches_the_hungarian_permutation_as_reg_shrinks():
+    g = torch.Generator().manual_seed(1)
+    x1 = torch.randn(8, 2, generator=g) * 5
+    x0 = x1[torch.randperm(8, generator=g)] + 0.3 * torch.randn(8, 2, generator=g)
+    perm = C.ot_permutation(x0, x1)
+    c = C.pair_cost(x0, x1)
+    mass = []
+    for reg in (1.0, 0.01, 0.001, 0.0001):
+        p = C.sinkhorn_log_plan(c, reg, tol=1e-6).exp()
+        assert torch.allclose(p.sum(0), torch.full((8,), 1 / 8, dtype=p.dtype), atol=1e-6)
+        assert torch.allclose(p.sum(1), torch.full((8,), 1 / 8, dtype=p.dtype), atol=1e-6)
+        mass.append(p[torch.arange(8), perm].sum().item())  # mass on the Hungarian permutation
+    assert mass == sorted(mass) and mass[0] < 0.9 and mass[-1] > 0.999
+    i0, i1 = C.sinkhorn_pairs(C.sinkhorn_log_plan(c, 0.0001), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(i1, torch.arange(8)) and torch.equal(i0, perm)
+
+
+def test_sinkhorn_raises_instead_of_falling_back_to_independent_pairs():
+    g = torch.Generator().manual_seed(2)
+    x0, x1 = torch.randn(16, 3, 8, 8, generator=g), torch.rand(16, 3, 8, 8, generator=g) * 2 - 1
+    c = C.pair_cost(x0, x1)
+    with pytest.raises(C.SinkhornError, match="reg"):
+        C.sinkhorn_log_plan(c, 0.0)
+    with pytest.raises(C.SinkhornError, match="underflow"):
+        C.sinkhorn_log_plan(c, 1e-320)  # eps is denormal: C / eps overflows to inf
+    with pytest.raises(C.SinkhornError, match="did not converge"):
+        C.sinkhorn_log_plan(c, 1e-4, max_iter=3, tol=1e-12)
+    # torchcfm's failure case: costs of ~3.7e3 (CIFAR-10 scale) with an absolute reg of 0.05 underflow the
+    # plain-domain kernel exp(-C / 0.05) to exactly zero; the log-domain plan is fine.
+    big = C.pair_cost(torch.randn(32, 3072, generator=g), torch.rand(32, 3072, generator=g) * 2 - 1)
+    assert torch.exp(-big / 0.05).max() == 0
+    p = C.sinkhorn_log_plan(big, 0.05 / big.mean().item()).exp()
+    assert torch.isfinite(p).all() and p.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_sinkhorn_pairs_without_replacement_use_every_sample_once_and_with_replacement_do_not():
+    c = C.pair_cost(torch.randn(128, 4), torch.randn(128, 4))
+    log_p = C.sinkhorn_log_plan(c, 0.02)
+    i0, i1 = C.sinkhorn_pairs(log_p, generator=torch.Generator().manual_seed(0))
+    assert sorted(i0.tolist()) == list(range(128)) and torch.equal(i1, torch.arange(128))
+    i0, i1 = C.sinkhorn_pairs(log_p, replace=True, generator=torch.Generator().manual_seed(0))
+    assert len(set(zip(i0.tolist(), i1.tolist(), strict=True))) < 110  # torchcfm: ~81 unique of 128
+
+
+@pytest.mark.parametrize("coupling", ["ot", "sinkhorn"])
+def test_classwise_coupling_never_pairs_across_classes_and_keeps_each_class_noise(coupling):
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 4, (40,), generator=g)
+    x0, x1 = torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g)
+    i0, i1 = C.couple(x0, x1, labels, coupling, generator=g)
+    assert torch.equal(labels[i0], labels[i1])
+    for k in range(4):
+        own = torch.nonzero(labels == k).flatten()
+        assert sorted(i0[labels[i1] == k].tolist()) == own.tolist()
+    assert (i0 != i1).any()
+    unconditional, _ = C.couple(x0, x1, None, coupling, generator=g)
+    assert (labels[unconditional] != labels).any()  # without labels the solve does cross classes
+
+
+class MLP(nn.Module):
+    """A small velocity field for 2-D data, net(x, t, class_labels=None), with Fourier features of t (a plain
+    MLP on raw t underfits the sign change of Eq. 4's slope around t = 1/2 by ~15%)."""
+
+    def __init__(self, width=128):
+        super().__init__()
+        self.f = nn.Sequential(
+            nn.Linear(11, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 2)
+        )
+
+    def forward(self, x, t, class_labels=None):
+        t = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1).expand(len(x), 1)
+        k = torch.arange(1, 5, dtype=x.dtype) * math.pi
+        return self.f(torch.cat([x, t, torch.sin(k * t), torch.cos(k * t)], 1))
+
+
+def train_gauss2d(coupling, steps=1500, batch=256):
+    torch.manual_seed(0)
+    net = MLP()
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x0, x1 = torch.randn(batch, 2, generator=g), torch.randn(batch, 2, generator=g)
+        i0, i1 = C.couple(x0, x1, None, coupling)
+        loss = C.cfm_loss(net, x0[i0], x1[i1], torch.rand(batch, generator=g)).mean()  # LOOM Eq. 3
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net
+
+
+def test_gaussian_to_gaussian_field_matches_loom_eq4_and_ot_gives_almost_zero(one_thread):
+    y = torch.randn(2000, 2, generator=torch.Generator().manual_seed(5))
+    ts = [0.1, 0.25, 0.4, 0.6, 0.75, 0.9]
+    v_ind, v_ot = train_gauss2d("independent"), train_gauss2d("ot")
+    with torch.no_grad():
+        err, ref, ot = 0.0, 0.0, 0.0
+        for t in ts:
+            exact = y * (2 * t - 1) / (t**2 + (1 - t) ** 2)  # LOOM Eq. 4 with sigma = 0
+            err += (v_ind(y, t) - exact).square().sum().item()
+            ref += exact.square().sum().item()
+            ot += v_ot(y, t).square().sum().item()
+    assert math.sqrt(err / ref) < 0.1  # measured 0.054
+    assert math.sqrt(ot / ref) < 0.1  # OT: a near-identity map, measured ~0.01 of Eq. 4's norm
+
+
+def test_samplers_solve_odes_with_known_solutions_and_count_nfe():
+    calls = []
+
+    def linear(x, t, class_labels=None):  # dx/dt = -x + 2t: the time argument matters
+        calls.append(float(t))
+        return -x + 2 * t
+
+    x0 = torch.tensor([[1.0, -2.0]])
+    exact = x0 * math.exp(-1) + 2 * (1 - 1) + 2 * math.exp(-1)  # x(t) = (x0 + 2) e^-t + 2t - 2
+    for solver, nfe, steps in (("euler", 4, 4), ("midpoint", 8, 4)):
+        calls.clear()
+        x, used = C.sample(linear, x0, nfe, solver=solver)
+        h, ref = 1 / steps, x0.clone()
+        for i in range(steps):  # the same method written out by hand
+            t = i * h
+            ref = (
+                ref + h * (-ref + 2 * t)
+                if solver == "euler"
+                else ref + h * (-(ref + h / 2 * (-ref + 2 * t)) + 2 * (t + h / 2))
+            )
+        assert used == nfe == len(calls) and torch.allclose(x, ref, atol=1e-6)
+    calls.clear()
+    x, used = C.sample(linear, x0, 0, solver="dopri5", atol=1e-8, rtol=1e-8)
+    assert used == len(calls) and torch.allclose(x, exact, atol=1e-6)
+    assert calls[0] == 0.0 and max(calls) == pytest.approx(1.0)
+    for v in (1, 2, 5, 8):  # finer Euler is closer
+        assert (C.sample(linear, x0, v)[0] - exact).abs().max() >= (
+            C.sample(linear, x0, 2 * v)[0] - exact
+        ).abs().max()
+    with pytest.raises(ValueError, match="even"):
+        C.sample(linear, x0, 3, solver="midpoint")
+
+
+def tiny(tmp_path, npz_data, *extra, steps=4, batch=8):
+    out = str(tmp_path / "run")
+    argv = [
+        "--data",
+        npz_data,
+        "--outdir",
+        out,
+        "--batch",
+        str(batch),
+        "--duration",
+        str(steps * batch / 1e6),
+    ]
+    return out, argv + [
+        "--tiny",
+        "--log-every",
+        "1",
+        "--grid",
+        "4",
+        "--grid-nfe",
+        "1",
+        "--warmup",
+        "2",
+        *extra,
+    ]
+
+
+def records(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("coupling", ["independent", "ot", "sinkhorn"])
+def test_each_coupling_trains_and_logs_its_cost(tmp_path, npz_data, coupling, one_thread):
+    out, argv = tiny(tmp_path, npz_data, "--coupling", coupling, "--cond", "off")
+    C.main(argv)
+    recs = records(out)
+    assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)
+    for r in recs:
+        if coupling == "independent":
+            assert r["changed"] == 0 and r["cost_after"] == r["cost_before"]
+        else:
+            assert r["changed"] > 0 and r["cost_after"] < r["cost_before"]
+    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=True)
+    assert ckpt["method"] == "cfm_couplings" and ckpt["step"] == 4
+    assert os.path.isfile(os.path.join(out, "grid-euler1-0000004.png"))
+
+
+def test_ot_batch_blocks_are_coupled_once_and_consumed_row_by_row(tmp_path, npz_data):
+    _, argv = tiny(tmp_path, npz_data, "--coupling", "ot", "--ot-batch", "24", "--cond", "off")
+    args = C.parse_args(argv)
+    images, _ = C.load_images(npz_data)
+    src = C.Source(args, images, None, None, (3, 16, 16), 0, torch.device("cpu"), 0, 1)
+    x0 = torch.cat([src.step(s)[0] for s in range(3)])  # block 0 = steps 0, 1, 2
+    x1 = torch.cat([src.step(s)[1] for s in range(3)])
+    noise = torch.randn([24, 3, 16, 16], generator=C.generator_for(args.seed, 0, 1))
+    assert torch.equal(x1, C.get_batch(images, None, C.batch_indices(32, 24, 0, args.seed), "cpu")[0])
+    perm = C.ot_permutation(noise, x1)
+    assert torch.equal(x0, noise[perm])  # every noise of the block once, in the optimal assignment
+    assert not torch.equal(src.step(3)[0], x0[:8])  # step 3 opens block 1 with fresh noise
+
+
+def test_resume_mid_block_equals_uninterrupted(tmp_path, npz_data, one_thread):
+    a = tmp_path / "a"
+    a.mkdir()
+    out_a, argv = tiny(a, npz_data, "--coupling", "ot", "--ot-batch", "24", "--dropout", "0.1", steps=4)
+    C.main(argv)
+    b = tmp_path / "b"
+    b.mkdir()
+    out_b, argv = tiny(b, npz_data, "--coupling", "ot", "--ot-batch", "24", "--dropout", "0.1", steps=2)
+    C.main(argv)  # stops at step 2, inside block 0 (steps 0-2)
+    _, argv = tiny(b, npz_data, "--coupling", "ot", "--ot-batch", "24", "--dropout", "0.1", steps=4)
+    C.main(argv + ["--resume", out_b])
+    ca = torch.load(os.path.join(out_a, "latest.pt"), weights_only=True)
+    cb = torch.load(os.path.join(out_b, "latest.pt"), weights_only=True)
+    for key in ("net", "ema"):
+        for k in ca[key]:
+            assert torch.equal(ca[key][k], cb[key][k]), (key, k)
+    for ra, rb in zip(records(out_a)[2:], records(out_b)[2:], strict=True):  # steps 3 and 4
+        assert (ra["step"], ra["loss"], ra["cost_after"]) == (rb["step"], rb["loss"], rb["cost_after"])
+
+
+def test_reflow_trains_on_the_files_pairs_and_inits_from_a_flow(tmp_path, npz_data, one_thread):
+    g = np.random.default_rng(0)
+    pairs = tmp_path / "pairs.npz"
+    noise, data = g.standard_normal((20, 3, 16, 16)).astype(np.float32), g.uniform(-1, 1, (20, 3, 16, 16))
+    np.savez(pairs, noise=noise, data=data.astype(np.float16), label=np.arange(20) % 3)
+    out1, argv = tiny(tmp_path, npz_data, "--coupling", "independent", steps=2)
+    C.main(argv)
+    out2 = str(tmp_path / "reflow")
+    argv = ["--coupling", "pairs", "--pairs", str(pairs), "--init", out1, "--outdir", out2, "--batch", "4"]
+    C.main(argv + ["--duration", "8e-6", "--tiny", "--log-every", "1", "--grid", "0"])
+    recs = records(out2)
+    assert all(r["changed"] == 0 and r["cost_after"] == r["cost_before"] for r in recs)
+    args = C.parse_args(argv)
+    src = C.Source(args, None, None, C.load_pairs(str(pairs)), (3, 16, 16), 3, torch.device("cpu"), 0, 1)
+    x0, x1, y, _ = src.step(1)
+    idx = C.batch_indices(20, 4, 1, 0).numpy()
+    assert torch.equal(x0, torch.from_numpy(noise[idx])) and torch.equal(y, torch.from_numpy(idx % 3))
+    assert torch.equal(x1, torch.from_numpy(data.astype(np.float16)[idx].astype(np.float32)))
+
+
+def test_torchrun_two_ranks_couple_like_one_process(tmp_path, npz_data):
+    common = ["--coupling", "ot", "--ot-batch", "16", "--dropout", "0", "--cond", "on"]
+    one, argv = tiny(tmp_path / "one", npz_data, *common, steps=3)
+    r = run_script([sys.executable, "cfm_couplings.py", *argv])
+    assert r.returncode == 0, r.stderr[-2000:]
+    two, argv = tiny(tmp_path / "two", npz_data, *common, steps=3)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = run_script([*cmd, "cfm_couplings.py", *argv, "--batch-gpu", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    for r1, r2 in zip(records(one), records(two), strict=True):
+        for k in ("cost_before", "cost_after", "changed"):
+            assert r1[k] == pytest.approx(r2[k], rel=1e-12)  # the same global pairs for any world size
+        assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-4)
+    w1 = torch.load(os.path.join(one, "latest.pt"), weights_only=True)["net"]
+    w2 = torch.load(os.path.join(two, "latest.pt"), weights_only=True)["net"]
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--coupling", "ot", "--ot-batch", "12"], "multiple of --batch"),
+        (["--coupling", "ot", "--ot-batch", "64"], "exceeds the 32 training samples"),
+        (["--coupling", "pairs", "--pairs", "PAIRS"], "'noise' and 'data' must both be"),
+        (["--coupling", "pairs", "--pairs", "missing.npz"], "pairs file not found"),
+        (["--coupling", "ot", "--resume", "CKPT"], "not 'cfm_couplings'"),
+    ],
+)
+def test_bad_input_gives_one_line_errors(tmp_path, npz_data, teacher_ckpt, extra, match):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, noise=np.zeros((4, 3, 16, 16), np.float32), data=np.zeros((4, 3, 8, 8), np.float32))
+    extra = [{"PAIRS": str(bad), "CKPT": teacher_ckpt}.get(v, v) for v in extra]
+    _, argv = tiny(tmp_path, npz_data, *extra)
+    if "pairs" in extra:
+        argv = argv[2:]  # no --data with pairs
+    with pytest.raises(SystemExit, match=match):
+        C.main(argv)
+
+
+def test_command_line_refuses_unknown_coupling_and_missing_inputs(capsys):
+    for argv, msg in (
+        (["--coupling", "hungarian", "--data", "shapes"], "invalid choice"),
+        (["--coupling", "pairs"], "needs --pairs"),
+        (["--coupling", "ot"], "needs --data"),
+        (["--coupling", "ot", "--data", "shapes", "--pairs", "p.npz"], "only read by --coupling pairs"),
+    ):
+        with pytest.raises(SystemExit):
+            C.parse_args(argv)
+        assert msg in capsys.readouterr().err
+
+
+def test_docstring_commands_name_real_flags():
+    import re
+
+    with open(os.path.join(ROOT, "cfm_couplings.py")) as f:
+        parser_flags = set(re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', f.read()))
+    others = {"--standalone", "--nproc_per_node", "--num-pairs"}  # torchrun's and gen_pairs.py's
+    for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]+)", C.__doc__):
+        assert flag in parser_flags or flag in others, flag
