@@ -1,0 +1,135 @@
+"""Cost of the coupling: training seconds per step with each coupling divided by independent CFM, and solve
+time of exact OT vs Sinkhorn vs problem size. Shared by the coupling methods (cfm_couplings now; loom_cfm,
+dansm and aot_edm add their rows as they land).
+
+    python bench/coupling_overhead.py --out bench/coupling_overhead_cpu.json     # CPU (full net at batch 32)
+    python bench/coupling_overhead.py --full-batch 128 --steps 20 --out coupling_overhead_gpu.json   # GPU
+
+Part 1 runs cfm_couplings.py's own training loop (`main`) on CIFAR-10 shapes (4096 synthetic 3 x 32 x 32
+images, unconditional) and keeps the median `sec_per_step` of its log after --warmup steps; everything a
+coupling costs is inside it (noise, cost matrix, solve on rank 0, reordering). With --ot-batch the solve
+falls on one step in ot_batch / batch, so its amortised share (solve_s, as logged) is added to the median.
+Part 2 times pair_cost + the
+solver alone for n = 128 .. 2048 on the training device.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cfm_couplings  # noqa: E402
+
+NETS = {"tiny": ["--tiny"], "full": []}  # full: DDPM++ CIFAR-10 (128 channels, (2, 2, 2), 4 blocks)
+CONFIGS = {
+    "independent": ["--coupling", "independent"],
+    "ot": ["--coupling", "ot"],
+    "ot (ot-batch 1024)": ["--coupling", "ot", "--ot-batch", "1024"],
+    "sinkhorn": ["--coupling", "sinkhorn"],
+}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def step_seconds(data, net_flags, config, batch, steps, warmup):
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["--data", data, "--outdir", out, "--batch", str(batch), "--cond", "off", "--grid", "0"]
+        argv += [
+            "--duration",
+            str((steps + warmup) * batch / 1e6),
+            "--log-every",
+            "1",
+            "--snap-every",
+            "100000",
+        ]
+        cfm_couplings.main(argv + net_flags + config)
+        with open(os.path.join(out, "log.jsonl")) as f:
+            recs = [json.loads(line) for line in f][warmup:]
+    return statistics.median(r["sec_per_step"] for r in recs), statistics.mean(r["solve_s"] for r in recs)
+
+
+def solve_seconds(n, device, repeats=3):
+    g = torch.Generator().manual_seed(n)
+    x0 = torch.randn(n, 3, 32, 32, generator=g).to(device)
+    x1 = (torch.rand(n, 3, 32, 32, generator=g) * 2 - 1).to(device)
+    times = {}
+    for name, fn in (
+        ("ot", lambda: cfm_couplings.ot_permutation(x0, x1)),
+        ("sinkhorn", lambda: cfm_couplings.sinkhorn_pairs(cfm_couplings.sinkhorn_log_plan(
+            cfm_couplings.pair_cost(x0, x1)), generator=torch.Generator().manual_seed(0))),
+    ):  # fmt: skip
+        fn()
+        sync()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        times[name] = (time.perf_counter() - t) / repeats
+    return times
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed first steps")
+    p.add_argument("--tiny-batch", type=int, default=128)
+    p.add_argument("--full-batch", type=int, default=32, help="128 on a GPU (the CPU needs ~40 s per step)")
+    p.add_argument("--sizes", default="128,256,512,1024,2048", help="problem sizes of the solve timing")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "cifar_shapes.npz")
+        rng = np.random.default_rng(0)
+        np.savez(data, images=rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8))
+        rows = []
+        for net, net_flags in NETS.items():
+            batch = args.tiny_batch if net == "tiny" else args.full_batch
+            base = None
+            step_seconds(data, net_flags, CONFIGS["independent"], batch, 1, 1)  # warm caches and allocator
+            for name, config in CONFIGS.items():
+                sec, solve = step_seconds(data, net_flags, config, batch, args.steps, args.warmup)
+                if "--ot-batch" in config:  # its solve falls on 1 step in ot_batch / batch: add that share
+                    sec += solve
+                base = base or sec
+                rows.append(dict(net=net, batch=batch, coupling=name, sec_per_step=sec, solve_s=solve,
+                                 ratio=sec / base))  # fmt: skip
+                print(f"{net:5s} batch {batch:4d} {name:20s} {sec:8.4f} s/step  x{sec / base:.3f}  "
+                      f"(solve {solve * 1e3:.1f} ms/step)", flush=True)  # fmt: skip
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    solves = []
+    for n in [int(v) for v in args.sizes.split(",")]:
+        t = solve_seconds(n, device)
+        solves.append(dict(n=n, **t))
+        print(
+            f"solve n={n:5d}: exact OT {t['ot'] * 1e3:9.1f} ms   sinkhorn {t['sinkhorn'] * 1e3:9.1f} ms",
+            flush=True,
+        )
+    result = dict(
+        machine=platform.processor() or platform.machine(),
+        device=torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu x{torch.get_num_threads()}",
+        torch=torch.__version__,
+        steps=args.steps,
+        training=rows,
+        solve=solves,
+    )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
