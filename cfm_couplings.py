@@ -30,7 +30,7 @@ Commands
   The torchcfm / LOOM CIFAR-10 recipe (Adam 2e-4, 5k warm-up, clip 1, EMA 0.9999, batch 128, 400k steps):
     torchrun --standalone --nproc_per_node=4 cfm_couplings.py --data cifar10 --coupling ot --outdir runs/ot
   Reflow (2-Rect-Flow) from a 1-RF model's pairs, starting from its weights:
-    python gen_pairs.py --ckpt runs/icfm --num-pairs 1000000 --out pairs_1rf.npz
+    python gen_pairs.py --teacher runs/icfm --num-pairs 1000000 --sampler-kw solver=dopri5 --out pairs_1rf.npz
     torchrun --standalone --nproc_per_node=4 cfm_couplings.py --coupling pairs --pairs pairs_1rf.npz \\
         --init runs/icfm --outdir runs/2rf
   Generate 50,000 images (image i from seed i, any number of GPUs):
@@ -505,10 +505,11 @@ def couple(x0, x1, labels, coupling, cost="sqeuclidean", reg=0.05, replace=False
     i0, i1 = torch.arange(n), torch.arange(n)
     if coupling in ("independent", "pairs"):
         return i0, i1
+    labels = None if labels is None else labels.cpu()
     groups = (
         [torch.arange(n)]
         if labels is None
-        else [torch.nonzero(labels.cpu() == k).flatten() for k in labels.unique()]
+        else [torch.nonzero(labels == k).flatten() for k in labels.unique()]
     )
     for g in groups:
         gd = g.to(x0.device)

@@ -96,7 +96,11 @@ def inputs_for_seeds(seeds, shape, label_dim=0):
 def run_sampler(module, counter, noise, nfe, labels, gens, sample_kw=None):
     """module.sample through the call counter -> (images [-1, 1], NFE the method reports, calls counted)."""
     kw = dict(sample_kw or {})
-    if "generator" in inspect.signature(module.sample).parameters:
+    params = inspect.signature(module.sample).parameters
+    unknown = [k for k in kw if k not in params]
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        fail(f"{module.METHOD}.sample takes no {unknown} (--sampler-kw); it takes {list(params)[3:]}")
+    if "generator" in params:
         kw["generator"] = gens
     counter.calls = 0
     try:
@@ -366,6 +370,7 @@ def evaluate(args):
                         nfe,
                         None if labels is None else labels.to(device),
                         gens,
+                        args.sampler_kw,
                     )
                     counted.add(calls)
                     images.append(quantize(x))
@@ -447,7 +452,13 @@ def trajectory_strip(module, counter, shape, label_dim, nfe, args, name, device)
     noise, labels, gens = inputs_for_seeds(range(args.seed, args.seed + args.trajectory_n), shape, label_dim)
     counter.trace = []
     x, _, _ = run_sampler(
-        module, counter, noise.to(device), nfe, None if labels is None else labels.to(device), gens
+        module,
+        counter,
+        noise.to(device),
+        nfe,
+        None if labels is None else labels.to(device),
+        gens,
+        args.sampler_kw,
     )
     trace, counter.trace = counter.trace, None
     predict = getattr(module, "predict_x1", None)
@@ -521,6 +532,12 @@ def parse_args(argv=None):
         help="images per (checkpoint, NFE) and seed range (under torchrun write --num-images: torchrun takes "
         "--num for its --numa-binding)",
     )
+    p.add_argument(
+        "--sampler-kw",
+        type=gen_pairs.sampler_kw,
+        default={},
+        help="extra keywords for every checkpoint's sample(), e.g. solver=midpoint (flows)",
+    )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch", type=int, default=250, help="images per sampling / feature batch and process")
     p.add_argument(
@@ -557,6 +574,8 @@ def parse_args(argv=None):
     p.add_argument("--trajectory-n", type=int, default=8, help="rows (images) of each trajectory strip")
     p.add_argument("--cache-dir", default=None, help="download folder for checkpoint URLs")
     args = p.parse_args(argv)
+    if args.sampler_kw is None:
+        p.error("--sampler-kw takes KEY=VALUE[,KEY=VALUE...], e.g. solver=midpoint")
     if not args.ckpt and not args.pairs:
         p.error("give --ckpt (one or more) and/or --pairs")
     unknown = set(args.metrics) - {"fid", "kid", "straightness", "curvature"}

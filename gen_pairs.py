@@ -284,6 +284,7 @@ def generate(args):
         label_dim=label_dim,
         shape=list(shape),
         version=VERSION,
+        sampler_kw=args.sampler_kw,
     )
     shard_dir = out + ".shards"
     n_shards = -(-args.num // args.shard_size)
@@ -305,7 +306,7 @@ def generate(args):
     bar = tqdm(total=sum(hi - lo for lo, hi in ranges), disable=rank != 0, unit="pair", smoothing=0.1)
     for c, (lo, hi) in zip(mine, ranges, strict=True):
         x0, x1, y, nfe_used = make_pairs(
-            module, net, lo, hi, args.seed, shape, label_dim, args.nfe, args.batch, device
+            module, net, lo, hi, args.seed, shape, label_dim, args.nfe, args.batch, device, args.sampler_kw
         )
         arrays = dict(
             noise=x0.numpy().astype(args.dtype),
@@ -371,6 +372,22 @@ def inspect(path):
         print(line + (f", outside [-1, 1]: {outside / count:.2%}" if key == "data" else ""))
 
 
+def sampler_kw(text):
+    """'solver=dopri5,atol=1e-5' -> {'solver': 'dopri5', 'atol': 1e-05}; None if malformed."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return None
+        for cast in (int, float, str):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                pass
+    return out
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Make (noise, teacher sample) pairs from any checkpoint.",
@@ -389,6 +406,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--nfe", type=int, default=35, help="network evaluations per pair (EDM: 35 = 18 Heun steps)"
     )
+    p.add_argument(
+        "--sampler-kw",
+        type=sampler_kw,
+        default={},
+        help="extra keywords for the method's sample(), e.g. solver=dopri5 for a flow teacher (reflow)",
+    )
     p.add_argument("--seed", type=int, default=0, help="pair i uses seed + i")
     p.add_argument("--batch", type=int, default=512, help="pairs per sampling batch on each process")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype")
@@ -403,6 +426,8 @@ def parse_args(argv=None):
     )
     args = p.parse_args(argv)
     if not args.inspect:
+        if args.sampler_kw is None:
+            p.error("--sampler-kw takes KEY=VALUE[,KEY=VALUE...], e.g. solver=dopri5")
         if not args.teacher or not args.out:
             p.error("--teacher and --out are required (or --inspect FILE)")
         if not args.out.endswith(".npz"):

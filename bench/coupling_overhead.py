@@ -2,8 +2,11 @@
 time of exact OT vs Sinkhorn vs problem size. Shared by the coupling methods (cfm_couplings now; loom_cfm,
 dansm and aot_edm add their rows as they land).
 
-    python bench/coupling_overhead.py --out bench/coupling_overhead_cpu.json     # CPU (full net at batch 32)
-    python bench/coupling_overhead.py --full-batch 128 --steps 20 --out coupling_overhead_gpu.json   # GPU
+    # CPU: the full UNet at batch 8 (about 12 s per step)
+    python bench/coupling_overhead.py --full-batch 8 --steps 3 --warmup 1 \\
+        --out bench/coupling_overhead_cpu.json
+    # GPU: batch 128 everywhere
+    python bench/coupling_overhead.py --steps 20 --warmup 3 --out bench/coupling_overhead_gpu.json
 
 Part 1 runs cfm_couplings.py's own training loop (`main`) on CIFAR-10 shapes (4096 synthetic 3 x 32 x 32
 images, unconditional) and keeps the median `sec_per_step` of its log after --warmup steps; everything a
@@ -84,7 +87,12 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps")
     p.add_argument("--tiny-batch", type=int, default=128)
-    p.add_argument("--full-batch", type=int, default=32, help="128 on a GPU (the CPU needs ~40 s per step)")
+    p.add_argument(
+        "--full-batch",
+        type=int,
+        default=128,
+        help="batch of the full-UNet rows (the CPU needs ~1.5 s per image)",
+    )
     p.add_argument("--sizes", default="128,256,512,1024,2048", help="problem sizes of the solve timing")
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -343,6 +343,53 @@ def test_docstring_commands_name_real_flags():
 
     with open(os.path.join(ROOT, "cfm_couplings.py")) as f:
         parser_flags = set(re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', f.read()))
-    others = {"--standalone", "--nproc_per_node", "--num-pairs"}  # torchrun's and gen_pairs.py's
+    others = {
+        "--standalone",
+        "--nproc_per_node",
+        "--teacher",
+        "--num-pairs",
+        "--sampler-kw",
+    }  # torchrun's and gen_pairs.py's
     for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]+)", C.__doc__):
         assert flag in parser_flags or flag in others, flag
+
+
+def flow_ckpt(tmp_path):
+    """A tiny unconditional flow checkpoint with random (non-trivial) weights."""
+    torch.manual_seed(0)
+    kw = dict(img_resolution=16, img_channels=3, label_dim=0, time_scale=1000.0, dropout=0.0,
+              model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])  # fmt: skip
+    net = C.build_net(kw)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sd = net.state_dict()
+    ckpt = dict(method="cfm_couplings", version=1, args={}, net_kwargs=kw, net=sd, ema=sd, opt=None, step=0,
+                kimg=0.0, state={})  # fmt: skip
+    path = tmp_path / "flow.pt"
+    torch.save(ckpt, path)
+    return str(path), net.eval()
+
+
+def test_gen_pairs_and_evaluate_pass_sampler_keywords_to_a_flow(tmp_path, one_thread):
+    import evaluate
+    import gen_pairs
+
+    path, net = flow_ckpt(tmp_path)
+    out = str(tmp_path / "pairs.npz")
+    gen_pairs.main(["--teacher", path, "--num-pairs", "3", "--nfe", "4", "--sampler-kw", "solver=midpoint",
+                    "--out", out, "--batch", "2"])  # fmt: skip
+    pairs = C.load_pairs(out)
+    assert pairs["meta"]["sampler_kw"] == {"solver": "midpoint"} and pairs["meta"]["nfe_used"] == 4
+    x0 = torch.from_numpy(np.array(pairs["noise"]))
+    expect, _ = C.sample(net, x0, 4, solver="midpoint")
+    assert torch.allclose(torch.from_numpy(np.array(pairs["data"])), expect, atol=1e-5)
+    noise, labels, gens = evaluate.inputs_for_seeds(range(2), (3, 16, 16), 0)
+    module, loaded, _ = evaluate.load_model(path, None, "cpu")
+    _, used, calls = evaluate.run_sampler(module, evaluate.CountingNet(loaded), noise, 0, None, gens,
+                                          {"solver": "dopri5"})  # fmt: skip
+    assert used == calls > 6
+    with pytest.raises(SystemExit, match="takes no"):
+        evaluate.run_sampler(module, evaluate.CountingNet(loaded), noise, 2, None, gens, {"rho": 7})
+    with pytest.raises(SystemExit):
+        gen_pairs.parse_args(["--teacher", path, "--out", out, "--sampler-kw", "solver"])
