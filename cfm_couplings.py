@@ -383,6 +383,10 @@ VERSION = 1
 COUPLINGS = ("independent", "ot", "sinkhorn", "pairs")
 
 
+# --- shared: flow matching (identical in cfm_couplings, loom_cfm) ---
+# The velocity network, the CFM loss, the exact minibatch OT permutation and the ODE samplers.
+
+
 class VelocityNet(nn.Module):
     """v_theta(x, t, class_labels=None) -> dx/dt: the shared UNet on (x, time_scale * t), t in [0, 1].
     class_labels: int64 class indices [N] or one-hot floats [N, label_dim]."""
@@ -436,92 +440,6 @@ def ot_permutation(x0, x1, cost="sqeuclidean"):
 
     _, cols = linear_sum_assignment(pair_cost(x0, x1, cost).cpu().numpy())  # rows come back as 0..n-1
     return torch.as_tensor(cols, dtype=torch.long, device=x0.device)
-
-
-class SinkhornError(RuntimeError):
-    """The entropic plan degenerated or did not converge (raised; never replaced by independent pairs)."""
-
-
-def sinkhorn_log_plan(c, reg=0.05, max_iter=2000, tol=1e-4):
-    """log P of the entropic OT plan between uniform marginals (OT-CFM's plan; Cuturi 2013): P minimises
-    <P, C> - eps H(P) with eps = reg * mean(C). Log-domain Sinkhorn on potentials f (rows), g (columns), so
-    log P = (f_j + g_i - C_ji) / eps never underflows; eps is annealed down from the mean cost (eps-scaling)
-    so that a small reg converges in few iterations. A relative eps gives the same sharpness at any image
-    size: an absolute 0.05 on CIFAR-10's costs of ~3.7e3 underflows exp(-C / eps) in the plain domain."""
-    n, m = c.shape
-    eps = reg * c.mean().item()
-    if not (eps > 0 and math.isfinite(eps)):
-        raise SinkhornError(
-            f"Sinkhorn eps = reg {reg:g} x mean cost {c.mean().item():.4g} = {eps:g}: use reg > 0"
-        )
-    if not torch.isfinite(c / eps).all():
-        raise SinkhornError(f"C / eps overflows at eps = {eps:g} (underflow of eps): use a larger reg")
-    log_a, log_b = -math.log(n), -math.log(m)
-    f, g = torch.zeros(n, dtype=c.dtype, device=c.device), torch.zeros(m, dtype=c.dtype, device=c.device)
-    err, scale = float("nan"), c.mean().item()
-    for it in range(max_iter):
-        e = max(eps, scale * 0.5 ** (it // 10))  # eps-scaling: anneal from eps = mean cost, warm-started
-        f = e * (log_a - torch.logsumexp((g[None, :] - c) / e, dim=1))
-        g = e * (log_b - torch.logsumexp((f[:, None] - c) / e, dim=0))  # columns now sum to 1/m exactly
-        if e == eps and (it % 10 == 9 or it == max_iter - 1):
-            log_p = (f[:, None] + g[None, :] - c) / eps
-            err = (torch.logsumexp(log_p, dim=1).exp() - 1 / n).abs().sum().item()  # row-marginal L1 error
-            if not math.isfinite(err):
-                raise SinkhornError(f"Sinkhorn potentials are not finite at eps = {eps:g} (underflow)")
-            if err < tol:
-                return log_p
-    raise SinkhornError(
-        f"Sinkhorn did not converge: row-marginal error {err:.3g} > {tol:g} after {max_iter} iterations at "
-        f"reg {reg:g}; raise --sinkhorn-reg or --sinkhorn-iters"
-    )
-
-
-def sinkhorn_pairs(log_p, replace=False, generator=None):
-    """Pairs drawn from a plan -> (i0 noise indices, i1 image indices), one pair per image.
-    replace=False: every image once, in random order; its noise drawn from its row of the plan among the
-    noises not yet taken (Gumbel-max), so every noise is used once too and the noise marginal stays exact.
-    replace=True: torchcfm's OT-CFM, n (image, noise) pairs i.i.d. from the plan: duplicates both sides (about
-    81 of 128 pairs unique at a sharp plan)."""
-    log_p = log_p.cpu()
-    n, m = log_p.shape
-    if replace:
-        flat = torch.multinomial(log_p.flatten().softmax(0), n, replacement=True, generator=generator)
-        return flat % m, flat // m
-    u = torch.rand(n, m, dtype=log_p.dtype, generator=generator).clamp_(1e-300, 1 - 1e-16)
-    scores = log_p - torch.log(-torch.log(u))  # log p + Gumbel noise
-    i0, taken = torch.empty(n, dtype=torch.long), torch.zeros(m, dtype=torch.bool)
-    for j in torch.randperm(n, generator=generator).tolist():
-        k = int(torch.argmax(scores[j].masked_fill(taken, -math.inf)))
-        i0[j], taken[k] = k, True
-    return i0, torch.arange(n)
-
-
-def couple(x0, x1, labels, coupling, cost="sqeuclidean", reg=0.05, replace=False, iters=2000, generator=None):
-    """The coupling of one block of noises x0 and images x1 -> (i0, i1): train on (x0[i0], x1[i1], y[i1]).
-    independent / pairs: the identity. With labels the problem is solved within each class (AOT Alg. 2): noise
-    moves only between images of one class, and a class's noise set is unchanged (labels stay independent of
-    the noise marginal)."""
-    n = len(x1)
-    i0, i1 = torch.arange(n), torch.arange(n)
-    if coupling in ("independent", "pairs"):
-        return i0, i1
-    labels = None if labels is None else labels.cpu()
-    groups = (
-        [torch.arange(n)]
-        if labels is None
-        else [torch.nonzero(labels == k).flatten() for k in labels.unique()]
-    )
-    for g in groups:
-        gd = g.to(x0.device)
-        if coupling == "ot":
-            i0[g] = g[ot_permutation(x0[gd], x1[gd], cost).cpu()]
-        elif coupling == "sinkhorn":
-            log_p = sinkhorn_log_plan(pair_cost(x0[gd], x1[gd], cost), reg, iters)
-            a, b = sinkhorn_pairs(log_p, replace, generator)
-            i0[g], i1[g] = g[a], g[b]
-        else:
-            raise ValueError(f"unknown coupling {coupling!r}; expected one of {COUPLINGS}")
-    return i0, i1
 
 
 def path_cost(x0, x1, cost="sqeuclidean"):
@@ -647,6 +565,98 @@ def predict_x1(x, t, v):
     """The image the current velocity points at: x + (1 - t) v (the end of the straight path through x)."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
     return x + (1 - t) * v
+
+
+# --- end shared: flow matching ---
+
+
+# --- couplings beyond exact OT ---
+
+
+class SinkhornError(RuntimeError):
+    """The entropic plan degenerated or did not converge (raised; never replaced by independent pairs)."""
+
+
+def sinkhorn_log_plan(c, reg=0.05, max_iter=2000, tol=1e-4):
+    """log P of the entropic OT plan between uniform marginals (OT-CFM's plan; Cuturi 2013): P minimises
+    <P, C> - eps H(P) with eps = reg * mean(C). Log-domain Sinkhorn on potentials f (rows), g (columns), so
+    log P = (f_j + g_i - C_ji) / eps never underflows; eps is annealed down from the mean cost (eps-scaling)
+    so that a small reg converges in few iterations. A relative eps gives the same sharpness at any image
+    size: an absolute 0.05 on CIFAR-10's costs of ~3.7e3 underflows exp(-C / eps) in the plain domain."""
+    n, m = c.shape
+    eps = reg * c.mean().item()
+    if not (eps > 0 and math.isfinite(eps)):
+        raise SinkhornError(
+            f"Sinkhorn eps = reg {reg:g} x mean cost {c.mean().item():.4g} = {eps:g}: use reg > 0"
+        )
+    if not torch.isfinite(c / eps).all():
+        raise SinkhornError(f"C / eps overflows at eps = {eps:g} (underflow of eps): use a larger reg")
+    log_a, log_b = -math.log(n), -math.log(m)
+    f, g = torch.zeros(n, dtype=c.dtype, device=c.device), torch.zeros(m, dtype=c.dtype, device=c.device)
+    err, scale = float("nan"), c.mean().item()
+    for it in range(max_iter):
+        e = max(eps, scale * 0.5 ** (it // 10))  # eps-scaling: anneal from eps = mean cost, warm-started
+        f = e * (log_a - torch.logsumexp((g[None, :] - c) / e, dim=1))
+        g = e * (log_b - torch.logsumexp((f[:, None] - c) / e, dim=0))  # columns now sum to 1/m exactly
+        if e == eps and (it % 10 == 9 or it == max_iter - 1):
+            log_p = (f[:, None] + g[None, :] - c) / eps
+            err = (torch.logsumexp(log_p, dim=1).exp() - 1 / n).abs().sum().item()  # row-marginal L1 error
+            if not math.isfinite(err):
+                raise SinkhornError(f"Sinkhorn potentials are not finite at eps = {eps:g} (underflow)")
+            if err < tol:
+                return log_p
+    raise SinkhornError(
+        f"Sinkhorn did not converge: row-marginal error {err:.3g} > {tol:g} after {max_iter} iterations at "
+        f"reg {reg:g}; raise --sinkhorn-reg or --sinkhorn-iters"
+    )
+
+
+def sinkhorn_pairs(log_p, replace=False, generator=None):
+    """Pairs drawn from a plan -> (i0 noise indices, i1 image indices), one pair per image.
+    replace=False: every image once, in random order; its noise drawn from its row of the plan among the
+    noises not yet taken (Gumbel-max), so every noise is used once too and the noise marginal stays exact.
+    replace=True: torchcfm's OT-CFM, n (image, noise) pairs i.i.d. from the plan: duplicates both sides (about
+    81 of 128 pairs unique at a sharp plan)."""
+    log_p = log_p.cpu()
+    n, m = log_p.shape
+    if replace:
+        flat = torch.multinomial(log_p.flatten().softmax(0), n, replacement=True, generator=generator)
+        return flat % m, flat // m
+    u = torch.rand(n, m, dtype=log_p.dtype, generator=generator).clamp_(1e-300, 1 - 1e-16)
+    scores = log_p - torch.log(-torch.log(u))  # log p + Gumbel noise
+    i0, taken = torch.empty(n, dtype=torch.long), torch.zeros(m, dtype=torch.bool)
+    for j in torch.randperm(n, generator=generator).tolist():
+        k = int(torch.argmax(scores[j].masked_fill(taken, -math.inf)))
+        i0[j], taken[k] = k, True
+    return i0, torch.arange(n)
+
+
+def couple(x0, x1, labels, coupling, cost="sqeuclidean", reg=0.05, replace=False, iters=2000, generator=None):
+    """The coupling of one block of noises x0 and images x1 -> (i0, i1): train on (x0[i0], x1[i1], y[i1]).
+    independent / pairs: the identity. With labels the problem is solved within each class (AOT Alg. 2): noise
+    moves only between images of one class, and a class's noise set is unchanged (labels stay independent of
+    the noise marginal)."""
+    n = len(x1)
+    i0, i1 = torch.arange(n), torch.arange(n)
+    if coupling in ("independent", "pairs"):
+        return i0, i1
+    labels = None if labels is None else labels.cpu()
+    groups = (
+        [torch.arange(n)]
+        if labels is None
+        else [torch.nonzero(labels == k).flatten() for k in labels.unique()]
+    )
+    for g in groups:
+        gd = g.to(x0.device)
+        if coupling == "ot":
+            i0[g] = g[ot_permutation(x0[gd], x1[gd], cost).cpu()]
+        elif coupling == "sinkhorn":
+            log_p = sinkhorn_log_plan(pair_cost(x0[gd], x1[gd], cost), reg, iters)
+            a, b = sinkhorn_pairs(log_p, replace, generator)
+            i0[g], i1[g] = g[a], g[b]
+        else:
+            raise ValueError(f"unknown coupling {coupling!r}; expected one of {COUPLINGS}")
+    return i0, i1
 
 
 # --- shared: pairs reader (identical in gen_pairs, lmm, cfm_couplings) ---
