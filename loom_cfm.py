@@ -1,0 +1,1115 @@
+"""LOOM-CFM: Looking Out Of Minibatch conditional flow matching (Davtyan et al., ICLR 2025).
+
+Minibatch OT (BatchOT / OT-CFM) pairs each image with the best noise *within one minibatch* and then forgets
+the answer. LOOM-CFM keeps it: every training image holds assigned noise (`--caches K` noises per image, one
+drawn at random each time the image is visited, Sec. 3.2), the assignment tau is a permutation of the noise
+ids over all n_eff = n_data x K slots, and each step solves the minibatch assignment on the slots it visits
+(Eq. 9) and writes it back (tau_k = omega_k o tau_{k-1}, Eq. 10) before the CFM step (Eq. 3). Over training
+the assignments of different minibatches talk to each other: the total cost never increases and converges to
+an assignment with no improving cycle shorter than the batch (Theorem 1), a much better approximation of the
+global OT coupling than any single minibatch.
+
+Convention (as the paper and cfm_couplings.py): t = 0 is the noise z ~ N(0, I), t = 1 the image x in [-1, 1];
+x_t = t x + (1 - t) z + sigma eps, target x - z; the network sees 1000 t. Samplers: euler, midpoint (the
+paper's 4/8/12 NFE) and dopri5 (adaptive, NFE counted).
+
+Noise ids: slot s = k * n_data + i (image i, cache k) holds noise id tau[s]; noise id j is regenerated from
+(--seed, j) by a counter-based generator (SplitMix64 + Box-Muller, batched on the device), identical on every
+call, rank and device; nothing per sample is stored but tau itself (8 bytes per slot). With --xflip the
+mirrored image is its own data index, as in the official code.
+
+Distributed policy: the global minibatch (slots, images, noise) is a function of (seed, step) on every rank;
+rank 0 solves Eq. 9 on the whole global batch (as the official code's global solve) and broadcasts omega;
+every rank applies the same update, so all ranks hold the identical tau after every step (checked each step
+with a digest); each rank then trains on its slice of the batch.
+
+Commands
+  CPU smoke run on a synthetic dataset (tiny net, 4 caches):
+    python loom_cfm.py --data shapes --tiny --batch 64 --duration 0.02 --outdir runs/loom-shapes
+  The paper's CIFAR-10 run (Table 4: batch 128 on 4 GPUs, 4 caches, x-flips, lr 2e-4, 5k warm-up, EMA 0.9999,
+  sigma 1e-7, 1000 epochs = 391k steps):
+    torchrun --standalone --nproc_per_node=4 loom_cfm.py --data cifar10 --xflip --outdir runs/loom-cifar10
+  Ablations (App. D, Table 5): --no-reassign (fixed source), --fresh-noise (BatchOT: new noise every step),
+  --train-after-convergence 50 (50 assignment-only epochs first), --caches 1..4, --batch 32/64/128.
+  Generate 50,000 images with the paper's midpoint sampler at 8 NFE:
+    python loom_cfm.py --generate 50000 --ckpt runs/loom-cifar10 --solver midpoint --nfe 8 --out loom8.npz
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --- shared: UNet (identical in every method file) ---
+# DDPM++ UNet (Song et al. 2021), structured as EDM's SongUNet so that its state_dict keys match the official
+# EDM checkpoints exactly. Down-sampling is a 2x2 box filter, up-sampling nearest, both applied before conv.
+
+
+def _xavier(shape, fan_in, fan_out, gain=1.0):
+    return (torch.rand(shape) * 2 - 1) * math.sqrt(6 / (fan_in + fan_out)) * gain
+
+
+class Linear(nn.Module):
+    def __init__(self, cin, cout, bias=True, gain=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(_xavier([cout, cin], cin, cout, gain))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Conv2d(nn.Module):
+    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0):
+        super().__init__()
+        self.up, self.down = up, down
+        fan_in, fan_out = cin * kernel * kernel, cout * kernel * kernel
+        self.weight = nn.Parameter(_xavier([cout, cin, kernel, kernel], fan_in, fan_out, gain))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        # EDM stores the [1,1] resample filter as a buffer: keep it so that official weights load by key.
+        f = torch.ones(2, 2).div(4).view(1, 1, 2, 2)
+        self.register_buffer("resample_filter", f if up or down else None)
+
+    def forward(self, x):
+        c = x.shape[1]
+        if self.up:  # nearest x2 as a transposed conv with the (4 * box) filter
+            x = F.conv_transpose2d(
+                x, self.resample_filter.mul(4).tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2
+            )
+        if self.down:  # 2x2 average
+            x = F.conv2d(x, self.resample_filter.tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2)
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
+
+
+def _group_norm(c):
+    return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
+
+
+class UNetBlock(nn.Module):
+    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0):
+        super().__init__()
+        self.in_channels, self.out_channels, self.dropout = cin, cout, dropout
+        self.norm0 = _group_norm(cin)
+        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
+        self.affine = Linear(emb_ch, cout)
+        self.norm1 = _group_norm(cout)
+        self.conv1 = Conv2d(cout, cout, 3, gain=1e-5)
+        self.skip = Conv2d(cin, cout, 1, up=up, down=down) if (cin != cout or up or down) else None
+        self.attention = attention
+        if attention:
+            self.norm2 = _group_norm(cout)
+            self.qkv = Conv2d(cout, cout * 3, 1, gain=math.sqrt(0.2))
+            self.proj = Conv2d(cout, cout, 1, gain=1e-5)
+
+    def forward(self, x, emb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None].to(h.dtype)))
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        x = (h + (x if self.skip is None else self.skip(x))) * math.sqrt(0.5)
+        if self.attention:  # one head; qkv channels interleaved as (c, 3), as in EDM
+            n, c, hh, ww = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, hh * ww).unbind(2)
+            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c)).softmax(dim=2)
+            a = torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)
+            x = (self.proj(a.reshape(n, c, hh, ww)) + x) * math.sqrt(0.5)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=128,
+        channel_mult=(2, 2, 2),
+        num_blocks=4,
+        attn_resolutions=(16,),
+        dropout=0.10,
+    ):
+        super().__init__()
+        mc, emb = model_channels, model_channels * 4
+        self.map_label = Linear(label_dim, mc) if label_dim else None
+        self.map_augment = Linear(augment_dim, mc, bias=False) if augment_dim else None
+        self.map_layer0, self.map_layer1 = Linear(mc, emb), Linear(emb, emb)
+        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
+        cout, skips = in_channels, []
+        for level, mult in enumerate(channel_mult):
+            r = img_resolution >> level
+            if level == 0:
+                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc, 3), mc
+            else:
+                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, emb, down=True, dropout=dropout)
+            skips.append(cout)
+            for i in range(num_blocks):
+                attn = r in attn_resolutions
+                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout, mc * mult, emb, attention=attn, dropout=dropout
+                )
+                cout = mc * mult
+                skips.append(cout)
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            r = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, emb, attention=True, dropout=dropout)
+                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, emb, dropout=dropout)
+            else:
+                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, emb, up=True, dropout=dropout)
+            for i in range(num_blocks + 1):
+                attn = i == num_blocks and r in attn_resolutions
+                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout + skips.pop(), mc * mult, emb, attention=attn, dropout=dropout
+                )
+                cout = mc * mult
+        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = _group_norm(cout)
+        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        # Positional embedding of the noise label (endpoint=True), halves ordered [sin, cos] as in EDM.
+        half = self.map_layer0.weight.shape[1] // 2
+        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / (half - 1))
+        arg = noise_labels.float().ger(freqs)
+        emb = torch.cat([arg.sin(), arg.cos()], dim=1)
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if name.endswith("aux_norm"):
+                x = F.silu(block(x))
+            elif name.endswith("aux_conv"):
+                x = block(x)
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return x
+
+
+# --- end shared: UNet ---
+
+# --- shared: runtime (identical in every method file) ---
+# Distributed setup, per-step seeding, EMA, atomic checkpoints, data order and rank-0 logging.
+
+
+def fail(msg):
+    """Stop with a one-line message for the user (exit code 1), not a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+def dist_setup():
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def dist_teardown():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_mean(value, device):
+    """Mean of a float over ranks."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t.item()
+
+
+def seed_step(seed, rank, world_size, step):
+    """Seed torch's global RNGs from (seed * world_size + rank, step): resume needs no stored RNG state."""
+    state = np.random.SeedSequence([seed * world_size + rank, step]).generate_state(2)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch: a permutation of range(n) that depends only on (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(n, batch, step, seed):
+    """Global data indices of training step `step`: consecutive slices of a stream of epoch permutations.
+    Independent of the world size; rank r takes the r-th slice of the per-rank batch."""
+    pos = step * batch + torch.arange(batch)
+    epochs = pos // n
+    out = torch.empty(batch, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        sel = epochs == e
+        out[sel] = epoch_order(n, seed, e)[pos[sel] % n]
+    return out
+
+
+def edm_ema_beta(batch, nimg, halflife_kimg, rampup_ratio):
+    """EDM's EMA decay: half-life in images, ramped up as min(halflife, rampup_ratio * images seen)."""
+    halflife = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife = min(halflife, nimg * rampup_ratio)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def ema_update(ema, net, beta):
+    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+        p_ema.copy_(p.detach().lerp(p_ema, beta))
+    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt, outdir, step):
+    """Write <outdir>/ckpt-<step>.pt and point <outdir>/latest.pt at it (both atomic)."""
+    name = f"ckpt-{step:07d}.pt"
+    atomic_save(ckpt, os.path.join(outdir, name))
+    tmp = os.path.join(outdir, f"latest.pt.tmp{os.getpid()}")
+    os.symlink(name, tmp)
+    os.replace(tmp, os.path.join(outdir, "latest.pt"))
+
+
+def load_checkpoint(path):
+    """Load one of our checkpoints safely (tensors and plain containers only). A directory means latest.pt."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "latest.pt")
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign or corrupt file: say which, do not unpickle it unsafely
+        fail(f"cannot read {path} as a weights-only torch checkpoint: {str(e).strip().splitlines()[0]}")
+
+
+class Logger:
+    """Rank 0 prints `k=v` lines and appends the same record as JSON to <outdir>/log.jsonl."""
+
+    def __init__(self, outdir, rank):
+        self.rank, self.path = rank, os.path.join(outdir, "log.jsonl") if outdir else None
+
+    def print(self, *a):
+        if self.rank == 0:
+            print(*a, flush=True)
+
+    def log(self, **rec):
+        if self.rank != 0:
+            return
+        print(
+            " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
+            flush=True,
+        )
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step (agreed on by all ranks)."""
+
+    def __init__(self):
+        self.requested = False
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def any(self, device):
+        t = torch.tensor([int(self.requested)], device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        return bool(t.item())
+
+
+def save_image_grid(images, path):
+    """images: [N, C, H, W] floats in [-1, 1] -> a PNG grid (EDM's quantisation)."""
+    from PIL import Image
+
+    x = (images * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
+    for i in range(n):
+        grid[:, (i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
+
+
+# --- end shared: runtime ---
+
+
+# --- method: LOOM-CFM (Davtyan et al.) ---
+METHOD = "loom_cfm"
+VERSION = 1
+
+
+# --- shared: flow matching (identical in cfm_couplings, loom_cfm) ---
+# The velocity network, the CFM loss, the exact minibatch OT permutation and the ODE samplers.
+
+
+class VelocityNet(nn.Module):
+    """v_theta(x, t, class_labels=None) -> dx/dt: the shared UNet on (x, time_scale * t), t in [0, 1].
+    class_labels: int64 class indices [N] or one-hot floats [N, label_dim]."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, time_scale=1000.0, **unet_kwargs):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.time_scale = time_scale
+        self.model = UNet(img_resolution, img_channels, img_channels, label_dim=label_dim, **unet_kwargs)
+
+    def forward(self, x, t, class_labels=None):
+        x = x.float()
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        onehot = None
+        if self.label_dim:
+            if class_labels is None:
+                raise ValueError(
+                    "this network is class-conditional: pass class_labels (int64 [N] or one-hot)"
+                )
+            onehot = (
+                class_labels.float().reshape(-1, self.label_dim)
+                if class_labels.is_floating_point()
+                else F.one_hot(class_labels.long(), self.label_dim).float()
+            )
+        return self.model(x, self.time_scale * t, onehot).float()
+
+
+def cfm_loss(net, x0, x1, t, labels=None, sigma_min=0.0, eps=None):
+    """Per-sample CFM loss [N] (LOOM Eq. 3 with x = x1 data, z = x0 noise): the network at
+    x_t = t x1 + (1 - t) x0 + sigma_min eps regresses the path's constant velocity x1 - x0."""
+    tb = t.reshape(-1, *[1] * (x1.ndim - 1))  # broadcast over any data shape (images, toy vectors)
+    xt = tb * x1 + (1 - tb) * x0
+    if sigma_min:
+        xt = xt + sigma_min * eps
+    return (net(xt, t, labels) - (x1 - x0)).square().flatten(1).mean(1)
+
+
+def pair_cost(x0, x1, cost="sqeuclidean"):
+    """C[j, i] = ||x1_j - x0_i||^2 (cost sqeuclidean) or ||x1_j - x0_i|| (cost l2), float64 [n1, n0]:
+    rows are images, columns noises (the transport cost c(x, z) of LOOM Eq. 7)."""
+    c = torch.cdist(x1.flatten(1).double(), x0.flatten(1).double())
+    return c if cost == "l2" else c.square()
+
+
+def ot_permutation(x0, x1, cost="sqeuclidean"):
+    """Exact minibatch OT (BatchOT; LOOM Eq. 7 on one minibatch) -> perm with x0[perm[j]] the noise of x1[j].
+    The images stay where they are and the noise moves: permuting x1 instead would detach images from their
+    labels and indices (the classic bug). With uniform marginals the optimal plan is a permutation matrix, so
+    every noise and every image is used exactly once (no sampling from the plan with replacement)."""
+    from scipy.optimize import linear_sum_assignment
+
+    _, cols = linear_sum_assignment(pair_cost(x0, x1, cost).cpu().numpy())  # rows come back as 0..n-1
+    return torch.as_tensor(cols, dtype=torch.long, device=x0.device)
+
+
+def path_cost(x0, x1, cost="sqeuclidean"):
+    """c(x1_j, x0_j) per pair [N] (the diagonal of pair_cost)."""
+    d = (x1.double() - x0.double()).flatten(1).square().sum(1)
+    return d.sqrt() if cost == "l2" else d
+
+
+# --- sampling: integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data) (LOOM Eq. 1-2) ---
+
+
+@torch.no_grad()
+def euler_sample(net, x, steps, labels=None):
+    """Euler: x <- x + h v(x, t), h = 1 / steps; steps NFE."""
+    h = 1.0 / steps
+    for i in range(steps):
+        x = x + h * net(x, i * h, labels)
+    return x
+
+
+@torch.no_grad()
+def midpoint_sample(net, x, steps, labels=None):
+    """Explicit midpoint (RK2): x <- x + h v(x + h/2 v(x, t), t + h/2); 2 NFE per step."""
+    h = 1.0 / steps
+    for i in range(steps):
+        t = i * h
+        x_mid = x + 0.5 * h * net(x, t, labels)
+        x = x + h * net(x_mid, t + 0.5 * h, labels)
+    return x
+
+
+# Dormand-Prince 5(4) tableau: stages A, 5th-order weights B5 (= the last stage row, FSAL), 4th-order B4.
+DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+DP_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+
+
+@torch.no_grad()
+def dopri5_sample(net, x, labels=None, atol=1e-5, rtol=1e-5, max_steps=100_000):
+    """Adaptive Dormand-Prince 5(4) from t = 0 to 1 -> (x, NFE). The batch is one ODE system with an RMS error
+    norm over all its elements (as torchdiffeq, which torchcfm uses): every image gets the same steps and NFE.
+    Initial step by Hairer-Norsett-Wanner's rule (II.4); step factor 0.9 err^(-1/5) clipped to [0.2, 10]."""
+    nfe = 0
+
+    def f(xx, t):
+        nonlocal nfe
+        nfe += 1
+        return net(xx, t, labels).float()
+
+    def rms(v, scale):
+        return (v / scale).square().mean().sqrt().item()
+
+    t, k1 = 0.0, f(x, 0.0)
+    scale = atol + rtol * x.abs()
+    d0, d1 = rms(x, scale), rms(k1, scale)
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    d2 = rms(f(x + h0 * k1, h0) - k1, scale) / h0
+    h = min(100 * h0, max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2, 1.0)
+    for _ in range(max_steps):
+        if t >= 1.0:
+            return x, nfe
+        h = min(h, 1.0 - t)
+        ks = [k1]
+        for i in range(1, 7):
+            xi = x + h * sum(a * k for a, k in zip(DP_A[i], ks, strict=False) if a)
+            ks.append(f(xi, t + DP_C[i] * h))
+        x5 = xi  # the last stage is evaluated at the 5th-order solution (FSAL)
+        x4 = x + h * sum(b * k for b, k in zip(DP_B4, ks, strict=True) if b)
+        err = rms(x5 - x4, atol + rtol * torch.maximum(x.abs(), x5.abs()))
+        if err <= 1.0:
+            t, x, k1 = t + h, x5, ks[6]
+        h *= min(10.0, max(0.2, 0.9 * (err if err > 0 else 1e-10) ** -0.2))
+    raise RuntimeError(f"dopri5 did not reach t = 1 in {max_steps} steps (t = {t:.4g})")
+
+
+def build_net(net_kwargs):
+    """The trained network: a velocity field net(x, t, class_labels=None) with t = 0 noise, t = 1 data."""
+    return VelocityNet(**net_kwargs)
+
+
+def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5):
+    """DESIGN 4: noise [N, C, H, W] standard normal -> (images, NFE used). euler: nfe steps; midpoint: nfe / 2
+    steps (nfe even); dopri5: adaptive with atol/rtol, nfe ignored, the NFE it took is returned."""
+    if solver == "dopri5":
+        return dopri5_sample(net, noise, labels, atol, rtol)
+    if solver not in ("euler", "midpoint"):
+        raise ValueError(f"unknown solver {solver!r}; expected euler, midpoint or dopri5")
+    if nfe < 1 or (solver == "midpoint" and nfe % 2):
+        raise ValueError(
+            f"{solver} needs {'an even NFE >= 2' if solver == 'midpoint' else 'NFE >= 1'}, got {nfe}"
+        )
+    if solver == "euler":
+        return euler_sample(net, noise, nfe, labels), nfe
+    return midpoint_sample(net, noise, nfe // 2, labels), nfe
+
+
+def inputs_for_seeds(seeds, shape, label_dim=0):
+    """Image i's noise, then its class label, from a generator seeded with seeds[i] (the same noise and label
+    as every other method file and gen_pairs.py use for that seed)."""
+    noise, labels = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        noise.append(torch.randn(shape, generator=g))
+        if label_dim:
+            labels.append(torch.randint(label_dim, [], generator=g))
+    return torch.stack(noise), (torch.tensor(labels, dtype=torch.long) if label_dim else None)
+
+
+def ode_velocity(net, x, t, labels=None):
+    """dx/dt on the common clock (t = 0 noise, t = 1 data): this file's own convention, so v_theta itself."""
+    return net(x, t, labels)
+
+
+def predict_x1(x, t, v):
+    """The image the current velocity points at: x + (1 - t) v (the end of the straight path through x)."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
+    return x + (1 - t) * v
+
+
+# --- end shared: flow matching ---
+
+
+# --- LOOM-CFM: the persistent assignment (Sec. 3, Alg. 1) ---
+
+
+def _int64(c):
+    """A 64-bit constant as the signed int64 torch stores (two's complement)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+SM_GAMMA, SM_M1, SM_M2 = (_int64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _srl(x, k):
+    """Logical right shift of int64 tensors (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64(x):
+    """SplitMix64's output function on int64 tensors (wrap-around arithmetic): counter -> 64 mixed bits."""
+    x = x + SM_GAMMA
+    x = (x ^ _srl(x, 30)) * SM_M1
+    x = (x ^ _srl(x, 27)) * SM_M2
+    return x ^ _srl(x, 31)
+
+
+def noise_for_ids(ids, seed, shape, device=None):
+    """Noise ids [B] -> standard-normal noise [B, *shape] float32, a pure function of (seed, id): a
+    counter-based generator (SplitMix64 of (seed key, id, element) -> 53-bit uniforms -> Box-Muller in
+    float64), batched on the device. The paper stores one generator seed per noise (Sec. 3.3) and builds one
+    generator per sample; here there is nothing to store and no per-sample loop."""
+    d = math.prod(shape)
+    half = (d + 1) // 2
+    key = int(splitmix64(torch.tensor(int(seed), dtype=torch.long)))
+    ids = torch.as_tensor(ids, dtype=torch.long, device=device)
+    counter = ids[:, None] * (2 * half) + torch.arange(2 * half, device=ids.device)  # unique per uniform
+    u = (_srl(splitmix64(splitmix64(counter) ^ key), 11).double() + 0.5) * 2.0**-53  # in (0, 1)
+    r, phi = torch.sqrt(-2 * torch.log(u[:, :half])), 2 * math.pi * u[:, half:]
+    z = torch.cat([r * torch.cos(phi), r * torch.sin(phi)], 1)[:, :d]
+    return z.float().reshape(len(ids), *shape)
+
+
+def minibatch_slots(n_data, caches, batch, step, seed):
+    """The global minibatch of step `step` (Alg. 1 line 3): data indices from the epoch's permutation, without
+    the epoch's last partial batch (so no image twice in a batch), and one random cache per image (Sec. 3.2).
+    -> (data indices [batch], slots [batch]) with slot = cache * n_data + data index."""
+    epoch, j = divmod(step, n_data // batch)
+    idx = epoch_order(n_data, seed, epoch)[j * batch : (j + 1) * batch]
+    cache = torch.randint(caches, (batch,), generator=generator_for(seed, step, 4))
+    return idx, cache * n_data + idx
+
+
+def loom_reassign(tau, slots, x1, z, cost="sqeuclidean"):
+    """LOOM Eq. 9-10 on one minibatch. z[j] is the noise of slot slots[j] (id tau[slots[j]]) and x1[j] its
+    image. omega = the optimal assignment of this minibatch's noises to its images (Eq. 9); tau is updated in
+    place, tau_k = omega_k o tau_{k-1} (Eq. 10): noise ids only move between the minibatch's slots, so tau
+    stays a permutation. Returns perm: image j now holds noise z[perm[j]]."""
+    perm = ot_permutation(z, x1, cost).cpu()
+    tau[slots] = tau[slots][perm]
+    return perm
+
+
+class NoiseBank:
+    """Noise of ids: regenerated on the device each time (default), or (--noise-store memory) generated once
+    for all n_eff ids and kept in CPU RAM (4 bytes per pixel per slot). Both give the same numbers."""
+
+    def __init__(self, store, n_eff, seed, shape, device, chunk=4096):
+        self.seed, self.shape, self.device, self.table = seed, shape, device, None
+        if store == "memory":
+            self.table = torch.cat(
+                [
+                    noise_for_ids(torch.arange(lo, min(lo + chunk, n_eff)), seed, shape)
+                    for lo in range(0, n_eff, chunk)
+                ]
+            )
+
+    def __call__(self, ids):
+        if self.table is not None:
+            return self.table[ids].to(self.device)
+        return noise_for_ids(ids, self.seed, self.shape, self.device)
+
+
+@torch.no_grad()
+def assignment_cost(tau, images, n_data, bank, cost, device, chunk=2048):
+    """The exact mean cost of tau over all n_eff slots, c(x_i, z_tau(s)) (LOOM Eq. 7's objective / n_eff),
+    computed in chunks shared out over the ranks."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for lo in range(rank * chunk, len(tau), chunk * world):
+        s = torch.arange(lo, min(lo + chunk, len(tau)))
+        x1, _ = get_batch(images, None, s % n_data, device)
+        total += path_cost(bank(tau[s]), x1, cost).sum()
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return total.item() / len(tau)
+
+
+def tau_digest(tau):
+    """A checksum of the assignment, for the every-step check that all ranks hold the same tau."""
+    w = torch.arange(len(tau), dtype=torch.long) % 1_000_003 + 1
+    return int((tau * w).sum())
+
+
+def generator_for(seed, *keys):
+    """A CPU generator that depends only on (seed, keys): the same stream on every rank and device."""
+    state = np.random.SeedSequence([seed, *keys]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+# --- shared: data (identical in every method file) ---
+# --data cifar10 | shapes | FILE.npz | DIR -> uint8 images held on the device; --xflip as extra indices.
+
+
+def make_shapes(n=4096, res=16, seed=0):
+    """A synthetic dataset for CPU smoke runs: one disc (label 0) or square (label 1) of random colour,
+    size and position on a random background. Returns uint8 [n, res, res, 3] and int64 labels [n]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+    cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
+    r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
+    labels = rng.integers(0, 2, n)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    square = np.maximum(np.abs(yy - cy), np.abs(xx - cx)) <= r
+    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
+    fg, bg = rng.integers(0, 256, (2, n, 1, 1, 3))
+    return np.where(mask, fg, bg).astype(np.uint8), labels.astype(np.int64)
+
+
+def load_images(spec, data_dir="datasets"):
+    """--data cifar10 | shapes | FILE.npz | DIR -> (uint8 [N, C, H, W] tensor, int64 labels [N] or None)."""
+    labels = None
+    if spec == "cifar10":
+        import torchvision
+
+        try:
+            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+        except Exception as e:
+            fail(
+                f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
+                f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/ or pass --data FILE.npz"
+            )
+        images, labels = ds.data, np.asarray(ds.targets, dtype=np.int64)
+    elif spec == "shapes":
+        images, labels = make_shapes()
+    elif spec.endswith(".npz"):
+        if not os.path.isfile(spec):
+            fail(f"data file not found: {spec} (expected an .npz with uint8 'images' [N, H, W, C])")
+        with np.load(spec) as f:
+            if "images" not in f:
+                fail(f"{spec} has no 'images' array (found {sorted(f.keys())}); expected uint8 [N, H, W, C]")
+            images = f["images"]
+            labels = f["labels"].astype(np.int64) if "labels" in f else None
+    elif os.path.isdir(spec):
+        images, labels = _load_folder(spec)
+    else:
+        fail(f"--data {spec!r} is neither 'cifar10', 'shapes', an existing .npz file nor a folder of images")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        fail(
+            f"images in {spec} must be uint8 [N, H, W, C] with C in (1, 3); got {images.dtype} {images.shape}"
+        )
+    if images.shape[1] != images.shape[2]:
+        fail(f"images in {spec} must be square; got {images.shape[1]}x{images.shape[2]}")
+    if labels is not None and labels.shape != (len(images),):
+        fail(f"labels in {spec} must have shape [{len(images)}]; got {labels.shape}")
+    images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return images, None if labels is None else torch.from_numpy(labels)
+
+
+def _load_folder(path):
+    """An image folder (png/jpg, sorted by relative path); labels from EDM's dataset.json when present."""
+    from PIL import Image
+
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), path)
+        for d, _, fs in os.walk(path)
+        for f in fs
+        if f.lower().endswith((".png", ".jpg", ".jpeg"))
+    )
+    if not files:
+        fail(f"no .png/.jpg images found under {path}")
+    images = np.stack([np.atleast_3d(np.asarray(Image.open(os.path.join(path, f)))) for f in files])
+    labels = None
+    meta = os.path.join(path, "dataset.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            table = dict(json.load(f).get("labels") or [])
+        missing = [f for f in files if f.replace(os.sep, "/") not in table]
+        if missing:
+            fail(f"{meta} has no label for {len(missing)} image(s), e.g. {missing[0]}")
+        labels = np.asarray([table[f.replace(os.sep, "/")] for f in files], dtype=np.int64)
+    return images, labels
+
+
+def get_batch(images, labels, idx, device):
+    """Data index i >= len(images) is the mirror image of i - len(images) (--xflip). -> floats in [-1, 1]."""
+    n, idx = len(images), idx.to(images.device)
+    y = images[idx % n].to(device).float() / 127.5 - 1
+    flip = (idx >= n).to(device)
+    y = torch.where(flip[:, None, None, None], y.flip(3), y)
+    return y, None if labels is None else labels[idx % n].to(device)
+
+
+# --- end shared: data ---
+
+
+# --- training ---
+
+
+def _sync(module, sync):
+    """DDP: skip the gradient all-reduce on accumulation chunks that are not the last."""
+    return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
+
+
+def train(args):
+    rank, world, device = dist_setup()
+    log = Logger(args.outdir, rank)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.batch % world:
+        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
+    batch_rank = args.batch // world
+    batch_gpu = args.batch_gpu or batch_rank
+    if batch_rank % batch_gpu:
+        fail(
+            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
+        )
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and ckpt.get("method") != METHOD:
+        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+    images, _ = load_images(args.data, args.data_dir)  # unconditional, as the paper
+    shape, n_data = tuple(images.shape[1:]), len(images) * (2 if args.xflip else 1)
+    n_eff = n_data * args.caches
+    if args.batch > n_data:
+        fail(f"--batch {args.batch} exceeds the {n_data} training images (each batch holds distinct images)")
+    images = images.to(device)
+    res = shape[-1]
+    if res % 2 ** (len(args.channel_mult) - 1):
+        fail(f"image size {res} is not divisible by 2^{len(args.channel_mult) - 1} (--channel-mult)")
+    net_kwargs = dict(
+        img_resolution=res,
+        img_channels=shape[0],
+        label_dim=0,
+        time_scale=args.time_scale,
+        model_channels=args.model_channels,
+        channel_mult=list(args.channel_mult),
+        num_blocks=args.num_blocks,
+        attn_resolutions=list(args.attn_res),
+        dropout=args.dropout,
+    )
+    tau = torch.arange(n_eff)  # Alg. 1: tau_0 = Id (noise id s starts in slot s)
+    step = nimg = 0
+    if ckpt is not None:
+        st = ckpt["state"]
+        if (st["n_data"], st["caches"]) != (n_data, args.caches):
+            fail(
+                f"--resume {args.resume} is an assignment of {st['n_data']} images x {st['caches']} caches, "
+                f"but this run has {n_data} x {args.caches}: use the same --data, --xflip and --caches"
+            )
+        net_kwargs, tau, step, nimg = ckpt["net_kwargs"], st["tau"].clone(), ckpt["step"], st["nimg"]
+        keys = ("data", "xflip", "batch", "seed", "lr", "cost", "no_reassign", "fresh_noise")
+        changed = {
+            k: (ckpt["args"].get(k), v)
+            for k, v in vars(args).items()
+            if k in keys and ckpt["args"].get(k) != v
+        }
+        if changed:
+            log.print(
+                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
+            )
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    net = build_net(net_kwargs).to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg), assignment restored")
+    ddp = net
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if device.type == "cuda" else None
+        )
+    spe = n_data // args.batch
+    pre_steps = args.train_after_convergence * spe  # assignment-only steps before training (App. D)
+    total_steps = pre_steps + math.ceil(args.duration * 1e6 / args.batch)
+    bank = NoiseBank(args.noise_store, n_eff, args.seed, shape, device)
+    mode = "fresh noise (BatchOT)" if args.fresh_noise else "fixed source" if args.no_reassign else "LOOM"
+    if rank == 0:
+        os.makedirs(args.outdir, exist_ok=True)
+        with open(os.path.join(args.outdir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        log.print(json.dumps(vars(args)))
+        params = sum(p.numel() for p in net.parameters())
+        log.print(
+            f"{n_data} images {shape} x {args.caches} caches = {n_eff} slots "
+            f"({tau.numel() * 8 / 2**20:.1f} MiB assignment), {params} parameters, {world} process(es) on "
+            f"{device}; {mode}, {spe} steps per epoch"
+            + (f", {pre_steps} assignment-only steps first" if pre_steps else "")
+        )
+    track = args.cost_every > 0 and not args.fresh_noise
+    global_cost = assignment_cost(tau, images, n_data, bank, args.cost, device) if track else None
+    grid_noise = torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0))
+    stop = StopFlag()
+    sums, t_last, step_last = {}, time.time(), step
+    while step < total_steps:
+        seed_step(args.seed, rank, world, step)  # dropout
+        training = step >= pre_steps
+        idx, slots = minibatch_slots(n_data, args.caches, args.batch, step, args.seed)
+        x1, _ = get_batch(images, None, idx, device)  # the global batch, on every rank
+        t0 = time.time()
+        if args.fresh_noise:  # BatchOT: new noise each step, assignment thrown away
+            z = torch.randn([args.batch, *shape], generator=generator_for(args.seed, step, 1)).to(device)
+        else:
+            z = bank(tau[slots])
+        perm = torch.arange(args.batch)
+        if not args.no_reassign:
+            if rank == 0:
+                perm = ot_permutation(z, x1, args.cost).cpu()  # LOOM Eq. 9 on the global minibatch
+            if world > 1:
+                perm = perm.to(device)
+                torch.distributed.broadcast(perm, 0)
+                perm = perm.cpu()
+            if not args.fresh_noise:
+                tau[slots] = tau[slots][perm]  # LOOM Eq. 10: tau_k = omega_k o tau_{k-1}
+        x0 = z[perm.to(device)]
+        solve_s = time.time() - t0
+        before, after = path_cost(z, x1, args.cost), path_cost(x0, x1, args.cost)
+        rec = dict(
+            swaps=int((perm != torch.arange(args.batch)).sum()),
+            cost_before=before.mean().item(),
+            cost_after=after.mean().item(),
+            solve_s=solve_s,
+        )
+        if track:
+            global_cost += (after.sum() - before.sum()).item() / n_eff  # only this minibatch's pairs changed
+            if (step + 1) % args.cost_every == 0:
+                global_cost = assignment_cost(tau, images, n_data, bank, args.cost, device)  # exact, no drift
+        if world > 1 and not args.fresh_noise:  # every rank must hold the same assignment
+            digests = [None] * world
+            torch.distributed.all_gather_object(digests, tau_digest(tau))
+            if len(set(digests)) != 1:
+                fail(f"ranks disagree on the assignment at step {step}: digests {digests}")
+        if training:
+            lo, hi = rank * batch_rank, (rank + 1) * batch_rank
+            g = generator_for(args.seed, step, 3)  # t and eps of the global batch: independent of world size
+            t = torch.rand(args.batch, generator=g)[lo:hi].to(device)
+            eps = torch.randn([args.batch, *shape], generator=g)[lo:hi].to(device) if args.sigma_min else None
+            for group in opt.param_groups:  # linear warm-up over training steps, then constant (Table 4)
+                group["lr"] = (
+                    args.lr * min(1.0, (step - pre_steps + 1) / args.warmup) if args.warmup else args.lr
+                )
+            opt.zero_grad(set_to_none=True)
+            loss_sum, chunks = 0.0, list(range(lo, hi, batch_gpu))
+            for j, c in enumerate(chunks):
+                sl, sr = slice(c, c + batch_gpu), slice(c - lo, c - lo + batch_gpu)
+                with _sync(ddp, j == len(chunks) - 1):
+                    loss = cfm_loss(ddp, x0[sl], x1[sl], t[sr], None, args.sigma_min,
+                                    None if eps is None else eps[sr]).mean()  # LOOM Eq. 3  # fmt: skip
+                    (loss * batch_gpu / batch_rank).backward()
+                loss_sum += loss.item() * batch_gpu / batch_rank
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf)
+            opt.step()
+            ema_update(ema, net, args.ema)
+            rec.update(loss=loss_sum, grad_norm=grad_norm.item())
+            nimg += args.batch
+        for k, v in rec.items():  # (sum, count): the loss exists only on training steps
+            sums[k] = (sums.get(k, (0.0, 0))[0] + v, sums.get(k, (0.0, 0))[1] + 1)
+        step += 1
+        done, stop_now = step >= total_steps, stop.any(device)
+        if step % args.log_every == 0 or done or stop_now:
+            n = max(step - step_last, 1)
+            metrics = {k: all_mean(v / c, device) for k, (v, c) in sums.items()}
+            extra = {} if global_cost is None else dict(global_cost=global_cost)
+            log.log(step=step, epoch=step // spe, kimg=nimg / 1000, **metrics, **extra,
+                    sec_per_step=(time.time() - t_last) / n)  # fmt: skip
+            sums, t_last, step_last = {}, time.time(), step
+        if step % args.snap_every == 0 or done or stop_now:
+            if rank == 0:
+                ckpt_out = dict(
+                    method=METHOD,
+                    version=VERSION,
+                    args=vars(args),
+                    net_kwargs=net_kwargs,
+                    net=net.state_dict(),
+                    ema=ema.state_dict(),
+                    opt=opt.state_dict(),
+                    step=step,
+                    kimg=nimg / 1000,
+                    state=dict(nimg=nimg, tau=tau, n_data=n_data, caches=args.caches),
+                )
+                save_checkpoint(ckpt_out, args.outdir, step)
+                for nfe in args.grid_nfe if args.grid and training else ():
+                    x, _ = sample(ema, grid_noise.to(device), nfe)
+                    save_image_grid(x, os.path.join(args.outdir, f"grid-euler{nfe}-{step:07d}.png"))
+            barrier()
+        if stop_now:
+            log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
+            break
+    dist_teardown()
+
+
+# --- generation ---
+
+
+def generate(args):
+    """--generate N images from --ckpt: uint8 NHWC npz (images, seeds) and a PNG grid of the first 64. Image i
+    uses the noise of seed --seed + i (fresh noise, not the training caches): identical for any number of
+    processes."""
+    from tqdm import tqdm
+
+    rank, world, device = dist_setup()
+    ckpt = load_checkpoint(args.ckpt)
+    if ckpt.get("method") != METHOD:
+        fail(
+            f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; use that method's file to sample it"
+        )
+    net = build_net(ckpt["net_kwargs"]).eval().requires_grad_(False)
+    net.load_state_dict(ckpt["ema"])
+    net.to(device)
+    k = ckpt["net_kwargs"]
+    shape = (k["img_channels"], k["img_resolution"], k["img_resolution"])
+    seeds = list(range(args.seed, args.seed + args.generate))[rank::world]
+    out_x, nfes = [], []
+    for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
+        noise, _ = inputs_for_seeds(seeds[i : i + args.gen_batch], shape)
+        try:
+            x, nfe = sample(net, noise.to(device), args.nfe, None, args.solver, args.atol, args.rtol)
+        except ValueError as e:
+            fail(str(e))
+        nfes.append(nfe)
+        out_x.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+    mine = (seeds, torch.cat(out_x).numpy() if out_x else None, nfes)
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+    if rank == 0:
+        nfes = [v for p in parts for v in p[2]]
+        parts = [p for p in parts if p[0]]
+        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+        images = np.concatenate([p[1] for p in parts])[order]
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images, seeds=np.arange(args.seed, args.seed + args.generate))
+        os.replace(tmp, args.out)
+        grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        save_image_grid(grid, os.path.splitext(args.out)[0] + ".png")
+        print(
+            f"wrote {len(images)} images to {args.out} ({args.solver}, mean NFE {np.mean(nfes):.1f})",
+            flush=True,
+        )
+    dist_teardown()
+
+
+# --- command line ---
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="LOOM-CFM: flow matching with a persistent minibatch-refined OT assignment.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", default=None, help="training images: cifar10 | shapes | FILE.npz | DIR")
+    p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
+    p.add_argument("--xflip", action="store_true", help="mirrored images as extra data indices (paper: on)")
+    p.add_argument("--outdir", default="runs/loom", help="checkpoints, grids, log.jsonl, args.json")
+    p.add_argument("--caches", type=int, default=4, help="noises per image, Sec. 3.2 (CIFAR-10: 4)")
+    p.add_argument(
+        "--cost", default="sqeuclidean", choices=["sqeuclidean", "l2"], help="c(x, z); l2: official"
+    )
+    p.add_argument(
+        "--noise-store", default="regenerate", choices=["regenerate", "memory"], help="noise of ids"
+    )
+    p.add_argument(
+        "--no-reassign", action="store_true", help="ablation: fixed source, tau stays the identity"
+    )
+    p.add_argument("--fresh-noise", action="store_true", help="ablation: BatchOT, new noise every step")
+    p.add_argument(
+        "--train-after-convergence", type=int, default=0, metavar="EPOCHS",
+        help="ablation: this many assignment-only epochs before training starts",
+    )  # fmt: skip
+    p.add_argument("--cost-every", type=int, default=5000, help="steps between exact global costs (0: off)")
+    p.add_argument("--sigma-min", type=float, default=1e-7, help="CFM sigma of Eq. 3 (Table 4: 1e-7)")
+    p.add_argument("--time-scale", type=float, default=1000.0, help="the UNet sees time_scale * t")
+    p.add_argument("--batch", type=int, default=128, help="global batch = LOOM minibatch (Table 4: 128)")
+    p.add_argument(
+        "--batch-gpu", type=int, default=None, help="samples per forward pass (accumulate the rest)"
+    )
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (Table 4)")
+    p.add_argument("--warmup", type=int, default=5000, help="linear warm-up steps, then constant (Table 4)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay per step (Table 4)")
+    p.add_argument("--duration", type=float, default=50.0, help="training Mimg (Table 4: 391k steps of 128)")
+    p.add_argument("--model-channels", type=int, default=128, help="UNet base width (Table 4: 128)")
+    p.add_argument("--channel-mult", type=_ints, default=[2, 2, 2], help="width multipliers per resolution")
+    p.add_argument("--num-blocks", type=int, default=4, help="residual blocks per resolution")
+    p.add_argument(
+        "--attn-res", type=_ints, default=[16], help="resolutions with self-attention (Table 4: 16)"
+    )
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout (Table 4: 0.1)")
+    p.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (CPU smoke runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order, caches, noise ids, t")
+    p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    p.add_argument("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
+    p.add_argument("--grid", type=int, default=64, help="images per snapshot grid; 0: none")
+    p.add_argument("--grid-nfe", type=_ints, default=[1, 20], help="Euler NFEs of the snapshot grids")
+    p.add_argument("--resume", default=None, help="checkpoint file or run folder: weights and the assignment")
+    p.add_argument(
+        "--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt instead"
+    )
+    p.add_argument("--ckpt", default=None, help="loom_cfm checkpoint (or run folder) for --generate")
+    p.add_argument("--out", default="samples.npz", help="output .npz of --generate (a .png grid beside it)")
+    p.add_argument("--solver", default="midpoint", choices=["euler", "midpoint", "dopri5"], help="ODE solver")
+    p.add_argument("--nfe", type=int, default=8, help="--generate: evaluations for euler / midpoint (4/8/12)")
+    p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
+    p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
+    p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
+    args = p.parse_args(argv)
+    if args.generate:
+        if not args.ckpt:
+            p.error("--generate needs --ckpt")
+    elif not args.data:
+        p.error("--data is required for training (cifar10 | shapes | FILE.npz | DIR)")
+    if args.tiny:
+        args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
+    if args.caches < 1:
+        p.error(f"--caches must be at least 1, got {args.caches}")
+    if args.no_reassign and args.fresh_noise:
+        p.error("--no-reassign and --fresh-noise are different ablations: choose one")
+    for name in ("batch", "duration", "log_every", "snap_every", "gen_batch", "time_scale"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if min(args.warmup, args.cost_every, args.train_after_convergence) < 0 or args.sigma_min < 0:
+        p.error("--warmup, --cost-every, --train-after-convergence and --sigma-min must be >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    generate(args) if args.generate else train(args)
+
+
+if __name__ == "__main__":
+    main()
