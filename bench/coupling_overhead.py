@@ -1,6 +1,6 @@
 """Cost of the coupling: training seconds per step with each coupling divided by independent CFM, and solve
-time of exact OT vs Sinkhorn vs problem size. Shared by the coupling methods (cfm_couplings now; loom_cfm,
-dansm and aot_edm add their rows as they land).
+time of exact OT vs Sinkhorn vs problem size. Shared by the coupling methods (cfm_couplings and loom_cfm
+now; dansm and aot_edm add their rows as they land).
 
     # CPU: the full UNet at batch 8 (about 12 s per step)
     python bench/coupling_overhead.py --full-batch 8 --steps 3 --warmup 1 \\
@@ -8,7 +8,7 @@ dansm and aot_edm add their rows as they land).
     # GPU: batch 128 everywhere
     python bench/coupling_overhead.py --steps 20 --warmup 3 --out bench/coupling_overhead_gpu.json
 
-Part 1 runs cfm_couplings.py's own training loop (`main`) on CIFAR-10 shapes (4096 synthetic 3 x 32 x 32
+Part 1 runs each method's own training loop (`main`) on CIFAR-10 shapes (4096 synthetic 3 x 32 x 32
 images, unconditional) and keeps the median `sec_per_step` of its log after --warmup steps; everything a
 coupling costs is inside it (noise, cost matrix, solve on rank 0, reordering). With --ot-batch the solve
 falls on one step in ot_batch / batch, so its amortised share (solve_s, as logged) is added to the median.
@@ -30,13 +30,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cfm_couplings  # noqa: E402
+import loom_cfm  # noqa: E402
 
 NETS = {"tiny": ["--tiny"], "full": []}  # full: DDPM++ CIFAR-10 (128 channels, (2, 2, 2), 4 blocks)
-CONFIGS = {
-    "independent": ["--coupling", "independent"],
-    "ot": ["--coupling", "ot"],
-    "ot (ot-batch 1024)": ["--coupling", "ot", "--ot-batch", "1024"],
-    "sinkhorn": ["--coupling", "sinkhorn"],
+CONFIGS = {  # name: (method module, flags); the first is the baseline of the ratios
+    "independent": (cfm_couplings, ["--coupling", "independent", "--cond", "off"]),
+    "ot": (cfm_couplings, ["--coupling", "ot", "--cond", "off"]),
+    "ot (ot-batch 1024)": (cfm_couplings, ["--coupling", "ot", "--ot-batch", "1024", "--cond", "off"]),
+    "sinkhorn": (cfm_couplings, ["--coupling", "sinkhorn", "--cond", "off"]),
+    "loom (4 caches)": (loom_cfm, ["--caches", "4", "--cost-every", "0"]),
 }
 
 
@@ -46,8 +48,9 @@ def sync():
 
 
 def step_seconds(data, net_flags, config, batch, steps, warmup):
+    module, flags = config
     with tempfile.TemporaryDirectory() as out:
-        argv = ["--data", data, "--outdir", out, "--batch", str(batch), "--cond", "off", "--grid", "0"]
+        argv = ["--data", data, "--outdir", out, "--batch", str(batch), "--grid", "0"]
         argv += [
             "--duration",
             str((steps + warmup) * batch / 1e6),
@@ -56,7 +59,7 @@ def step_seconds(data, net_flags, config, batch, steps, warmup):
             "--snap-every",
             "100000",
         ]
-        cfm_couplings.main(argv + net_flags + config)
+        module.main(argv + net_flags + flags)
         with open(os.path.join(out, "log.jsonl")) as f:
             recs = [json.loads(line) for line in f][warmup:]
     return statistics.median(r["sec_per_step"] for r in recs), statistics.mean(r["solve_s"] for r in recs)
@@ -108,11 +111,11 @@ def main():
             step_seconds(data, net_flags, CONFIGS["independent"], batch, 1, 1)  # warm caches and allocator
             for name, config in CONFIGS.items():
                 sec, solve = step_seconds(data, net_flags, config, batch, args.steps, args.warmup)
-                if "--ot-batch" in config:  # its solve falls on 1 step in ot_batch / batch: add that share
+                if "--ot-batch" in config[1]:  # its solve falls on 1 step in ot_batch / batch: add that share
                     sec += solve
                 base = base or sec
-                rows.append(dict(net=net, batch=batch, coupling=name, sec_per_step=sec, solve_s=solve,
-                                 ratio=sec / base))  # fmt: skip
+                rows.append(dict(net=net, batch=batch, coupling=name, method=config[0].METHOD,
+                                 sec_per_step=sec, solve_s=solve, ratio=sec / base))  # fmt: skip
                 print(f"{net:5s} batch {batch:4d} {name:20s} {sec:8.4f} s/step  x{sec / base:.3f}  "
                       f"(solve {solve * 1e3:.1f} ms/step)", flush=True)  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,6 +127,14 @@ def main():
             f"solve n={n:5d}: exact OT {t['ot'] * 1e3:9.1f} ms   sinkhorn {t['sinkhorn'] * 1e3:9.1f} ms",
             flush=True,
         )
+    n_imagenet = 1_281_167
+    tau = torch.arange(n_imagenet)  # LOOM's whole state at ImageNet size, 1 cache
+    memory = dict(loom_tau_bytes_imagenet_1cache=tau.numel() * tau.element_size(),
+                  loom_noise_store_bytes_cifar10_xflip_4caches=100_000 * 4 * 3 * 32 * 32 * 4)  # fmt: skip
+    print(
+        f"LOOM assignment at n = {n_imagenet} x 1 cache: "
+        f"{memory['loom_tau_bytes_imagenet_1cache'] / 2**20:.1f} MiB"
+    )
     result = dict(
         machine=platform.processor() or platform.machine(),
         device=torch.cuda.get_device_name()
@@ -133,6 +144,7 @@ def main():
         steps=args.steps,
         training=rows,
         solve=solves,
+        memory=memory,
     )
     if args.out:
         with open(args.out, "w") as f:
