@@ -1063,8 +1063,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay per step (Table 4)")
     p.add_argument("--duration", type=float, default=50.0, help="training Mimg (Table 4: 391k steps of 128)")
     p.add_argument("--model-channels", type=int, default=128, help="UNet base width (Table 4: 128)")
-    p.add_argument("--channel-mult", type=_ints, default=[2, 2, 2], help="width multipliers per resolution")
-    p.add_argument("--num-blocks", type=int, default=4, help="residual blocks per resolution")
+    p.add_argument("--channel-mult", type=_ints, default=[1, 2, 2, 2], help="width multipliers (Table 4)")
+    p.add_argument("--num-blocks", type=int, default=2, help="residual blocks per resolution (Table 4)")
     p.add_argument(
         "--attn-res", type=_ints, default=[16], help="resolutions with self-attention (Table 4: 16)"
     )

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cfm_couplings  # noqa: E402
 import loom_cfm  # noqa: E402
 
-NETS = {"tiny": ["--tiny"], "full": []}  # full: DDPM++ CIFAR-10 (128 channels, (2, 2, 2), 4 blocks)
+NETS = {"tiny": ["--tiny"], "full": ["--channel-mult", "2,2,2", "--num-blocks", "4"]}  # full: DDPM++ 55.7M
 CONFIGS = {  # name: (method module, flags); the first is the baseline of the ratios
     "independent": (cfm_couplings, ["--coupling", "independent", "--cond", "off"]),
     "ot": (cfm_couplings, ["--coupling", "ot", "--cond", "off"]),
