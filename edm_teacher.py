@@ -409,6 +409,7 @@ class EDMPrecond(nn.Module):
 
 
 # --- end shared: EDM preconditioning ---
+# --- shared: EDM loss and sampler (identical in edm_teacher, aot_edm) ---
 
 
 def edm_loss(net, y, labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, sigma=None, n=None):
@@ -505,6 +506,7 @@ def noise_for_seeds(seeds, shape, label_dim=0):
     return noise, (torch.tensor(labels, dtype=torch.long) if label_dim else None)
 
 
+# --- end shared: EDM loss and sampler ---
 # --- official EDM checkpoints ---
 # EDM's snapshots (edm-cifar10-32x32-{cond,uncond}-vp.pkl, ...) are pickles in which every layer is rebuilt by
 # torch_utils.persistence._reconstruct_persistent_obj(meta), which EXECUTES meta["module_src"]. We never do:

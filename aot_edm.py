@@ -1,0 +1,1055 @@
+"""AOT: EDM trained with Approximated Optimal Transport (Kim et al., "Improving Diffusion-Based Generative
+Models via Approximated Optimal Transport", 2024).
+
+EDM (edm_teacher.py) pairs every training image with independent noise. AOT instead draws a round of N images
+and N standard-normal noises, solves the assignment problem between them (Eq. 8, the Hungarian algorithm on
+the L2 cost between image and noise), and trains EDM's denoiser on the assigned pairs: the noisy input is
+x = y + sigma * eps' with eps' the noise chosen for y. The N pairs are consumed as minibatches until each has
+been used once, then the next round is drawn (Alg. 1). For class-conditional data the assignment is solved
+within each class (Alg. 2), so every class keeps exactly the noises it drew: the noise marginal stays N(0, I)
+and labels stay independent of the noise. Everything else (network, preconditioning, loss, sigma law, EMA,
+learning rate, Heun sampler) is EDM's, in the same code as edm_teacher.py (a fenced shared block).
+
+Convention (EDM): sigma in [0.002, 80]; sampling starts at x = 80 * noise and ends at sigma = 0. The paper
+sweeps the schedule exponent rho (3..421) and the number of Heun steps (8..18): `sample(..., rho=...)`.
+
+Distributed policy (the paper's): every process draws its own rounds of --aot-pairs N pairs and solves them
+alone; rank k takes images k*N..(k+1)*N-1 of the global round's slice of the epoch stream, so every image is
+still used once per epoch. Pairs therefore depend on the number of processes (as in the paper); the rest of
+the run is seeded as edm_teacher.py.
+
+Commands
+  CPU smoke run on a synthetic dataset (tiny net, pools of 128 pairs):
+    python aot_edm.py --data shapes --outdir runs/aot-shapes --tiny --duration 0.05 --batch 64 --aot-pairs 128
+  The paper's unconditional CIFAR-10 run (Sec. 5.1: batch 256 on 4 GPUs, N = 512 pairs per GPU):
+    torchrun --standalone --nproc_per_node=4 aot_edm.py --data cifar10 --xflip --outdir runs/aot-cifar10
+  Conditional (batch 128, N = 2048): add --cond (the defaults of --batch and --aot-pairs follow it)
+  Sample with the paper's best schedule, and sweep rho x steps (Table 4) with evaluate.py's FID:
+    python aot_edm.py --generate 50000 --ckpt runs/aot-cifar10 --steps 14 --rho 90 --out aot.npz
+    python aot_edm.py --sweep-rho --ckpt runs/aot-cifar10 --rhos 3,7,27,90 --sweep-steps 8,14,18 \\
+        --num-images 50000 --out-json sweep.json
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --- shared: UNet (identical in every method file) ---
+# DDPM++ UNet (Song et al. 2021), structured as EDM's SongUNet so that its state_dict keys match the official
+# EDM checkpoints exactly. Down-sampling is a 2x2 box filter, up-sampling nearest, both applied before conv.
+
+
+def _xavier(shape, fan_in, fan_out, gain=1.0):
+    return (torch.rand(shape) * 2 - 1) * math.sqrt(6 / (fan_in + fan_out)) * gain
+
+
+class Linear(nn.Module):
+    def __init__(self, cin, cout, bias=True, gain=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(_xavier([cout, cin], cin, cout, gain))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Conv2d(nn.Module):
+    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0):
+        super().__init__()
+        self.up, self.down = up, down
+        fan_in, fan_out = cin * kernel * kernel, cout * kernel * kernel
+        self.weight = nn.Parameter(_xavier([cout, cin, kernel, kernel], fan_in, fan_out, gain))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        # EDM stores the [1,1] resample filter as a buffer: keep it so that official weights load by key.
+        f = torch.ones(2, 2).div(4).view(1, 1, 2, 2)
+        self.register_buffer("resample_filter", f if up or down else None)
+
+    def forward(self, x):
+        c = x.shape[1]
+        if self.up:  # nearest x2 as a transposed conv with the (4 * box) filter
+            x = F.conv_transpose2d(
+                x, self.resample_filter.mul(4).tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2
+            )
+        if self.down:  # 2x2 average
+            x = F.conv2d(x, self.resample_filter.tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2)
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
+
+
+def _group_norm(c):
+    return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
+
+
+class UNetBlock(nn.Module):
+    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0):
+        super().__init__()
+        self.in_channels, self.out_channels, self.dropout = cin, cout, dropout
+        self.norm0 = _group_norm(cin)
+        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
+        self.affine = Linear(emb_ch, cout)
+        self.norm1 = _group_norm(cout)
+        self.conv1 = Conv2d(cout, cout, 3, gain=1e-5)
+        self.skip = Conv2d(cin, cout, 1, up=up, down=down) if (cin != cout or up or down) else None
+        self.attention = attention
+        if attention:
+            self.norm2 = _group_norm(cout)
+            self.qkv = Conv2d(cout, cout * 3, 1, gain=math.sqrt(0.2))
+            self.proj = Conv2d(cout, cout, 1, gain=1e-5)
+
+    def forward(self, x, emb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None].to(h.dtype)))
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        x = (h + (x if self.skip is None else self.skip(x))) * math.sqrt(0.5)
+        if self.attention:  # one head; qkv channels interleaved as (c, 3), as in EDM
+            n, c, hh, ww = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, hh * ww).unbind(2)
+            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c)).softmax(dim=2)
+            a = torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)
+            x = (self.proj(a.reshape(n, c, hh, ww)) + x) * math.sqrt(0.5)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=128,
+        channel_mult=(2, 2, 2),
+        num_blocks=4,
+        attn_resolutions=(16,),
+        dropout=0.10,
+    ):
+        super().__init__()
+        mc, emb = model_channels, model_channels * 4
+        self.map_label = Linear(label_dim, mc) if label_dim else None
+        self.map_augment = Linear(augment_dim, mc, bias=False) if augment_dim else None
+        self.map_layer0, self.map_layer1 = Linear(mc, emb), Linear(emb, emb)
+        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
+        cout, skips = in_channels, []
+        for level, mult in enumerate(channel_mult):
+            r = img_resolution >> level
+            if level == 0:
+                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc, 3), mc
+            else:
+                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, emb, down=True, dropout=dropout)
+            skips.append(cout)
+            for i in range(num_blocks):
+                attn = r in attn_resolutions
+                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout, mc * mult, emb, attention=attn, dropout=dropout
+                )
+                cout = mc * mult
+                skips.append(cout)
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            r = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, emb, attention=True, dropout=dropout)
+                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, emb, dropout=dropout)
+            else:
+                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, emb, up=True, dropout=dropout)
+            for i in range(num_blocks + 1):
+                attn = i == num_blocks and r in attn_resolutions
+                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout + skips.pop(), mc * mult, emb, attention=attn, dropout=dropout
+                )
+                cout = mc * mult
+        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = _group_norm(cout)
+        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        # Positional embedding of the noise label (endpoint=True), halves ordered [sin, cos] as in EDM.
+        half = self.map_layer0.weight.shape[1] // 2
+        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / (half - 1))
+        arg = noise_labels.float().ger(freqs)
+        emb = torch.cat([arg.sin(), arg.cos()], dim=1)
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if name.endswith("aux_norm"):
+                x = F.silu(block(x))
+            elif name.endswith("aux_conv"):
+                x = block(x)
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return x
+
+
+# --- end shared: UNet ---
+
+# --- shared: runtime (identical in every method file) ---
+# Distributed setup, per-step seeding, EMA, atomic checkpoints, data order and rank-0 logging.
+
+
+def fail(msg):
+    """Stop with a one-line message for the user (exit code 1), not a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+def dist_setup():
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def dist_teardown():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_mean(value, device):
+    """Mean of a float over ranks."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t.item()
+
+
+def seed_step(seed, rank, world_size, step):
+    """Seed torch's global RNGs from (seed * world_size + rank, step): resume needs no stored RNG state."""
+    state = np.random.SeedSequence([seed * world_size + rank, step]).generate_state(2)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch: a permutation of range(n) that depends only on (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(n, batch, step, seed):
+    """Global data indices of training step `step`: consecutive slices of a stream of epoch permutations.
+    Independent of the world size; rank r takes the r-th slice of the per-rank batch."""
+    pos = step * batch + torch.arange(batch)
+    epochs = pos // n
+    out = torch.empty(batch, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        sel = epochs == e
+        out[sel] = epoch_order(n, seed, e)[pos[sel] % n]
+    return out
+
+
+def edm_ema_beta(batch, nimg, halflife_kimg, rampup_ratio):
+    """EDM's EMA decay: half-life in images, ramped up as min(halflife, rampup_ratio * images seen)."""
+    halflife = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife = min(halflife, nimg * rampup_ratio)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def ema_update(ema, net, beta):
+    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+        p_ema.copy_(p.detach().lerp(p_ema, beta))
+    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt, outdir, step):
+    """Write <outdir>/ckpt-<step>.pt and point <outdir>/latest.pt at it (both atomic)."""
+    name = f"ckpt-{step:07d}.pt"
+    atomic_save(ckpt, os.path.join(outdir, name))
+    tmp = os.path.join(outdir, f"latest.pt.tmp{os.getpid()}")
+    os.symlink(name, tmp)
+    os.replace(tmp, os.path.join(outdir, "latest.pt"))
+
+
+def load_checkpoint(path):
+    """Load one of our checkpoints safely (tensors and plain containers only). A directory means latest.pt."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "latest.pt")
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign or corrupt file: say which, do not unpickle it unsafely
+        fail(f"cannot read {path} as a weights-only torch checkpoint: {str(e).strip().splitlines()[0]}")
+
+
+class Logger:
+    """Rank 0 prints `k=v` lines and appends the same record as JSON to <outdir>/log.jsonl."""
+
+    def __init__(self, outdir, rank):
+        self.rank, self.path = rank, os.path.join(outdir, "log.jsonl") if outdir else None
+
+    def print(self, *a):
+        if self.rank == 0:
+            print(*a, flush=True)
+
+    def log(self, **rec):
+        if self.rank != 0:
+            return
+        print(
+            " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
+            flush=True,
+        )
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step (agreed on by all ranks)."""
+
+    def __init__(self):
+        self.requested = False
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def any(self, device):
+        t = torch.tensor([int(self.requested)], device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        return bool(t.item())
+
+
+def save_image_grid(images, path):
+    """images: [N, C, H, W] floats in [-1, 1] -> a PNG grid (EDM's quantisation)."""
+    from PIL import Image
+
+    x = (images * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
+    for i in range(n):
+        grid[:, (i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
+
+
+# --- end shared: runtime ---
+
+
+# --- method: EDM with Approximated Optimal Transport (Kim et al.) ---
+METHOD = "aot_edm"
+VERSION = 1
+
+
+# --- shared: EDM preconditioning (identical in edm_teacher, aot_edm, lmm) ---
+
+
+def edm_precond(sigma, sigma_data=0.5):
+    """EDM Table 1 ("Ours" column): the preconditioning coefficients (c_skip, c_out, c_in, c_noise)."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+class EDMPrecond(nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Eq. 7), computed in float32.
+    class_labels: int64 class indices [N] or one-hot floats [N, label_dim]."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, **unet_kwargs):
+        super().__init__()
+        self.img_resolution, self.img_channels = img_resolution, img_channels
+        self.label_dim, self.sigma_data = label_dim, sigma_data
+        self.model = UNet(img_resolution, img_channels, img_channels, label_dim=label_dim, **unet_kwargs)
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None):
+        x = x.float()
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        sigma = sigma.expand(x.shape[0], 1, 1, 1)
+        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+        f_x = self.model(c_in * x, c_noise.flatten(), self.one_hot(class_labels), augment_labels)
+        return c_skip * x + c_out * f_x.float()
+
+    def one_hot(self, labels):
+        if not self.label_dim:
+            return None
+        if labels is None:
+            raise ValueError("this network is class-conditional: pass class_labels (int64 [N] or one-hot)")
+        if not labels.is_floating_point():
+            return F.one_hot(labels.long(), self.label_dim).float()
+        return labels.float().reshape(-1, self.label_dim)
+
+
+# --- end shared: EDM preconditioning ---
+# --- shared: EDM loss and sampler (identical in edm_teacher, aot_edm) ---
+
+
+def edm_loss(net, y, labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, sigma=None, n=None):
+    """EDM Eq. 2 with Table 1's training choices, per element [N, C, H, W]:
+    ln(sigma) ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+    sigma [N, 1, 1, 1] and n (standard normal, like y) may be given; otherwise drawn here."""
+    if sigma is None:
+        sigma = (torch.randn(y.shape[0], 1, 1, 1, device=y.device) * P_std + P_mean).exp()
+    if n is None:
+        n = torch.randn_like(y)
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    denoised = net(y + sigma * n, sigma.flatten(), class_labels=labels)
+    return weight * (denoised - y) ** 2
+
+
+def karras_sigmas(N, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM Eq. 5: N noise levels from sigma_max to sigma_min, then sigma_N = 0. Float64, as in EDM:
+    the last non-zero level must be 0.002000000000000003, not a float32 rounding of it."""
+    if N < 1:
+        raise ValueError(f"need at least one sampling step, got N={N}")
+    i = torch.arange(N, dtype=torch.float64)
+    t = (
+        sigma_max ** (1 / rho) + i / max(N - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    ) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def edm_sampler(
+    net, noise, sigmas, labels=None, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, generator=None
+):
+    """EDM Algorithm 2 (Algorithm 1, deterministic Heun, when S_churn = 0). sigmas: float64 [N+1], last 0.
+    Heun correction on every step but the last, which is Euler (sigma_N = 0): 2N - 1 network calls.
+    Returns (x float32, number of network calls)."""
+    N = len(sigmas) - 1
+    x = noise.double() * sigmas[0]  # x_0 ~ N(0, sigma_0^2 I)
+    nfe = 0
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
+        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
+        t_hat = t_cur + gamma * t_cur  # Alg. 2 line 5: temporarily raise the noise level
+        if gamma > 0:
+            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+            x = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * eps
+        d = (x - net(x, t_hat, class_labels=labels).double()) / t_hat  # dx/dsigma (Eq. 4 with sigma(t) = t)
+        x_next = x + (t_next - t_hat) * d  # Euler step
+        nfe += 1
+        if i < N - 1:  # 2nd-order correction (Alg. 1 lines 9-11), skipped when sigma_{i+1} = 0
+            d_next = (x_next - net(x_next, t_next, class_labels=labels).double()) / t_next
+            x_next = x + (t_next - t_hat) * (0.5 * d + 0.5 * d_next)
+            nfe += 1
+        x = x_next
+    return x.float(), nfe
+
+
+def build_net(net_kwargs):
+    """The trained network: an EDM denoiser net(x, sigma, class_labels=None) -> D(x; sigma)."""
+    return EDMPrecond(**net_kwargs)
+
+
+def sample(
+    net, noise, nfe, labels=None, steps=None, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigmas=None, **churn
+):
+    """DESIGN 4: noise [N, C, H, W] standard normal -> (images in [-1, 1], true NFE).
+    nfe asks for N = (nfe + 1) // 2 Heun steps, which use 2N - 1 evaluations (35 -> 18 steps); `steps` or an
+    explicit float64 `sigmas` schedule override it. churn: S_churn, S_min, S_max, S_noise, generator."""
+    if sigmas is None:
+        sigmas = karras_sigmas(steps or max(1, (nfe + 1) // 2), sigma_min, sigma_max, rho)
+    return edm_sampler(net, noise, sigmas.to(noise.device), labels, **churn)
+
+
+def ode_start(net, noise):
+    """x at t = 0 of the common clock (DESIGN 4): sigma_max * noise."""
+    return noise * 80.0
+
+
+def ode_velocity(net, x, t, labels=None, sigma_min=0.002, sigma_max=80.0):
+    """The probability-flow ODE (EDM Eq. 4, dx/dsigma = (x - D(x; sigma)) / sigma) on the common clock t in
+    [0, 1] with sigma(t) = sigma_max (1 - t), noise at t = 0: dx/dt = sigma_max (D(x; sigma) - x) / sigma."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+    sigma = (sigma_max * (1 - t)).clamp(min=sigma_min)
+    return (net(x, sigma, class_labels=labels) - x) * (sigma_max / sigma).reshape(-1, 1, 1, 1)
+
+
+def noise_for_seeds(seeds, shape, label_dim=0):
+    """EDM's per-image seeds: image i's noise (and uniform class label, drawn after it) come from a generator
+    seeded with seeds[i], so a generated set does not depend on the number of processes or the batch."""
+    noise, labels = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        noise.append(torch.randn(shape, generator=g))
+        if label_dim:
+            labels.append(torch.randint(label_dim, [], generator=g))
+    noise = torch.stack(noise) if noise else torch.empty(0, *shape)
+    return noise, (torch.tensor(labels, dtype=torch.long) if label_dim else None)
+
+
+# --- end shared: EDM loss and sampler ---
+
+
+# --- AOT: the assignment of one round (Alg. 1-2, Eq. 8) ---
+
+
+def aot_cost(eps, y, cost="l2"):
+    """W[i, j] = ||y_i - eps_j|| (AOT Sec. 4: L2 between the i-th image and the j-th noise), or its square
+    (--cost sqeuclidean), float64 [N, N]."""
+    w = torch.cdist(y.flatten(1).double(), eps.flatten(1).double())
+    return w.square() if cost == "sqeuclidean" else w
+
+
+def aot_assign(eps, y, labels=None, cost="l2"):
+    """AOT Eq. 8 -> perm: image i trains with noise eps[perm[i]], a permutation of the round's noises.
+    With labels, Alg. 2: solved within each class on that class's positions, so the noises of a class's
+    positions are only permuted among themselves (the multiset per class is unchanged)."""
+    from scipy.optimize import linear_sum_assignment
+
+    n = len(y)
+    perm = torch.arange(n)
+    groups = (
+        [perm.clone()]
+        if labels is None
+        else [torch.nonzero(labels.cpu() == k).flatten() for k in labels.cpu().unique()]
+    )
+    for g in groups:
+        gd = g.to(y.device)
+        _, cols = linear_sum_assignment(aot_cost(eps[gd], y[gd], cost).cpu().numpy())
+        perm[g] = g[torch.as_tensor(cols, dtype=torch.long)]
+    return perm
+
+
+def pair_cost(eps, y, cost="l2"):
+    """c(eps_i, y_i) per pair [N], float64."""
+    d = (y.double() - eps.double()).flatten(1).square().sum(1)
+    return d if cost == "sqeuclidean" else d.sqrt()
+
+
+def draw_sigma(n, P_mean, P_std, device):
+    """EDM's training noise levels, ln(sigma) ~ N(P_mean, P_std^2), drawn exactly as edm_loss draws them."""
+    return (torch.randn(n, 1, 1, 1, device=device) * P_std + P_mean).exp()
+
+
+class Rounds:
+    """This process's rounds of N pairs (Alg. 1). Round r takes images r*N*world + rank*N ... of the epoch
+    stream (batch_indices with batch N * world) and N noises; step s uses rows (s mod N/B) * B ... of round
+    s // (N/B). A round's noise is drawn from the global generator right after the round's first step is
+    seeded and its sigmas drawn, so that with N = B and no assignment every draw is edm_teacher.py's."""
+
+    def __init__(self, args, images, labels, n_data, shape, device, rank, world):
+        self.args, self.images, self.labels, self.n_data = args, images, labels, n_data
+        self.shape, self.device, self.rank, self.world = shape, device, rank, world
+        self.B = args.batch // world
+        self.per_round = args.aot_pairs // self.B
+        self.cached = None
+
+    def make(self, r):
+        a = self.args
+        idx = batch_indices(self.n_data, a.aot_pairs * self.world, r, a.seed)
+        idx = idx[self.rank * a.aot_pairs : (self.rank + 1) * a.aot_pairs]
+        y, lab = get_batch(self.images, self.labels, idx, self.device)  # x-flip is the augmentation
+        seed_step(a.seed, self.rank, self.world, r * self.per_round)
+        draw_sigma(self.B, a.P_mean, a.P_std, self.device)  # the first step's sigmas come first
+        eps = torch.randn([a.aot_pairs, *self.shape], device=self.device)
+        t0 = time.time()
+        perm = aot_assign(eps, y, lab, a.cost) if a.assign else torch.arange(a.aot_pairs)
+        stats = dict(
+            solve_s=time.time() - t0,
+            cost_before=pair_cost(eps, y, a.cost).mean().item(),
+            cost_after=pair_cost(eps[perm.to(self.device)], y, a.cost).mean().item(),
+        )
+        self.cached = (r, y, lab, eps[perm.to(self.device)], stats)
+
+    def step(self, step):
+        """(images, labels, assigned noise) of this process for one training step, and its round's stats."""
+        r = step // self.per_round
+        if self.cached is None or self.cached[0] != r:
+            if step % self.per_round == 0:
+                self.make(r)  # leaves the generator where edm_teacher's step would be after its noise
+            else:  # resumed inside a round: rebuild it without disturbing this step's random state
+                cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda):
+                    self.make(r)
+        _, y, lab, eps, stats = self.cached
+        rows = slice((step % self.per_round) * self.B, (step % self.per_round + 1) * self.B)
+        return y[rows], None if lab is None else lab[rows], eps[rows], stats
+
+
+# --- shared: data (identical in every method file) ---
+# --data cifar10 | shapes | FILE.npz | DIR -> uint8 images held on the device; --xflip as extra indices.
+
+
+def make_shapes(n=4096, res=16, seed=0):
+    """A synthetic dataset for CPU smoke runs: one disc (label 0) or square (label 1) of random colour,
+    size and position on a random background. Returns uint8 [n, res, res, 3] and int64 labels [n]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+    cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
+    r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
+    labels = rng.integers(0, 2, n)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    square = np.maximum(np.abs(yy - cy), np.abs(xx - cx)) <= r
+    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
+    fg, bg = rng.integers(0, 256, (2, n, 1, 1, 3))
+    return np.where(mask, fg, bg).astype(np.uint8), labels.astype(np.int64)
+
+
+def load_images(spec, data_dir="datasets"):
+    """--data cifar10 | shapes | FILE.npz | DIR -> (uint8 [N, C, H, W] tensor, int64 labels [N] or None)."""
+    labels = None
+    if spec == "cifar10":
+        import torchvision
+
+        try:
+            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+        except Exception as e:
+            fail(
+                f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
+                f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/ or pass --data FILE.npz"
+            )
+        images, labels = ds.data, np.asarray(ds.targets, dtype=np.int64)
+    elif spec == "shapes":
+        images, labels = make_shapes()
+    elif spec.endswith(".npz"):
+        if not os.path.isfile(spec):
+            fail(f"data file not found: {spec} (expected an .npz with uint8 'images' [N, H, W, C])")
+        with np.load(spec) as f:
+            if "images" not in f:
+                fail(f"{spec} has no 'images' array (found {sorted(f.keys())}); expected uint8 [N, H, W, C]")
+            images = f["images"]
+            labels = f["labels"].astype(np.int64) if "labels" in f else None
+    elif os.path.isdir(spec):
+        images, labels = _load_folder(spec)
+    else:
+        fail(f"--data {spec!r} is neither 'cifar10', 'shapes', an existing .npz file nor a folder of images")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        fail(
+            f"images in {spec} must be uint8 [N, H, W, C] with C in (1, 3); got {images.dtype} {images.shape}"
+        )
+    if images.shape[1] != images.shape[2]:
+        fail(f"images in {spec} must be square; got {images.shape[1]}x{images.shape[2]}")
+    if labels is not None and labels.shape != (len(images),):
+        fail(f"labels in {spec} must have shape [{len(images)}]; got {labels.shape}")
+    images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return images, None if labels is None else torch.from_numpy(labels)
+
+
+def _load_folder(path):
+    """An image folder (png/jpg, sorted by relative path); labels from EDM's dataset.json when present."""
+    from PIL import Image
+
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), path)
+        for d, _, fs in os.walk(path)
+        for f in fs
+        if f.lower().endswith((".png", ".jpg", ".jpeg"))
+    )
+    if not files:
+        fail(f"no .png/.jpg images found under {path}")
+    images = np.stack([np.atleast_3d(np.asarray(Image.open(os.path.join(path, f)))) for f in files])
+    labels = None
+    meta = os.path.join(path, "dataset.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            table = dict(json.load(f).get("labels") or [])
+        missing = [f for f in files if f.replace(os.sep, "/") not in table]
+        if missing:
+            fail(f"{meta} has no label for {len(missing)} image(s), e.g. {missing[0]}")
+        labels = np.asarray([table[f.replace(os.sep, "/")] for f in files], dtype=np.int64)
+    return images, labels
+
+
+def get_batch(images, labels, idx, device):
+    """Data index i >= len(images) is the mirror image of i - len(images) (--xflip). -> floats in [-1, 1]."""
+    n, idx = len(images), idx.to(images.device)
+    y = images[idx % n].to(device).float() / 127.5 - 1
+    flip = (idx >= n).to(device)
+    y = torch.where(flip[:, None, None, None], y.flip(3), y)
+    return y, None if labels is None else labels[idx % n].to(device)
+
+
+# --- end shared: data ---
+
+
+# --- training ---
+
+
+def train(args):
+    rank, world, device = dist_setup()
+    log = Logger(args.outdir, rank)
+    torch.backends.cudnn.benchmark = True  # as EDM: fastest kernels for training, tf32 off (full fp32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.batch % world:
+        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
+    batch_rank = args.batch // world
+    batch_gpu = args.batch_gpu or batch_rank
+    if batch_rank % batch_gpu:
+        fail(
+            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
+        )
+    if args.aot_pairs % batch_rank:
+        fail(
+            f"--aot-pairs {args.aot_pairs} (pairs per process and round) must be a multiple of the "
+            f"per-process batch {batch_rank} (= --batch / processes): rounds are used in whole batches"
+        )
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and ckpt.get("method") != METHOD:
+        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+    images, labels = load_images(args.data, args.data_dir)
+    if args.cond and labels is None:
+        fail(f"--cond needs class labels, but {args.data} has none (npz key 'labels' or dataset.json)")
+    n_data = len(images) * (2 if args.xflip else 1)
+    label_dim = int(labels.max()) + 1 if args.cond else 0
+    if args.cond and args.aot_pairs < label_dim:
+        fail(f"--aot-pairs {args.aot_pairs} is smaller than the {label_dim} classes: Alg. 2 solves per class")
+    if args.aot_pairs * world > n_data:
+        fail(f"a round of {args.aot_pairs} pairs x {world} processes exceeds the {n_data} training images")
+    res, levels = images.shape[-1], len(args.channel_mult)
+    if res % 2 ** (levels - 1):
+        fail(f"image size {res} is not divisible by 2^{levels - 1} (--channel-mult has {levels} levels)")
+    net_kwargs = dict(
+        img_resolution=res,
+        img_channels=images.shape[1],
+        label_dim=label_dim,
+        augment_dim=0,
+        model_channels=args.model_channels,
+        channel_mult=list(args.channel_mult),
+        num_blocks=args.num_blocks,
+        attn_resolutions=list(args.attn_res),
+        dropout=args.dropout,
+    )
+    if ckpt is not None:
+        net_kwargs = ckpt["net_kwargs"]
+        keys = ("data", "batch", "seed", "xflip", "cond", "lr", "aot_pairs", "assign", "cost")
+        changed = {
+            k: (ckpt["args"].get(k), v)
+            for k, v in vars(args).items()
+            if k in keys and ckpt["args"].get(k) != v
+        }
+        if changed:
+            log.print(
+                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
+            )
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    net = build_net(net_kwargs).to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    step, nimg = 0, 0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+        log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg)")
+    ddp = net
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if device.type == "cuda" else None
+        )
+    if rank == 0:
+        os.makedirs(args.outdir, exist_ok=True)
+        with open(os.path.join(args.outdir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        log.print(json.dumps(vars(args)))
+        log.print(
+            f"{len(images)} images {tuple(images.shape[1:])}, {sum(p.numel() for p in net.parameters())} "
+            f"parameters, {world} process(es) on {device}; rounds of {args.aot_pairs} pairs per process "
+            f"({args.aot_pairs // batch_rank} steps each), assignment {'on' if args.assign else 'off'}"
+        )
+    images = images.to(device)
+    labels = None if labels is None or not args.cond else labels.to(device)
+    shape = tuple(images.shape[1:])
+    rounds = Rounds(args, images, labels, n_data, shape, device, rank, world)
+    grid_noise, grid_labels = noise_for_seeds(range(args.grid), shape, label_dim)
+    stop, total = StopFlag(), round(args.duration * 1e6)
+    sums, t_last, step_last = {}, time.time(), step
+    while nimg < total:
+        seed_step(args.seed, rank, world, step)
+        sigma = draw_sigma(batch_rank, args.P_mean, args.P_std, device)
+        y, lab, eps, stats = rounds.step(step)  # AOT Alg. 1: this step's slice of the round's assigned pairs
+        for g in opt.param_groups:  # EDM's linear learning-rate ramp-up over --lr-rampup Mimg (0: none)
+            g["lr"] = args.lr * (min(nimg / (args.lr_rampup * 1e6), 1) if args.lr_rampup > 0 else 1)
+        opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        chunks = list(range(0, batch_rank, batch_gpu))
+        for j, lo in enumerate(chunks):
+            sl = slice(lo, lo + batch_gpu)
+            sync = j == len(chunks) - 1 or world == 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                lab_sl = None if lab is None else lab[sl]
+                # AOT Alg. 1 line 13: EDM's loss on the assigned pairs
+                loss = edm_loss(ddp, y[sl], lab_sl, args.P_mean, args.P_std, sigma=sigma[sl], n=eps[sl])
+                loss.sum().mul(1 / batch_rank).backward()  # EDM: sum over the batch / per-rank batch
+            loss_sum += loss.detach().mean().item() * batch_gpu / batch_rank
+        for p in net.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        opt.step()
+        ema_update(ema, net, edm_ema_beta(args.batch, nimg, args.ema, args.ema_rampup))
+        rec = dict(loss=loss_sum, **stats)
+        if step % rounds.per_round:  # the round's solve time counts once, on its first step
+            rec["solve_s"] = 0.0
+        for k, v in rec.items():
+            sums[k] = sums.get(k, 0.0) + v
+        nimg, step = nimg + args.batch, step + 1
+        done, stop_now = nimg >= total, stop.any(device)
+        if step % args.log_every == 0 or done or stop_now:
+            n = max(step - step_last, 1)
+            metrics = {k: all_mean(v / n, device) for k, v in sums.items()}
+            log.log(step=step, kimg=nimg / 1000, **metrics, lr=opt.param_groups[0]["lr"],
+                    sec_per_step=(time.time() - t_last) / n)  # fmt: skip
+            sums, t_last, step_last = {}, time.time(), step
+        if step % args.snap_every == 0 or done or stop_now:
+            if rank == 0:
+                save_checkpoint(
+                    dict(
+                        method=METHOD,
+                        version=VERSION,
+                        args=vars(args),
+                        net_kwargs=net_kwargs,
+                        net=net.state_dict(),
+                        ema=ema.state_dict(),
+                        opt=opt.state_dict(),
+                        step=step,
+                        kimg=nimg / 1000,
+                        state=dict(nimg=nimg),
+                    ),
+                    args.outdir,
+                    step,
+                )
+                if args.grid:
+                    x, _ = sample(
+                        ema,
+                        grid_noise.to(device),
+                        2 * args.grid_steps - 1,
+                        None if grid_labels is None else grid_labels.to(device),
+                    )
+                    save_image_grid(x, os.path.join(args.outdir, f"grid-{step:07d}.png"))
+            barrier()
+        if stop_now:
+            log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
+            break
+    dist_teardown()
+
+
+# --- generation and the rho sweep ---
+
+
+def generate(args):
+    """Write --generate N images (uint8 NHWC npz with seeds and labels, plus a PNG grid of the first 64).
+    Image i's noise and label come from seed --seed + i: identical for any number of processes."""
+    from tqdm import tqdm
+
+    rank, world, device = dist_setup()
+    ckpt = load_checkpoint(args.ckpt)
+    if ckpt.get("method") != METHOD:
+        fail(
+            f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; use that method's file to sample it"
+        )
+    net = build_net(ckpt["net_kwargs"]).eval().requires_grad_(False)
+    net.load_state_dict(ckpt["ema"])
+    net.to(device)
+    k = ckpt["net_kwargs"]
+    shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k["label_dim"]
+    seeds = list(range(args.seed, args.seed + args.generate))[rank::world]
+    out_x, out_y, nfe = [], [], 0
+    for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
+        noise, lab = noise_for_seeds(seeds[i : i + args.gen_batch], shape, label_dim)
+        x, nfe = sample(
+            net, noise.to(device), 2 * args.steps - 1, None if lab is None else lab.to(device), rho=args.rho
+        )
+        out_x.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        out_y.append(lab if lab is not None else torch.zeros(len(x), dtype=torch.long))
+    mine = (seeds, torch.cat(out_x).numpy() if out_x else None, torch.cat(out_y).numpy() if out_y else None)
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+    if rank == 0:
+        parts = [p for p in parts if p[0]]
+        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+        images = np.concatenate([p[1] for p in parts])[order]
+        arrays = dict(images=images, seeds=np.arange(args.seed, args.seed + args.generate))
+        if label_dim:
+            arrays["labels"] = np.concatenate([p[2] for p in parts])[order]
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, args.out)
+        grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        save_image_grid(grid, os.path.splitext(args.out)[0] + ".png")
+        print(
+            f"wrote {len(images)} images to {args.out} ({args.steps} Heun steps, rho {args.rho:g}, NFE {nfe})"
+        )
+    dist_teardown()
+
+
+def sweep_rho(args):
+    """AOT Table 4: a metric over rho x Heun steps for one checkpoint, through evaluate.py (same protocol,
+    same noise for every cell). One evaluate run per rho, the step counts as its NFE list (NFE = 2 steps - 1).
+    evaluate.py's own flags (--metrics fid, --ref-stats, --feature-extractor, ...) follow --eval-args."""
+    import evaluate  # a tool, not a method file: imported only here
+
+    grid = {}
+    nfes = [2 * s - 1 for s in args.sweep_steps]
+    for rho in args.rhos:
+        argv = ["--ckpt", args.ckpt, "--nfe", ",".join(map(str, nfes)), "--sampler-kw", f"rho={rho:g}"]
+        argv += ["--num-images", str(args.num_images), "--seed", str(args.seed), *args.eval_args]
+        rows = evaluate.main(argv)
+        if rows is None:
+            return  # not rank 0 of a multi-process sweep
+        for row in rows:
+            if "nfe_requested" in row and args.metric in row:
+                grid[(rho, (row["nfe_requested"] + 1) // 2)] = row[args.metric]
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"\n{args.metric} by rho (rows) and Heun steps (columns), {args.num_images} images each")
+        print("rho    " + "".join(f"{s:>10d}" for s in args.sweep_steps))
+        for rho in args.rhos:
+            print(
+                f"{rho:<7g}" + "".join(f"{grid.get((rho, s), float('nan')):>10.4g}" for s in args.sweep_steps)
+            )
+        if args.out_json:
+            out = dict(ckpt=args.ckpt, metric=args.metric, rhos=args.rhos, steps=args.sweep_steps,
+                       table=[[grid.get((r, s)) for s in args.sweep_steps] for r in args.rhos])  # fmt: skip
+            tmp = f"{args.out_json}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(out, f, indent=2)
+            os.replace(tmp, args.out_json)
+
+
+# --- command line ---
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def _floats(s):
+    return [float(v) for v in s.split(",") if v]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="EDM with Approximated Optimal Transport (Kim et al.): train, generate, sweep rho.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--data", help="cifar10 | shapes | FILE.npz (uint8 NHWC 'images', optional 'labels') | DIR"
+    )
+    p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
+    p.add_argument("--outdir", default="runs/aot", help="checkpoints, grids, log.jsonl, args.json")
+    p.add_argument("--cond", action="store_true", help="class-conditional: Alg. 2, solved within each class")
+    p.add_argument("--xflip", action="store_true", help="mirrored copies of every image (the augmentation)")
+    p.add_argument(
+        "--aot-pairs", type=int, default=None, help="N pairs per process and round (512; 2048 --cond)"
+    )
+    p.add_argument("--cost", default="l2", choices=["l2", "sqeuclidean"], help="assignment cost (paper: L2)")
+    p.add_argument("--assign", type=int, default=1, choices=[0, 1], help="0: rounds without the assignment")
+    p.add_argument("--batch", type=int, default=None, help="global batch (Sec. 5.1: 256; 128 with --cond)")
+    p.add_argument(
+        "--batch-gpu", type=int, default=None, help="images per forward pass (accumulate the rest)"
+    )
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (EDM CIFAR-10: 1e-3)")
+    p.add_argument("--lr-rampup", type=float, default=10, help="linear lr warm-up, Mimg (EDM: 10)")
+    p.add_argument("--duration", type=float, default=200, help="training length, Mimg (EDM CIFAR-10: 200)")
+    p.add_argument("--ema", type=float, default=500, help="EMA half-life, kimg (EDM: 500)")
+    p.add_argument("--ema-rampup", type=float, default=0.05, help="EMA ramp-up ratio (EDM: 0.05)")
+    p.add_argument("--dropout", type=float, default=0.13, help="dropout (EDM CIFAR-10: 0.13)")
+    p.add_argument("--P-mean", type=float, default=-1.2, help="mean of ln(sigma) in training (EDM: -1.2)")
+    p.add_argument("--P-std", type=float, default=1.2, help="std of ln(sigma) in training (EDM: 1.2)")
+    p.add_argument("--model-channels", type=int, default=128, help="UNet base width (DDPM++: 128)")
+    p.add_argument("--channel-mult", type=_ints, default=[2, 2, 2], help="width multipliers per resolution")
+    p.add_argument("--num-blocks", type=int, default=4, help="residual blocks per resolution")
+    p.add_argument("--attn-res", type=_ints, default=[16], help="resolutions with self-attention")
+    p.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (CPU smoke runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order, rounds, sigmas, dropout")
+    p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    p.add_argument("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
+    p.add_argument("--grid", type=int, default=64, help="images in each snapshot grid; 0: none")
+    p.add_argument("--grid-steps", type=int, default=18, help="Heun steps for the snapshot grids")
+    p.add_argument("--resume", default=None, help="checkpoint file or run folder (its latest.pt) to continue")
+    p.add_argument(
+        "--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt instead"
+    )
+    p.add_argument(
+        "--ckpt", default=None, help="aot_edm checkpoint (or run folder) for --generate / --sweep-rho"
+    )
+    p.add_argument("--out", default="samples.npz", help="output .npz of --generate (a .png grid beside it)")
+    p.add_argument("--steps", type=int, default=18, help="--generate: Heun steps (NFE = 2 steps - 1)")
+    p.add_argument("--rho", type=float, default=7.0, help="--generate: schedule exponent (EDM: 7)")
+    p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
+    p.add_argument("--sweep-rho", action="store_true", help="Table 4: --metric over --rhos x --sweep-steps")
+    p.add_argument("--rhos", type=_floats, default=[3, 5, 9, 16, 27, 47, 81, 140, 243, 421], help="Table 4")
+    p.add_argument("--sweep-steps", type=_ints, default=[8, 14, 18], help="Heun steps of the sweep")
+    p.add_argument("--metric", default="fid", help="the evaluate.py metric of the sweep table (fid, kid)")
+    p.add_argument("--num-images", type=int, default=50000, help="images per sweep cell")
+    p.add_argument(
+        "--eval-args", type=str.split, default=[], help="more evaluate.py flags, e.g. '--ref-stats s.npz'"
+    )
+    p.add_argument("--out-json", default=None, help="--sweep-rho: write the table as JSON here")
+    args = p.parse_args(argv)
+    if args.generate or args.sweep_rho:
+        if not args.ckpt:
+            p.error("--generate and --sweep-rho need --ckpt")
+    elif not args.data:
+        p.error("--data is required for training (or use --generate N / --sweep-rho with --ckpt)")
+    if args.aot_pairs is None:
+        args.aot_pairs = 2048 if args.cond else 512  # AOT Sec. 5.1
+    if args.batch is None:
+        args.batch = 128 if args.cond else 256
+    if args.tiny:
+        args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
+    for name in (
+        "batch",
+        "aot_pairs",
+        "duration",
+        "log_every",
+        "snap_every",
+        "steps",
+        "gen_batch",
+        "num_images",
+    ):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.sweep_rho and "--metrics" not in args.eval_args:
+        args.eval_args += ["--metrics", args.metric]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.sweep_rho:
+        sweep_rho(args)
+    elif args.generate:
+        generate(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()
