@@ -579,7 +579,7 @@ class Rounds:
         t0 = time.time()
         perm = aot_assign(eps, y, lab, a.cost) if a.assign else torch.arange(a.aot_pairs)
         stats = dict(
-            solve_s=time.time() - t0,
+            solve_s=(time.time() - t0) / self.per_round,  # per training step, as the round is used
             cost_before=pair_cost(eps, y, a.cost).mean().item(),
             cost_after=pair_cost(eps[perm.to(self.device)], y, a.cost).mean().item(),
         )
@@ -812,8 +812,6 @@ def train(args):
         opt.step()
         ema_update(ema, net, edm_ema_beta(args.batch, nimg, args.ema, args.ema_rampup))
         rec = dict(loss=loss_sum, **stats)
-        if step % rounds.per_round:  # the round's solve time counts once, on its first step
-            rec["solve_s"] = 0.0
         for k, v in rec.items():
             sums[k] = sums.get(k, 0.0) + v
         nimg, step = nimg + args.batch, step + 1

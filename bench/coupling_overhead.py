@@ -1,6 +1,6 @@
 """Cost of the coupling: training seconds per step with each coupling divided by independent CFM, and solve
-time of exact OT vs Sinkhorn vs problem size. Shared by the coupling methods (cfm_couplings and loom_cfm
-now; dansm and aot_edm add their rows as they land).
+time of exact OT vs Sinkhorn vs problem size. Shared by the coupling methods (cfm_couplings, loom_cfm and
+aot_edm against independent CFM or plain EDM; dansm adds its rows when it lands).
 
     # CPU: the full UNet at batch 8 (about 12 s per step)
     python bench/coupling_overhead.py --full-batch 8 --steps 3 --warmup 1 \\
@@ -10,9 +10,9 @@ now; dansm and aot_edm add their rows as they land).
 
 Part 1 runs each method's own training loop (`main`) on CIFAR-10 shapes (4096 synthetic 3 x 32 x 32
 images, unconditional) and keeps the median `sec_per_step` of its log after --warmup steps; everything a
-coupling costs is inside it (noise, cost matrix, solve on rank 0, reordering). With --ot-batch the solve
-falls on one step in ot_batch / batch, so its amortised share (solve_s, as logged) is added to the median.
-Part 2 times pair_cost + the
+coupling costs is inside it (noise, cost matrix, solve, reordering). Flow couplings are compared with
+independent CFM, AOT with edm_teacher.py. Where the solve falls on one step in several (--ot-batch, AOT's
+rounds), its amortised share (the mean logged solve_s) is added to the median. Part 2 times pair_cost + the
 solver alone for n = 128 .. 2048 on the training device.
 """
 
@@ -29,16 +29,32 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import aot_edm  # noqa: E402
 import cfm_couplings  # noqa: E402
+import edm_teacher  # noqa: E402
 import loom_cfm  # noqa: E402
 
-NETS = {"tiny": ["--tiny"], "full": ["--channel-mult", "2,2,2", "--num-blocks", "4"]}  # full: DDPM++ 55.7M
-CONFIGS = {  # name: (method module, flags); the first is the baseline of the ratios
-    "independent": (cfm_couplings, ["--coupling", "independent", "--cond", "off"]),
-    "ot": (cfm_couplings, ["--coupling", "ot", "--cond", "off"]),
-    "ot (ot-batch 1024)": (cfm_couplings, ["--coupling", "ot", "--ot-batch", "1024", "--cond", "off"]),
-    "sinkhorn": (cfm_couplings, ["--coupling", "sinkhorn", "--cond", "off"]),
-    "loom (4 caches)": (loom_cfm, ["--caches", "4", "--cost-every", "0"]),
+TINY = ["--model-channels", "16", "--channel-mult", "1,2", "--num-blocks", "1", "--attn-res", "8"]
+NETS = {"tiny": TINY, "full": ["--channel-mult", "2,2,2", "--num-blocks", "4"]}  # full: DDPM++ 55.7M
+# Groups of (name: (method module, flags, pooled)); ratios are to the first row of the group. pooled: the
+# coupling is solved on one step in several, so its amortised share (mean solve_s) is added to the median.
+GROUPS = {
+    "flow": {
+        "independent": (cfm_couplings, ["--coupling", "independent", "--cond", "off"], False),
+        "ot": (cfm_couplings, ["--coupling", "ot", "--cond", "off"], False),
+        "ot (ot-batch 1024)": (
+            cfm_couplings,
+            ["--coupling", "ot", "--ot-batch", "1024", "--cond", "off"],
+            True,
+        ),
+        "sinkhorn": (cfm_couplings, ["--coupling", "sinkhorn", "--cond", "off"], False),
+        "loom (4 caches)": (loom_cfm, ["--caches", "4", "--cost-every", "0"], False),
+    },
+    "edm": {
+        "edm_teacher": (edm_teacher, [], False),
+        "aot (N = 512)": (aot_edm, ["--aot-pairs", "512"], True),
+        "aot (N = 2048)": (aot_edm, ["--aot-pairs", "2048"], True),
+    },
 }
 
 
@@ -48,7 +64,7 @@ def sync():
 
 
 def step_seconds(data, net_flags, config, batch, steps, warmup):
-    module, flags = config
+    module, flags, _ = config
     with tempfile.TemporaryDirectory() as out:
         argv = ["--data", data, "--outdir", out, "--batch", str(batch), "--grid", "0"]
         argv += [
@@ -62,7 +78,9 @@ def step_seconds(data, net_flags, config, batch, steps, warmup):
         module.main(argv + net_flags + flags)
         with open(os.path.join(out, "log.jsonl")) as f:
             recs = [json.loads(line) for line in f][warmup:]
-    return statistics.median(r["sec_per_step"] for r in recs), statistics.mean(r["solve_s"] for r in recs)
+    return statistics.median(r["sec_per_step"] for r in recs), statistics.mean(
+        r.get("solve_s", 0) for r in recs
+    )
 
 
 def solve_seconds(n, device, repeats=3):
@@ -107,17 +125,20 @@ def main():
         rows = []
         for net, net_flags in NETS.items():
             batch = args.tiny_batch if net == "tiny" else args.full_batch
-            base = None
-            step_seconds(data, net_flags, CONFIGS["independent"], batch, 1, 1)  # warm caches and allocator
-            for name, config in CONFIGS.items():
-                sec, solve = step_seconds(data, net_flags, config, batch, args.steps, args.warmup)
-                if "--ot-batch" in config[1]:  # its solve falls on 1 step in ot_batch / batch: add that share
-                    sec += solve
-                base = base or sec
-                rows.append(dict(net=net, batch=batch, coupling=name, method=config[0].METHOD,
-                                 sec_per_step=sec, solve_s=solve, ratio=sec / base))  # fmt: skip
-                print(f"{net:5s} batch {batch:4d} {name:20s} {sec:8.4f} s/step  x{sec / base:.3f}  "
-                      f"(solve {solve * 1e3:.1f} ms/step)", flush=True)  # fmt: skip
+            for group, configs in GROUPS.items():
+                first = next(iter(configs.values()))
+                step_seconds(data, net_flags, first, batch, 1, 1)  # warm caches and allocator
+                base = None
+                for name, config in configs.items():
+                    sec, solve = step_seconds(data, net_flags, config, batch, args.steps, args.warmup)
+                    if config[2]:
+                        sec += solve
+                    base = base or sec
+                    rows.append(dict(net=net, batch=batch, group=group, coupling=name,
+                                     method=config[0].METHOD, sec_per_step=sec, solve_s=solve,
+                                     ratio=sec / base))  # fmt: skip
+                    print(f"{net:5s} batch {batch:4d} {name:20s} {sec:8.4f} s/step  x{sec / base:.3f}  "
+                          f"(solve {solve * 1e3:.1f} ms/step)", flush=True)  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     solves = []
     for n in [int(v) for v in args.sizes.split(",")]:
