@@ -918,10 +918,7 @@ def sweep_rho(args):
     for rho in args.rhos:
         argv = ["--ckpt", args.ckpt, "--nfe", ",".join(map(str, nfes)), "--sampler-kw", f"rho={rho:g}"]
         argv += ["--num-images", str(args.num_images), "--seed", str(args.seed), *args.eval_args]
-        rows = evaluate.main(argv)
-        if rows is None:
-            return  # not rank 0 of a multi-process sweep
-        for row in rows:
+        for row in evaluate.main(argv):  # one row per NFE (= per step count) at this rho
             if "nfe_requested" in row and args.metric in row:
                 grid[(rho, (row["nfe_requested"] + 1) // 2)] = row[args.metric]
     if int(os.environ.get("RANK", 0)) == 0:
