@@ -1,0 +1,1106 @@
+"""DANSM: distance-aware noise-sample matching for rectified flow ("Lengthening Inter-Path Distance").
+
+Rectified flow (RFM) regresses the straight velocity z - x of paths x_t = (1 - t) x + t z between a training
+image x and a noise z (Eq. 1-2). Where two paths pass close to each other their targets conflict and training
+slows down. DANSM lengthens the inter-path distances (Eq. 3-5, the closest approach of two paths over t) by a
+surrogate (Eq. 11, Alg. 1): shorten the paths. Before training, a pool of --match-size images and as many
+fresh noises is matched greedily: for each image in order, the nearest unused noise. Every noise of the pool
+is used exactly once, so the noise marginal stays exactly N(0, I). The matched pool is then consumed by the
+training batches (the pool may be larger or smaller than a batch). --matcher hungarian is Immiscible
+Diffusion's optimal assignment on the same pool, --matcher none the RFM baseline. --objective dm applies the
+same matching to epsilon-prediction diffusion with DDIM sampling (Sec. 5.8).
+
+Convention (the paper's Eq. 1): t = 0 is the data x, t = 1 the noise z; x_t = (1 - t) x + t z, the network
+sees (x_t, 1000 t) and predicts z - x; sampling integrates Euler from t = 1 down to t = 0. `ode_velocity`
+converts to the project's common clock (noise at 0).
+
+Inter-path metrics (Sec. 3.1, App. A.1): `inter_path_distance` (Eq. 4-5, closed-form t* clipped to [0, 1])
+and `path_stats` (length, d_avg, d_min, t*_avg, t*_min of Tables 2-3), computed for all pairs of a set of
+paths from Gram matrices. `--report` prints Table 2 for a dataset, and with --ckpt Table 3's "preferable
+paths" (each image's noise found by running the model's ODE from the image to t = 1).
+
+Distributed policy: pool p (its image indices and noise) is a function of (seed, p); rank 0 matches it and
+broadcasts the assignment; each rank trains on its slice of the global batch: the pairs are the same for any
+number of processes.
+
+Commands
+  CPU smoke run on a synthetic dataset (tiny net, pools of 256):
+    python dansm.py --data shapes --tiny --batch 64 --match-size 256 --duration 0.02 --outdir runs/dansm
+  The paper's CIFAR-10 RFM run (batch 250, match-size 10,000) on 4 GPUs:
+    torchrun --standalone --nproc_per_node=4 dansm.py --data cifar10 --outdir runs/dansm-cifar10
+  Table 2 for a dataset, then Table 3 with a trained model:
+    python dansm.py --report --data cifar10 --match-sizes 10,100,1000,10000 --paths 2000
+    python dansm.py --report --data cifar10 --paths 2000 --ckpt runs/dansm-cifar10
+  Generate 50,000 images with 10 Euler steps:
+    python dansm.py --generate 50000 --ckpt runs/dansm-cifar10 --nfe 10 --out dansm10.npz
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --- shared: UNet (identical in every method file) ---
+# DDPM++ UNet (Song et al. 2021), structured as EDM's SongUNet so that its state_dict keys match the official
+# EDM checkpoints exactly. Down-sampling is a 2x2 box filter, up-sampling nearest, both applied before conv.
+
+
+def _xavier(shape, fan_in, fan_out, gain=1.0):
+    return (torch.rand(shape) * 2 - 1) * math.sqrt(6 / (fan_in + fan_out)) * gain
+
+
+class Linear(nn.Module):
+    def __init__(self, cin, cout, bias=True, gain=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(_xavier([cout, cin], cin, cout, gain))
+        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Conv2d(nn.Module):
+    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0):
+        super().__init__()
+        self.up, self.down = up, down
+        fan_in, fan_out = cin * kernel * kernel, cout * kernel * kernel
+        self.weight = nn.Parameter(_xavier([cout, cin, kernel, kernel], fan_in, fan_out, gain))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        # EDM stores the [1,1] resample filter as a buffer: keep it so that official weights load by key.
+        f = torch.ones(2, 2).div(4).view(1, 1, 2, 2)
+        self.register_buffer("resample_filter", f if up or down else None)
+
+    def forward(self, x):
+        c = x.shape[1]
+        if self.up:  # nearest x2 as a transposed conv with the (4 * box) filter
+            x = F.conv_transpose2d(
+                x, self.resample_filter.mul(4).tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2
+            )
+        if self.down:  # 2x2 average
+            x = F.conv2d(x, self.resample_filter.tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2)
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
+
+
+def _group_norm(c):
+    return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
+
+
+class UNetBlock(nn.Module):
+    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0):
+        super().__init__()
+        self.in_channels, self.out_channels, self.dropout = cin, cout, dropout
+        self.norm0 = _group_norm(cin)
+        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
+        self.affine = Linear(emb_ch, cout)
+        self.norm1 = _group_norm(cout)
+        self.conv1 = Conv2d(cout, cout, 3, gain=1e-5)
+        self.skip = Conv2d(cin, cout, 1, up=up, down=down) if (cin != cout or up or down) else None
+        self.attention = attention
+        if attention:
+            self.norm2 = _group_norm(cout)
+            self.qkv = Conv2d(cout, cout * 3, 1, gain=math.sqrt(0.2))
+            self.proj = Conv2d(cout, cout, 1, gain=1e-5)
+
+    def forward(self, x, emb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None].to(h.dtype)))
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        x = (h + (x if self.skip is None else self.skip(x))) * math.sqrt(0.5)
+        if self.attention:  # one head; qkv channels interleaved as (c, 3), as in EDM
+            n, c, hh, ww = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, hh * ww).unbind(2)
+            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c)).softmax(dim=2)
+            a = torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)
+            x = (self.proj(a.reshape(n, c, hh, ww)) + x) * math.sqrt(0.5)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=128,
+        channel_mult=(2, 2, 2),
+        num_blocks=4,
+        attn_resolutions=(16,),
+        dropout=0.10,
+    ):
+        super().__init__()
+        mc, emb = model_channels, model_channels * 4
+        self.map_label = Linear(label_dim, mc) if label_dim else None
+        self.map_augment = Linear(augment_dim, mc, bias=False) if augment_dim else None
+        self.map_layer0, self.map_layer1 = Linear(mc, emb), Linear(emb, emb)
+        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
+        cout, skips = in_channels, []
+        for level, mult in enumerate(channel_mult):
+            r = img_resolution >> level
+            if level == 0:
+                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc, 3), mc
+            else:
+                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, emb, down=True, dropout=dropout)
+            skips.append(cout)
+            for i in range(num_blocks):
+                attn = r in attn_resolutions
+                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout, mc * mult, emb, attention=attn, dropout=dropout
+                )
+                cout = mc * mult
+                skips.append(cout)
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            r = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, emb, attention=True, dropout=dropout)
+                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, emb, dropout=dropout)
+            else:
+                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, emb, up=True, dropout=dropout)
+            for i in range(num_blocks + 1):
+                attn = i == num_blocks and r in attn_resolutions
+                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout + skips.pop(), mc * mult, emb, attention=attn, dropout=dropout
+                )
+                cout = mc * mult
+        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = _group_norm(cout)
+        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        # Positional embedding of the noise label (endpoint=True), halves ordered [sin, cos] as in EDM.
+        half = self.map_layer0.weight.shape[1] // 2
+        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / (half - 1))
+        arg = noise_labels.float().ger(freqs)
+        emb = torch.cat([arg.sin(), arg.cos()], dim=1)
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
+        if self.map_augment is not None and augment_labels is not None:
+            emb = emb + self.map_augment(augment_labels)
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if name.endswith("aux_norm"):
+                x = F.silu(block(x))
+            elif name.endswith("aux_conv"):
+                x = block(x)
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return x
+
+
+# --- end shared: UNet ---
+
+# --- shared: runtime (identical in every method file) ---
+# Distributed setup, per-step seeding, EMA, atomic checkpoints, data order and rank-0 logging.
+
+
+def fail(msg):
+    """Stop with a one-line message for the user (exit code 1), not a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+def dist_setup():
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def dist_teardown():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_mean(value, device):
+    """Mean of a float over ranks."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t.item()
+
+
+def seed_step(seed, rank, world_size, step):
+    """Seed torch's global RNGs from (seed * world_size + rank, step): resume needs no stored RNG state."""
+    state = np.random.SeedSequence([seed * world_size + rank, step]).generate_state(2)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch: a permutation of range(n) that depends only on (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(n, batch, step, seed):
+    """Global data indices of training step `step`: consecutive slices of a stream of epoch permutations.
+    Independent of the world size; rank r takes the r-th slice of the per-rank batch."""
+    pos = step * batch + torch.arange(batch)
+    epochs = pos // n
+    out = torch.empty(batch, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        sel = epochs == e
+        out[sel] = epoch_order(n, seed, e)[pos[sel] % n]
+    return out
+
+
+def edm_ema_beta(batch, nimg, halflife_kimg, rampup_ratio):
+    """EDM's EMA decay: half-life in images, ramped up as min(halflife, rampup_ratio * images seen)."""
+    halflife = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife = min(halflife, nimg * rampup_ratio)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def ema_update(ema, net, beta):
+    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+        p_ema.copy_(p.detach().lerp(p_ema, beta))
+    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt, outdir, step):
+    """Write <outdir>/ckpt-<step>.pt and point <outdir>/latest.pt at it (both atomic)."""
+    name = f"ckpt-{step:07d}.pt"
+    atomic_save(ckpt, os.path.join(outdir, name))
+    tmp = os.path.join(outdir, f"latest.pt.tmp{os.getpid()}")
+    os.symlink(name, tmp)
+    os.replace(tmp, os.path.join(outdir, "latest.pt"))
+
+
+def load_checkpoint(path):
+    """Load one of our checkpoints safely (tensors and plain containers only). A directory means latest.pt."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "latest.pt")
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign or corrupt file: say which, do not unpickle it unsafely
+        fail(f"cannot read {path} as a weights-only torch checkpoint: {str(e).strip().splitlines()[0]}")
+
+
+class Logger:
+    """Rank 0 prints `k=v` lines and appends the same record as JSON to <outdir>/log.jsonl."""
+
+    def __init__(self, outdir, rank):
+        self.rank, self.path = rank, os.path.join(outdir, "log.jsonl") if outdir else None
+
+    def print(self, *a):
+        if self.rank == 0:
+            print(*a, flush=True)
+
+    def log(self, **rec):
+        if self.rank != 0:
+            return
+        print(
+            " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
+            flush=True,
+        )
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step (agreed on by all ranks)."""
+
+    def __init__(self):
+        self.requested = False
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def any(self, device):
+        t = torch.tensor([int(self.requested)], device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        return bool(t.item())
+
+
+def save_image_grid(images, path):
+    """images: [N, C, H, W] floats in [-1, 1] -> a PNG grid (EDM's quantisation)."""
+    from PIL import Image
+
+    x = (images * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
+    for i in range(n):
+        grid[:, (i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
+
+
+# --- end shared: runtime ---
+
+
+# --- method: DANSM (rectified flow with distance-aware noise-sample matching) ---
+METHOD = "dansm"
+VERSION = 1
+MATCHERS = ("greedy", "hungarian", "none")
+
+
+class FlowNet(nn.Module):
+    """The shared UNet as v(x_t, t) (rfm: predicts z - x, sees 1000 t) or eps(x_t, t) (dm: predicts z, sees
+    the integer timestep). class_labels: int64 [N] or one-hot [N, label_dim]."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, objective="rfm", time_scale=1000.0, **unet):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.objective, self.time_scale = objective, time_scale
+        self.model = UNet(img_resolution, img_channels, img_channels, label_dim=label_dim, **unet)
+
+    def forward(self, x, t, class_labels=None):
+        x = x.float()
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        onehot = None
+        if self.label_dim:
+            if class_labels is None:
+                raise ValueError(
+                    "this network is class-conditional: pass class_labels (int64 [N] or one-hot)"
+                )
+            onehot = (
+                class_labels.float().reshape(-1, self.label_dim)
+                if class_labels.is_floating_point()
+                else F.one_hot(class_labels.long(), self.label_dim).float()
+            )
+        return self.model(x, self.time_scale * t, onehot).float()
+
+
+def rfm_loss(net, x, z, t, labels=None):
+    """DANSM Eq. 2 per sample [N]: ||(z - x) - v(x_t, t)||^2 at x_t = (1 - t) x + t z (Eq. 1)."""
+    tb = t.reshape(-1, *[1] * (x.ndim - 1))
+    return ((z - x) - net((1 - tb) * x + tb * z, t, labels)).square().flatten(1).mean(1)
+
+
+DM_STEPS = 1000  # DDPM's linear beta schedule (Ho et al.), beta from 1e-4 to 0.02 over 1000 steps
+
+
+def dm_alpha_bar(device=None):
+    return torch.cumprod(1 - torch.linspace(1e-4, 0.02, DM_STEPS, dtype=torch.float64, device=device), 0)
+
+
+def dm_loss(net, x, z, t_index, labels=None):
+    """Epsilon prediction (Sec. 5.8): ||z - eps(sqrt(ab) x + sqrt(1 - ab) z, t)||^2 per sample [N]."""
+    ab = dm_alpha_bar(x.device)[t_index].float().reshape(-1, *[1] * (x.ndim - 1))
+    return (z - net(ab.sqrt() * x + (1 - ab).sqrt() * z, t_index.float(), labels)).square().flatten(1).mean(1)
+
+
+# --- matching (Alg. 1, Eq. 11) ---
+
+
+def greedy_match(x, z, chunk=1024):
+    """DANSM Alg. 1 -> perm: image i takes noise z[perm[i]]. For each image in order, the nearest noise not
+    yet taken (squared L2, the same argmin as the path length). Vectorised and exact: a chunk of images takes
+    its argmins at once up to the first image whose choice an earlier image of the chunk already took; the
+    rest retry against the updated set. Distances are built chunk by chunk ([chunk, n] at a time), so a pool
+    of 100,000 CIFAR-10 images needs its two tensors (2 x 1.2 GB) plus 0.4 GB."""
+    n = len(x)
+    xf, zf = x.flatten(1), z.flatten(1)
+    z2 = zf.square().sum(1)
+    used = torch.zeros(n, dtype=torch.bool, device=x.device)
+    perm = torch.empty(n, dtype=torch.long, device=x.device)
+    for lo in range(0, n, chunk):
+        d = z2[None, :] - 2 * xf[lo : lo + chunk] @ zf.T  # ||x - z||^2 - ||x||^2: same argmin per row
+        rows = torch.arange(lo, min(lo + chunk, n), device=x.device)
+        while len(rows):
+            pick = d[rows - lo].masked_fill(used[None, :], math.inf).argmin(1)
+            _, inverse = torch.unique(pick, return_inverse=True)
+            pos = torch.arange(len(pick), device=x.device)
+            first = torch.full((len(pick),), len(pick), device=x.device).scatter_reduce(
+                0, inverse, pos, "amin"
+            )
+            clash = pos[first[inverse] < pos]  # images whose noise an earlier image of this round took
+            k = int(clash.min()) if len(clash) else len(pick)
+            perm[rows[:k]], used[pick[:k]] = pick[:k], True
+            rows = rows[k:]
+    return perm
+
+
+def hungarian_match(x, z):
+    """Immiscible Diffusion's matcher: the optimal assignment for Eq. 11 (sum of path lengths) by scipy's
+    Hungarian solver on the whole pool, on the CPU, O(n^3)."""
+    from scipy.optimize import linear_sum_assignment
+
+    c = torch.cdist(x.flatten(1).double(), z.flatten(1).double()).cpu().numpy()
+    return torch.as_tensor(linear_sum_assignment(c)[1], dtype=torch.long, device=x.device)
+
+
+def match(x, z, matcher, chunk=1024):
+    if matcher == "greedy":
+        return greedy_match(x, z, chunk)
+    if matcher == "hungarian":
+        return hungarian_match(x, z)
+    if matcher == "none":
+        return torch.arange(len(x), device=x.device)
+    raise ValueError(f"unknown matcher {matcher!r}; expected one of {MATCHERS}")
+
+
+def path_length(x, z):
+    """||z_i - x_i|| per path [N], float64."""
+    return (z.double() - x.double()).flatten(1).norm(dim=1)
+
+
+# --- inter-path metrics (Sec. 3.1, App. A.1) ---
+
+
+def inter_path_distance(x1, z1, x2, z2):
+    """DANSM Eq. 3-5 for paths r_k = (1 - t) x_k + t z_k, batched over the leading dim -> (dist, t*).
+    V = x2 - x1, U = z2 - z1: the gap (1 - t) V + t U is closest at t_hat = V.(V - U) / |V - U|^2, clipped
+    to [0, 1] (Eq. 4); parallel paths (U = V) are equally far everywhere (t* = 0)."""
+    v, u = (x2 - x1).flatten(1).double(), (z2 - z1).flatten(1).double()
+    w = v - u
+    denom = w.square().sum(1)
+    t_hat = torch.where(denom > 0, (v * w).sum(1) / denom.clamp_min(1e-300), torch.zeros_like(denom))
+    t = t_hat.clamp(0, 1)
+    return ((1 - t)[:, None] * v + t[:, None] * u).norm(dim=1), t
+
+
+def path_stats(x, z, chunk=1024):
+    """Tables 2-3 for a set of n paths: mean path length; d_avg and t*_avg, the mean over all pairs i != j of
+    the inter-path distance and its t*; d_min and t*_min, the mean over paths of the distance to the nearest
+    other path and its t*. All pairs at once from the Gram matrices of x and z (float64), in row chunks."""
+    xf, zf = x.flatten(1).double(), z.flatten(1).double()
+    n = len(xf)
+    xx, zz, xz = xf.square().sum(1), zf.square().sum(1), (xf * zf).sum(1)
+    d_sum = t_sum = 0.0
+    d_near, t_near = [], []
+    for lo in range(0, n, chunk):
+        i = slice(lo, min(lo + chunk, n))
+        gxx, gzz = xf[i] @ xf.T, zf[i] @ zf.T
+        gxz, gzx = xf[i] @ zf.T, zf[i] @ xf.T  # x_i.z_j and z_i.x_j
+        vv = xx[i, None] + xx[None] - 2 * gxx  # |x_j - x_i|^2
+        uu = zz[i, None] + zz[None] - 2 * gzz
+        vu = xz[None] - gzx - gxz + xz[i, None]  # (x_j - x_i).(z_j - z_i)
+        ww = (vv - 2 * vu + uu).clamp_min(0)
+        t = torch.where(ww > 0, (vv - vu) / ww.clamp_min(1e-300), torch.zeros_like(ww)).clamp(0, 1)
+        d = ((1 - t) ** 2 * vv + 2 * t * (1 - t) * vu + t**2 * uu).clamp_min(0).sqrt()
+        self_pair = torch.arange(lo, i.stop) - lo, torch.arange(lo, i.stop)
+        d[self_pair], t[self_pair] = math.inf, 0.0
+        d_sum += d[torch.isfinite(d)].sum().item()
+        t_sum += t.sum().item()
+        k = d.argmin(1)
+        d_near.append(d.gather(1, k[:, None])[:, 0])
+        t_near.append(t.gather(1, k[:, None])[:, 0])
+    pairs = n * (n - 1)
+    return dict(
+        length=path_length(x, z).mean().item(),
+        d_avg=d_sum / pairs,
+        t_avg=t_sum / pairs,
+        d_min=torch.cat(d_near).mean().item(),
+        t_min=torch.cat(t_near).mean().item(),
+    )
+
+
+# --- sampling (t from 1 = noise down to 0 = data) ---
+
+
+@torch.no_grad()
+def euler_sample(net, z, steps, labels=None):
+    """RFM: x <- x - h v(x, t) from t = 1 to 0 in `steps` Euler steps."""
+    x, h = z, 1.0 / steps
+    for i in range(steps):
+        x = x - h * net(x, 1.0 - i * h, labels)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(net, z, steps, labels=None):
+    """DM: deterministic DDIM (eta = 0) on `steps` evenly spaced timesteps of the 1000-step schedule."""
+    ab = dm_alpha_bar(z.device)
+    ts = torch.linspace(DM_STEPS - 1, 0, steps, device=z.device).round().long()
+    x = z
+    for j, t in enumerate(ts):
+        eps = net(x, t.float(), labels)
+        x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
+        a_next = ab[ts[j + 1]] if j + 1 < len(ts) else torch.ones((), dtype=ab.dtype, device=z.device)
+        x = (a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps).float()
+    return x
+
+
+def build_net(net_kwargs):
+    """The trained network, FlowNet (net.objective tells `sample` which sampler applies)."""
+    return FlowNet(**net_kwargs)
+
+
+def sample(net, noise, nfe, labels=None):
+    """DESIGN 4: noise -> (images, NFE): rfm: nfe Euler steps from t = 1; dm: nfe DDIM steps."""
+    if nfe < 1:
+        raise ValueError(f"need at least one step, got NFE {nfe}")
+    if getattr(net, "objective", "rfm") == "dm":
+        return ddim_sample(net, noise, nfe, labels), nfe
+    return euler_sample(net, noise, nfe, labels), nfe
+
+
+def inputs_for_seeds(seeds, shape, label_dim=0):
+    """Image i's noise, then its class label, from a generator seeded with seeds[i] (as every method file)."""
+    noise, labels = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        noise.append(torch.randn(shape, generator=g))
+        if label_dim:
+            labels.append(torch.randint(label_dim, [], generator=g))
+    return torch.stack(noise), (torch.tensor(labels, dtype=torch.long) if label_dim else None)
+
+
+def ode_velocity(net, x, t, labels=None):
+    """dx/dt on the common clock (t = 0 noise, 1 data): this file's time is s = 1 - t, so -v(x, 1 - t)."""
+    if getattr(net, "objective", "rfm") == "dm":
+        raise ValueError("ode_velocity is defined for the rfm objective only")
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
+    return -net(x, 1 - t, labels)
+
+
+def predict_x1(x, t, v):
+    """The image the current velocity points at, x - t v (t in this file's convention, as the net got it)."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
+    return x - t * v
+
+
+def generator_for(seed, *keys):
+    """A CPU generator that depends only on (seed, keys): the same stream on every rank and device."""
+    state = np.random.SeedSequence([seed, *keys]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+# --- shared: data (identical in every method file) ---
+# --data cifar10 | shapes | FILE.npz | DIR -> uint8 images held on the device; --xflip as extra indices.
+
+
+def make_shapes(n=4096, res=16, seed=0):
+    """A synthetic dataset for CPU smoke runs: one disc (label 0) or square (label 1) of random colour,
+    size and position on a random background. Returns uint8 [n, res, res, 3] and int64 labels [n]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+    cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
+    r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
+    labels = rng.integers(0, 2, n)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    square = np.maximum(np.abs(yy - cy), np.abs(xx - cx)) <= r
+    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
+    fg, bg = rng.integers(0, 256, (2, n, 1, 1, 3))
+    return np.where(mask, fg, bg).astype(np.uint8), labels.astype(np.int64)
+
+
+def load_images(spec, data_dir="datasets"):
+    """--data cifar10 | shapes | FILE.npz | DIR -> (uint8 [N, C, H, W] tensor, int64 labels [N] or None)."""
+    labels = None
+    if spec == "cifar10":
+        import torchvision
+
+        try:
+            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+        except Exception as e:
+            fail(
+                f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
+                f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/ or pass --data FILE.npz"
+            )
+        images, labels = ds.data, np.asarray(ds.targets, dtype=np.int64)
+    elif spec == "shapes":
+        images, labels = make_shapes()
+    elif spec.endswith(".npz"):
+        if not os.path.isfile(spec):
+            fail(f"data file not found: {spec} (expected an .npz with uint8 'images' [N, H, W, C])")
+        with np.load(spec) as f:
+            if "images" not in f:
+                fail(f"{spec} has no 'images' array (found {sorted(f.keys())}); expected uint8 [N, H, W, C]")
+            images = f["images"]
+            labels = f["labels"].astype(np.int64) if "labels" in f else None
+    elif os.path.isdir(spec):
+        images, labels = _load_folder(spec)
+    else:
+        fail(f"--data {spec!r} is neither 'cifar10', 'shapes', an existing .npz file nor a folder of images")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+        fail(
+            f"images in {spec} must be uint8 [N, H, W, C] with C in (1, 3); got {images.dtype} {images.shape}"
+        )
+    if images.shape[1] != images.shape[2]:
+        fail(f"images in {spec} must be square; got {images.shape[1]}x{images.shape[2]}")
+    if labels is not None and labels.shape != (len(images),):
+        fail(f"labels in {spec} must have shape [{len(images)}]; got {labels.shape}")
+    images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return images, None if labels is None else torch.from_numpy(labels)
+
+
+def _load_folder(path):
+    """An image folder (png/jpg, sorted by relative path); labels from EDM's dataset.json when present."""
+    from PIL import Image
+
+    files = sorted(
+        os.path.relpath(os.path.join(d, f), path)
+        for d, _, fs in os.walk(path)
+        for f in fs
+        if f.lower().endswith((".png", ".jpg", ".jpeg"))
+    )
+    if not files:
+        fail(f"no .png/.jpg images found under {path}")
+    images = np.stack([np.atleast_3d(np.asarray(Image.open(os.path.join(path, f)))) for f in files])
+    labels = None
+    meta = os.path.join(path, "dataset.json")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            table = dict(json.load(f).get("labels") or [])
+        missing = [f for f in files if f.replace(os.sep, "/") not in table]
+        if missing:
+            fail(f"{meta} has no label for {len(missing)} image(s), e.g. {missing[0]}")
+        labels = np.asarray([table[f.replace(os.sep, "/")] for f in files], dtype=np.int64)
+    return images, labels
+
+
+def get_batch(images, labels, idx, device):
+    """Data index i >= len(images) is the mirror image of i - len(images) (--xflip). -> floats in [-1, 1]."""
+    n, idx = len(images), idx.to(images.device)
+    y = images[idx % n].to(device).float() / 127.5 - 1
+    flip = (idx >= n).to(device)
+    y = torch.where(flip[:, None, None, None], y.flip(3), y)
+    return y, None if labels is None else labels[idx % n].to(device)
+
+
+# --- end shared: data ---
+
+
+# --- training ---
+
+
+class Pools:
+    """The stream of matched pairs: pool p holds --match-size images from the epoch stream (batch_indices with
+    batch = match_size) and as many fresh noises, both functions of (seed, p) only, matched once on rank 0.
+    Step s trains on stream positions [s * batch, (s + 1) * batch), which may span several pools or a part of
+    one."""
+
+    def __init__(self, args, images, labels, n_data, shape, device, rank, world):
+        self.args, self.images, self.labels, self.n_data = args, images, labels, n_data
+        self.shape, self.device, self.rank, self.world = shape, device, rank, world
+        self.cache = {}
+
+    def pool(self, p):
+        a = self.args
+        if p not in self.cache:
+            idx = batch_indices(self.n_data, a.match_size, p, a.seed)
+            x, y = get_batch(self.images, self.labels, idx, self.device)
+            z = torch.randn([a.match_size, *self.shape], generator=generator_for(a.seed, p, 1)).to(
+                self.device
+            )
+            t0 = time.time()
+            perm = (
+                match(x, z, a.matcher, a.match_chunk)
+                if self.rank == 0
+                else torch.empty_like(idx).to(self.device)
+            )
+            if self.world > 1:  # rank 0's matching for everyone
+                torch.distributed.broadcast(perm, 0)
+            match_s = time.time() - t0
+            zp = z[perm]  # Alg. 1: image i gets the noise chosen for it
+            stats = dict(
+                len_before=path_length(x, z).mean().item(), len_after=path_length(x, zp).mean().item()
+            )
+            self.cache = {k: v for k, v in self.cache.items() if k >= p - 1}
+            self.cache[p] = (x, y, zp, stats, match_s)
+        return self.cache[p]
+
+    def step(self, step):
+        """This rank's (x, z, labels) of a training step, the step's pool statistics and matching seconds."""
+        a, ms = self.args, self.args.match_size
+        lo, hi = step * a.batch, (step + 1) * a.batch
+        parts, stats, match_s = [], None, 0.0
+        for p in range(lo // ms, (hi - 1) // ms + 1):
+            fresh = p not in self.cache
+            x, y, z, st, t = self.pool(p)
+            s = slice(max(lo - p * ms, 0), min(hi - p * ms, ms))
+            parts.append((x[s], y[s] if y is not None else None, z[s]))
+            stats, match_s = st, match_s + (t if fresh else 0.0)
+        x = torch.cat([q[0] for q in parts])
+        z = torch.cat([q[2] for q in parts])
+        y = torch.cat([q[1] for q in parts]) if parts[0][1] is not None else None
+        br = a.batch // self.world
+        r = slice(self.rank * br, (self.rank + 1) * br)
+        return x[r], z[r], None if y is None else y[r], stats, match_s
+
+
+def _sync(module, sync):
+    """DDP: skip the gradient all-reduce on accumulation chunks that are not the last."""
+    return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
+
+
+def train(args):
+    rank, world, device = dist_setup()
+    log = Logger(args.outdir, rank)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.batch % world:
+        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
+    batch_rank = args.batch // world
+    batch_gpu = args.batch_gpu or batch_rank
+    if batch_rank % batch_gpu:
+        fail(
+            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
+        )
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and ckpt.get("method") != METHOD:
+        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+    images, labels = load_images(args.data, args.data_dir)
+    if args.cond and labels is None:
+        fail(f"--cond needs class labels, but {args.data} has none")
+    n_data = len(images) * (2 if args.xflip else 1)
+    if args.matcher == "none":  # the RFM baseline: nothing to match, pools of one batch
+        args.match_size = args.batch
+    if args.match_size > n_data:
+        fail(f"--match-size {args.match_size} exceeds the {n_data} training images")
+    label_dim = int(labels.max()) + 1 if args.cond else 0
+    shape, res = tuple(images.shape[1:]), images.shape[-1]
+    if res % 2 ** (len(args.channel_mult) - 1):
+        fail(f"image size {res} is not divisible by 2^{len(args.channel_mult) - 1} (--channel-mult)")
+    net_kwargs = dict(
+        img_resolution=res,
+        img_channels=shape[0],
+        label_dim=label_dim,
+        objective=args.objective,
+        time_scale=1000.0 if args.objective == "rfm" else 1.0,
+        model_channels=args.model_channels,
+        channel_mult=list(args.channel_mult),
+        num_blocks=args.num_blocks,
+        attn_resolutions=list(args.attn_res),
+        dropout=args.dropout,
+    )
+    if ckpt is not None:
+        net_kwargs = ckpt["net_kwargs"]
+        keys = ("data", "batch", "seed", "match_size", "matcher", "objective", "lr")
+        changed = {
+            k: (ckpt["args"].get(k), v)
+            for k, v in vars(args).items()
+            if k in keys and ckpt["args"].get(k) != v
+        }
+        if changed:
+            log.print(
+                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
+            )
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    net = build_net(net_kwargs).to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    step = nimg = 0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+        log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg)")
+    ddp = net
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device] if device.type == "cuda" else None
+        )
+    if rank == 0:
+        os.makedirs(args.outdir, exist_ok=True)
+        with open(os.path.join(args.outdir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        log.print(json.dumps(vars(args)))
+        log.print(
+            f"{n_data} images {shape}, {sum(p.numel() for p in net.parameters())} parameters, "
+            f"{world} process(es) on {device}; {args.objective}, matcher {args.matcher}, "
+            f"pools of {args.match_size}"
+        )
+    images = images.to(device)
+    labels = labels.to(device) if label_dim else None
+    pools = Pools(args, images, labels, n_data, shape, device, rank, world)
+    total_steps = math.ceil(args.duration * 1e6 / args.batch)
+    grid_noise = torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0))
+    grid_labels = torch.arange(args.grid) % label_dim if label_dim else None
+    stop = StopFlag()
+    sums, t_last, step_last = {}, time.time(), step
+    while step < total_steps:
+        seed_step(args.seed, rank, world, step)  # dropout
+        x, z, y, stats, match_s = pools.step(step)
+        g = generator_for(args.seed, step, 3)  # t of the global batch: independent of the world size
+        lo, hi = rank * batch_rank, (rank + 1) * batch_rank
+        if args.objective == "rfm":
+            t = torch.rand(args.batch, generator=g)[lo:hi].to(device)
+        else:
+            t = torch.randint(DM_STEPS, (args.batch,), generator=g)[lo:hi].to(device)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+        opt.zero_grad(set_to_none=True)
+        loss_sum, chunks = 0.0, list(range(0, batch_rank, batch_gpu))
+        for j, c in enumerate(chunks):
+            sl = slice(c, c + batch_gpu)
+            with _sync(ddp, j == len(chunks) - 1):
+                loss_fn = rfm_loss if args.objective == "rfm" else dm_loss  # DANSM Eq. 2 / Sec. 5.8
+                loss = loss_fn(ddp, x[sl], z[sl], t[sl], None if y is None else y[sl]).mean()
+                (loss * batch_gpu / batch_rank).backward()
+            loss_sum += loss.item() * batch_gpu / batch_rank
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+        opt.step()
+        ema_update(ema, net, args.ema)
+        for k, v in dict(loss=loss_sum, match_s=match_s, **stats).items():
+            sums[k] = sums.get(k, 0.0) + v
+        nimg, step = nimg + args.batch, step + 1
+        done, stop_now = step >= total_steps, stop.any(device)
+        if step % args.log_every == 0 or done or stop_now:
+            n = max(step - step_last, 1)
+            metrics = {k: all_mean(v / n, device) for k, v in sums.items()}
+            sec = (time.time() - t_last) / n
+            log.log(
+                step=step, kimg=nimg / 1000, **metrics, match_frac=metrics["match_s"] / sec, sec_per_step=sec
+            )
+            sums, t_last, step_last = {}, time.time(), step
+        if step % args.snap_every == 0 or done or stop_now:
+            if rank == 0:
+                ckpt_out = dict(
+                    method=METHOD,
+                    version=VERSION,
+                    args=vars(args),
+                    net_kwargs=net_kwargs,
+                    net=net.state_dict(),
+                    ema=ema.state_dict(),
+                    opt=opt.state_dict(),
+                    step=step,
+                    kimg=nimg / 1000,
+                    state=dict(nimg=nimg),
+                )
+                save_checkpoint(ckpt_out, args.outdir, step)
+                if args.grid:
+                    lab = None if grid_labels is None else grid_labels.to(device)
+                    x_grid, _ = sample(ema, grid_noise.to(device), args.grid_nfe, lab)
+                    save_image_grid(x_grid, os.path.join(args.outdir, f"grid-{step:07d}.png"))
+            barrier()
+        if stop_now:
+            log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
+            break
+    dist_teardown()
+
+
+# --- the report (Tables 2 and 3) and generation ---
+
+
+@torch.no_grad()
+def invert(net, x, steps=100, labels=None):
+    """The model's own noise for images x: Euler on its ODE from t = 0 (data) up to t = 1 (Table 3)."""
+    h = 1.0 / steps
+    for i in range(steps):
+        x = x + h * net(x, i * h, labels)
+    return x
+
+
+def report(args):
+    """Table 2 (random paths vs each match-size) and, with --ckpt, Table 3's preferable paths."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images, _ = load_images(args.data, args.data_dir)
+    n_data, shape = len(images), tuple(images.shape[1:])
+    if args.paths > n_data:
+        fail(f"--paths {args.paths} exceeds the {n_data} images of {args.data}")
+    rows = []
+    for ms in [0, *args.match_sizes]:  # 0: random pairing (the RFM baseline)
+        if ms > n_data:
+            fail(f"match-size {ms} exceeds the {n_data} images of {args.data}")
+        size = ms or args.paths
+        xs, zs = [], []
+        for p in range(math.ceil(args.paths / size)):
+            idx = batch_indices(n_data, size, p, args.seed)
+            x, _ = get_batch(images, None, idx, device)
+            z = torch.randn([size, *shape], generator=generator_for(args.seed, p, 1)).to(device)
+            xs.append(x)
+            zs.append(z[match(x, z, "greedy" if ms else "none", args.match_chunk)])
+        x, z = torch.cat(xs)[: args.paths], torch.cat(zs)[: args.paths]
+        rows.append(dict(paths="random" if not ms else f"ms {ms}", **path_stats(x, z)))
+    if args.ckpt:
+        ckpt = load_checkpoint(args.ckpt)
+        if ckpt.get("method") != METHOD:
+            fail(f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+        net = build_net(ckpt["net_kwargs"]).eval().requires_grad_(False).to(device)
+        net.load_state_dict(ckpt["ema"])
+        if net.objective != "rfm" or net.label_dim:
+            fail("preferable paths need an unconditional rfm checkpoint")
+        x, _ = get_batch(images, None, torch.arange(args.paths), device)
+        z = torch.cat([invert(net, x[i : i + 256], args.invert_steps) for i in range(0, len(x), 256)])
+        rows.append(dict(paths="preferable", **path_stats(x, z)))
+    print(
+        f"{'paths':>12} {'length':>9} {'d_avg':>9} {'t*_avg':>8} {'d_min':>9} {'t*_min':>8}  "
+        f"({args.paths} paths)"
+    )
+    for r in rows:
+        print(
+            f"{r['paths']:>12} {r['length']:9.3f} {r['d_avg']:9.3f} {r['t_avg']:8.4f} "
+            f"{r['d_min']:9.3f} {r['t_min']:8.4f}"
+        )
+    if args.out_json:
+        tmp = f"{args.out_json}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(dict(data=args.data, paths=args.paths, rows=rows), f, indent=2)
+        os.replace(tmp, args.out_json)
+    return rows
+
+
+def generate(args):
+    """--generate N images from --ckpt (image i from seed --seed + i, any number of processes)."""
+    from tqdm import tqdm
+
+    rank, world, device = dist_setup()
+    ckpt = load_checkpoint(args.ckpt)
+    if ckpt.get("method") != METHOD:
+        fail(
+            f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; use that method's file to sample it"
+        )
+    net = build_net(ckpt["net_kwargs"]).eval().requires_grad_(False)
+    net.load_state_dict(ckpt["ema"])
+    net.to(device)
+    k = ckpt["net_kwargs"]
+    shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k["label_dim"]
+    seeds = list(range(args.seed, args.seed + args.generate))[rank::world]
+    out_x, out_y = [], []
+    for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
+        noise, lab = inputs_for_seeds(seeds[i : i + args.gen_batch], shape, label_dim)
+        lab = None if lab is None else lab.to(device)
+        x, _ = sample(net, noise.to(device), args.nfe, lab)
+        out_x.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        out_y.append(lab.cpu() if lab is not None else torch.zeros(len(x), dtype=torch.long))
+    mine = (seeds, torch.cat(out_x).numpy() if out_x else None, torch.cat(out_y).numpy() if out_y else None)
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+    if rank == 0:
+        parts = [p for p in parts if p[0]]
+        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+        images = np.concatenate([p[1] for p in parts])[order]
+        arrays = dict(images=images, seeds=np.arange(args.seed, args.seed + args.generate))
+        if label_dim:
+            arrays["labels"] = np.concatenate([p[2] for p in parts])[order]
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, args.out)
+        grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        save_image_grid(grid, os.path.splitext(args.out)[0] + ".png")
+        print(f"wrote {len(images)} images to {args.out} (NFE {args.nfe})", flush=True)
+    dist_teardown()
+
+
+# --- command line ---
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="DANSM: rectified flow with distance-aware noise-sample matching; inter-path metrics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", default=None, help="training images: cifar10 | shapes | FILE.npz | DIR")
+    p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
+    p.add_argument("--xflip", action="store_true", help="mirrored images as extra data indices")
+    p.add_argument("--cond", action="store_true", help="class-conditional (labels from the data)")
+    p.add_argument("--outdir", default="runs/dansm", help="checkpoints, grids, log.jsonl, args.json")
+    p.add_argument(
+        "--objective", default="rfm", choices=["rfm", "dm"], help="rectified flow or Sec. 5.8's DM"
+    )
+    p.add_argument(
+        "--matcher", default="greedy", choices=MATCHERS, help="Alg. 1 | Immiscible's | RFM baseline"
+    )
+    p.add_argument(
+        "--match-size",
+        type=int,
+        default=10000,
+        help="images (and noises) per matched pool (the paper: 10,000)",
+    )
+    p.add_argument("--match-chunk", type=int, default=1024, help="distance-matrix rows per chunk (memory)")
+    p.add_argument("--batch", type=int, default=250, help="global batch (the paper's CIFAR-10 RFM: 250)")
+    p.add_argument(
+        "--batch-gpu", type=int, default=None, help="samples per forward pass (accumulate the rest)"
+    )
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
+    p.add_argument("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay per step")
+    p.add_argument(
+        "--duration", type=float, default=100.0, help="training length, Mimg (2000 CIFAR-10 epochs)"
+    )
+    p.add_argument("--model-channels", type=int, default=128, help="UNet base width (DDPM++: 128)")
+    p.add_argument("--channel-mult", type=_ints, default=[2, 2, 2], help="width multipliers per resolution")
+    p.add_argument("--num-blocks", type=int, default=4, help="residual blocks per resolution")
+    p.add_argument("--attn-res", type=_ints, default=[16], help="resolutions with self-attention")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout")
+    p.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (CPU smoke runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order, pools, t")
+    p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    p.add_argument("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
+    p.add_argument("--grid", type=int, default=64, help="images per snapshot grid; 0: none")
+    p.add_argument("--grid-nfe", type=int, default=10, help="sampling steps of the snapshot grids")
+    p.add_argument("--resume", default=None, help="checkpoint file or run folder (its latest.pt) to continue")
+    p.add_argument("--report", action="store_true", help="print Table 2 (and 3 with --ckpt) for --data")
+    p.add_argument("--match-sizes", type=_ints, default=[10, 100, 1000, 10000], help="--report: match-sizes")
+    p.add_argument("--paths", type=int, default=2000, help="--report: paths per row (all their pairs)")
+    p.add_argument("--invert-steps", type=int, default=100, help="--report --ckpt: Euler steps data -> noise")
+    p.add_argument("--out-json", default=None, help="--report: also write the table as JSON")
+    p.add_argument(
+        "--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt instead"
+    )
+    p.add_argument("--ckpt", default=None, help="dansm checkpoint (or run folder) for --generate / --report")
+    p.add_argument("--out", default="samples.npz", help="output .npz of --generate (a .png grid beside it)")
+    p.add_argument("--nfe", type=int, default=10, help="--generate: Euler (rfm) or DDIM (dm) steps")
+    p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
+    args = p.parse_args(argv)
+    if args.generate and not args.ckpt:
+        p.error("--generate needs --ckpt")
+    if not args.generate and not args.data:
+        p.error("--data is required for training and --report")
+    if args.tiny:
+        args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
+    if args.match_size < 1 or any(m < 1 for m in args.match_sizes):
+        p.error("--match-size and --match-sizes must be at least 1")
+    for name in ("batch", "duration", "log_every", "snap_every", "gen_batch", "paths", "nfe", "match_chunk"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.report:
+        return report(args)
+    generate(args) if args.generate else train(args)
+
+
+if __name__ == "__main__":
+    main()
