@@ -741,13 +741,15 @@ class Pools:
         """This rank's (x, z, labels) of a training step, the step's pool statistics and matching seconds."""
         a, ms = self.args, self.args.match_size
         lo, hi = step * a.batch, (step + 1) * a.batch
-        parts, stats, match_s = [], None, 0.0
+        parts, pool_stats, match_s = [], [], 0.0
         for p in range(lo // ms, (hi - 1) // ms + 1):
             fresh = p not in self.cache
             x, y, z, st, t = self.pool(p)
             s = slice(max(lo - p * ms, 0), min(hi - p * ms, ms))
             parts.append((x[s], y[s] if y is not None else None, z[s]))
-            stats, match_s = st, match_s + (t if fresh else 0.0)
+            pool_stats.append(st)
+            match_s += t if fresh else 0.0
+        stats = {k: sum(st[k] for st in pool_stats) / len(pool_stats) for k in pool_stats[0]}
         x = torch.cat([q[0] for q in parts])
         z = torch.cat([q[2] for q in parts])
         y = torch.cat([q[1] for q in parts]) if parts[0][1] is not None else None

@@ -123,11 +123,12 @@ def test_no_flag_is_taken_by_torchrun():
     theirs = [o for a in torch.distributed.run.get_args_parser()._actions for o in a.option_strings]
     import aot_edm
     import cfm_couplings
+    import dansm
     import evaluate
     import lmm
     import loom_cfm
 
-    for module in (E, G, lmm, evaluate, cfm_couplings, loom_cfm, aot_edm):
+    for module in (E, G, lmm, evaluate, cfm_couplings, loom_cfm, aot_edm, dansm):
         parser = capture_parser(module, argparse)
         assert len(parser._actions) > 10
         for flag in (o for a in parser._actions for o in a.option_strings if o.startswith("--")):

@@ -1,0 +1,191 @@
+"""dansm.py: the inter-path distance against dense minimisation, greedy matching against a brute-force
+reference and Hungarian, the random path length formula and its decrease with match-size, pools larger and
+smaller than the batch, resume, torchrun, the report, bad input."""
+
+import json
+import math
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+import dansm as D
+from conftest import ROOT, run_script
+
+
+def test_inter_path_distance_equals_dense_minimisation_including_clipped_ends():
+    g = torch.Generator().manual_seed(0)
+    x1, z1, x2, z2 = (torch.randn(300, 5, generator=g) for _ in range(4))
+    x2[:100] = x1[:100] + 0.1 * torch.randn(100, 5, generator=g)  # close at t = 0: t* clipped to 0
+    z2[100:200] = z1[100:200] + 0.1 * torch.randn(100, 5, generator=g)  # close at t = 1: clipped to 1
+    dist, t_star = D.inter_path_distance(x1, z1, x2, z2)
+    ts = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    v, u = (x2 - x1).double(), (z2 - z1).double()
+    dense = ((1 - ts)[None, :, None] * v[:, None] + ts[None, :, None] * u[:, None]).norm(dim=2)
+    assert torch.allclose(dist, dense.min(1).values, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(t_star, ts[dense.argmin(1)], atol=1e-3)
+    assert (t_star == 0).sum() >= 30 and (t_star == 1).sum() >= 30  # measured 57 and 49
+    # direct construction: r1(t) = (1-t) x1 + t z1 and r2 pass through the same point at t = 0.3
+    x1, z1, x2 = (torch.tensor([v], dtype=torch.float64) for v in ([0.0, 0.0], [1.0, 0.0], [0.3, 1.0]))
+    z2 = (torch.tensor([[0.3, 0.0]], dtype=torch.float64) - 0.7 * x2) / 0.3
+    d, t = D.inter_path_distance(x1, z1, x2, z2)
+    assert d.item() == pytest.approx(0.0, abs=1e-12) and t.item() == pytest.approx(0.3)
+
+
+def greedy_reference(x, z):
+    """Alg. 1 written as the paper states it: for each sample in order, the nearest noise left."""
+    left, perm = list(range(len(z))), []
+    for i in range(len(x)):
+        d = [((x[i] - z[j]) ** 2).sum().item() for j in left]
+        perm.append(left.pop(min(range(len(left)), key=d.__getitem__)))
+    return torch.tensor(perm)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_greedy_matches_the_brute_force_reference_and_uses_every_noise_once(chunk):
+    g = torch.Generator().manual_seed(chunk)
+    for n in (5, 17, 40):
+        x, z = (
+            torch.randn(n, 6, generator=g, dtype=torch.float64),
+            torch.randn(n, 6, generator=g, dtype=torch.float64),
+        )
+        perm = D.greedy_match(x, z, chunk)
+        assert torch.equal(perm, greedy_reference(x, z))
+        assert sorted(perm.tolist()) == list(range(n))
+
+
+def test_greedy_never_lengthens_random_pairs_and_hungarian_is_shorter_still():
+    g = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        x, z = torch.rand(64, 3, 4, 4, generator=g) * 2 - 1, torch.randn(64, 3, 4, 4, generator=g)
+        random = D.path_length(x, z).sum()
+        greedy = D.path_length(x, z[D.greedy_match(x, z)]).sum()
+        hungarian = D.path_length(x, z[D.hungarian_match(x, z)]).sum()
+        assert hungarian <= greedy + 1e-9 and greedy < random
+
+
+def test_random_path_length_matches_the_formula_and_shrinks_with_match_size():
+    d, mean, var = 3072, -0.053, 0.253  # CIFAR-10's pixel statistics in [-1, 1] (the paper's Sec. 5.7)
+    g = torch.Generator().manual_seed(0)
+    x = mean + var**0.5 * torch.randn(4000, d, generator=g)  # isotropic data with those statistics
+    z = torch.randn(4000, d, generator=g)
+    expected = math.sqrt(d * (1 + var + mean**2))  # E||z - x|| ~ sqrt(E||z - x||^2) in high dimension
+    assert D.path_length(x[:1000], z[:1000]).mean().item() == pytest.approx(expected, rel=0.01)
+    assert expected == pytest.approx(62.04, abs=0.2)  # Table 2's random-path length for CIFAR-10
+    lengths = []
+    for ms in (1, 10, 100, 1000):
+        total = 0.0
+        for p in range(0, 1000, ms):
+            xs, zs = x[p : p + ms], z[p : p + ms]
+            total += D.path_length(xs, zs[D.greedy_match(xs, zs)]).sum().item()
+        lengths.append(total / 1000)
+    assert lengths == sorted(lengths, reverse=True) and lengths[-1] < lengths[0]
+
+
+def test_path_stats_agree_with_the_pairwise_definition():
+    g = torch.Generator().manual_seed(3)
+    x, z = (torch.randn(12, 2, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    stats = D.path_stats(x, z, chunk=5)
+    i, j = torch.meshgrid(torch.arange(12), torch.arange(12), indexing="ij")
+    off = i != j
+    d, t = D.inter_path_distance(x[i[off]], z[i[off]], x[j[off]], z[j[off]])
+    assert stats["d_avg"] == pytest.approx(d.mean().item(), rel=1e-9)
+    assert stats["t_avg"] == pytest.approx(t.mean().item(), rel=1e-9)
+    dm = torch.full((12, 12), math.inf, dtype=torch.float64)
+    dm[off] = d
+    assert stats["d_min"] == pytest.approx(dm.min(1).values.mean().item(), rel=1e-9)
+    assert stats["length"] == pytest.approx((z - x).flatten(1).norm(dim=1).mean().item(), rel=1e-6)
+
+
+def tiny(out, data, *extra, steps=4, batch=8):
+    argv = [
+        "--data",
+        data,
+        "--outdir",
+        str(out),
+        "--batch",
+        str(batch),
+        "--duration",
+        str(steps * batch / 1e6),
+    ]
+    return argv + ["--tiny", "--log-every", "1", "--grid", "4", "--grid-nfe", "2", "--warmup", "2", *extra]
+
+
+def records(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("match_size", ["4", "8", "24"])  # smaller than, equal to, larger than the batch
+def test_pools_smaller_and_larger_than_the_batch_train(tmp_path, npz_data, match_size, one_thread):
+    D.main(tiny(tmp_path / "run", npz_data, "--match-size", match_size))
+    recs = records(tmp_path / "run")
+    assert len(recs) == 4 and all(math.isfinite(r["loss"]) for r in recs)  # (greedy may lengthen a pool of 4)
+    args = D.parse_args(tiny(tmp_path / "x", npz_data, "--match-size", match_size))
+    images, _ = D.load_images(npz_data)
+    pools = D.Pools(args, images, None, 32, (3, 16, 16), torch.device("cpu"), 0, 1)
+    stream = torch.cat([pools.step(s)[0] for s in range(6)])  # 48 images: 1.5 epochs of the stream
+    ms = int(match_size)
+    expect = torch.cat([pools.pool(p)[0] for p in range(48 // ms)])
+    assert torch.equal(stream, expect)
+
+
+def test_dm_objective_and_hungarian_train(tmp_path, npz_data, one_thread):
+    D.main(tiny(tmp_path / "dm", npz_data, "--objective", "dm", "--match-size", "16"))
+    D.main(tiny(tmp_path / "hu", npz_data, "--matcher", "hungarian", "--match-size", "16"))
+    for d in ("dm", "hu"):
+        assert all(math.isfinite(r["loss"]) for r in records(tmp_path / d))
+
+
+def test_resume_equals_uninterrupted(tmp_path, npz_data, one_thread):
+    flags = ["--match-size", "24", "--dropout", "0.1"]  # pools span 3 steps: stop inside one
+    D.main(tiny(tmp_path / "a", npz_data, *flags, steps=5))
+    D.main(tiny(tmp_path / "b", npz_data, *flags, steps=2))
+    D.main(tiny(tmp_path / "b", npz_data, *flags, steps=5) + ["--resume", str(tmp_path / "b")])
+    a = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)
+    for key in ("net", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+
+
+def test_torchrun_two_ranks_match_like_one_process(tmp_path, npz_data):
+    flags = ["--match-size", "16", "--dropout", "0"]
+    r = run_script([sys.executable, "dansm.py", *tiny(tmp_path / "one", npz_data, *flags, steps=3)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dansm.py"]
+    r = run_script([*cmd, *tiny(tmp_path / "two", npz_data, *flags, steps=3), "--batch-gpu", "2"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    for r1, r2 in zip(records(tmp_path / "one"), records(tmp_path / "two"), strict=True):
+        assert r1["len_after"] == pytest.approx(r2["len_after"], rel=1e-12)
+        assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-4)
+
+
+def test_report_prints_table2_and_preferable_paths(tmp_path, npz_data, capsys, one_thread):
+    D.main(tiny(tmp_path / "run", npz_data, "--match-size", "8", steps=1))
+    out = tmp_path / "t.json"
+    rows = D.main(["--report", "--data", npz_data, "--match-sizes", "4,16", "--paths", "16",
+                   "--ckpt", str(tmp_path / "run"), "--invert-steps", "4", "--out-json", str(out)])  # fmt: skip
+    assert [r["paths"] for r in rows] == ["random", "ms 4", "ms 16", "preferable"]
+    assert rows[2]["length"] < rows[0]["length"]
+    assert json.loads(out.read_text())["rows"] == rows
+    assert "preferable" in capsys.readouterr().out
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, npz_data, capsys):
+    with pytest.raises(SystemExit, match="exceeds the 32 training images"):
+        D.main(tiny(tmp_path / "run", npz_data, "--match-size", "64"))
+    with pytest.raises(SystemExit, match="exceeds the 32 images"):
+        D.main(["--report", "--data", npz_data, "--paths", "64"])
+    for argv in (["--data", npz_data, "--match-size", "0"], ["--data", npz_data, "--matcher", "sinkhorn"]):
+        with pytest.raises(SystemExit):
+            D.parse_args(argv)
+
+
+def test_docstring_commands_name_real_flags():
+    with open(os.path.join(ROOT, "dansm.py")) as f:
+        parser_flags = set(re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', f.read()))
+    for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]+)", D.__doc__):
+        assert flag in parser_flags or flag in {"--standalone", "--nproc_per_node"}, flag
