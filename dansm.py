@@ -738,17 +738,17 @@ class Pools:
         return self.cache[p]
 
     def step(self, step):
-        """This rank's (x, z, labels) of a training step, the step's pool statistics and matching seconds."""
+        """This rank's (x, z, labels) of a training step, its pools' statistics and matching seconds (each
+        pool's matching time spread over the steps that use it)."""
         a, ms = self.args, self.args.match_size
         lo, hi = step * a.batch, (step + 1) * a.batch
         parts, pool_stats, match_s = [], [], 0.0
         for p in range(lo // ms, (hi - 1) // ms + 1):
-            fresh = p not in self.cache
             x, y, z, st, t = self.pool(p)
             s = slice(max(lo - p * ms, 0), min(hi - p * ms, ms))
             parts.append((x[s], y[s] if y is not None else None, z[s]))
             pool_stats.append(st)
-            match_s += t if fresh else 0.0
+            match_s += t * (s.stop - s.start) / ms  # the pool's matching time, shared by the rows it feeds
         stats = {k: sum(st[k] for st in pool_stats) / len(pool_stats) for k in pool_stats[0]}
         x = torch.cat([q[0] for q in parts])
         z = torch.cat([q[2] for q in parts])

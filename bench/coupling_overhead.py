@@ -1,19 +1,19 @@
-"""Cost of the coupling: training seconds per step with each coupling divided by independent CFM, and solve
-time of exact OT vs Sinkhorn vs problem size. Shared by the coupling methods (cfm_couplings, loom_cfm and
-aot_edm against independent CFM or plain EDM; dansm adds its rows when it lands).
+"""Cost of the coupling: training seconds per step with each coupling divided by its baseline's, and the
+solve time of each matcher against problem size. Shared by the coupling methods: cfm_couplings and loom_cfm
+against independent CFM, dansm against plain rectified flow, aot_edm against edm_teacher.py.
 
-    # CPU: the full UNet at batch 8 (about 12 s per step)
-    python bench/coupling_overhead.py --full-batch 8 --steps 3 --warmup 1 \\
+    # CPU: the full UNet at batch 8 (about 7 s per step)
+    python bench/coupling_overhead.py --full-batch 8 --steps 3 --warmup 1 --hungarian-max 2000 \\
         --out bench/coupling_overhead_cpu.json
     # GPU: batch 128 everywhere
     python bench/coupling_overhead.py --steps 20 --warmup 3 --out bench/coupling_overhead_gpu.json
 
-Part 1 runs each method's own training loop (`main`) on CIFAR-10 shapes (4096 synthetic 3 x 32 x 32
+Part 1 runs each method's own training loop (`main`) on CIFAR-10 shapes (10,240 synthetic 3 x 32 x 32
 images, unconditional) and keeps the median `sec_per_step` of its log after --warmup steps; everything a
-coupling costs is inside it (noise, cost matrix, solve, reordering). Flow couplings are compared with
-independent CFM, AOT with edm_teacher.py. Where the solve falls on one step in several (--ot-batch, AOT's
-rounds), its amortised share (the mean logged solve_s) is added to the median. Part 2 times pair_cost + the
-solver alone for n = 128 .. 2048 on the training device.
+coupling costs is inside it (noise, cost matrix, solve, reordering). Where the solve falls on one step in
+several (--ot-batch, AOT's rounds, DANSM's pools), its amortised share (the mean logged solve_s / match_s)
+is added to the median. Part 2 times the solvers alone on the training device: exact OT, Sinkhorn and DANSM's
+greedy matching for n = 128 .. 2048, then DANSM greedy vs Hungarian for pools of 1,000 .. 10,000.
 """
 
 import argparse
@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import aot_edm  # noqa: E402
 import cfm_couplings  # noqa: E402
+import dansm  # noqa: E402
 import edm_teacher  # noqa: E402
 import loom_cfm  # noqa: E402
 
@@ -49,6 +50,12 @@ GROUPS = {
         ),
         "sinkhorn": (cfm_couplings, ["--coupling", "sinkhorn", "--cond", "off"], False),
         "loom (4 caches)": (loom_cfm, ["--caches", "4", "--cost-every", "0"], False),
+    },
+    "rfm": {
+        "rfm (no matching)": (dansm, ["--matcher", "none"], False),
+        "dansm greedy, ms 1000": (dansm, ["--match-size", "1000"], True),
+        "dansm greedy, ms 10000": (dansm, ["--match-size", "10000"], True),
+        "hungarian, ms 1000": (dansm, ["--matcher", "hungarian", "--match-size", "1000"], True),
     },
     "edm": {
         "edm_teacher": (edm_teacher, [], False),
@@ -79,20 +86,24 @@ def step_seconds(data, net_flags, config, batch, steps, warmup):
         with open(os.path.join(out, "log.jsonl")) as f:
             recs = [json.loads(line) for line in f][warmup:]
     return statistics.median(r["sec_per_step"] for r in recs), statistics.mean(
-        r.get("solve_s", 0) for r in recs
+        r.get("solve_s", r.get("match_s", 0)) for r in recs
     )
 
 
-def solve_seconds(n, device, repeats=3):
+def solve_seconds(n, device, repeats=3, which=("ot", "sinkhorn", "greedy")):
     g = torch.Generator().manual_seed(n)
     x0 = torch.randn(n, 3, 32, 32, generator=g).to(device)
     x1 = (torch.rand(n, 3, 32, 32, generator=g) * 2 - 1).to(device)
+    solvers = {
+        "ot": lambda: cfm_couplings.ot_permutation(x0, x1),
+        "sinkhorn": lambda: cfm_couplings.sinkhorn_pairs(cfm_couplings.sinkhorn_log_plan(
+            cfm_couplings.pair_cost(x0, x1)), generator=torch.Generator().manual_seed(0)),
+        "greedy": lambda: dansm.greedy_match(x1, x0),  # DANSM Alg. 1 (images, noises)
+        "hungarian": lambda: dansm.hungarian_match(x1, x0),  # Immiscible Diffusion's, sum of lengths
+    }  # fmt: skip
     times = {}
-    for name, fn in (
-        ("ot", lambda: cfm_couplings.ot_permutation(x0, x1)),
-        ("sinkhorn", lambda: cfm_couplings.sinkhorn_pairs(cfm_couplings.sinkhorn_log_plan(
-            cfm_couplings.pair_cost(x0, x1)), generator=torch.Generator().manual_seed(0))),
-    ):  # fmt: skip
+    for name in which:
+        fn = solvers[name]
         fn()
         sync()
         t = time.perf_counter()
@@ -115,13 +126,17 @@ def main():
         help="batch of the full-UNet rows (the CPU needs ~1.5 s per image)",
     )
     p.add_argument("--sizes", default="128,256,512,1024,2048", help="problem sizes of the solve timing")
+    p.add_argument(
+        "--match-sizes", default="1000,2000,5000,10000", help="DANSM pool sizes of the matching curve"
+    )
+    p.add_argument("--hungarian-max", type=int, default=5000, help="largest pool timed with Hungarian")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "cifar_shapes.npz")
         rng = np.random.default_rng(0)
-        np.savez(data, images=rng.integers(0, 256, (4096, 32, 32, 3), dtype=np.uint8))
+        np.savez(data, images=rng.integers(0, 256, (10240, 32, 32, 3), dtype=np.uint8))
         rows = []
         for net, net_flags in NETS.items():
             batch = args.tiny_batch if net == "tiny" else args.full_batch
@@ -145,8 +160,17 @@ def main():
         t = solve_seconds(n, device)
         solves.append(dict(n=n, **t))
         print(
-            f"solve n={n:5d}: exact OT {t['ot'] * 1e3:9.1f} ms   sinkhorn {t['sinkhorn'] * 1e3:9.1f} ms",
+            f"solve n={n:5d}: exact OT {t['ot'] * 1e3:9.1f} ms   sinkhorn {t['sinkhorn'] * 1e3:9.1f} ms   "
+            f"DANSM greedy {t['greedy'] * 1e3:9.1f} ms",
             flush=True,
+        )
+    matching = []
+    for n in [int(v) for v in args.match_sizes.split(",")]:
+        t = solve_seconds(n, device, 1, ("greedy", "hungarian") if n <= args.hungarian_max else ("greedy",))
+        matching.append(dict(n=n, **t))
+        hung = t.get("hungarian", float("nan")) * 1e3
+        print(
+            f"DANSM pool n={n:6d}: greedy {t['greedy'] * 1e3:9.1f} ms   hungarian {hung:9.1f} ms", flush=True
         )
     n_imagenet = 1_281_167
     tau = torch.arange(n_imagenet)  # LOOM's whole state at ImageNet size, 1 cache
@@ -165,6 +189,7 @@ def main():
         steps=args.steps,
         training=rows,
         solve=solves,
+        matching=matching,
         memory=memory,
     )
     if args.out:
