@@ -465,14 +465,22 @@ def hungarian_match(x, z):
     return torch.as_tensor(linear_sum_assignment(c)[1], dtype=torch.long, device=x.device)
 
 
-def match(x, z, matcher, chunk=1024):
-    if matcher == "greedy":
-        return greedy_match(x, z, chunk)
-    if matcher == "hungarian":
-        return hungarian_match(x, z)
+def match(x, z, matcher, chunk=1024, labels=None):
+    """perm for a pool: image i trains with z[perm[i]]. With labels (class-conditional training) each class is
+    matched among the noises at its own positions, so labels stay independent of the noise (as AOT's Alg. 2;
+    the paper is unconditional)."""
+    if matcher not in MATCHERS:
+        raise ValueError(f"unknown matcher {matcher!r}; expected one of {MATCHERS}")
+    perm = torch.arange(len(x), device=x.device)
     if matcher == "none":
-        return torch.arange(len(x), device=x.device)
-    raise ValueError(f"unknown matcher {matcher!r}; expected one of {MATCHERS}")
+        return perm
+    groups = (
+        [perm.clone()] if labels is None else [torch.nonzero(labels == k).flatten() for k in labels.unique()]
+    )
+    for g in groups:
+        sub = greedy_match(x[g], z[g], chunk) if matcher == "greedy" else hungarian_match(x[g], z[g])
+        perm[g] = g[sub]
+    return perm
 
 
 def path_length(x, z):
@@ -722,7 +730,7 @@ class Pools:
             )
             t0 = time.time()
             perm = (
-                match(x, z, a.matcher, a.match_chunk)
+                match(x, z, a.matcher, a.match_chunk, y)
                 if self.rank == 0
                 else torch.empty_like(idx).to(self.device)
             )

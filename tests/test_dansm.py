@@ -189,3 +189,13 @@ def test_docstring_commands_name_real_flags():
         parser_flags = set(re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', f.read()))
     for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]+)", D.__doc__):
         assert flag in parser_flags or flag in {"--standalone", "--nproc_per_node"}, flag
+
+
+def test_conditional_pools_are_matched_within_each_class():
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 3, (30,), generator=g)
+    x, z = torch.randn(30, 6, generator=g), torch.randn(30, 6, generator=g)
+    for matcher in ("greedy", "hungarian"):
+        perm = D.match(x, z, matcher, labels=labels)
+        assert torch.equal(labels[perm], labels) and sorted(perm.tolist()) == list(range(30))
+        assert not torch.equal(labels[D.match(x, z, matcher)], labels)  # unconditional matching crosses
