@@ -1015,6 +1015,7 @@ def parse_args(argv=None):
         default=0,
         help="augment-label width (EDM's augment pipeline is not implemented; 9 only to match its net)",
     )
+    p.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (CPU smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order, noise levels and dropout")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
     p.add_argument("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
@@ -1042,6 +1043,8 @@ def parse_args(argv=None):
             p.error("--generate and --convert need --ckpt")
     elif not args.data:
         p.error("--data is required for training (or use --generate N --ckpt FILE)")
+    if args.tiny:
+        args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
     for name in ("batch", "duration", "log_every", "snap_every", "nfe", "gen_batch"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")

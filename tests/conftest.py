@@ -24,6 +24,14 @@ def npz_data(tmp_path):
     return str(path)
 
 
+def read_log(outdir):
+    """The records of a run's log.jsonl, one dict per logged step."""
+    import json
+
+    with open(os.path.join(outdir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def run_script(args, timeout=300):
     """Run a command in a fresh interpreter from the repository root; returns CompletedProcess."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

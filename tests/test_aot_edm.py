@@ -4,7 +4,6 @@ coupling is off, round consumption over ranks, resume inside a round, torchrun, 
 import itertools
 import json
 import os
-import re
 import sys
 from types import SimpleNamespace
 
@@ -14,7 +13,7 @@ import torch
 
 import aot_edm as A
 import edm_teacher as E
-from conftest import ROOT, TINY_FLAGS, run_script
+from conftest import TINY_FLAGS, run_script
 
 
 @pytest.mark.parametrize("n", [2, 4, 6])
@@ -129,10 +128,3 @@ def test_bad_input_gives_one_line_errors(tmp_path, npz_data, extra, match):
     argv = tiny(tmp_path / "run", npz_data)
     with pytest.raises(SystemExit, match=match):
         A.main(argv + extra)
-
-
-def test_docstring_commands_name_real_flags():
-    with open(os.path.join(ROOT, "aot_edm.py")) as f:
-        parser_flags = set(re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', f.read()))
-    for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]+)", A.__doc__):
-        assert flag in parser_flags or flag in {"--standalone", "--nproc_per_node"}, flag

@@ -420,32 +420,6 @@ def test_conditional_pairs_need_labelled_real_images(tmp_path):
     assert E.load_checkpoint(str(tmp_path / "ok"))["net_kwargs"]["label_dim"] == 0
 
 
-def test_docstring_commands_name_real_flags():
-    import re
-
-    flags = {o for a in capture_actions() for o in a.option_strings}
-    used = set(re.findall(r"(--[a-z][a-z0-9_-]+)", L.__doc__)) - {"--standalone", "--nproc_per_node"}
-    assert used <= flags, used - flags
-
-
-def capture_actions():
-    import argparse
-
-    captured = {}
-    original = argparse.ArgumentParser.parse_args
-
-    def grab(self, *a, **k):
-        captured["p"] = self
-        return original(self, ["--pairs", "x"])
-
-    argparse.ArgumentParser.parse_args = grab
-    try:
-        L.parse_args(["--pairs", "x"])
-    finally:
-        argparse.ArgumentParser.parse_args = original
-    return captured["p"]._actions
-
-
 def test_generate_is_per_image_seeded_and_matches_the_pairs_noise(tmp_path, one_thread):
     import gen_pairs
 

@@ -2,7 +2,6 @@
 cost, stationarity, no improving swap in a tried minibatch, larger minibatch no worse), the noise marginal per
 epoch, ablations, resume with the assignment, a 2-rank torchrun with identical tau, bad input."""
 
-import json
 import math
 import os
 import sys
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import loom_cfm as L
-from conftest import ROOT, run_script
+from conftest import read_log, run_script
 
 MASK = (1 << 64) - 1
 
@@ -144,15 +143,10 @@ def tiny(tmp_path, npz_data, *extra, steps=4, batch=8):
     ]
 
 
-def records(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_training_keeps_an_exact_running_global_cost_that_never_increases(tmp_path, npz_data, one_thread):
     out, argv = tiny(tmp_path, npz_data, "--caches", "2", "--cost-every", "1000", steps=8)
     L.main(argv)
-    recs = records(out)
+    recs = read_log(out)
     costs = [r["global_cost"] for r in recs]
     assert all(b <= a + 1e-9 for a, b in zip(costs, costs[1:], strict=False)) and costs[-1] < costs[0]
     assert all(r["cost_after"] <= r["cost_before"] for r in recs)
@@ -172,7 +166,7 @@ def test_ablations_train(tmp_path, npz_data, flag, one_thread):
     extra = {"--train-after-convergence": [flag, "1"], "--noise-store": [flag, "memory"]}.get(flag, [flag])
     out, argv = tiny(tmp_path, npz_data, *extra)
     L.main(argv)
-    recs = records(out)
+    recs = read_log(out)
     assert all(math.isfinite(r.get("loss", 0.0)) for r in recs)
     ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=True)
     if flag == "--no-reassign":
@@ -203,7 +197,7 @@ def test_resume_equals_uninterrupted_assignment_and_weights(tmp_path, npz_data, 
     for key in ("net", "ema"):
         for k in ca[key]:
             assert torch.equal(ca[key][k], cb[key][k]), (key, k)
-    ra, rb = records(out_a)[3:], records(out_b)[3:]
+    ra, rb = read_log(out_a)[3:], read_log(out_b)[3:]
     assert [(r["loss"], r["global_cost"]) for r in ra] == [(r["loss"], r["global_cost"]) for r in rb]
 
 
@@ -220,7 +214,7 @@ def test_torchrun_two_ranks_hold_the_same_assignment_as_one_process(tmp_path, np
     c2 = torch.load(os.path.join(two, "latest.pt"), weights_only=True)
     assert torch.equal(c1["state"]["tau"], c2["state"]["tau"])
     assert max((c1["net"][k] - c2["net"][k]).abs().max().item() for k in c1["net"]) < 1e-4
-    for r1, r2 in zip(records(one), records(two), strict=True):
+    for r1, r2 in zip(read_log(one), read_log(two), strict=True):
         assert r1["global_cost"] == pytest.approx(r2["global_cost"], rel=1e-12)
 
 
@@ -251,12 +245,3 @@ def test_a_loom_checkpoint_samples_through_evaluate(tmp_path, npz_data, one_thre
     )
     assert used == calls == 4 and x.shape == (2, 3, 16, 16)
     assert torch.allclose(L.ode_velocity(net, noise, 0.3), net(noise, 0.3))
-
-
-def test_docstring_commands_name_real_flags():
-    import re
-
-    with open(os.path.join(ROOT, "loom_cfm.py")) as f:
-        parser_flags = set(re.findall(r'add_argument\(\s*"(--[a-z0-9-]+)"', f.read()))
-    for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]+)", L.__doc__):
-        assert flag in parser_flags or flag in {"--standalone", "--nproc_per_node"}, flag

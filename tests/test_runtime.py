@@ -110,3 +110,51 @@ def test_fenced_shared_blocks_are_byte_identical_across_method_files():
         assert len(ref.splitlines()) > 20
         for m in owners:
             assert blocks[m][name] == (scope, ref), f"{m}.py: shared {name} block drifted"
+
+
+class _Parser(Exception):
+    """Carries a script's ArgumentParser out of its parse_args (nothing is parsed or run)."""
+
+
+def script_flags(name):
+    """Every option string of `name`.py's command line, read from its real ArgumentParser."""
+    import argparse
+    import importlib
+
+    module = importlib.import_module(name)
+    original = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        raise _Parser(self)
+
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        module.parse_args([])
+    except _Parser as e:
+        return {o for action in e.args[0]._actions for o in action.option_strings}
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    raise AssertionError(f"{name}.parse_args did not build an ArgumentParser")
+
+
+SCRIPTS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_docstring_commands_name_real_flags(name):
+    """Each command in a script's docstring (python X.py ... / torchrun ... X.py ...) uses only flags that
+    X.py's parser defines, whichever script the docstring belongs to."""
+    import importlib
+
+    doc = (importlib.import_module(name).__doc__ or "").replace("\\\n", " ")
+    checked = 0
+    for line in doc.splitlines():
+        m = re.search(r"\b(\w+)\.py\b(.*)", line)
+        if not m or not re.search(r"\b(python|torchrun)\b", line):
+            continue
+        flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", m.group(2).split("#")[0]))  # not comments
+        assert flags <= script_flags(m.group(1)), (name, m.group(1), flags - script_flags(m.group(1)))
+        checked += 1
+    assert checked or not hasattr(
+        importlib.import_module(name), "METHOD"
+    )  # every method file shows its commands
