@@ -87,8 +87,8 @@ class Problem:
         self.gaussian_source = name != "moons"
 
     def source(self, z):
-        """x0 from standard-normal z [N, D]. moons: eight Gaussians (std 0.1 around radius 2) made exactly from
-        a 2-D normal: its angle picks the centre (octant), its within-octant angle and its radius (independent
+        """x0 from standard-normal z [N, D]. moons: eight Gaussians (std 0.1 at radius 2) made exactly from a
+        2-D normal: its angle picks the centre (octant), its within-octant angle and its radius (independent
         of the angle) rebuild a standard 2-D normal offset."""
         if self.gaussian_source:
             return z
@@ -240,7 +240,7 @@ def train_method(name, problem, data, cfg, trained):
             y = s.images(B)
             if name == "edm":  # EDM Eq. 2, independent noise
                 return module.edm_loss(net, img(y), sigma_data=SIGMA_DATA)
-            # AOT Alg. 1: a round of N images and N noises matched by Hungarian on L2 (Eq. 8), used B at a time
+            # AOT Alg. 1: a round of N images and N noises, Hungarian on L2 (Eq. 8), used B at a time
             k = step % (AOT_ROUND // B)
             if k == 0:
                 ys, eps = s.images(AOT_ROUND), torch.randn(AOT_ROUND, problem.dim)
@@ -426,8 +426,8 @@ def plot_problem(problem, rows, nets, z, ref, cfg, path):
             ax.plot(*tr.T, c="k", lw=0.6, alpha=0.7)
         ax.scatter(*traj[:, -1].T, s=6, c="tab:cyan", zorder=3, label="sample")
         ax.quiver(*g.T, *(end - g).T, color="tab:green", angles="xy", scale_units="xy", scale=4, width=0.004)
-        ax.set_title(f"{row['label']}\nstraightness {row['straightness']:.2f} ({row['straightness_rel']:.3f})",
-                     fontsize=9)  # fmt: skip
+        title = f"{row['label']}\nstraightness {row['straightness']:.2f} ({row['straightness_rel']:.3f})"
+        ax.set_title(title, fontsize=9)
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
@@ -474,8 +474,8 @@ def check_batch_ot(dims, sizes, samples=4096, seed=0):
         for n in sizes:
             sims, norms = [], []
             for _ in range(max(1, samples // n)):
-                x0, x1 = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g,
-                                                                                        dtype=torch.float64)  # fmt: skip
+                x0 = torch.randn(n, d, generator=g, dtype=torch.float64)
+                x1 = torch.randn(n, d, generator=g, dtype=torch.float64)
                 _, cols = linear_sum_assignment(torch.cdist(x0, x1).square().numpy())
                 sims.append((x0 * x1[cols]).sum(1) / d)
                 norms.append(x0.square().sum(1) / d)
