@@ -31,8 +31,10 @@ E<x1*, x0> under exact batch OT against sqrt(2 log n / d); (3) the random-pairin
 against sqrt(d (1 + var + mean^2)) (DANSM Table 2's "random" column).
 
 Commands
-  The default run (mix128, gauss2d and moons, every method, all checks; a few minutes on 2 CPU cores):
+  The default run (mix128, every method, all checks; a few minutes on 2 CPU cores):
     python toy2d.py --out toy_results
+  All three problems (the 2-D ones for pictures):
+    python toy2d.py --problem all --out toy_all
   A quick run (every method on mix128 with a small budget, the checks on a small grid; under a minute):
     python toy2d.py --quick --out toy_results_quick
   Some methods on one problem:
@@ -635,11 +637,11 @@ def run(cfg):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--problem", default="all", help=f"comma list of {', '.join(PROBLEMS)}, or all")
+    p.add_argument("--problem", default="mix128", help=f"comma list of {', '.join(PROBLEMS)}, or all")
     p.add_argument("--methods", default="all", help=f"comma list of {', '.join(METHODS)}, or all")
-    p.add_argument("--quick", action="store_true", help="mix128 only, small budget and check grid (< 60 s)")
+    p.add_argument("--quick", action="store_true", help="small budget and check grid (< 60 s on mix128)")
     p.add_argument("--out", default="toy_results", help="folder for results.json, results.csv and PNGs")
-    p.add_argument("--steps", type=int, help="training steps per method (default 3000; quick 300)")
+    p.add_argument("--steps", type=int, help="training steps per method (default 1500; quick 300)")
     p.add_argument(
         "--batch", type=int, default=256, help="training batch (BOT-CFM 256 solves OT on all of it)"
     )
@@ -658,15 +660,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     quick = args.quick
-    args.problem = (
-        (["mix128"] if quick else list(PROBLEMS)) if args.problem == "all" else args.problem.split(",")
-    )
+    args.problem = list(PROBLEMS) if args.problem == "all" else args.problem.split(",")
     args.methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     for kind, given, known in (("problem", args.problem, PROBLEMS), ("method", args.methods, METHODS)):
         bad = [x for x in given if x not in known]
         if bad:
             p.error(f"unknown {kind} {', '.join(bad)}; expected {', '.join(known)} or all")
-    for key, full, small in (("steps", 3000, 300), ("n_train", 8192, 4096), ("n_eval", 2000, 1000),
+    for key, full, small in (("steps", 1500, 300), ("n_train", 8192, 4096), ("n_eval", 2000, 1000),
                              ("ode_steps", 100, 40), ("n_pairs", 32768, 8192)):  # fmt: skip
         if getattr(args, key) is None:
             setattr(args, key, small if quick else full)
