@@ -567,6 +567,8 @@ def print_table(problem, rows, ref_row):
 def run_problem(name, methods, cfg):
     problem = Problem(name)
     methods = [m for m in methods if problem.gaussian_source or METHODS[m][1] != "diffusion"]
+    if not methods:
+        raise SystemExit(f"toy2d: {name} has a non-Gaussian source; the diffusion methods cannot run on it")
     need = list(methods)
     for m, dep in (("lmm", "edm"), ("rf2", "rf1")):  # a student needs its teacher
         if m in need and dep not in need:
