@@ -179,8 +179,10 @@ class UNet(nn.Module):
         emb = torch.cat([arg.sin(), arg.cos()], dim=1)
         if self.map_label is not None:
             emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
+        if self.map_augment is not None:  # no augmentation = zero label: every weight joins the graph (DDP)
+            if augment_labels is None:
+                augment_labels = torch.zeros(len(x), self.map_augment.weight.shape[1], device=x.device)
+            emb = emb + self.map_augment(augment_labels.float())
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
         skips = []
         for block in self.enc.values():
@@ -407,7 +409,10 @@ class EDMPrecond(nn.Module):
         if not self.label_dim:
             return None
         if labels is None:
-            raise ValueError("this network is class-conditional: pass class_labels (int64 [N] or one-hot)")
+            raise ValueError(
+                "this network is class-conditional: pass class labels (int64 [N] or one-hot);"
+                " train it on labelled data with --cond and sample it with labels"
+            )
         if not labels.is_floating_point():
             return F.one_hot(labels.long(), self.label_dim).float()
         return labels.float().reshape(-1, self.label_dim)
@@ -417,16 +422,20 @@ class EDMPrecond(nn.Module):
 # --- shared: EDM loss and sampler (identical in edm_teacher, aot_edm) ---
 
 
-def edm_loss(net, y, labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, sigma=None, n=None):
+def edm_loss(
+    net, y, labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, sigma=None, n=None, augment_labels=None
+):
     """EDM Eq. 2 with Table 1's training choices, per element [N, C, H, W]:
     ln(sigma) ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
-    sigma [N, 1, 1, 1] and n (standard normal, like y) may be given; otherwise drawn here."""
+    sigma [N, 1, 1, 1] and n (standard normal, like y) may be given; otherwise drawn here. augment_labels
+    [N, 9]: what edm_augment applied to y (EDM conditions the network on it; None = nothing applied)."""
     if sigma is None:
         sigma = (torch.randn(y.shape[0], 1, 1, 1, device=y.device) * P_std + P_mean).exp()
     if n is None:
         n = torch.randn_like(y)
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-    denoised = net(y + sigma * n, sigma.flatten(), class_labels=labels)
+    aug = {} if augment_labels is None else dict(augment_labels=augment_labels)  # plain denoisers take none
+    denoised = net(y + sigma * n, sigma.flatten(), class_labels=labels, **aug)
     return weight * (denoised - y) ** 2
 
 
@@ -447,6 +456,8 @@ def edm_sampler(
     net, noise, sigmas, labels=None, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, generator=None
 ):
     """EDM Algorithm 2 (Algorithm 1, deterministic Heun, when S_churn = 0). sigmas: float64 [N+1], last 0.
+    generator: the churn noise's source, one torch.Generator or a list of one per image (then image i does not
+    depend on the batch it is in or on the number of processes, with or without an S_min/S_max window).
     Heun correction on every step but the last, which is Euler (sigma_N = 0): 2N - 1 network calls.
     Returns (x float32, number of network calls)."""
     N = len(sigmas) - 1
@@ -456,8 +467,11 @@ def edm_sampler(
         gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
         t_hat = t_cur + gamma * t_cur  # Alg. 2 line 5: temporarily raise the noise level
         if gamma > 0:
-            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-            x = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * eps
+            if isinstance(generator, (list, tuple)):  # one stream per image (EDM's per-seed generators)
+                eps = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator])
+            else:
+                eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
+            x = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * eps.to(x.device)
         d = (x - net(x, t_hat, class_labels=labels).double()) / t_hat  # dx/dsigma (Eq. 4 with sigma(t) = t)
         x_next = x + (t_next - t_hat) * d  # Euler step
         nfe += 1
@@ -475,14 +489,25 @@ def build_net(net_kwargs):
 
 
 def sample(
-    net, noise, nfe, labels=None, steps=None, sigma_min=0.002, sigma_max=80.0, rho=7.0, sigmas=None, **churn
+    net,
+    noise,
+    nfe,
+    labels=None,
+    steps=None,
+    sigma_min=0.002,
+    sigma_max=80.0,
+    rho=7.0,
+    sigmas=None,
+    generator=None,
+    **churn,
 ):
     """DESIGN 4: noise [N, C, H, W] standard normal -> (images in [-1, 1], true NFE).
     nfe asks for N = (nfe + 1) // 2 Heun steps, which use 2N - 1 evaluations (35 -> 18 steps); `steps` or an
-    explicit float64 `sigmas` schedule override it. churn: S_churn, S_min, S_max, S_noise, generator."""
+    explicit float64 `sigmas` schedule override it. churn: S_churn, S_min, S_max, S_noise (EDM Alg. 2), drawn
+    from `generator` (per image: a list of generators, e.g. noise_for_seeds' third output)."""
     if sigmas is None:
         sigmas = karras_sigmas(steps or max(1, (nfe + 1) // 2), sigma_min, sigma_max, rho)
-    return edm_sampler(net, noise, sigmas.to(noise.device), labels, **churn)
+    return edm_sampler(net, noise, sigmas.to(noise.device), labels, generator=generator, **churn)
 
 
 def ode_start(net, noise):
@@ -498,20 +523,158 @@ def ode_velocity(net, x, t, labels=None, sigma_min=0.002, sigma_max=80.0):
     return (net(x, sigma, class_labels=labels) - x) * (sigma_max / sigma).reshape(-1, 1, 1, 1)
 
 
-def noise_for_seeds(seeds, shape, label_dim=0):
+def noise_for_seeds(seeds, shape, label_dim=0, with_generators=False):
     """EDM's per-image seeds: image i's noise (and uniform class label, drawn after it) come from a generator
-    seeded with seeds[i], so a generated set does not depend on the number of processes or the batch."""
-    noise, labels = [], []
+    seeded with seeds[i], so a generated set does not depend on the number of processes or the batch.
+    with_generators: also return the generators, which then give each image's churn noise (as EDM's)."""
+    noise, labels, gens = [], [], []
     for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        noise.append(torch.randn(shape, generator=g))
+        gens.append(torch.Generator().manual_seed(int(s)))
+        noise.append(torch.randn(shape, generator=gens[-1]))
         if label_dim:
-            labels.append(torch.randint(label_dim, [], generator=g))
+            labels.append(torch.randint(label_dim, [], generator=gens[-1]))
     noise = torch.stack(noise) if noise else torch.empty(0, *shape)
-    return noise, (torch.tensor(labels, dtype=torch.long) if label_dim else None)
+    out = noise, (torch.tensor(labels, dtype=torch.long) if label_dim else None)
+    return (*out, gens) if with_generators else out
 
 
 # --- end shared: EDM loss and sampler ---
+# --- shared: EDM augmentation (identical in edm_teacher, aot_edm) ---
+# EDM's non-leaking geometric augmentation (EDM App. F.2, Table 7: p = 0.12 on CIFAR-10), the ADA pipeline
+# (Karras et al. 2020) in the configuration EDM trains CIFAR-10 with: x-flip on a random half of the images
+# (EDM's multiplier 1e8 makes it always draw), and y-flip, isotropic scaling, arbitrary rotation, anisotropic
+# scaling and fractional translation each with probability p. The parameters of what was applied form a
+# 9-dim augment label (zero where nothing was) that conditions the network, so that at sampling time (zero
+# label) it produces un-augmented images: the augmentation does not leak into the samples.
+# Pixel coordinates are centred; G_inv maps an output pixel to the input position it samples.
+
+SYM6 = (  # Symlet-6 low-pass filter: ADA's anti-aliasing filter for the 2x supersampled resampling
+    0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+    0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+    -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148,
+)  # fmt: skip
+
+
+def augment_draw(n, p, generator=None):
+    """EDM's draws for n images, in EDM's order -> dict of float32 [n] parameters, zero where not applied."""
+
+    def rand(*s):
+        return torch.rand(s, generator=generator)
+
+    def randn(*s):
+        return torch.randn(s, generator=generator)
+
+    def pick(prob, w):  # keep w where the transform is drawn (probability prob), else 0
+        return torch.where(rand(*w.shape[-1:]) < prob, w, torch.zeros_like(w))
+
+    a = {}
+    a["xflip"] = pick(1e8 * p, torch.randint(2, (n,), generator=generator).float())
+    a["yflip"] = pick(p, torch.randint(2, (n,), generator=generator).float())
+    a["scale"] = pick(p, randn(n))  # log2 scale / 0.2
+    a["rotate"] = pick(p, (rand(n) * 2 - 1) * math.pi)  # angle in [-pi, pi)
+    a["aniso"], r = randn(n), (rand(n) * 2 - 1) * math.pi
+    a["aniso"] = pick(p, a["aniso"])  # log2 x-stretch / 0.2 ...
+    a["aniso_angle"] = pick(0.5, r)  # ... along an axis rotated by this angle half of the time
+    t = randn(2, n)
+    a["tx"], a["ty"] = torch.where(rand(1, n) < p, t, torch.zeros_like(t))  # in units of 0.125 image size
+    return a
+
+
+def augment_labels(a):
+    """The 9-dim augment label of EDM's SongUNet (augment_dim = 9), [n, 9]."""
+    rot, an, r = a["rotate"], a["aniso"], a["aniso_angle"]
+    cols = [a["xflip"], a["yflip"], a["scale"], rot.cos() - 1, rot.sin(), an * r.cos(), an * r.sin()]
+    return torch.stack([*cols, a["tx"], a["ty"]], dim=1)
+
+
+def augment_matrix(a, H, W):
+    """G_inv [n, 3, 3] of the geometric part, composed as EDM: scale, rotation, anisotropy, translation."""
+
+    def mat(rows):  # rows of [n] tensors or numbers -> [n, 3, 3]
+        return torch.stack(
+            [torch.stack([torch.as_tensor(v).float().expand(n) for v in r], 1) for r in rows], 1
+        )
+
+    def rot(t):
+        return mat([[t.cos(), -t.sin(), 0], [t.sin(), t.cos(), 0], [0, 0, 1]])
+
+    def scale(sx, sy):
+        return mat([[sx, 0, 0], [0, sy, 0], [0, 0, 1]])
+
+    n = len(a["scale"])
+    s, sa, r = (a["scale"] * 0.2).exp2(), (a["aniso"] * 0.2).exp2(), a["aniso_angle"]
+    G = scale(1 / s, 1 / s) @ rot(a["rotate"])  # inverse of: scale by s, then rotate by -angle
+    G = G @ rot(-r) @ scale(1 / sa, sa) @ rot(r)
+    return G @ mat([[1, 0, -a["tx"] * W * 0.125], [0, 1, -a["ty"] * H * 0.125], [0, 0, 1]])
+
+
+def augment_resample(x, G_inv):
+    """Apply G_inv to images x [n, C, H, W]: reflect padding, 2x supersampling with the Symlet-6 filter,
+    bilinear resampling, filtered 2x downsampling (ADA's geometric execution)."""
+    n, c, H, W = x.shape
+    hz = torch.tensor(SYM6, dtype=x.dtype, device=x.device)
+    hpad, cx, cy = len(SYM6) // 4, (W - 1) / 2, (H - 1) / 2
+    G_inv = G_inv.to(x.device)
+    corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], device=x.device).T
+    m = (G_inv @ corners)[:, :2, :].permute(1, 0, 2).flatten(1)  # [xy, n * 4] input positions of the corners
+    m = torch.cat([-m, m]).amax(1) + torch.tensor([2 * hpad - cx, 2 * hpad - cy] * 2, device=x.device)
+    m = torch.minimum(m.clamp(min=0), torch.tensor([W - 1, H - 1] * 2, device=x.device))
+    mx0, my0, mx1, my1 = m.ceil().int().tolist()
+    x = F.pad(x, [mx0, mx1, my0, my1], mode="reflect")
+
+    def shift(tx, ty):
+        return torch.tensor([[1, 0, tx], [0, 1, ty], [0, 0, 1]], dtype=torch.float32, device=x.device)
+
+    def scale(sx, sy):
+        return torch.diag(torch.tensor([sx, sy, 1.0], device=x.device))
+
+    G_inv = shift((mx0 - mx1) / 2, (my0 - my1) / 2) @ G_inv
+    up = hz.flip(0).reshape(1, 1, 1, -1).repeat(c, 1, 1, 1)  # upsample: zeros between samples, then filter
+    x = torch.stack([x, torch.zeros_like(x)], 4).flatten(3)[..., :-1]
+    x = F.conv2d(x, up, groups=c, padding=(0, (len(SYM6) + 1) // 2))
+    x = torch.stack([x, torch.zeros_like(x)], 3).flatten(2, 3)[:, :, :-1]
+    x = F.conv2d(x, up.transpose(2, 3), groups=c, padding=((len(SYM6) + 1) // 2, 0))
+    G_inv = scale(2, 2) @ G_inv @ scale(0.5, 0.5)
+    G_inv = shift(-0.5, -0.5) @ G_inv @ shift(0.5, 0.5)
+    size = [n, c, (H + 2 * hpad) * 2, (W + 2 * hpad) * 2]
+    G_inv = scale(2 / x.shape[3], 2 / x.shape[2]) @ G_inv @ scale(size[3] / 2, size[2] / 2)
+    grid = F.affine_grid(G_inv[:, :2, :], size, align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    down = hz.reshape(1, 1, 1, -1).repeat(c, 1, 1, 1)  # filter, keep every other sample, crop the margin
+    x = F.conv2d(x, down, groups=c, stride=(1, 2), padding=(0, (len(SYM6) - 1) // 2))[..., hpad:-hpad]
+    x = F.conv2d(x, down.transpose(2, 3), groups=c, stride=(2, 1), padding=((len(SYM6) - 1) // 2, 0))
+    return x[:, :, hpad:-hpad]
+
+
+def edm_augment(y, p, generator=None, a=None):
+    """EDM's augmentation of a batch y [n, C, H, W] in [-1, 1] -> (augmented y, augment labels [n, 9]).
+    p = 0 is the identity with zero labels. `a` (augment_draw's dict) forces the parameters."""
+    a = augment_draw(len(y), p, generator) if a is None else {k: v.float().cpu() for k, v in a.items()}
+    G_inv = augment_matrix(a, y.shape[2], y.shape[3])  # on the CPU: [n, 3, 3] is tiny
+    y = torch.where(a["xflip"].bool().to(y.device)[:, None, None, None], y.flip(3), y)
+    y = torch.where(a["yflip"].bool().to(y.device)[:, None, None, None], y.flip(2), y)
+    moved = torch.stack([a[k] != 0 for k in ("scale", "rotate", "aniso", "tx", "ty")]).any(0)
+    if moved.any():  # resample only the images a geometric transform was drawn for
+        idx = moved.nonzero().flatten().to(y.device)
+        y = y.index_copy(0, idx, augment_resample(y[idx], G_inv[moved]).to(y.dtype))
+    return y, augment_labels(a).to(y.device)
+
+
+def augment_defaults(p, args):
+    """--augment: 0.12 on CIFAR-10 (EDM's Table 7), else 0; --augment-dim: 9 with augmentation, else 0."""
+    if args.augment is None:
+        args.augment = 0.12 if args.data == "cifar10" else 0.0
+    if not 0 <= args.augment <= 1:
+        p.error(f"--augment is a probability in [0, 1], got {args.augment}")
+    if args.augment_dim is None:
+        args.augment_dim = 9 if args.augment > 0 else 0
+    if args.augment > 0 and args.augment_dim != 9:
+        p.error(f"--augment {args.augment} conditions the network on a 9-dim label: pass --augment-dim 9")
+    if args.augment_dim < 0:
+        p.error(f"--augment-dim must be 0 or 9, got {args.augment_dim}")
+
+
+# --- end shared: EDM augmentation ---
 
 
 # --- AOT: the assignment of one round (Alg. 1-2, Eq. 8) ---
@@ -572,7 +735,13 @@ class Rounds:
         a = self.args
         idx = batch_indices(self.n_data, a.aot_pairs * self.world, r, a.seed)
         idx = idx[self.rank * a.aot_pairs : (self.rank + 1) * a.aot_pairs]
-        y, lab = get_batch(self.images, self.labels, idx, self.device)  # x-flip is the augmentation
+        y, lab = get_batch(self.images, self.labels, idx, self.device)
+        aug = None
+        if a.augment > 0:  # as EDM-AOT: the round is augmented first, then the noise is assigned to it
+            g = torch.Generator().manual_seed(
+                int(np.random.SeedSequence([a.seed, self.world, self.rank, r]).generate_state(1)[0])
+            )
+            y, aug = edm_augment(y, a.augment, generator=g)
         seed_step(a.seed, self.rank, self.world, r * self.per_round)
         draw_sigma(self.B, a.P_mean, a.P_std, self.device)  # the first step's sigmas come first
         eps = torch.randn([a.aot_pairs, *self.shape], device=self.device)
@@ -583,10 +752,10 @@ class Rounds:
             cost_before=pair_cost(eps, y, a.cost).mean().item(),
             cost_after=pair_cost(eps[perm.to(self.device)], y, a.cost).mean().item(),
         )
-        self.cached = (r, y, lab, eps[perm.to(self.device)], stats)
+        self.cached = (r, y, lab, aug, eps[perm.to(self.device)], stats)
 
     def step(self, step):
-        """(images, labels, assigned noise) of this process for one training step, and its round's stats."""
+        """(images, labels, assigned noise, round stats, augment labels) of this process for one step."""
         r = step // self.per_round
         if self.cached is None or self.cached[0] != r:
             if step % self.per_round == 0:
@@ -595,9 +764,10 @@ class Rounds:
                 cuda = [self.device.index or 0] if self.device.type == "cuda" else []
                 with torch.random.fork_rng(devices=cuda):
                     self.make(r)
-        _, y, lab, eps, stats = self.cached
+        _, y, lab, aug, eps, stats = self.cached
         rows = slice((step % self.per_round) * self.B, (step % self.per_round + 1) * self.B)
-        return y[rows], None if lab is None else lab[rows], eps[rows], stats
+        lab, aug = (None if v is None else v[rows] for v in (lab, aug))
+        return y[rows], lab, eps[rows], stats, aug
 
 
 # --- shared: data (identical in every method file) ---
@@ -736,7 +906,7 @@ def train(args):
         img_resolution=res,
         img_channels=images.shape[1],
         label_dim=label_dim,
-        augment_dim=0,
+        augment_dim=args.augment_dim,
         model_channels=args.model_channels,
         channel_mult=list(args.channel_mult),
         num_blocks=args.num_blocks,
@@ -745,7 +915,7 @@ def train(args):
     )
     if ckpt is not None:
         net_kwargs = ckpt["net_kwargs"]
-        keys = ("data", "batch", "seed", "xflip", "cond", "lr", "aot_pairs", "assign", "cost")
+        keys = ("data", "batch", "seed", "xflip", "cond", "lr", "aot_pairs", "assign", "cost", "augment")
         changed = {
             k: (ckpt["args"].get(k), v)
             for k, v in vars(args).items()
@@ -791,7 +961,7 @@ def train(args):
     while nimg < total:
         seed_step(args.seed, rank, world, step)
         sigma = draw_sigma(batch_rank, args.P_mean, args.P_std, device)
-        y, lab, eps, stats = rounds.step(step)  # AOT Alg. 1: this step's slice of the round's assigned pairs
+        y, lab, eps, stats, aug = rounds.step(step)  # AOT Alg. 1: this step's slice of the assigned pairs
         for g in opt.param_groups:  # EDM's linear learning-rate ramp-up over --lr-rampup Mimg (0: none)
             g["lr"] = args.lr * (min(nimg / (args.lr_rampup * 1e6), 1) if args.lr_rampup > 0 else 1)
         opt.zero_grad(set_to_none=True)
@@ -803,7 +973,17 @@ def train(args):
             with contextlib.nullcontext() if sync else ddp.no_sync():
                 lab_sl = None if lab is None else lab[sl]
                 # AOT Alg. 1 line 13: EDM's loss on the assigned pairs
-                loss = edm_loss(ddp, y[sl], lab_sl, args.P_mean, args.P_std, sigma=sigma[sl], n=eps[sl])
+                aug_sl = None if aug is None else aug[sl]
+                loss = edm_loss(
+                    ddp,
+                    y[sl],
+                    lab_sl,
+                    args.P_mean,
+                    args.P_std,
+                    sigma=sigma[sl],
+                    n=eps[sl],
+                    augment_labels=aug_sl,
+                )
                 loss.sum().mul(1 / batch_rank).backward()  # EDM: sum over the batch / per-rank batch
             loss_sum += loss.detach().mean().item() * batch_gpu / batch_rank
         for p in net.parameters():
@@ -877,10 +1057,12 @@ def generate(args):
     seeds = list(range(args.seed, args.seed + args.generate))[rank::world]
     out_x, out_y, nfe = [], [], 0
     for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
-        noise, lab = noise_for_seeds(seeds[i : i + args.gen_batch], shape, label_dim)
-        x, nfe = sample(
-            net, noise.to(device), 2 * args.steps - 1, None if lab is None else lab.to(device), rho=args.rho
+        noise, lab, gens = noise_for_seeds(
+            seeds[i : i + args.gen_batch], shape, label_dim, with_generators=True
         )
+        churn = dict(S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+        lab = None if lab is None else lab.to(device)
+        x, nfe = sample(net, noise.to(device), 2 * args.steps - 1, lab, rho=args.rho, generator=gens, **churn)
         out_x.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
         out_y.append(lab if lab is not None else torch.zeros(len(x), dtype=torch.long))
     mine = (seeds, torch.cat(out_x).numpy() if out_x else None, torch.cat(out_y).numpy() if out_y else None)
@@ -981,6 +1163,19 @@ def parse_args(argv=None):
     p.add_argument("--channel-mult", type=_ints, default=[2, 2, 2], help="width multipliers per resolution")
     p.add_argument("--num-blocks", type=int, default=4, help="residual blocks per resolution")
     p.add_argument("--attn-res", type=_ints, default=[16], help="resolutions with self-attention")
+    p.add_argument(
+        "--augment",
+        type=float,
+        default=None,
+        metavar="P",
+        help="EDM's geometric augmentation probability (0: off; default: 0.12 for cifar10 as EDM, else 0)",
+    )
+    p.add_argument(
+        "--augment-dim",
+        type=int,
+        default=None,
+        help="augment-label width of the network (default 9 when --augment > 0, else 0)",
+    )
     p.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (CPU smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order, rounds, sigmas, dropout")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
@@ -1007,7 +1202,14 @@ def parse_args(argv=None):
         "--eval-args", type=str.split, default=[], help="more evaluate.py flags, e.g. '--ref-stats s.npz'"
     )
     p.add_argument("--out-json", default=None, help="--sweep-rho: write the table as JSON here")
+    p.add_argument("--S-churn", type=float, default=0.0, help="--generate: EDM Alg. 2 stochasticity (0: ODE)")
+    p.add_argument("--S-min", type=float, default=0.0, help="--generate: churn only for sigma >= S_min")
+    p.add_argument(
+        "--S-max", type=float, default=float("inf"), help="--generate: churn only for sigma <= S_max"
+    )
+    p.add_argument("--S-noise", type=float, default=1.0, help="--generate: churn noise scale (EDM: S_noise)")
     args = p.parse_args(argv)
+    augment_defaults(p, args)
     if args.generate or args.sweep_rho:
         if not args.ckpt:
             p.error("--generate and --sweep-rho need --ckpt")

@@ -191,8 +191,10 @@ class UNet(nn.Module):
         emb = torch.cat([arg.sin(), arg.cos()], dim=1)
         if self.map_label is not None:
             emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
-        if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
+        if self.map_augment is not None:  # no augmentation = zero label: every weight joins the graph (DDP)
+            if augment_labels is None:
+                augment_labels = torch.zeros(len(x), self.map_augment.weight.shape[1], device=x.device)
+            emb = emb + self.map_augment(augment_labels.float())
         emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
         skips = []
         for block in self.enc.values():
@@ -421,7 +423,10 @@ class EDMPrecond(nn.Module):
         if not self.label_dim:
             return None
         if labels is None:
-            raise ValueError("this network is class-conditional: pass class_labels (int64 [N] or one-hot)")
+            raise ValueError(
+                "this network is class-conditional: pass class labels (int64 [N] or one-hot);"
+                " train it on labelled data with --cond and sample it with labels"
+            )
         if not labels.is_floating_point():
             return F.one_hot(labels.long(), self.label_dim).float()
         return labels.float().reshape(-1, self.label_dim)

@@ -71,7 +71,7 @@ def test_without_the_assignment_a_step_is_edm_teachers_step(tmp_path, npz_data, 
 
 def test_every_pair_of_a_round_is_used_once_across_ranks(npz_data):
     images, labels = A.load_images(npz_data)
-    args = SimpleNamespace(batch=8, aot_pairs=8, seed=0, P_mean=-1.2, P_std=1.2, assign=1, cost="l2")
+    args = SimpleNamespace(batch=8, aot_pairs=8, seed=0, P_mean=-1.2, P_std=1.2, assign=1, cost="l2", augment=0.0)
     ranks = [A.Rounds(args, images, None, 32, (3, 16, 16), torch.device("cpu"), r, 2) for r in range(2)]
     for rnd in range(3):  # each round: 2 steps of 4 images per rank
         used = torch.cat([rk.step(rnd * 2 + s)[0] for rk in ranks for s in range(2)])
