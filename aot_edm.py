@@ -22,7 +22,9 @@ Commands
   CPU smoke run on a synthetic dataset (tiny net, pools of 128 pairs):
     python aot_edm.py --data shapes --outdir runs/aot-shapes --tiny --duration 0.05 --batch 64 --aot-pairs 128
   The paper's unconditional CIFAR-10 run (Sec. 5.1: batch 256 on 4 GPUs, N = 512 pairs per GPU):
-    torchrun --standalone --nproc_per_node=4 aot_edm.py --data cifar10 --xflip --outdir runs/aot-cifar10
+    torchrun --standalone --nproc_per_node=4 aot_edm.py --data cifar10 --outdir runs/aot-cifar10
+  (EDM's augmentation, p = 0.12 with its 9-dim label, is on by default for cifar10: each round is augmented,
+  then its noise is assigned, as in the public EDM-AOT code; --augment 0 turns it off.)
   Conditional (batch 128, N = 2048): add --cond (the defaults of --batch and --aot-pairs follow it)
   Sample with the paper's best schedule, and sweep rho x steps (Table 4) with evaluate.py's FID:
     python aot_edm.py --generate 50000 --ckpt runs/aot-cifar10 --steps 14 --rho 90 --out aot.npz

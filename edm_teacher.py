@@ -12,13 +12,17 @@ Images are floats in [-1, 1]; quantised as (x * 127.5 + 128).clip(0, 255) -> uin
 Commands
   CPU smoke run (a synthetic 16x16 "shapes" dataset the command creates; a few minutes on 2 cores):
     python edm_teacher.py --data shapes --outdir runs/edm-shapes --tiny --duration 0.1 --batch 64
-  EDM's CIFAR-10 DDPM++ run (paper defaults: batch 512, lr 1e-3, 200 Mimg), 8 GPUs:
-    torchrun --standalone --nproc_per_node=8 edm_teacher.py --data cifar10 --outdir runs/edm-cifar10 --xflip
-  Generate 50,000 images (image i from seed i, same for any number of GPUs):
+  EDM's CIFAR-10 DDPM++ run (paper defaults: batch 512, lr 1e-3, 200 Mimg, geometric augmentation p = 0.12
+  with its 9-dim augment label, x-flips included), 8 GPUs; add --cond for the class-conditional model:
+    torchrun --standalone --nproc_per_node=8 edm_teacher.py --data cifar10 --outdir runs/edm-cifar10
+  Generate 50,000 images (image i from seed i, same for any number of GPUs; --S-churn for EDM's Alg. 2):
     python edm_teacher.py --generate 50000 --ckpt runs/edm-cifar10/latest.pt --out samples.npz
+  An official EDM snapshot as our checkpoint (a student's --init or a gen_pairs teacher):
+    python edm_teacher.py --convert edm-cifar10-cond.pt --ckpt edm-cifar10-32x32-cond-vp.pkl
 
-Not implemented: EDM's geometric augmentation pipeline (p = 0.12, 9-dim augment label). The UNet still
-accepts augment labels (augment_dim) so that official checkpoints load; our training uses x-flip only.
+Augmentation (EDM App. F.2): --augment P applies EDM's non-leaking geometric pipeline (x-flip, y-flip, scaling,
+rotation, anisotropy, translation; edm_augment) and conditions the network on what was applied
+(--augment-dim 9); sampling uses the zero label. --data cifar10 defaults to EDM's p = 0.12, other data to 0.
 """
 
 import argparse

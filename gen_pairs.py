@@ -37,6 +37,7 @@ import shutil
 import struct
 import time
 import zipfile
+from inspect import signature
 
 import numpy as np
 import torch
@@ -111,14 +112,15 @@ def load_pairs(path):
 
 def pair_inputs(indices, seed, shape, label_dim=0):
     """Pair i: noise from torch.Generator(seed + i), then its uniform label from the same generator (the same
-    noise and label as edm_teacher.py --generate gives image seed + i)."""
-    noise, labels = [], []
+    noise and label as edm_teacher.py --generate gives image seed + i). The generators come back too: a
+    stochastic sampler (EDM's S_churn) draws pair i's later noise from its own one."""
+    noise, labels, gens = [], [], []
     for i in indices:
-        g = torch.Generator().manual_seed(seed + int(i))
-        noise.append(torch.randn(shape, generator=g))
+        gens.append(torch.Generator().manual_seed(seed + int(i)))
+        noise.append(torch.randn(shape, generator=gens[-1]))
         if label_dim:
-            labels.append(torch.randint(label_dim, [], generator=g))
-    return torch.stack(noise), (torch.tensor(labels, dtype=torch.long) if label_dim else None)
+            labels.append(torch.randint(label_dim, [], generator=gens[-1]))
+    return torch.stack(noise), (torch.tensor(labels, dtype=torch.long) if label_dim else None), gens
 
 
 @torch.no_grad()
@@ -126,10 +128,11 @@ def make_pairs(module, net, lo, hi, seed, shape, label_dim, nfe, batch, device, 
     """Pairs lo..hi-1 in batches of `batch` consecutive indices -> (noise, data, label or None, NFE used)."""
     noise, data, labels, used = [], [], [], 0
     for start in range(lo, hi, batch):
-        x0, y = pair_inputs(range(start, min(start + batch, hi)), seed, shape, label_dim)
-        x1, used = module.sample(
-            net, x0.to(device), nfe, None if y is None else y.to(device), **(sample_kw or {})
-        )
+        x0, y, gens = pair_inputs(range(start, min(start + batch, hi)), seed, shape, label_dim)
+        kw = dict(sample_kw or {})
+        if "generator" in signature(module.sample).parameters:
+            kw["generator"] = gens
+        x1, used = module.sample(net, x0.to(device), nfe, None if y is None else y.to(device), **kw)
         noise.append(x0)
         data.append(x1.float().cpu())
         labels.append(y)

@@ -71,7 +71,9 @@ def test_without_the_assignment_a_step_is_edm_teachers_step(tmp_path, npz_data, 
 
 def test_every_pair_of_a_round_is_used_once_across_ranks(npz_data):
     images, labels = A.load_images(npz_data)
-    args = SimpleNamespace(batch=8, aot_pairs=8, seed=0, P_mean=-1.2, P_std=1.2, assign=1, cost="l2", augment=0.0)
+    args = SimpleNamespace(
+        batch=8, aot_pairs=8, seed=0, P_mean=-1.2, P_std=1.2, assign=1, cost="l2", augment=0.0
+    )
     ranks = [A.Rounds(args, images, None, 32, (3, 16, 16), torch.device("cpu"), r, 2) for r in range(2)]
     for rnd in range(3):  # each round: 2 steps of 4 images per rank
         used = torch.cat([rk.step(rnd * 2 + s)[0] for rk in ranks for s in range(2)])
@@ -83,7 +85,7 @@ def test_every_pair_of_a_round_is_used_once_across_ranks(npz_data):
 
 
 def test_resume_inside_a_round_equals_uninterrupted(tmp_path, npz_data, one_thread):
-    flags = ["--aot-pairs", "24", "--cond"]  # 3 steps per round; stop at step 2 and 4, inside rounds
+    flags = ["--aot-pairs", "24", "--cond", "--augment", "0.5"]  # 3 steps a round; stop inside rounds
     A.main(tiny(tmp_path / "a", npz_data, *flags, steps=5))
     A.main(tiny(tmp_path / "b", npz_data, *flags, steps=2))
     A.main(tiny(tmp_path / "b", npz_data, *flags, steps=4) + ["--resume", str(tmp_path / "b")])
@@ -96,7 +98,8 @@ def test_resume_inside_a_round_equals_uninterrupted(tmp_path, npz_data, one_thre
 
 def test_torchrun_two_ranks(tmp_path, npz_data):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "aot_edm.py"]
-    r = run_script([*cmd, *tiny(tmp_path / "run", npz_data, "--aot-pairs", "8", "--batch-gpu", "2")])
+    flags = ["--aot-pairs", "8", "--batch-gpu", "2", "--augment", "0.5"]  # with EDM's augmentation
+    r = run_script([*cmd, *tiny(tmp_path / "run", npz_data, *flags)])
     assert r.returncode == 0, r.stderr[-2000:]
     with open(tmp_path / "run" / "log.jsonl") as f:
         recs = [json.loads(line) for line in f]

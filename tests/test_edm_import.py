@@ -182,3 +182,43 @@ def test_url_teacher_offline_names_the_cache_path(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         E.load_teacher(E.EDM_URL + "edm-cifar10-32x32-uncond-vp.pkl", cache_dir=str(tmp_path))
     assert str(tmp_path / "edm-cifar10-32x32-uncond-vp.pkl") in str(e.value)
+
+
+def _deep_modules(depth):
+    state = dict(_parameters={}, _buffers={}, _modules={})
+    for _ in range(depth):
+        state = dict(_parameters={}, _buffers={}, _modules={"m": FakePersistent("Block", state)})
+    return state
+
+
+@pytest.mark.parametrize(
+    "name, snapshot",
+    [
+        ("bad opcode", b"\x80\x04\xff\x00"),
+        ("no state", dict(ema=FakePersistent("EDMPrecond", None))),
+        (
+            "no img_resolution (KeyError)",
+            dict(ema=FakePersistent("EDMPrecond", {"_init_kwargs": {"model_type": "SongUNet"}})),
+        ),
+        ("init kwargs of the wrong type", dict(ema=FakePersistent("EDMPrecond", {"_init_kwargs": [1, 2]}))),
+        ("modules nested past the recursion limit", "deep"),
+    ],
+)
+def test_every_import_failure_is_one_line(tmp_path, fake_persistence, name, snapshot):
+    path = tmp_path / "snap.pkl"
+    if snapshot == "deep":
+        kw = dict(EDM_KWARGS, model_type="SongUNet")
+        state = dict(_deep_modules(1100), _init_kwargs=kw)  # deeper than the default limit of 1000
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(20000)
+        try:
+            path.write_bytes(pickle.dumps(dict(ema=FakePersistent("EDMPrecond", state))))
+        finally:
+            sys.setrecursionlimit(limit)
+    else:
+        path.write_bytes(snapshot if isinstance(snapshot, bytes) else pickle.dumps(snapshot))
+    with pytest.raises(SystemExit) as e:
+        E.load_teacher(str(path))
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg and str(path) in msg, (name, msg)
+    assert not os.path.exists(PWNED)

@@ -10,6 +10,7 @@ import torch
 
 import edm_teacher as E
 from conftest import TINY_FLAGS, run_script
+from conftest import TINY_NET as TINY_NET_KW
 
 
 def train_flags(data, outdir, steps, batch=8, extra=()):
@@ -88,7 +89,8 @@ def test_loss_decreases_on_a_tiny_overfit_problem(tmp_path):
 
 
 def test_resume_equals_uninterrupted_bit_exact(npz_data, tmp_path):
-    flags = ["--xflip", "--cond", "--batch-gpu", "4", "--snap-every", "100"]  # with gradient accumulation
+    # with gradient accumulation and EDM's augmentation (p = 0.5 so that every batch has resampled images)
+    flags = ["--xflip", "--cond", "--batch-gpu", "4", "--snap-every", "100", "--augment", "0.5"]
     E.main(train_flags(npz_data, tmp_path / "a", 6, extra=flags))
     E.main(train_flags(npz_data, tmp_path / "b", 3, extra=flags))
     E.main(train_flags(npz_data, tmp_path / "b", 6, extra=[*flags, "--resume", str(tmp_path / "b")]))
@@ -108,34 +110,60 @@ def test_resume_equals_uninterrupted_bit_exact(npz_data, tmp_path):
 def test_torchrun_two_processes_train_and_generate(npz_data, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     out = tmp_path / "run"
-    r = run_script([*torchrun, "edm_teacher.py", *train_flags(npz_data, out, 2, extra=["--cond"])])
+    # an augment-label net trained without augmentation: its mapping gets zero labels, so DDP sees every weight
+    flags = ["--cond", "--augment-dim", "9", "--augment", "0"]
+    r = run_script([*torchrun, "edm_teacher.py", *train_flags(npz_data, out, 2, extra=flags)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(f for f in os.listdir(out) if f.startswith("ckpt")) == ["ckpt-0000002.pt"]
     assert [rec["step"] for rec in read_log(out)] == [1, 2]  # rank 0 logs, once per step
     ckpt = torch.load(out / "latest.pt", weights_only=True)
-    assert ckpt["args"]["batch"] == 8 and ckpt["kimg"] == 0.016
+    assert ckpt["args"]["batch"] == 8 and ckpt["kimg"] == 0.016 and ckpt["net_kwargs"]["augment_dim"] == 9
     gen = [
         "--generate",
-        "5",
+        "8",
         "--ckpt",
         str(out / "latest.pt"),
         "--nfe",
         "3",
         "--gen-batch",
-        "2",
+        "3",
         "--seed",
         "7",
+        "--S-churn",
+        "10",  # EDM Alg. 2: each image's churn noise comes from its own seed's generator
     ]
     r = run_script([*torchrun, "edm_teacher.py", *gen, "--out", str(tmp_path / "two.npz")])
     assert r.returncode == 0, r.stderr[-3000:]
-    E.main([*gen, "--out", str(tmp_path / "one.npz"), "--gen-batch", "5"])
+    E.main([*gen, "--out", str(tmp_path / "one.npz"), "--gen-batch", "8"])
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
-    assert one["images"].shape == (5, 16, 16, 3) and one["images"].dtype == np.uint8
-    assert one["seeds"].tolist() == list(range(7, 12))
+    assert one["images"].shape == (8, 16, 16, 3) and one["images"].dtype == np.uint8
+    assert one["seeds"].tolist() == list(range(7, 15))
     assert np.array_equal(one["labels"], two["labels"]) and np.array_equal(one["seeds"], two["seeds"])
     # same per-image seeds, so the same images for 1 or 2 processes (up to a quantisation step)
     assert np.abs(one["images"].astype(int) - two["images"].astype(int)).max() <= 1
     assert os.path.isfile(tmp_path / "one.png")
+
+
+def test_churn_noise_is_per_image_for_any_batch_split_and_window():
+    """EDM Alg. 2 with per-seed generators: 8 seeds sampled as one batch of 8 or as batches of 3 agree."""
+    torch.manual_seed(0)
+    net = E.build_net(dict(img_resolution=16, img_channels=3, label_dim=3, dropout=0.0, **TINY_NET_KW)).eval()
+    seeds = list(range(100, 108))
+    for window in (dict(), dict(S_min=0.05, S_max=5.0)):
+        kw = dict(S_churn=20.0, **window)
+        noise, labels, gens = E.noise_for_seeds(seeds, (3, 16, 16), 3, with_generators=True)
+        whole, _ = E.sample(net, noise, 7, labels, generator=gens, **kw)
+        parts = []
+        for i in range(0, 8, 3):
+            noise, labels, gens = E.noise_for_seeds(seeds[i : i + 3], (3, 16, 16), 3, with_generators=True)
+            parts.append(E.sample(net, noise, 7, labels, generator=gens, **kw)[0])
+        assert torch.allclose(torch.cat(parts), whole, atol=1e-5)
+        # one generator for the whole batch would tie image i to its batch: the test can tell
+        noise, labels = E.noise_for_seeds(seeds[:3], (3, 16, 16), 3)
+        shared, _ = E.sample(net, noise, 7, labels, generator=torch.Generator().manual_seed(100), **kw)
+        assert (shared - whole[:3]).abs().max() > 0.1
+        deterministic, _ = E.sample(net, noise, 7, labels)
+        assert (deterministic - whole[:3]).abs().max() > 0.1  # churn is on
 
 
 def one_line_error(excinfo, *words):

@@ -448,7 +448,7 @@ def test_generate_is_per_image_seeded_and_matches_the_pairs_noise(tmp_path, one_
     assert np.array_equal(outs[0]["images"], outs[1]["images"])  # eta per image, not per batch
     assert outs[0]["images"].shape == (6, 16, 16, 3) and list(outs[0]["seeds"]) == [3, 4, 5, 6, 7, 8]
     noise, labels, _ = L.inputs_for_seeds([3, 4], (3, 16, 16), 3)
-    ref_noise, ref_labels = gen_pairs.pair_inputs([0, 1], 3, (3, 16, 16), 3)  # pairs 0, 1 of seed 3
+    ref_noise, ref_labels, _ = gen_pairs.pair_inputs([0, 1], 3, (3, 16, 16), 3)  # pairs 0, 1 of seed 3
     assert torch.equal(noise, ref_noise) and torch.equal(labels, ref_labels)
     assert list(outs[0]["labels"][:2]) == labels.tolist()
     with pytest.raises(SystemExit, match="0..17") as e:
