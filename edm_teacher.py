@@ -20,8 +20,8 @@ Commands
   An official EDM snapshot as our checkpoint (a student's --init or a gen_pairs teacher):
     python edm_teacher.py --convert edm-cifar10-cond.pt --ckpt edm-cifar10-32x32-cond-vp.pkl
 
-Augmentation (EDM App. F.2): --augment P applies EDM's non-leaking geometric pipeline (x-flip, y-flip, scaling,
-rotation, anisotropy, translation; edm_augment) and conditions the network on what was applied
+Augmentation (EDM App. F.2): --augment P applies EDM's non-leaking geometric pipeline (x-flip, y-flip,
+scaling, rotation, anisotropy, translation; edm_augment) and conditions the network on what was applied
 (--augment-dim 9); sampling uses the zero label. --data cifar10 defaults to EDM's p = 0.12, other data to 0.
 """
 
@@ -45,31 +45,43 @@ import torch.nn.functional as F
 from torch import nn
 
 # --- shared: UNet (identical in every method file) ---
-# DDPM++ UNet (Song et al. 2021), structured as EDM's SongUNet so that its state_dict keys match the official
-# EDM checkpoints exactly. Down-sampling is a 2x2 box filter, up-sampling nearest, both applied before conv.
+# DDPM++ UNet (Song et al. 2021) and ADM (Dhariwal & Nichol 2021), structured as EDM's SongUNet and
+# DhariwalUNet so that their state_dict keys match the official EDM checkpoints exactly. Down-sampling is a
+# 2x2 box filter, up-sampling nearest, both applied before conv. --arch ddpmpp | adm (make_unet).
 
 
-def _xavier(shape, fan_in, fan_out, gain=1.0):
-    return (torch.rand(shape) * 2 - 1) * math.sqrt(6 / (fan_in + fan_out)) * gain
+def _init(shape, fan_in, fan_out, gain=1.0, mode="xavier"):
+    """EDM's inits: DDPM++ xavier_uniform; ADM kaiming_uniform * sqrt(1/3); normal for ADM's label map."""
+    if mode == "normal":
+        return torch.randn(shape) * gain
+    bound = math.sqrt(1 / fan_in) if mode == "kaiming" else math.sqrt(6 / (fan_in + fan_out))
+    return (torch.rand(shape) * 2 - 1) * bound * gain
+
+
+def _bias(c, fan_in, gain, mode):  # DDPM++ biases start at 0, ADM's like its weights
+    return _init([c], fan_in, c, gain, mode) if mode == "kaiming" else torch.zeros(c)
 
 
 class Linear(nn.Module):
-    def __init__(self, cin, cout, bias=True, gain=1.0):
+    def __init__(self, cin, cout, bias=True, gain=1.0, mode="xavier"):
         super().__init__()
-        self.weight = nn.Parameter(_xavier([cout, cin], cin, cout, gain))
-        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+        self.weight = nn.Parameter(_init([cout, cin], cin, cout, gain, mode))
+        self.bias = nn.Parameter(_bias(cout, cin, gain, mode)) if bias else None
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 class Conv2d(nn.Module):
-    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0):
+    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0, mode="xavier"):
         super().__init__()
         self.up, self.down = up, down
         fan_in, fan_out = cin * kernel * kernel, cout * kernel * kernel
-        self.weight = nn.Parameter(_xavier([cout, cin, kernel, kernel], fan_in, fan_out, gain))
-        self.bias = nn.Parameter(torch.zeros(cout))
+        # kernel 0: resampling only, no weights (ADM's skip of a down/up block that keeps its width)
+        self.weight = (
+            nn.Parameter(_init([cout, cin, kernel, kernel], fan_in, fan_out, gain, mode)) if kernel else None
+        )
+        self.bias = nn.Parameter(_bias(cout, fan_in, gain, mode)) if kernel else None
         # EDM stores the [1,1] resample filter as a buffer: keep it so that official weights load by key.
         f = torch.ones(2, 2).div(4).view(1, 1, 2, 2)
         self.register_buffer("resample_filter", f if up or down else None)
@@ -82,41 +94,56 @@ class Conv2d(nn.Module):
             )
         if self.down:  # 2x2 average
             x = F.conv2d(x, self.resample_filter.tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2)
+        if self.weight is None:
+            return x
         w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
         return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
 
 
-def _group_norm(c):
-    return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
+def _group_norm(c, eps=1e-6):
+    return nn.GroupNorm(min(32, c // 4), c, eps=eps)
 
 
 class UNetBlock(nn.Module):
-    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0):
+    """A residual block with optional self-attention. adm=False: DDPM++ (additive embedding, skips scaled by
+    sqrt(1/2), one attention head); adm=True: ADM (adaptive scale-shift norm, unscaled skips, heads of 64
+    channels, a weightless resampling skip when the width is kept, GroupNorm eps 1e-5, EDM's ADM init)."""
+
+    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0, adm=False):
         super().__init__()
-        self.in_channels, self.out_channels, self.dropout = cin, cout, dropout
-        self.norm0 = _group_norm(cin)
-        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
-        self.affine = Linear(emb_ch, cout)
-        self.norm1 = _group_norm(cout)
-        self.conv1 = Conv2d(cout, cout, 3, gain=1e-5)
-        self.skip = Conv2d(cin, cout, 1, up=up, down=down) if (cin != cout or up or down) else None
-        self.attention = attention
-        if attention:
-            self.norm2 = _group_norm(cout)
-            self.qkv = Conv2d(cout, cout * 3, 1, gain=math.sqrt(0.2))
-            self.proj = Conv2d(cout, cout, 1, gain=1e-5)
+        self.in_channels, self.out_channels, self.dropout, self.adm = cin, cout, dropout, adm
+        eps, mode, zero = (1e-5, "kaiming", 0.0) if adm else (1e-6, "xavier", 1e-5)
+        self.norm0 = _group_norm(cin, eps)
+        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down, mode=mode)
+        self.affine = Linear(emb_ch, cout * (2 if adm else 1), mode=mode)
+        self.norm1 = _group_norm(cout, eps)
+        self.conv1 = Conv2d(cout, cout, 3, gain=zero, mode=mode)
+        self.skip = None
+        if cin != cout or up or down:
+            self.skip = Conv2d(cin, cout, 0 if adm and cin == cout else 1, up=up, down=down, mode=mode)
+        self.heads = (cout // 64 if adm else 1) if attention else 0  # ADM below 64 channels: none, as EDM
+        if self.heads:
+            self.norm2 = _group_norm(cout, eps)
+            self.qkv = Conv2d(cout, cout * 3, 1, gain=1.0 if adm else math.sqrt(0.2), mode=mode)
+            self.proj = Conv2d(cout, cout, 1, gain=zero, mode=mode)
 
     def forward(self, x, emb):
         h = self.conv0(F.silu(self.norm0(x)))
-        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None].to(h.dtype)))
+        params = self.affine(emb)[:, :, None, None].to(h.dtype)
+        if self.adm:  # ADM's adaptive group norm: norm(h) * (1 + scale) + shift
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        else:
+            h = F.silu(self.norm1(h + params))
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
-        x = (h + (x if self.skip is None else self.skip(x))) * math.sqrt(0.5)
-        if self.attention:  # one head; qkv channels interleaved as (c, 3), as in EDM
+        skip_scale = 1.0 if self.adm else math.sqrt(0.5)
+        x = (h + (x if self.skip is None else self.skip(x))) * skip_scale
+        if self.heads:  # qkv channels interleaved as (head, c, 3), as in EDM
             n, c, hh, ww = x.shape
-            q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, hh * ww).unbind(2)
-            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c)).softmax(dim=2)
+            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.heads, c // self.heads, 3, hh * ww).unbind(2)
+            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c // self.heads)).softmax(dim=2)
             a = torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)
-            x = (self.proj(a.reshape(n, c, hh, ww)) + x) * math.sqrt(0.5)
+            x = (self.proj(a.reshape(n, c, hh, ww)) + x) * skip_scale
         return x
 
 
@@ -198,6 +225,97 @@ class UNet(nn.Module):
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
         return x
+
+
+class ADMUNet(nn.Module):
+    """ADM (Dhariwal & Nichol 2021) as EDM re-implements it (DhariwalUNet): the ImageNet-64 network of EDM and
+    LMM, with its state_dict keys. Defaults: EDM's ImageNet-64 configuration (about 296M parameters)."""
+
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=192,
+        channel_mult=(1, 2, 3, 4),
+        num_blocks=3,
+        attn_resolutions=(32, 16, 8),
+        dropout=0.10,
+    ):
+        super().__init__()
+        mc, emb = model_channels, model_channels * 4
+        blk = dict(emb_ch=emb, dropout=dropout, adm=True)
+        self.map_augment = (
+            Linear(augment_dim, mc, bias=False, gain=0.0, mode="kaiming") if augment_dim else None
+        )
+        self.map_layer0, self.map_layer1 = Linear(mc, emb, mode="kaiming"), Linear(emb, emb, mode="kaiming")
+        self.map_label = Linear(label_dim, emb, bias=False, mode="normal") if label_dim else None
+        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
+        cout, skips = in_channels, []
+        for level, mult in enumerate(channel_mult):
+            r = img_resolution >> level
+            if level == 0:
+                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc * mult, 3, mode="kaiming"), mc * mult
+            else:
+                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, down=True, **blk)
+            skips.append(cout)
+            for i in range(num_blocks):
+                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout, mc * mult, attention=r in attn_resolutions, **blk
+                )
+                cout = mc * mult
+                skips.append(cout)
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            r = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, attention=True, **blk)
+                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, **blk)
+            else:
+                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, up=True, **blk)
+            for i in range(num_blocks + 1):
+                attn = r in attn_resolutions
+                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout + skips.pop(), mc * mult, attention=attn, **blk
+                )
+                cout = mc * mult
+        self.out_norm = _group_norm(cout, 1e-5)
+        self.out_conv = Conv2d(cout, out_channels, 3, gain=0.0, mode="kaiming")
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        # Positional embedding (endpoint=False), halves ordered [cos, sin] as ADM; labels join after the MLP.
+        half = self.map_layer0.weight.shape[1] // 2
+        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        arg = noise_labels.float().ger(freqs)
+        emb = torch.cat([arg.cos(), arg.sin()], dim=1)
+        if self.map_augment is not None:  # no augmentation = zero label, as in UNet
+            if augment_labels is None:
+                augment_labels = torch.zeros(len(x), self.map_augment.weight.shape[1], device=x.device)
+            emb = emb + self.map_augment(augment_labels.float())
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels)
+        emb = F.silu(emb)
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+ARCHS = {"ddpmpp": UNet, "adm": ADMUNet}
+
+
+def make_unet(arch, *args, **kwargs):
+    """--arch ddpmpp (EDM's SongUNet, CIFAR-10 / FFHQ / AFHQ) | adm (EDM's DhariwalUNet, ImageNet-64)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown network architecture {arch!r}: use one of {sorted(ARCHS)}")
+    return ARCHS[arch](*args, **kwargs)
 
 
 # --- end shared: UNet ---
@@ -387,14 +505,18 @@ def edm_precond(sigma, sigma_data=0.5):
 
 
 class EDMPrecond(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Eq. 7), computed in float32.
-    class_labels: int64 class indices [N] or one-hot floats [N, label_dim]."""
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Eq. 7), computed in float32, with F the DDPM++
+    (arch="ddpmpp") or ADM (arch="adm") UNet. class_labels: int64 indices [N] or one-hot [N, label_dim]."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, **unet_kwargs):
+    def __init__(
+        self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, arch="ddpmpp", **unet_kwargs
+    ):
         super().__init__()
         self.img_resolution, self.img_channels = img_resolution, img_channels
         self.label_dim, self.sigma_data = label_dim, sigma_data
-        self.model = UNet(img_resolution, img_channels, img_channels, label_dim=label_dim, **unet_kwargs)
+        self.model = make_unet(
+            arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet_kwargs
+        )
 
     def forward(self, x, sigma, class_labels=None, augment_labels=None):
         x = x.float()
@@ -686,6 +808,7 @@ EDM_SNAPSHOTS = (
     "edm-cifar10-32x32-uncond-vp.pkl",
     "edm-afhqv2-64x64-uncond-vp.pkl",
     "edm-ffhq-64x64-uncond-vp.pkl",
+    "edm-imagenet-64x64-cond-adm.pkl",
 )
 
 
@@ -771,7 +894,8 @@ def fetch_file(url, cache_dir):
 
 def import_edm_pickle(path):
     """An official EDM snapshot (.pkl) -> a checkpoint dict in our format (DESIGN 5), with the EMA weights.
-    Only EDMPrecond + SongUNet in its DDPM++ form is supported (EDM's "vp" CIFAR-10, AFHQv2, FFHQ nets).
+    EDMPrecond with SongUNet in its DDPM++ form (EDM's "vp" CIFAR-10, AFHQv2, FFHQ nets) or with DhariwalUNet
+    (ADM: EDM's ImageNet-64 net, edm-imagenet-64x64-cond-adm.pkl).
     Every failure (a bad opcode, a missing key, a recursion bomb, ...) ends in one line naming the file."""
     if not os.path.isfile(path):
         fail(f"EDM snapshot not found: {path} (official ones: {EDM_URL}<name>, e.g. {EDM_SNAPSHOTS[1]})")
@@ -793,36 +917,44 @@ def _import_edm_pickle(path):
     if name != "EDMPrecond":
         fail(f"{path}: preconditioning {name!r} is not supported yet (only EDMPrecond)")
     model_type = kw.get("model_type", "DhariwalUNet")  # EDMPrecond's default is ADM's DhariwalUNet
-    if model_type != "SongUNet":
-        fail(f"{path}: {model_type} (ADM) networks are not supported yet (only DDPM++ SongUNet)")
-    ddpmpp = dict(
-        embedding_type="positional",
-        encoder_type="standard",
-        decoder_type="standard",
-        channel_mult_noise=1,
-        resample_filter=[1, 1],
-        channel_mult_emb=4,
-    )
-    other = {k: kw[k] for k in ddpmpp if k in kw and kw[k] != ddpmpp[k]}
+    if model_type not in ("SongUNet", "DhariwalUNet"):
+        fail(f"{path}: network {model_type!r} is not supported (only DDPM++ SongUNet and ADM DhariwalUNet)")
+    if model_type == "SongUNet":  # EDM's defaults of each class, then the snapshot's own kwargs
+        arch, widths, fixed = (
+            "ddpmpp",
+            (128, [1, 2, 2, 2], 4, [16]),
+            dict(
+                embedding_type="positional",
+                encoder_type="standard",
+                decoder_type="standard",
+                channel_mult_noise=1,
+                resample_filter=[1, 1],
+                channel_mult_emb=4,
+            ),
+        )
+    else:
+        arch, widths, fixed = "adm", (192, [1, 2, 3, 4], 3, [32, 16, 8]), dict(channel_mult_emb=4)
+    other = {k: kw[k] for k in fixed if k in kw and kw[k] != fixed[k]}
     if other:
-        fail(f"{path}: SongUNet variant {other} is not supported yet (only the DDPM++ configuration)")
+        fail(f"{path}: {model_type} variant {other} is not supported (only EDM's {arch} configuration)")
     net_kwargs = dict(
+        arch=arch,
         img_resolution=kw["img_resolution"],
         img_channels=kw["img_channels"],
         label_dim=kw.get("label_dim", 0),
         sigma_data=kw.get("sigma_data", 0.5),
         augment_dim=kw.get("augment_dim", 0),
-        model_channels=kw.get("model_channels", 128),
-        channel_mult=list(kw.get("channel_mult", [1, 2, 2, 2])),
-        num_blocks=kw.get("num_blocks", 4),
-        attn_resolutions=list(kw.get("attn_resolutions", [16])),
+        model_channels=kw.get("model_channels", widths[0]),
+        channel_mult=list(kw.get("channel_mult", widths[1])),
+        num_blocks=kw.get("num_blocks", widths[2]),
+        attn_resolutions=list(kw.get("attn_resolutions", widths[3])),
         dropout=kw.get("dropout", 0.10),
     )
     state_dict = _edm_state_dict(ema)
     try:
         build_net(net_kwargs).load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        fail(f"{path}: weights do not match the DDPM++ network: {str(e).splitlines()[0]}")
+        fail(f"{path}: weights do not match the {arch} network: {str(e).splitlines()[0]}")
     return dict(
         method=METHOD,
         version=VERSION,
@@ -976,6 +1108,7 @@ def train(args):
         channel_mult=list(args.channel_mult),
         num_blocks=args.num_blocks,
         attn_resolutions=list(args.attn_res),
+        arch=args.arch,
         dropout=args.dropout,
     )
     if ckpt is not None:
@@ -1156,6 +1289,12 @@ def generate(args):
 # --- command line ---
 
 
+ARCH_WIDTHS = {
+    "ddpmpp": dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_res=[16]),
+    "adm": dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_res=[32, 16, 8]),
+}
+
+
 def _ints(s):
     return [int(v) for v in s.split(",") if v]
 
@@ -1186,10 +1325,17 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=0.13, help="dropout (EDM CIFAR-10: 0.13)")
     p.add_argument("--P-mean", type=float, default=-1.2, help="mean of ln(sigma) in training (EDM: -1.2)")
     p.add_argument("--P-std", type=float, default=1.2, help="std of ln(sigma) in training (EDM: 1.2)")
-    p.add_argument("--model-channels", type=int, default=128, help="UNet base width (DDPM++: 128)")
-    p.add_argument("--channel-mult", type=_ints, default=[2, 2, 2], help="width multipliers per resolution")
-    p.add_argument("--num-blocks", type=int, default=4, help="residual blocks per resolution")
-    p.add_argument("--attn-res", type=_ints, default=[16], help="resolutions with self-attention")
+    p.add_argument(
+        "--arch", default="ddpmpp", choices=sorted(ARCH_WIDTHS), help="DDPM++ or ADM (EDM's ImageNet)"
+    )
+    p.add_argument("--model-channels", type=int, default=None, help="UNet base width (DDPM++ 128, ADM 192)")
+    p.add_argument(
+        "--channel-mult", type=_ints, default=None, help="per-resolution widths (2,2,2; ADM 1,2,3,4)"
+    )
+    p.add_argument("--num-blocks", type=int, default=None, help="residual blocks per resolution (4; ADM 3)")
+    p.add_argument(
+        "--attn-res", type=_ints, default=None, help="self-attention resolutions (16; ADM 32,16,8)"
+    )
     p.add_argument(
         "--augment",
         type=float,
@@ -1238,6 +1384,8 @@ def parse_args(argv=None):
             p.error("--generate and --convert need --ckpt")
     elif not args.data:
         p.error("--data is required for training (or use --generate N --ckpt FILE)")
+    for k, v in ARCH_WIDTHS[args.arch].items():  # EDM's CIFAR-10 DDPM++ / ImageNet-64 ADM widths
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.tiny:
         args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
     for name in ("batch", "duration", "log_every", "snap_every", "nfe", "gen_batch"):

@@ -57,31 +57,43 @@ import torch.nn.functional as F
 from torch import nn
 
 # --- shared: UNet (identical in every method file) ---
-# DDPM++ UNet (Song et al. 2021), structured as EDM's SongUNet so that its state_dict keys match the official
-# EDM checkpoints exactly. Down-sampling is a 2x2 box filter, up-sampling nearest, both applied before conv.
+# DDPM++ UNet (Song et al. 2021) and ADM (Dhariwal & Nichol 2021), structured as EDM's SongUNet and
+# DhariwalUNet so that their state_dict keys match the official EDM checkpoints exactly. Down-sampling is a
+# 2x2 box filter, up-sampling nearest, both applied before conv. --arch ddpmpp | adm (make_unet).
 
 
-def _xavier(shape, fan_in, fan_out, gain=1.0):
-    return (torch.rand(shape) * 2 - 1) * math.sqrt(6 / (fan_in + fan_out)) * gain
+def _init(shape, fan_in, fan_out, gain=1.0, mode="xavier"):
+    """EDM's inits: DDPM++ xavier_uniform; ADM kaiming_uniform * sqrt(1/3); normal for ADM's label map."""
+    if mode == "normal":
+        return torch.randn(shape) * gain
+    bound = math.sqrt(1 / fan_in) if mode == "kaiming" else math.sqrt(6 / (fan_in + fan_out))
+    return (torch.rand(shape) * 2 - 1) * bound * gain
+
+
+def _bias(c, fan_in, gain, mode):  # DDPM++ biases start at 0, ADM's like its weights
+    return _init([c], fan_in, c, gain, mode) if mode == "kaiming" else torch.zeros(c)
 
 
 class Linear(nn.Module):
-    def __init__(self, cin, cout, bias=True, gain=1.0):
+    def __init__(self, cin, cout, bias=True, gain=1.0, mode="xavier"):
         super().__init__()
-        self.weight = nn.Parameter(_xavier([cout, cin], cin, cout, gain))
-        self.bias = nn.Parameter(torch.zeros(cout)) if bias else None
+        self.weight = nn.Parameter(_init([cout, cin], cin, cout, gain, mode))
+        self.bias = nn.Parameter(_bias(cout, cin, gain, mode)) if bias else None
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 class Conv2d(nn.Module):
-    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0):
+    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0, mode="xavier"):
         super().__init__()
         self.up, self.down = up, down
         fan_in, fan_out = cin * kernel * kernel, cout * kernel * kernel
-        self.weight = nn.Parameter(_xavier([cout, cin, kernel, kernel], fan_in, fan_out, gain))
-        self.bias = nn.Parameter(torch.zeros(cout))
+        # kernel 0: resampling only, no weights (ADM's skip of a down/up block that keeps its width)
+        self.weight = (
+            nn.Parameter(_init([cout, cin, kernel, kernel], fan_in, fan_out, gain, mode)) if kernel else None
+        )
+        self.bias = nn.Parameter(_bias(cout, fan_in, gain, mode)) if kernel else None
         # EDM stores the [1,1] resample filter as a buffer: keep it so that official weights load by key.
         f = torch.ones(2, 2).div(4).view(1, 1, 2, 2)
         self.register_buffer("resample_filter", f if up or down else None)
@@ -94,41 +106,56 @@ class Conv2d(nn.Module):
             )
         if self.down:  # 2x2 average
             x = F.conv2d(x, self.resample_filter.tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2)
+        if self.weight is None:
+            return x
         w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
         return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
 
 
-def _group_norm(c):
-    return nn.GroupNorm(min(32, c // 4), c, eps=1e-6)
+def _group_norm(c, eps=1e-6):
+    return nn.GroupNorm(min(32, c // 4), c, eps=eps)
 
 
 class UNetBlock(nn.Module):
-    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0):
+    """A residual block with optional self-attention. adm=False: DDPM++ (additive embedding, skips scaled by
+    sqrt(1/2), one attention head); adm=True: ADM (adaptive scale-shift norm, unscaled skips, heads of 64
+    channels, a weightless resampling skip when the width is kept, GroupNorm eps 1e-5, EDM's ADM init)."""
+
+    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0, adm=False):
         super().__init__()
-        self.in_channels, self.out_channels, self.dropout = cin, cout, dropout
-        self.norm0 = _group_norm(cin)
-        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down)
-        self.affine = Linear(emb_ch, cout)
-        self.norm1 = _group_norm(cout)
-        self.conv1 = Conv2d(cout, cout, 3, gain=1e-5)
-        self.skip = Conv2d(cin, cout, 1, up=up, down=down) if (cin != cout or up or down) else None
-        self.attention = attention
-        if attention:
-            self.norm2 = _group_norm(cout)
-            self.qkv = Conv2d(cout, cout * 3, 1, gain=math.sqrt(0.2))
-            self.proj = Conv2d(cout, cout, 1, gain=1e-5)
+        self.in_channels, self.out_channels, self.dropout, self.adm = cin, cout, dropout, adm
+        eps, mode, zero = (1e-5, "kaiming", 0.0) if adm else (1e-6, "xavier", 1e-5)
+        self.norm0 = _group_norm(cin, eps)
+        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down, mode=mode)
+        self.affine = Linear(emb_ch, cout * (2 if adm else 1), mode=mode)
+        self.norm1 = _group_norm(cout, eps)
+        self.conv1 = Conv2d(cout, cout, 3, gain=zero, mode=mode)
+        self.skip = None
+        if cin != cout or up or down:
+            self.skip = Conv2d(cin, cout, 0 if adm and cin == cout else 1, up=up, down=down, mode=mode)
+        self.heads = (cout // 64 if adm else 1) if attention else 0  # ADM below 64 channels: none, as EDM
+        if self.heads:
+            self.norm2 = _group_norm(cout, eps)
+            self.qkv = Conv2d(cout, cout * 3, 1, gain=1.0 if adm else math.sqrt(0.2), mode=mode)
+            self.proj = Conv2d(cout, cout, 1, gain=zero, mode=mode)
 
     def forward(self, x, emb):
         h = self.conv0(F.silu(self.norm0(x)))
-        h = F.silu(self.norm1(h + self.affine(emb)[:, :, None, None].to(h.dtype)))
+        params = self.affine(emb)[:, :, None, None].to(h.dtype)
+        if self.adm:  # ADM's adaptive group norm: norm(h) * (1 + scale) + shift
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        else:
+            h = F.silu(self.norm1(h + params))
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
-        x = (h + (x if self.skip is None else self.skip(x))) * math.sqrt(0.5)
-        if self.attention:  # one head; qkv channels interleaved as (c, 3), as in EDM
+        skip_scale = 1.0 if self.adm else math.sqrt(0.5)
+        x = (h + (x if self.skip is None else self.skip(x))) * skip_scale
+        if self.heads:  # qkv channels interleaved as (head, c, 3), as in EDM
             n, c, hh, ww = x.shape
-            q, k, v = self.qkv(self.norm2(x)).reshape(n, c, 3, hh * ww).unbind(2)
-            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c)).softmax(dim=2)
+            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.heads, c // self.heads, 3, hh * ww).unbind(2)
+            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c // self.heads)).softmax(dim=2)
             a = torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)
-            x = (self.proj(a.reshape(n, c, hh, ww)) + x) * math.sqrt(0.5)
+            x = (self.proj(a.reshape(n, c, hh, ww)) + x) * skip_scale
         return x
 
 
@@ -210,6 +237,97 @@ class UNet(nn.Module):
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
         return x
+
+
+class ADMUNet(nn.Module):
+    """ADM (Dhariwal & Nichol 2021) as EDM re-implements it (DhariwalUNet): the ImageNet-64 network of EDM and
+    LMM, with its state_dict keys. Defaults: EDM's ImageNet-64 configuration (about 296M parameters)."""
+
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=192,
+        channel_mult=(1, 2, 3, 4),
+        num_blocks=3,
+        attn_resolutions=(32, 16, 8),
+        dropout=0.10,
+    ):
+        super().__init__()
+        mc, emb = model_channels, model_channels * 4
+        blk = dict(emb_ch=emb, dropout=dropout, adm=True)
+        self.map_augment = (
+            Linear(augment_dim, mc, bias=False, gain=0.0, mode="kaiming") if augment_dim else None
+        )
+        self.map_layer0, self.map_layer1 = Linear(mc, emb, mode="kaiming"), Linear(emb, emb, mode="kaiming")
+        self.map_label = Linear(label_dim, emb, bias=False, mode="normal") if label_dim else None
+        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
+        cout, skips = in_channels, []
+        for level, mult in enumerate(channel_mult):
+            r = img_resolution >> level
+            if level == 0:
+                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc * mult, 3, mode="kaiming"), mc * mult
+            else:
+                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, down=True, **blk)
+            skips.append(cout)
+            for i in range(num_blocks):
+                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout, mc * mult, attention=r in attn_resolutions, **blk
+                )
+                cout = mc * mult
+                skips.append(cout)
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            r = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, attention=True, **blk)
+                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, **blk)
+            else:
+                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, up=True, **blk)
+            for i in range(num_blocks + 1):
+                attn = r in attn_resolutions
+                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout + skips.pop(), mc * mult, attention=attn, **blk
+                )
+                cout = mc * mult
+        self.out_norm = _group_norm(cout, 1e-5)
+        self.out_conv = Conv2d(cout, out_channels, 3, gain=0.0, mode="kaiming")
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        # Positional embedding (endpoint=False), halves ordered [cos, sin] as ADM; labels join after the MLP.
+        half = self.map_layer0.weight.shape[1] // 2
+        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        arg = noise_labels.float().ger(freqs)
+        emb = torch.cat([arg.cos(), arg.sin()], dim=1)
+        if self.map_augment is not None:  # no augmentation = zero label, as in UNet
+            if augment_labels is None:
+                augment_labels = torch.zeros(len(x), self.map_augment.weight.shape[1], device=x.device)
+            emb = emb + self.map_augment(augment_labels.float())
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels)
+        emb = F.silu(emb)
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+ARCHS = {"ddpmpp": UNet, "adm": ADMUNet}
+
+
+def make_unet(arch, *args, **kwargs):
+    """--arch ddpmpp (EDM's SongUNet, CIFAR-10 / FFHQ / AFHQ) | adm (EDM's DhariwalUNet, ImageNet-64)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown network architecture {arch!r}: use one of {sorted(ARCHS)}")
+    return ARCHS[arch](*args, **kwargs)
 
 
 # --- end shared: UNet ---
@@ -402,14 +520,18 @@ def edm_precond(sigma, sigma_data=0.5):
 
 
 class EDMPrecond(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Eq. 7), computed in float32.
-    class_labels: int64 class indices [N] or one-hot floats [N, label_dim]."""
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Eq. 7), computed in float32, with F the DDPM++
+    (arch="ddpmpp") or ADM (arch="adm") UNet. class_labels: int64 indices [N] or one-hot [N, label_dim]."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, **unet_kwargs):
+    def __init__(
+        self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, arch="ddpmpp", **unet_kwargs
+    ):
         super().__init__()
         self.img_resolution, self.img_channels = img_resolution, img_channels
         self.label_dim, self.sigma_data = label_dim, sigma_data
-        self.model = UNet(img_resolution, img_channels, img_channels, label_dim=label_dim, **unet_kwargs)
+        self.model = make_unet(
+            arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet_kwargs
+        )
 
     def forward(self, x, sigma, class_labels=None, augment_labels=None):
         x = x.float()

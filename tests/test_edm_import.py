@@ -136,10 +136,33 @@ def test_edm_format_snapshot_imports_exactly(tmp_path, fake_persistence):
     )
 
 
-def test_adm_and_other_variants_are_refused_clearly(tmp_path, fake_persistence):
+def test_adm_snapshot_imports_exactly(tmp_path, fake_persistence):
+    # EDM's ImageNet-64 snapshot is EDMPrecond(model_type="DhariwalUNet"): same pickle format, ADM weights
+    kw = dict(model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    torch.manual_seed(0)
+    net = E.build_net(dict(arch="adm", img_resolution=16, img_channels=3, label_dim=4, **kw)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    init_kwargs = dict(img_resolution=16, img_channels=3, label_dim=4, model_type="DhariwalUNet", **kw)
+    write_snapshot(tmp_path / "adm.pkl", net.requires_grad_(False), init_kwargs)
+    ckpt = E.load_teacher(str(tmp_path / "adm.pkl"))
+    assert ckpt["net_kwargs"]["arch"] == "adm" and ckpt["net_kwargs"]["dropout"] == 0.10  # EDM's default
+    ref = net.state_dict()
+    assert list(ckpt["ema"]) == list(ref) and all(torch.equal(ckpt["ema"][k], v) for k, v in ref.items())
+    imported = E.build_net(ckpt["net_kwargs"]).eval()
+    imported.load_state_dict(ckpt["ema"])
+    x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 5.0]), torch.tensor([1, 3])
+    with torch.no_grad():
+        assert torch.equal(imported(x, sigma, labels), net(x, sigma, labels))
+    assert not os.path.exists(PWNED)
+
+
+def test_other_variants_are_refused_clearly(tmp_path, fake_persistence):
     net = E.build_net(dict(img_resolution=16, img_channels=3, label_dim=4, augment_dim=9, **TINY_NET))
     for change, words in [
-        (dict(model_type="DhariwalUNet"), "not supported yet"),
+        (dict(model_type="NCSNpp"), "not supported"),
+        (dict(model_type="DhariwalUNet"), "do not match the adm network"),  # DDPM++ weights, ADM class
         (dict(embedding_type="fourier"), "fourier"),
         (dict(num_blocks=2), "do not match"),
     ]:

@@ -63,3 +63,55 @@ def test_shapes_labels_and_dropout():
     torch.testing.assert_close(
         net(x, torch.tensor(1.0), torch.tensor([0, 1, 2, 3])), a
     )  # scalar sigma broadcasts
+
+
+ADM_TINY = dict(img_resolution=16, img_channels=3, label_dim=4, augment_dim=9, model_channels=64,
+                channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)  # fmt: skip
+
+
+def test_adm_imagenet64_keys_shapes_order_and_count_equal_edm():
+    # edm_adm_keys.json: EDMPrecond(model_type="DhariwalUNet") state_dict (key, shape) lists made by NVlabs/edm's
+    # code at EDM's ImageNet-64 configuration (label_dim 1000) and at a tiny one, with parameter counts
+    with open(os.path.join(DATA, "edm_adm_keys.json")) as f:
+        ref = json.load(f)
+    kw = dict(arch="adm", img_resolution=64, img_channels=3, label_dim=1000, model_channels=192,
+              channel_mult=[1, 2, 3, 4], num_blocks=3, attn_resolutions=[32, 16, 8])  # fmt: skip
+    with torch.device("meta"):  # 296M parameters: shapes only, no memory
+        net = E.build_net(kw)
+    assert [[k, list(v.shape)] for k, v in net.state_dict().items()] == ref["imagenet64_cond"]
+    assert sum(p.numel() for p in net.parameters()) == ref["imagenet64_cond_params"] == 295_899_267
+    tiny = E.build_net(dict(ADM_TINY, arch="adm"))
+    assert [[k, list(v.shape)] for k, v in tiny.state_dict().items()] == ref["tiny"]
+    heads = {name: b.heads for name, b in tiny.model.dec.items() if getattr(b, "heads", 0)}
+    assert heads == {"8x8_in0": 2, "8x8_block0": 2, "8x8_block1": 2}  # 128 channels / 64 per head
+
+
+def fill_like_the_fixture(net):
+    """The fixture's weights: each tensor from its own seed (crc32 of its key), so no weights are stored."""
+    import zlib
+
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            if v.is_floating_point() and not k.endswith("resample_filter"):
+                g = torch.Generator().manual_seed(zlib.crc32(k.encode()))
+                norm = 1.0 if "norm" in k and k.endswith("weight") else 0.0
+                v.copy_(torch.randn(v.shape, generator=g) * 0.1 + norm)
+
+
+def test_adm_output_equals_edm_dhariwal_unet_on_random_weights():
+    # edm_adm_tiny_ref.pt: inputs and outputs of EDM's EDMPrecond(DhariwalUNet) with fill_like_the_fixture's
+    # weights (2 attention heads, class and augment labels)
+    ref = torch.load(os.path.join(DATA, "edm_adm_tiny_ref.pt"), weights_only=True)
+    net = E.build_net(dict(ADM_TINY, arch="adm")).eval()
+    fill_like_the_fixture(net)
+    with torch.no_grad():
+        d = net(ref["x"], ref["sigma"], ref["class_labels"], augment_labels=ref["augment_labels"])
+        d0 = net(ref["x"], ref["sigma"], ref["class_labels"].argmax(1))
+    torch.testing.assert_close(d, ref["D"], rtol=0, atol=2e-5)
+    torch.testing.assert_close(d0, ref["D_no_augment"], rtol=0, atol=2e-5)  # no labels = zero labels
+    assert (ref["D"] - ref["D_no_augment"]).abs().max() > 1e-2  # and the augment labels matter
+
+
+def test_unknown_arch_is_an_error():
+    with pytest.raises(ValueError, match="unknown network architecture"):
+        E.build_net(dict(arch="ncsnpp", img_resolution=16, img_channels=3))
