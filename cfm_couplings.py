@@ -818,7 +818,9 @@ def load_pairs(path):
 
 
 # --- shared: data (identical in every method file) ---
-# --data cifar10 | shapes | FILE.npz | DIR -> uint8 images held on the device; --xflip as extra indices.
+# --data cifar10 | shapes | FILE.npz | FILE.npy | DIR | FILE.zip -> uint8 images; --xflip as extra indices.
+# CIFAR-10 and the synthetic set are held in memory (on the device while training); .npy, uncompressed .npz,
+# image folders and zips (EDM's dataset format, ImageNet-64) are read per batch: memory O(batch).
 
 
 def make_shapes(n=4096, res=16, seed=0):
@@ -836,9 +838,118 @@ def make_shapes(n=4096, res=16, seed=0):
     return np.where(mask, fg, bg).astype(np.uint8), labels.astype(np.int64)
 
 
-def load_images(spec, data_dir="datasets"):
-    """--data cifar10 | shapes | FILE.npz | DIR -> (uint8 [N, C, H, W] tensor, int64 labels [N] or None)."""
+class LazyImages:
+    """uint8 images [N, C, H, W] read on demand: `images[idx]` (a tensor, list, slice or int of indices) reads
+    just those images from the file. It stays on the host (`.to` is a no-op); get_batch moves each batch."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, source, n, hwc, read):
+        self.source, self.n, self.hwc, self._read = source, n, hwc, read
+        self.shape = torch.Size([n, hwc[2], hwc[0], hwc[1]])
+
+    def __len__(self):
+        return self.n
+
+    def to(self, device):
+        return self
+
+    def __getitem__(self, idx):
+        if isinstance(idx, int):
+            return self[[idx]][0]
+        idx = range(self.n)[idx] if isinstance(idx, slice) else idx
+        x = np.empty((len(idx), *self.hwc), np.uint8)
+        for j, i in enumerate(torch.as_tensor(idx, dtype=torch.long).reshape(-1).tolist()):
+            img = self._read(i)
+            if img.shape != self.hwc:
+                fail(f"{self.source}: image {i} has shape {img.shape} among images of shape {self.hwc}")
+            x[j] = img
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # NCHW memory, as the in-memory sets
+
+
+def _array_reader(path, member=None):
+    """A uint8 [N, H, W, C] array in a .npy file (or stored uncompressed in an .npz) -> (n, hwc, read(i))."""
+    offset = 0
+    if member is not None:  # the member's data offset inside the zip container of the .npz
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo(member)
+        with open(path, "rb") as f:
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = np.frombuffer(f.read(4), "<u2")
+        offset = info.header_offset + 30 + int(name_len) + int(extra_len)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        version = np.lib.format.read_magic(f)
+        header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = header(f)
+        offset = f.tell()
+    if dtype != np.uint8 or len(shape) != 4 or fortran:
+        fail(f"{path}: images must be a C-ordered uint8 [N, H, W, C] array; got {dtype} {shape}")
+    size = int(np.prod(shape[1:]))
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(i):  # one positioned read per image: nothing of the file is mapped or cached by us
+        return np.frombuffer(os.pread(fd, size, offset + i * size), np.uint8).reshape(shape[1:])
+
+    return shape[0], tuple(shape[1:]), read
+
+
+def _decode(data, name):
+    """One image file's bytes -> uint8 [H, W, C]; palette and alpha images become RGB, never index values."""
+    import io
+
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img = img if img.mode in ("L", "RGB") else img.convert("RGB")
+        return np.atleast_3d(np.asarray(img))
+    except Exception as e:
+        fail(f"cannot read image {name} ({type(e).__name__}: {e})")
+
+
+def _folder_reader(path):
+    """An image folder or zip (png/jpg, sorted by relative path) with EDM's optional dataset.json labels."""
+    is_zip = zipfile.is_zipfile(path) if os.path.isfile(path) else False
+    if is_zip:
+        with zipfile.ZipFile(path) as z:
+            names = sorted(z.namelist())
+    else:
+        names = sorted(
+            os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/")
+            for d, _, fs in os.walk(path)
+            for f in fs
+        )
+    files = [f for f in names if f.lower().endswith((".png", ".jpg", ".jpeg"))]
+    if not files:
+        fail(f"no .png/.jpg images found in {path}")
+    zf = zipfile.ZipFile(path) if is_zip else None
+
+    def raw(name):
+        if zf is not None:
+            return zf.read(name)
+        with open(os.path.join(path, name), "rb") as f:
+            return f.read()
+
     labels = None
+    if "dataset.json" in names:
+        try:
+            table = dict(json.loads(raw("dataset.json")).get("labels") or [])
+        except (ValueError, TypeError, AttributeError) as e:
+            fail(f"{path}/dataset.json is not EDM's {{'labels': [[file, label], ...]}} format: {e}")
+        missing = [f for f in files if f not in table]
+        if missing:
+            fail(f"{path}/dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}")
+        labels = np.asarray([table[f] for f in files], dtype=np.int64)
+    hwc = _decode(raw(files[0]), files[0]).shape
+    return len(files), hwc, lambda i: _decode(raw(files[i]), files[i]), labels
+
+
+def load_images(spec, data_dir="datasets"):
+    """--data -> (uint8 [N, C, H, W] images, a tensor or LazyImages read per batch; int64 labels or None)."""
+    labels, lazy = None, None
     if spec == "cifar10":
         import torchvision
 
@@ -852,53 +963,43 @@ def load_images(spec, data_dir="datasets"):
         images, labels = ds.data, np.asarray(ds.targets, dtype=np.int64)
     elif spec == "shapes":
         images, labels = make_shapes()
-    elif spec.endswith(".npz"):
+    elif spec.endswith((".npz", ".npy")):
         if not os.path.isfile(spec):
-            fail(f"data file not found: {spec} (expected an .npz with uint8 'images' [N, H, W, C])")
-        with np.load(spec) as f:
-            if "images" not in f:
-                fail(f"{spec} has no 'images' array (found {sorted(f.keys())}); expected uint8 [N, H, W, C]")
-            images = f["images"]
-            labels = f["labels"].astype(np.int64) if "labels" in f else None
-    elif os.path.isdir(spec):
-        images, labels = _load_folder(spec)
+            fail(f"data file not found: {spec} (expected uint8 'images' [N, H, W, C] in an .npz, or an .npy)")
+        if spec.endswith(".npy"):
+            lazy = _array_reader(spec)
+        else:
+            with np.load(spec) as f:
+                if "images" not in f:
+                    fail(f"{spec} has no 'images' array (found {sorted(f.keys())}); expected uint8 NHWC")
+                labels = f["labels"].astype(np.int64) if "labels" in f else None
+                stored = f.zip.getinfo("images.npy").compress_type == zipfile.ZIP_STORED
+                images = None if stored else f["images"]  # a compressed array is read whole
+            if stored:
+                lazy = _array_reader(spec, "images.npy")
+    elif os.path.isdir(spec) or spec.endswith(".zip"):
+        if not os.path.exists(spec):
+            fail(f"data file not found: {spec} (expected a zip of png/jpg images, EDM's dataset format)")
+        *lazy, labels = _folder_reader(spec)
     else:
-        fail(f"--data {spec!r} is neither 'cifar10', 'shapes', an existing .npz file nor a folder of images")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        fail(
-            f"images in {spec} must be uint8 [N, H, W, C] with C in (1, 3); got {images.dtype} {images.shape}"
-        )
-    if images.shape[1] != images.shape[2]:
-        fail(f"images in {spec} must be square; got {images.shape[1]}x{images.shape[2]}")
-    if labels is not None and labels.shape != (len(images),):
-        fail(f"labels in {spec} must have shape [{len(images)}]; got {labels.shape}")
-    images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+        fail(f"--data {spec!r} is neither cifar10, shapes, an .npz/.npy file, a .zip nor a folder of images")
+    shape = lazy[1] if lazy else images.shape[1:]
+    n = lazy[0] if lazy else len(images)
+    if (lazy is None and images.dtype != np.uint8) or len(shape) != 3 or shape[-1] not in (1, 3):
+        fail(f"images in {spec} must be uint8 [N, H, W, C] with C in (1, 3); got shape {(n, *shape)}")
+    if shape[0] != shape[1]:
+        fail(f"images in {spec} must be square; got {shape[0]}x{shape[1]}")
+    if n == 0:
+        fail(f"{spec} holds no images")
+    if labels is not None and labels.shape != (n,):
+        fail(f"labels in {spec} must have shape [{n}]; got {labels.shape}")
+    if labels is not None and labels.min() < 0:
+        fail(f"labels in {spec} must be class indices 0, 1, ...; found {labels.min()}")
+    if lazy:
+        images = LazyImages(spec, lazy[0], lazy[1], lazy[2])
+    else:
+        images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     return images, None if labels is None else torch.from_numpy(labels)
-
-
-def _load_folder(path):
-    """An image folder (png/jpg, sorted by relative path); labels from EDM's dataset.json when present."""
-    from PIL import Image
-
-    files = sorted(
-        os.path.relpath(os.path.join(d, f), path)
-        for d, _, fs in os.walk(path)
-        for f in fs
-        if f.lower().endswith((".png", ".jpg", ".jpeg"))
-    )
-    if not files:
-        fail(f"no .png/.jpg images found under {path}")
-    images = np.stack([np.atleast_3d(np.asarray(Image.open(os.path.join(path, f)))) for f in files])
-    labels = None
-    meta = os.path.join(path, "dataset.json")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            table = dict(json.load(f).get("labels") or [])
-        missing = [f for f in files if f.replace(os.sep, "/") not in table]
-        if missing:
-            fail(f"{meta} has no label for {len(missing)} image(s), e.g. {missing[0]}")
-        labels = np.asarray([table[f.replace(os.sep, "/")] for f in files], dtype=np.int64)
-    return images, labels
 
 
 def get_batch(images, labels, idx, device):
