@@ -262,7 +262,7 @@ def test_image_folder_with_edm_dataset_json(tmp_path):
         json.dump({"labels": [[n, i] for i, n in enumerate(names)]}, f)
     x, y = E.load_images(str(tmp_path / "imgs"))
     order = [1, 2, 0]  # sorted paths: a.png, c.png, sub/b.png
-    assert torch.equal(x, torch.from_numpy(images[order]).permute(0, 3, 1, 2))
+    assert torch.equal(x[:], torch.from_numpy(images[order]).permute(0, 3, 1, 2))  # read lazily
     assert y.tolist() == order
     idx = torch.tensor([0, 3])  # with --xflip, index 3 is image 0 mirrored
     batch, _ = E.get_batch(x, None, idx, torch.device("cpu"))
