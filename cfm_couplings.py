@@ -7,34 +7,47 @@ constant velocity x1 - x0, and v_theta regresses it. *Which* x0 goes with which 
 the only thing this file varies:
   - independent: I-CFM, x0 and x1 drawn independently (the baseline of every coupling paper).
   - ot: BatchOT / OT-CFM with the exact minibatch plan, returned as a permutation of the noise (scipy's
-    Hungarian solver): every noise and every image used exactly once. --ot-batch M solves over M samples and
+    Hungarian solver): every noise and every image used exactly once. --ot-replace draws the step's pairs
+    i.i.d. from that plan instead, with replacement, as torchcfm does. --ot-batch M solves over M samples and
     consumes them over M / batch steps.
   - sinkhorn: the entropic plan (log-domain Sinkhorn, regularisation relative to the mean cost); pairs are
-    sampled from it, by default without replacement. A plan that fails to converge raises: never a silent
-    fallback to independent pairs.
+    sampled from it, by default without replacement. A plan that fails to converge raises SinkhornError;
+    training then saves a checkpoint and stops with one line. Never a silent fallback to independent pairs.
   - pairs: fixed (noise, image) pairs from gen_pairs.py: reflow (Rectified Flow; 2-Rect-Flow when the pairs
-    come from a 1-RF model) or LMM's "globally straight lines" baseline when they come from the EDM teacher.
-Conditional models solve the coupling within each class (AOT Alg. 2): labels move with their images.
+    come from a 1-RF model; --preset loom-reflow for LOOM-CFM's reflow) or LMM's "globally straight lines"
+    baseline when they come from the EDM teacher.
+Unconditional by default, as the papers' CIFAR-10 tables; --cond trains on the labels and solves the coupling
+within each class (AOT Alg. 2): labels move with their images.
 
 Convention (Lipman/Tong): t = 0 is the noise x0 ~ N(0, I), t = 1 the data x1 in [-1, 1]; the network sees
-(x_t, time_scale * t) with time_scale = 1000 through the shared UNet. Samplers integrate t from 0 to 1:
-euler (1 NFE per step), midpoint (2 NFE per step) and dopri5 (adaptive Dormand-Prince, NFE counted).
+(x_t, time_scale * t) through the shared UNet, time_scale = 1 as torchcfm and the LOOM code. Samplers
+integrate t from 0 to 1: euler (1 NFE per step), midpoint (2 NFE per step) and dopri5 (torchdiffeq, atol =
+rtol = 1e-5; its function evaluations are the NFE, its attempted steps are reported beside them).
 
-Distributed policy: every global block of --ot-batch samples (data indices and noise) is a function of
+Distributed policy: every global block of --ot-batch samples (data indices, flips and noise) is a function of
 (seed, block) only, so rank 0 solves the coupling of the whole global block once and broadcasts it; each
 rank trains on its slice. Pairs and costs are therefore identical for any number of processes.
 
 Commands
   CPU smoke run on a synthetic dataset (tiny net, exact OT):
     python cfm_couplings.py --data shapes --coupling ot --tiny --batch 64 --duration 0.02 --outdir runs/ot
-  The torchcfm / LOOM CIFAR-10 recipe (Adam 2e-4, 5k warm-up, clip 1, EMA 0.9999, batch 128, 400k steps):
-    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --data cifar10 --coupling ot --outdir runs/ot
+  torchcfm's CIFAR-10 recipe (Adam 2e-4, 5k warm-up, clip 1, EMA 0.9999, batch 128, 400k steps, random
+  x-flips), I-CFM and OT-CFM as torchcfm draws it (pairs from the plan with replacement):
+    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --data cifar10 --xflip --coupling independent \
+        --outdir runs/icfm
+    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --data cifar10 --xflip --coupling ot \
+        --ot-replace --outdir runs/otcfm
   Reflow (2-Rect-Flow) from a 1-RF model's pairs, starting from its weights:
     python gen_pairs.py --teacher runs/icfm --num-pairs 1000000 --sampler-kw solver=dopri5 --out pairs_1rf.npz
-    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --coupling pairs --pairs pairs_1rf.npz \\
+    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --coupling pairs --pairs pairs_1rf.npz \
         --init runs/icfm --outdir runs/2rf
+  LOOM-CFM + reflow (the official reflow config: lr 2e-5, batch 1024, sigma 1e-7, 200 epochs of 1M pairs):
+    python gen_pairs.py --teacher runs/loom-cifar10 --num-pairs 1000000 --sampler-kw solver=dopri5 \
+        --out pairs_loom.npz
+    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --preset loom-reflow --pairs pairs_loom.npz \
+        --init runs/loom-cifar10 --outdir runs/loom-reflow
   Generate 50,000 images (image i from seed i, any number of GPUs):
-    python cfm_couplings.py --generate 50000 --ckpt runs/ot --solver dopri5 --out ot-dopri5.npz
+    python cfm_couplings.py --generate 50000 --ckpt runs/otcfm --solver dopri5 --out ot-dopri5.npz
 """
 
 import argparse
@@ -592,56 +605,41 @@ def midpoint_sample(net, x, steps, labels=None):
     return x
 
 
-# Dormand-Prince 5(4) tableau: stages A, 5th-order weights B5 (= the last stage row, FSAL), 4th-order B4.
-DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-DP_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)
-DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+class _ODEFunc:
+    """dx/dt = net(x, t) as torchdiffeq calls it, f(t, x), counting what the papers count: every call is one
+    function evaluation (torchcfm's NFE), every attempted step one callback (what the official LOOM code logs
+    as num_steps; an attempted step of dopri5 costs 6 evaluations, FSAL)."""
+
+    def __init__(self, net, labels):
+        self.net, self.labels, self.nfe, self.steps, self.accepted = net, labels, 0, 0, 0
+
+    def __call__(self, t, x):
+        self.nfe += 1
+        return self.net(x, t, self.labels).to(x.dtype)
+
+    def callback_step(self, t0, y0, dt):
+        self.steps += 1
+
+    def callback_accept_step(self, t0, y0, dt):
+        self.accepted += 1
 
 
 @torch.no_grad()
-def dopri5_sample(net, x, labels=None, atol=1e-5, rtol=1e-5, max_steps=100_000):
-    """Adaptive Dormand-Prince 5(4) from t = 0 to 1 -> (x, NFE). The batch is one ODE system with an RMS error
-    norm over all its elements (as torchdiffeq, which torchcfm uses): every image gets the same steps and NFE.
-    Initial step by Hairer-Norsett-Wanner's rule (II.4); step factor 0.9 err^(-1/5) clipped to [0.2, 10]."""
-    nfe = 0
+def dopri5_sample(net, x, labels=None, atol=1e-5, rtol=1e-5, stats=None):
+    """Adaptive Dormand-Prince 5(4) from t = 0 to 1 with torchdiffeq's `odeint(method="dopri5")`, the solver
+    of torchcfm's compute_fid.py and the LOOM code (both atol = rtol = 1e-5) -> (x, function evaluations).
+    The batch is one ODE system (RMS error norm over all its elements), so every image gets the same steps.
+    `stats` (a dict) receives nfe_torchdiffeq, solver_steps (attempted), accepted_steps, rejected_steps."""
+    from torchdiffeq import odeint
 
-    def f(xx, t):
-        nonlocal nfe
-        nfe += 1
-        return net(xx, t, labels).float()
-
-    def rms(v, scale):
-        return (v / scale).square().mean().sqrt().item()
-
-    t, k1 = 0.0, f(x, 0.0)
-    scale = atol + rtol * x.abs()
-    d0, d1 = rms(x, scale), rms(k1, scale)
-    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    d2 = rms(f(x + h0 * k1, h0) - k1, scale) / h0
-    h = min(100 * h0, max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2, 1.0)
-    for _ in range(max_steps):
-        if t >= 1.0:
-            return x, nfe
-        h = min(h, 1.0 - t)
-        ks = [k1]
-        for i in range(1, 7):
-            xi = x + h * sum(a * k for a, k in zip(DP_A[i], ks, strict=False) if a)
-            ks.append(f(xi, t + DP_C[i] * h))
-        x5 = xi  # the last stage is evaluated at the 5th-order solution (FSAL)
-        x4 = x + h * sum(b * k for b, k in zip(DP_B4, ks, strict=True) if b)
-        err = rms(x5 - x4, atol + rtol * torch.maximum(x.abs(), x5.abs()))
-        if err <= 1.0:
-            t, x, k1 = t + h, x5, ks[6]
-        h *= min(10.0, max(0.2, 0.9 * (err if err > 0 else 1e-10) ** -0.2))
-    raise RuntimeError(f"dopri5 did not reach t = 1 in {max_steps} steps (t = {t:.4g})")
+    f = _ODEFunc(net, labels)
+    x = x if x.dtype == torch.float64 else x.float()
+    t = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
+    x = odeint(f, x, t, method="dopri5", atol=atol, rtol=rtol)[-1]
+    if stats is not None:
+        stats.update(nfe_torchdiffeq=f.nfe, solver_steps=f.steps, accepted_steps=f.accepted,
+                     rejected_steps=f.steps - f.accepted)  # fmt: skip
+    return x, f.nfe
 
 
 def build_net(net_kwargs):
@@ -649,17 +647,20 @@ def build_net(net_kwargs):
     return VelocityNet(**net_kwargs)
 
 
-def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5):
+def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, stats=None):
     """DESIGN 4: noise [N, C, H, W] standard normal -> (images, NFE used). euler: nfe steps; midpoint: nfe / 2
-    steps (nfe even); dopri5: adaptive with atol/rtol, nfe ignored, the NFE it took is returned."""
+    steps (nfe even); dopri5: torchdiffeq with atol/rtol, nfe ignored, its function evaluations returned.
+    `stats` (a dict, optional) receives the solver's step counts (see dopri5_sample)."""
     if solver == "dopri5":
-        return dopri5_sample(net, noise, labels, atol, rtol)
+        return dopri5_sample(net, noise, labels, atol, rtol, stats)
     if solver not in ("euler", "midpoint"):
         raise ValueError(f"unknown solver {solver!r}; expected euler, midpoint or dopri5")
     if nfe < 1 or (solver == "midpoint" and nfe % 2):
         raise ValueError(
             f"{solver} needs {'an even NFE >= 2' if solver == 'midpoint' else 'NFE >= 1'}, got {nfe}"
         )
+    if stats is not None:
+        stats.update(solver_steps=nfe if solver == "euler" else nfe // 2)
     if solver == "euler":
         return euler_sample(net, noise, nfe, labels), nfe
     return midpoint_sample(net, noise, nfe // 2, labels), nfe
@@ -698,7 +699,11 @@ class SinkhornError(RuntimeError):
     """The entropic plan degenerated or did not converge (raised; never replaced by independent pairs)."""
 
 
-def sinkhorn_log_plan(c, reg=0.05, max_iter=2000, tol=1e-4):
+# Measured at CIFAR-10 scale (README): ~0.7 of the plan's mass on the Hungarian permutation (0.05: 0.015).
+SINKHORN_REG = 1e-3
+
+
+def sinkhorn_log_plan(c, reg=SINKHORN_REG, max_iter=2000, tol=1e-4):
     """log P of the entropic OT plan between uniform marginals (OT-CFM's plan; Cuturi 2013): P minimises
     <P, C> - eps H(P) with eps = reg * mean(C). Log-domain Sinkhorn on potentials f (rows), g (columns), so
     log P = (f_j + g_i - C_ji) / eps never underflows; eps is annealed down from the mean cost (eps-scaling)
@@ -752,11 +757,20 @@ def sinkhorn_pairs(log_p, replace=False, generator=None):
     return i0, torch.arange(n)
 
 
-def couple(x0, x1, labels, coupling, cost="sqeuclidean", reg=0.05, replace=False, iters=2000, generator=None):
+def ot_pairs_with_replacement(perm, generator=None):
+    """torchcfm's OT-CFM draw (--ot-replace): n (image, noise) pairs i.i.d. from the exact plan P = perm / n,
+    i.e. n of the n optimal pairs drawn uniformly with replacement: some images and noises repeat, others drop
+    out of the step (about 63% distinct at any n). -> (i0 noise indices, i1 image indices)."""
+    i1 = torch.randint(len(perm), (len(perm),), generator=generator)
+    return perm.cpu()[i1], i1
+
+
+def couple(x0, x1, labels, coupling, cost="sqeuclidean", reg=SINKHORN_REG, replace=False, iters=2000,
+           generator=None):  # fmt: skip
     """The coupling of one block of noises x0 and images x1 -> (i0, i1): train on (x0[i0], x1[i1], y[i1]).
-    independent / pairs: the identity. With labels the problem is solved within each class (AOT Alg. 2): noise
-    moves only between images of one class, and a class's noise set is unchanged (labels stay independent of
-    the noise marginal)."""
+    independent / pairs: the identity. replace: pairs drawn i.i.d. from the plan (torchcfm), else every sample
+    once. With labels the problem is solved within each class (AOT Alg. 2): noise moves only between images of
+    one class, and a class's noise set is unchanged (labels stay independent of the noise marginal)."""
     n = len(x1)
     i0, i1 = torch.arange(n), torch.arange(n)
     if coupling in ("independent", "pairs"):
@@ -770,7 +784,12 @@ def couple(x0, x1, labels, coupling, cost="sqeuclidean", reg=0.05, replace=False
     for g in groups:
         gd = g.to(x0.device)
         if coupling == "ot":
-            i0[g] = g[ot_permutation(x0[gd], x1[gd], cost).cpu()]
+            perm = ot_permutation(x0[gd], x1[gd], cost).cpu()
+            if replace:
+                a, b = ot_pairs_with_replacement(perm, generator)
+                i0[g], i1[g] = g[a], g[b]
+            else:
+                i0[g] = g[perm]
         elif coupling == "sinkhorn":
             log_p = sinkhorn_log_plan(pair_cost(x0[gd], x1[gd], cost), reg, iters)
             a, b = sinkhorn_pairs(log_p, replace, generator)
@@ -1028,10 +1047,10 @@ def check_pairs(pairs, path, cond):
     has_label = "label" in pairs
     if has_label and pairs["label"].shape != (len(x0),):
         fail(f"{path}: 'label' must have shape [{len(x0)}], got {tuple(pairs['label'].shape)}")
-    if cond == "on" and not has_label:
-        fail(f"--cond on, but {path} has no 'label' array (its generator was unconditional)")
+    if cond and not has_label:
+        fail(f"--cond, but {path} has no 'label' array (its generator was unconditional)")
     label_dim = 0
-    if has_label and cond != "off":
+    if has_label and cond:
         label_dim = int(pairs.get("meta", {}).get("label_dim") or int(np.max(pairs["label"])) + 1)
     return tuple(x0.shape[1:]), label_dim
 
@@ -1057,18 +1076,23 @@ def generator_for(seed, *keys):
 class Source:
     """The training stream in global blocks of `block` samples: block b holds images from the epoch stream
     (batch_indices with batch = block) and fresh noise, both functions of (seed, b) only, coupled once; step s
-    trains on rows [(s mod steps_per_block) * batch, + batch) of block s // steps_per_block."""
+    trains on rows [(s mod steps_per_block) * batch, + batch) of block s // steps_per_block.
+    --xflip random mirrors each visited image with probability 1/2 (torchcfm's RandomHorizontalFlip), the coin
+    also a function of (seed, b); --xflip copies adds the mirrored images as extra data indices instead."""
 
     def __init__(self, args, images, labels, pairs, shape, label_dim, device, rank, world):
         self.args, self.images, self.labels, self.pairs = args, images, labels, pairs
         self.shape, self.cond, self.device, self.rank, self.world = shape, label_dim > 0, device, rank, world
         self.block = args.ot_batch or args.batch
-        self.n = len(pairs["noise"]) if pairs is not None else len(images) * (2 if args.xflip else 1)
+        copies = args.xflip == "copies"
+        self.n = len(pairs["noise"]) if pairs is not None else len(images) * (2 if copies else 1)
         self.cached = None
 
     def solve(self, b):
         a = self.args
         idx = batch_indices(self.n, self.block, b, a.seed)
+        if a.xflip == "random" and self.pairs is None:  # index i + n is the mirror of image i (get_batch)
+            idx = idx + self.n * (torch.rand(self.block, generator=generator_for(a.seed, b, 5)) < 0.5)
         if self.pairs is not None:  # reflow: the generator's own pairs, never re-coupled
             x0, x1, y = get_pairs(self.pairs, idx, self.device, self.cond)
         else:
@@ -1076,17 +1100,22 @@ class Source:
             y = y if self.cond else None
             x0 = torch.randn([self.block, *self.shape], generator=generator_for(a.seed, b, 1)).to(self.device)
         t0 = time.time()
+        i0 = i1 = torch.full((self.block,), -1, dtype=torch.long)  # -1: rank 0's solve raised
+        error = None
         if self.rank == 0:
-            i0, i1 = couple(
-                x0, x1, y, a.coupling, a.cost, a.sinkhorn_reg, a.sinkhorn_replace, a.sinkhorn_iters,
-                generator_for(a.seed, b, 2),
-            )  # fmt: skip
-        else:
-            i0 = i1 = torch.empty(self.block, dtype=torch.long)
-        if self.world > 1:  # rank 0's solution for everyone (identical inputs; one solver's answer)
+            try:
+                i0, i1 = couple(
+                    x0, x1, y, a.coupling, a.cost, a.sinkhorn_reg, a.ot_replace, a.sinkhorn_iters,
+                    generator_for(a.seed, b, 2),
+                )  # fmt: skip
+            except SinkhornError as e:
+                error = e
+        if self.world > 1:  # rank 0's solution (or its failure) for everyone: one solver's answer
             both = torch.cat([i0, i1]).to(self.device)
             torch.distributed.broadcast(both, 0)
             i0, i1 = both.cpu().chunk(2)
+        if error is not None or i0[0] < 0:
+            raise error or SinkhornError(f"rank 0's Sinkhorn solve of block {b} failed")
         solve_s = time.time() - t0
         stats = dict(
             cost_before=path_cost(x0, x1, a.cost).mean().item(),
@@ -1148,10 +1177,10 @@ def train(args):
         n_data = len(pairs["noise"])
     else:
         images, labels = load_images(args.data, args.data_dir)
-        if args.cond == "on" and labels is None:
-            fail(f"--cond on, but {args.data} has no labels")
-        label_dim = int(labels.max()) + 1 if labels is not None and args.cond != "off" else 0
-        shape, n_data = tuple(images.shape[1:]), len(images) * (2 if args.xflip else 1)
+        if args.cond and labels is None:
+            fail(f"--cond, but {args.data} has no labels")
+        label_dim = int(labels.max()) + 1 if labels is not None and args.cond else 0
+        shape, n_data = tuple(images.shape[1:]), len(images) * (2 if args.xflip == "copies" else 1)
         images = images.to(device)
         labels = labels.to(device) if label_dim else None
     block = args.ot_batch or args.batch
@@ -1171,9 +1200,26 @@ def train(args):
         attn_resolutions=list(args.attn_res),
         dropout=args.dropout,
     )
+    init = None
+    if args.init and ckpt is None:  # e.g. 2-Rect-Flow starts from the 1-RF weights, in its architecture
+        init = load_checkpoint(args.init)
+        if init.get("method") not in ("cfm_couplings", "loom_cfm"):
+            fail(f"--init {args.init} is a {init.get('method')!r} checkpoint; it needs a flow checkpoint")
+        k = init["net_kwargs"]
+        if (k["img_channels"], k["img_resolution"], k["img_resolution"], k["label_dim"]) != (
+            *shape,
+            label_dim,
+        ):
+            fail(
+                f"--init {args.init} is a {k['img_channels']}x{k['img_resolution']}^2 network with "
+                f"{k['label_dim']} classes; this data is {shape} with {label_dim} (--cond)"
+            )
+        net_kwargs = dict(k, dropout=args.dropout)
+        log.print(f"--init {args.init}: its architecture and time scale {net_kwargs} replace the flags'")
     if ckpt is not None:
         net_kwargs = ckpt["net_kwargs"]
         keys = ("data", "pairs", "coupling", "batch", "ot_batch", "seed", "lr", "cost", "sinkhorn_reg")
+        keys += ("xflip", "ot_replace", "cond")
         changed = {
             k: (ckpt["args"].get(k), v)
             for k, v in vars(args).items()
@@ -1185,13 +1231,7 @@ def train(args):
             )
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     net = build_net(net_kwargs).to(device).train()
-    if args.init and ckpt is None:  # e.g. 2-Rect-Flow starts from the 1-RF weights
-        init = load_checkpoint(args.init)
-        arch = [k for k in net_kwargs if k != "dropout"]
-        if init.get("method") not in ("cfm_couplings", "loom_cfm") or any(
-            init["net_kwargs"].get(k) != net_kwargs[k] for k in arch
-        ):
-            fail(f"--init {args.init}: needs a flow checkpoint of this architecture {net_kwargs}")
+    if init is not None:
         net.load_state_dict(init["ema"] if init.get("ema") is not None else init["net"])
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
@@ -1223,18 +1263,44 @@ def train(args):
     grid_noise = torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0))
     grid_labels = torch.arange(args.grid) % label_dim if label_dim else None
     stop = StopFlag()
+
+    def snapshot(step, nimg, grids=True):
+        if rank == 0:
+            ckpt_out = dict(
+                method=METHOD,
+                version=VERSION,
+                args=vars(args),
+                net_kwargs=net_kwargs,
+                net=net.state_dict(),
+                ema=ema.state_dict(),
+                opt=opt.state_dict(),
+                step=step,
+                kimg=nimg / 1000,
+                state=dict(nimg=nimg),
+            )
+            save_checkpoint(ckpt_out, args.outdir, step)
+            for nfe in args.grid_nfe if args.grid and grids else ():
+                lab = None if grid_labels is None else grid_labels.to(device)
+                x, _ = sample(ema, grid_noise.to(device), nfe, lab)
+                save_image_grid(x, os.path.join(args.outdir, f"grid-euler{nfe}-{step:07d}.png"))
+        barrier()
+
     sums, t_last, step_last = {}, time.time(), step
     while step < total_steps:
         seed_step(args.seed, rank, world, step)  # dropout
-        x0, x1, y, stats = source.step(step)
+        try:
+            x0, x1, y, stats = source.step(step)
+        except SinkhornError as e:  # keep what was trained, then stop with one line
+            snapshot(step, nimg, grids=False)
+            fail(f"{e} (step {step}); checkpoint saved, continue with --resume {args.outdir}")
         g = generator_for(args.seed, step, 3)  # t and eps of the global batch: independent of the world size
         t = torch.rand(args.batch, generator=g)[rank * batch_rank : (rank + 1) * batch_rank].to(device)
         eps = None
         if args.sigma_min:
             eps = torch.randn([args.batch, *shape], generator=g)[rank * batch_rank : (rank + 1) * batch_rank]
             eps = eps.to(device)
-        for group in opt.param_groups:  # linear warm-up, then constant (torchcfm's CIFAR-10 recipe)
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+        for group in opt.param_groups:  # lr min(step, W) / W, then constant: torchcfm's and LOOM's schedules
+            group["lr"] = args.lr * min(1.0, step / args.warmup) if args.warmup else args.lr
         opt.zero_grad(set_to_none=True)
         loss_sum, chunks = 0.0, list(range(0, batch_rank, batch_gpu))
         for j, lo in enumerate(chunks):
@@ -1247,7 +1313,7 @@ def train(args):
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf)
         opt.step()
         ema_update(ema, net, args.ema)
-        rec = dict(loss=loss_sum, grad_norm=grad_norm.item(), **stats)
+        rec = dict(loss=loss_sum, grad_norm=grad_norm.item(), lr=opt.param_groups[0]["lr"], **stats)
         for k, v in rec.items():
             sums[k] = sums.get(k, 0.0) + v
         nimg, step = nimg + args.batch, step + 1
@@ -1258,25 +1324,7 @@ def train(args):
             log.log(step=step, kimg=nimg / 1000, **metrics, sec_per_step=(time.time() - t_last) / n)
             sums, t_last, step_last = {}, time.time(), step
         if step % args.snap_every == 0 or done or stop_now:
-            if rank == 0:
-                ckpt_out = dict(
-                    method=METHOD,
-                    version=VERSION,
-                    args=vars(args),
-                    net_kwargs=net_kwargs,
-                    net=net.state_dict(),
-                    ema=ema.state_dict(),
-                    opt=opt.state_dict(),
-                    step=step,
-                    kimg=nimg / 1000,
-                    state=dict(nimg=nimg),
-                )
-                save_checkpoint(ckpt_out, args.outdir, step)
-                for nfe in args.grid_nfe if args.grid else ():
-                    lab = None if grid_labels is None else grid_labels.to(device)
-                    x, _ = sample(ema, grid_noise.to(device), nfe, lab)
-                    save_image_grid(x, os.path.join(args.outdir, f"grid-euler{nfe}-{step:07d}.png"))
-            barrier()
+            snapshot(step, nimg)
         if stop_now:
             log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
             break
@@ -1313,10 +1361,11 @@ def generate(args):
         noise, lab = inputs_for_seeds(seeds[i : i + args.gen_batch], shape, label_dim)
         lab = None if lab is None else lab.to(device)
         try:
-            x, nfe = sample(net, noise.to(device), args.nfe, lab, args.solver, args.atol, args.rtol)
+            st = {}
+            x, nfe = sample(net, noise.to(device), args.nfe, lab, args.solver, args.atol, args.rtol, st)
         except ValueError as e:
             fail(str(e))
-        nfes.append(nfe)
+        nfes.append((nfe, st.get("solver_steps", 0)))
         out_x.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
         out_y.append(lab.cpu() if lab is not None else torch.zeros(len(x), dtype=torch.long))
     mine = (
@@ -1344,7 +1393,8 @@ def generate(args):
         grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
         save_image_grid(grid, os.path.splitext(args.out)[0] + ".png")
         print(
-            f"wrote {len(images)} images to {args.out} ({args.solver}, mean NFE {np.mean(nfes):.1f})",
+            f"wrote {len(images)} images to {args.out} ({args.solver}: mean NFE {np.mean(nfes, 0)[0]:.1f} "
+            f"network calls = solver function evaluations, {np.mean(nfes, 0)[1]:.1f} solver steps)",
             flush=True,
         )
     dist_teardown()
@@ -1357,21 +1407,38 @@ def _ints(s):
     return [int(v) for v in s.split(",") if v]
 
 
+# --preset loom-reflow: the official LOOM reflow config (configs/cifar10_ot_cached_reflow.yaml): pairs from a
+# LOOM checkpoint, its weights as the start, Adam 2e-5 with 5k warm-up, global batch 1024 (256 x 4 GPUs),
+# sigma 1e-7, EMA 0.9999, clip 1, no flips, 200 epochs of the 1M pairs (the paper's "1M noise-data pairs").
+PRESETS = {
+    "loom-reflow": dict(coupling="pairs", lr=2e-5, warmup=5000, batch=1024, sigma_min=1e-7, ema=0.9999,
+                        grad_clip=1.0, xflip="off", duration=200.0, dropout=0.1),
+}  # fmt: skip
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Flow matching with independent / minibatch-OT / Sinkhorn / reflow couplings.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument(
+        "--preset", default=None, choices=sorted(PRESETS), help="a paper's settings as defaults (flags win)"
+    )
     p.add_argument("--coupling", default="ot", choices=COUPLINGS, help="how noise is paired with data")
     p.add_argument("--data", default=None, help="training images: cifar10 | shapes | FILE.npz | DIR")
     p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
-    p.add_argument("--xflip", action="store_true", help="add mirrored copies of the images")
+    p.add_argument(
+        "--xflip", nargs="?", const="random", default="off", choices=["off", "random", "copies"],
+        help="mirror: random = each visit with prob. 1/2 (torchcfm, bare --xflip); copies = extra images",
+    )  # fmt: skip
     p.add_argument("--pairs", default=None, help="--coupling pairs: a gen_pairs.py .npz (noise, data, label)")
     p.add_argument("--outdir", default="runs/cfm", help="checkpoints, grids, log.jsonl, args.json")
     p.add_argument(
-        "--cond", default="auto", choices=["auto", "on", "off"], help="use class labels if present"
+        "--cond", action="store_true", help="class-conditional: labels to the net, coupled within each class"
     )
-    p.add_argument("--cost", default="sqeuclidean", choices=["sqeuclidean", "l2"], help="transport cost")
+    p.add_argument(
+        "--cost", default="sqeuclidean", choices=["sqeuclidean", "l2"], help="transport cost (torchcfm's)"
+    )
     p.add_argument(
         "--ot-batch",
         type=int,
@@ -1379,26 +1446,31 @@ def parse_args(argv=None):
         help="samples per coupling problem (a multiple of --batch; 0: --batch)",
     )
     p.add_argument(
-        "--sinkhorn-reg", type=float, default=0.05, help="entropic eps as a fraction of the mean cost"
+        "--ot-replace", "--sinkhorn-replace", dest="ot_replace", action="store_true",
+        help="ot / sinkhorn: draw the block's pairs i.i.d. from the plan, with replacement (torchcfm)",
+    )  # fmt: skip
+    p.add_argument(
+        "--sinkhorn-reg", type=float, default=SINKHORN_REG, help="entropic eps as a fraction of the mean cost"
     )
     p.add_argument("--sinkhorn-iters", type=int, default=2000, help="Sinkhorn iterations before it raises")
     p.add_argument(
-        "--sinkhorn-replace", action="store_true", help="draw pairs with replacement (torchcfm's OT-CFM)"
-    )
-    p.add_argument(
         "--sigma-min", type=float, default=0.0, help="path noise sigma of LOOM Eq. 3 (torchcfm: 0)"
     )
-    p.add_argument("--time-scale", type=float, default=1000.0, help="the UNet sees time_scale * t")
+    p.add_argument(
+        "--time-scale", type=float, default=1.0, help="the UNet sees time_scale * t (torchcfm, LOOM: 1)"
+    )
     p.add_argument("--batch", type=int, default=128, help="global batch size (torchcfm/LOOM: 128)")
     p.add_argument(
         "--batch-gpu", type=int, default=None, help="samples per forward pass (accumulate the rest)"
     )
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
-    p.add_argument("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps")
+    p.add_argument(
+        "--warmup", type=int, default=5000, help="warm-up steps: lr x min(step, W) / W (torchcfm: 5000)"
+    )
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay per step")
     p.add_argument("--duration", type=float, default=51.2, help="training length, Mimg (400k steps at 128)")
-    p.add_argument("--init", default=None, help="start from this flow checkpoint's weights (2-Rect-Flow)")
+    p.add_argument("--init", default=None, help="start from this flow checkpoint's weights and architecture")
     p.add_argument("--model-channels", type=int, default=128, help="UNet base width (DDPM++: 128)")
     p.add_argument("--channel-mult", type=_ints, default=[1, 2, 2, 2], help="width multipliers (torchcfm)")
     p.add_argument("--num-blocks", type=int, default=2, help="residual blocks per resolution (torchcfm)")
@@ -1420,9 +1492,12 @@ def parse_args(argv=None):
         "--solver", default="euler", choices=["euler", "midpoint", "dopri5"], help="--generate ODE solver"
     )
     p.add_argument("--nfe", type=int, default=100, help="--generate: evaluations for euler / midpoint")
-    p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
-    p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
+    p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (torchcfm, LOOM)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (torchcfm, LOOM)")
     p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
+    preset, _ = p.parse_known_args(argv)
+    if preset.preset:
+        p.set_defaults(**PRESETS[preset.preset])
     args = p.parse_args(argv)
     if args.generate:
         if not args.ckpt:
@@ -1433,6 +1508,8 @@ def parse_args(argv=None):
         p.error(f"--coupling {args.coupling} needs --data (cifar10 | shapes | FILE.npz | DIR)")
     elif args.coupling != "pairs" and args.pairs:
         p.error("--pairs is only read by --coupling pairs")
+    elif args.coupling == "pairs" and args.xflip != "off":
+        p.error("--xflip would mirror a pair's image away from its noise: reflow pairs are used as made")
     if args.tiny:
         args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
     for name in ("batch", "duration", "log_every", "snap_every", "gen_batch", "sinkhorn_iters", "time_scale"):

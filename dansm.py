@@ -687,16 +687,53 @@ def ddim_sample(net, z, steps, labels=None):
     return x
 
 
+@torch.no_grad()
+def dopri5_sample(net, z, labels=None, atol=1e-5, rtol=1e-5, stats=None):
+    """RFM: torchdiffeq's adaptive dopri5 from t = 1 down to 0 (atol = rtol = 1e-5, the flow papers' setting)
+    -> (x, function evaluations); `stats` receives the attempted and accepted step counts."""
+    from torchdiffeq import odeint
+
+    count = dict(nfe=0, steps=0, accepted=0)
+
+    class Field:  # torchdiffeq calls f(t, x) and looks its step callbacks up on the function object
+        def __call__(self, t, x):
+            count["nfe"] += 1
+            return net(x, t, labels).to(x.dtype)
+
+        def callback_step(self, t0, y0, dt):
+            count["steps"] += 1
+
+        def callback_accept_step(self, t0, y0, dt):
+            count["accepted"] += 1
+
+    x = z if z.dtype == torch.float64 else z.float()
+    t = torch.tensor([1.0, 0.0], dtype=x.dtype, device=x.device)
+    x = odeint(Field(), x, t, method="dopri5", atol=atol, rtol=rtol)[-1]
+    if stats is not None:
+        steps, accepted = count["steps"], count["accepted"]
+        stats.update(nfe_torchdiffeq=count["nfe"], solver_steps=steps, accepted_steps=accepted,
+                     rejected_steps=steps - accepted)  # fmt: skip
+    return x, count["nfe"]
+
+
 def build_net(net_kwargs):
     """The trained network, FlowNet (net.objective tells `sample` which sampler applies)."""
     return FlowNet(**net_kwargs)
 
 
-def sample(net, noise, nfe, labels=None):
-    """DESIGN 4: noise -> (images, NFE): rfm: nfe Euler steps from t = 1; dm: nfe DDIM steps."""
+def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, stats=None):
+    """DESIGN 4: noise -> (images, NFE): rfm: nfe Euler steps from t = 1, or (solver dopri5) torchdiffeq's
+    adaptive solve with its function evaluations as the NFE (nfe ignored); dm: nfe DDIM steps."""
+    dm = getattr(net, "objective", "rfm") == "dm"
+    if solver not in ("euler", "dopri5") or (dm and solver != "euler"):
+        raise ValueError(f"solver {solver!r}: rfm takes euler or dopri5, dm (DDIM) only the default")
+    if solver == "dopri5":
+        return dopri5_sample(net, noise, labels, atol, rtol, stats)
     if nfe < 1:
         raise ValueError(f"need at least one step, got NFE {nfe}")
-    if getattr(net, "objective", "rfm") == "dm":
+    if stats is not None:
+        stats.update(solver_steps=nfe)
+    if dm:
         return ddim_sample(net, noise, nfe, labels), nfe
     return euler_sample(net, noise, nfe, labels), nfe
 

@@ -4,29 +4,52 @@ For each checkpoint (`--ckpt A B ...`) and each NFE (`--nfe 1,2,4`), image i is 
 and class label (a generator seeded with seed + i, as `edm_teacher.py --generate` and `gen_pairs.py` draw
 them; stochastic samplers such as LMM's draw their extra noise from that generator too), so methods are
 compared on identical inputs and the result does not depend on the number of processes. The network is
-wrapped in a call counter: the NFE reported is the number of network calls actually made.
+wrapped in a call counter: the NFE reported is the number of network calls actually made; beside it stand the
+method's own figure (for dopri5: torchdiffeq's function evaluations, what torchcfm prints) and the solver's
+attempted steps (what the official LOOM code logs). Sampler options reach every method through one flag,
+`--sampler-kw solver=dopri5,atol=1e-5`.
+
+Protocols (`--protocol`; each sets the defaults below, any flag given overrides it):
+  edm   EDM (Karras et al. 2022, Sec. 5 / App. F): FID of 50,000 images against the 50k CIFAR-10 training
+        images, TF-Inception pool3 (clean-fid `legacy_tensorflow`, the same network and resize as EDM's
+        fid.py; torchcfm's compute_fid.py uses exactly this mode too), over 3 disjoint seed ranges
+        (`--fid-seeds 3`): the minimum is EDM's figure, mean +- std beside it.
+  lmm   LMM (Tables 2 and 4): EDM's protocol plus the Inception Score (Salimans et al. 2016, 10 splits) from
+        the logits of that same TF-Inception network (pool3 features times the softmax layer's weights,
+        without its bias, as the TF code and StyleGAN2-ADA's metric).
+  loom  the official LOOM-CFM evaluator (evaluation/evaluator.py, configs/cifar10_eval.yaml): the reference
+        is the CIFAR-10 *test* split, 10,000 images drawn from its 10,000 *with replacement* by torch's
+        RandomSampler seeded with 42 (reproduced index for index), against 50,000 generated images; one seed
+        range. Matched: the reference split, its draw, the sample count. Not matched: the paper used
+        torcheval's FrechetInceptionDistance (the pytorch-fid port of the same TF-Inception weights, bilinear
+        resize to 299) on float images clamped to [0, 1], and fresh torch.randn noise per batch; here the
+        features are clean-fid `legacy_tensorflow` on uint8 images and image i uses seed + i. Curvature on a
+        uniform grid of 1000 trajectories (Fig. 6).
 
 Metrics (`--metrics`):
-  fid, kid       Inception features through clean-fid. Default protocol = the papers': clean-fid
-                 `legacy_tensorflow`, CIFAR-10 train statistics at 32x32, 50,000 images quantised to uint8
-                 as EDM does; `--fid-mode clean` for clean-fid's own. `--fid-seeds 3` = EDM's protocol
-                 (three disjoint seed ranges; min and mean reported). Reference statistics: clean-fid's
-                 download, or `--ref-stats FILE.npz` (mu, sigma[, feats]), or `--ref-data` (computed here).
+  fid, kid, is   Inception features through clean-fid (its frechet_distance and kernel_distance, KID's subsets
+                 seeded); `--fid-mode clean` for clean-fid's own resize. Reference statistics: clean-fid's
+                 download, or `--ref-stats FILE.npz` (mu, sigma[, feats]), or `--ref-data` (computed here,
+                 `--ref-split test` for CIFAR-10's test images).
   straightness   LMM Table 1: mean over samples of integral_0^1 ||dx/dt - (x1 - x0)|| dt on a fine Heun solve
                  (`--ode-steps`) of the model's own ODE (`ode_velocity` of its method file, common clock t in
                  [0, 1] from noise to data); `straightness_rel` divides by ||x1 - x0||.
-  curvature      LOOM-CFM Fig. 6: mean of 1 - cos(v_k, v_k+1) between consecutive step velocities.
-`--feature-extractor random-cnn` (a fixed-seed random CNN) replaces Inception for offline tests only; the
-output then says "random-cnn: not FID".
+  curvature      LOOM-CFM Fig. 6: 1 - cos(v_k, v_k+1) between consecutive step velocities, its mean and its
+                 value at every t (`curvature_t`).
+Figures beside `--out` (matplotlib): <out>-fid_vs_nfe.png (one line per checkpoint, the papers' figures as
+markers) and <out>-curvature.png (curvature against t). `--feature-extractor random-cnn` (a fixed-seed random
+CNN with a random 10-way head) replaces Inception for offline tests only; the output then says so.
 
 Commands
-  python evaluate.py --ckpt runs/lmm-cifar10 runs/edm-cifar10 --nfe 1,2,35 --num 50000 --out results.json \\
-      --grid grids.png --trajectory traj.png
-  torchrun --standalone --nproc_per_node=8 evaluate.py --ckpt runs/lmm-cifar10 --nfe 1,2 --fid-seeds 3 \\
+  python evaluate.py --protocol loom --ckpt runs/loom-cifar10 runs/otcfm --nfe 4,8,12 \
+      --sampler-kw solver=midpoint --metrics fid,curvature --out results/loom.json
+  torchrun --standalone --nproc_per_node=8 evaluate.py --protocol lmm --ckpt runs/lmm-cifar10 --nfe 1,2 \
       --num-images 50000                       # under torchrun --num is taken by torchrun's --numa-binding
+  python evaluate.py --ckpt runs/lmm-cifar10 runs/edm-cifar10 --nfe 1,2,35 --num 50000 --out results.json \
+      --grid grids.png --trajectory traj.png
   python evaluate.py --pairs pairs_cifar10_cond.npz --num 50000          # the teacher's quality
-  python evaluate.py --ckpt runs/lmm-shapes --nfe 1,2 --num 256 --ref-data shapes \\
-      --feature-extractor random-cnn --metrics fid,kid,straightness,curvature        # offline smoke run
+  python evaluate.py --ckpt runs/lmm-shapes --nfe 1,2 --num 256 --ref-data shapes \
+      --feature-extractor random-cnn --metrics fid,kid,is,straightness,curvature   # offline smoke run
 """
 
 import argparse
@@ -93,15 +116,18 @@ def inputs_for_seeds(seeds, shape, label_dim=0):
     return torch.stack(noise), (torch.tensor(labels, dtype=torch.long) if label_dim else None), gens
 
 
-def run_sampler(module, counter, noise, nfe, labels, gens, sample_kw=None):
-    """module.sample through the call counter -> (images [-1, 1], NFE the method reports, calls counted)."""
+def run_sampler(module, counter, noise, nfe, labels, gens, sample_kw=None, stats=None):
+    """module.sample through the call counter -> (images [-1, 1], NFE the method reports, calls counted).
+    `stats` (a dict) receives the solver's own counts where the method's sample() reports them."""
     kw = dict(sample_kw or {})
     params = inspect.signature(module.sample).parameters
-    unknown = [k for k in kw if k not in params]
+    unknown = [k for k in kw if k not in params or k in ("generator", "stats")]
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         fail(f"{module.METHOD}.sample takes no {unknown} (--sampler-kw); it takes {list(params)[3:]}")
     if "generator" in params:
         kw["generator"] = gens
+    if "stats" in params and stats is not None:
+        kw["stats"] = stats
     counter.calls = 0
     try:
         x, used = module.sample(counter, noise, nfe, labels, **kw)
@@ -115,11 +141,12 @@ def quantize(x):
     return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-# --- features, FID, KID ---
+# --- features, FID, KID, IS ---
 
 
 class RandomCNN(nn.Module):
-    """Offline stand-in for Inception (tests only): a fixed-seed random conv net -> 64 features."""
+    """Offline stand-in for Inception (tests only): a fixed-seed random conv net -> 64 features, and a fixed
+    random 10-way linear head standing in for the softmax layer (logits for IS)."""
 
     def __init__(self):
         super().__init__()
@@ -129,16 +156,32 @@ class RandomCNN(nn.Module):
             c.weight.data = torch.randn(c.weight.shape, generator=g) / (c.weight[0].numel() ** 0.5)
             c.bias.data.zero_()
         self.body = nn.Sequential(convs[0], nn.ReLU(), convs[1], nn.ReLU(), convs[2])
+        self.register_buffer("head", torch.randn(10, 64, generator=g) * 4)
 
     def forward(self, x):  # x: [N, 3, H, W] in [0, 255]
         return self.body(x / 127.5 - 1).mean((2, 3))
 
 
-def build_extractor(kind, mode, device):
-    """features(uint8 NHWC numpy) -> float64 [N, D]."""
+def inception_softmax_weight(device):
+    """The TF-Inception softmax layer's weights [1008, 2048] from clean-fid's TorchScript (the network of its
+    legacy_tensorflow mode): logits = pool3 @ W.T, without the bias, as the TF IS code and StyleGAN2-ADA."""
+    path = os.path.join("/tmp", INCEPTION_FILE)
+    try:
+        params = dict(torch.jit.load(path, map_location="cpu").named_parameters())
+    except Exception as e:
+        fail(f"cannot read {path} for the Inception Score ({type(e).__name__}): put {INCEPTION_FILE} there")
+    w = [v for k, v in params.items() if k.endswith("weight") and tuple(v.shape) == (1008, 2048)]
+    if len(w) != 1:
+        fail(f"{path} has no unique [1008, 2048] softmax weight (found {len(w)}): not TF-Inception")
+    return w[0].detach().double().to(device)
+
+
+def build_extractor(kind, mode, device, logits=False):
+    """features(uint8 NHWC numpy) -> (float64 features [N, D], float64 logits [N, K] or None)."""
+    head = None
     if kind == "random-cnn":
         model = RandomCNN().to(device).eval()
-        resize = None
+        resize, head = None, model.head.double() if logits else None
     else:
         from cleanfid import features, resize
 
@@ -151,6 +194,7 @@ def build_extractor(kind, mode, device):
                 "(clean-fid's cache) or pass --feature-extractor random-cnn for an offline non-FID check"
             )
         resize = resize.build_resizer(mode) if mode == "clean" else None
+        head = inception_softmax_weight(device) if logits else None
 
     @torch.no_grad()
     def extract(images):
@@ -159,38 +203,81 @@ def build_extractor(kind, mode, device):
         x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float()
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return model(x.to(device)).double().cpu().numpy()
+        f = model(x.to(device)).double()
+        return f.cpu().numpy(), None if head is None else (f @ head.T).cpu().numpy()
 
     return extract
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017)."""
-    import scipy.linalg
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017): clean-fid's own function."""
+    from cleanfid import fid
 
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(fid.frechet_distance(mu1, sigma1, mu2, sigma2))
 
 
 def kernel_distance(feats1, feats2, num_subsets=100, max_subset_size=1000, seed=0):
-    """KID (Binkowski et al. 2018): unbiased MMD^2 with the cubic kernel (x.y / d + 1)^3, averaged over
-    random subsets (a seeded generator: reproducible)."""
-    rng = np.random.default_rng(seed)
-    d = feats1.shape[1]
-    m = min(len(feats1), len(feats2), max_subset_size)
-    t = 0.0
-    for _ in range(num_subsets):
-        x = feats2[rng.choice(len(feats2), m, replace=False)]
-        y = feats1[rng.choice(len(feats1), m, replace=False)]
-        a = (x @ x.T / d + 1) ** 3 + (y @ y.T / d + 1) ** 3
-        b = (x @ y.T / d + 1) ** 3
-        t += (a.sum() - np.diag(a).sum()) / (m - 1) - b.sum() * 2 / m
-    return float(t / num_subsets / m)
+    """KID (Binkowski et al. 2018), clean-fid's kernel_distance (unbiased MMD^2, cubic kernel, averaged over
+    random subsets) with its numpy subset draws seeded here, so that it is reproducible."""
+    from cleanfid import fid
+
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return float(fid.kernel_distance(feats1, feats2, num_subsets, max_subset_size))
+    finally:
+        np.random.set_state(state)
+
+
+def inception_score(logits, splits=10):
+    """Inception Score (Salimans et al. 2016) as the TF code and StyleGAN2-ADA compute it: p(y|x) = softmax of
+    each image's logits; the images in `splits` consecutive parts; per part exp(mean_x KL(p(y|x) || p(y)))
+    with p(y) the part's mean. -> (mean, std) over the parts."""
+    z = np.asarray(logits, dtype=np.float64)
+    log_p = z - z.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    p, n, scores = np.exp(log_p), len(z), []
+    for k in range(splits):
+        part, log_part = (
+            p[k * n // splits : (k + 1) * n // splits],
+            log_p[k * n // splits : (k + 1) * n // splits],
+        )
+        with np.errstate(invalid="ignore", divide="ignore"):
+            terms = part * (log_part - np.log(part.mean(0, keepdims=True)))
+        kl = np.where(part > 0, terms, 0.0).sum(1).mean()  # 0 log 0 = 0
+        scores.append(np.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def loom_reference_indices(n, num=10000, seed=42):
+    """The official LOOM evaluator's real images: torch's RandomSampler(replacement=True, num_samples=num,
+    generator=torch.Generator().manual_seed(seed)) over the n test images, index for index."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.tensor(
+        list(torch.utils.data.RandomSampler(range(n), True, num, generator=g)), dtype=torch.long
+    )
+
+
+def load_reference_images(spec, split, data_dir):
+    """--ref-data images (uint8 [N, C, H, W]): split test reads CIFAR-10's 10,000 test images."""
+    if split == "train":
+        return edm_teacher.load_images(spec, data_dir)[0]
+    if spec != "cifar10":
+        fail(f"--ref-split test is defined for --ref-data cifar10 only, not {spec!r}")
+    import torchvision
+
+    try:
+        ds = torchvision.datasets.CIFAR10(root=data_dir, train=False, download=True)
+    except Exception as e:
+        fail(
+            f"CIFAR-10's test split is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
+            f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/"
+        )
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(ds.data).transpose(0, 3, 1, 2)))
 
 
 def reference(args, extract, kid, rank, world, device):
-    """(mu, sigma, feats or None) of the reference set."""
+    """(mu, sigma, feats or None, description) of the reference set."""
     if args.ref_stats:
         if not os.path.isfile(args.ref_stats):
             fail(f"--ref-stats {args.ref_stats} not found (an .npz with 'mu' and 'sigma')")
@@ -198,16 +285,20 @@ def reference(args, extract, kid, rank, world, device):
             if "mu" not in f or "sigma" not in f:
                 fail(f"--ref-stats {args.ref_stats} needs 'mu' and 'sigma' arrays (found {sorted(f.keys())})")
             feats = f["feats"] if "feats" in f else None  # noqa: SIM401 (NpzFile has no .get)
-            return f["mu"], f["sigma"], feats
+            return f["mu"], f["sigma"], feats, f"stats {args.ref_stats}"
     if args.ref_data:
-        images, _ = edm_teacher.load_images(args.ref_data, args.data_dir)
+        images = load_reference_images(args.ref_data, args.ref_split, args.data_dir)
+        what = f"data {args.ref_data} {args.ref_split} ({len(images)} images"
+        if args.ref_num:  # the official LOOM draw: with replacement, seeded
+            images = images[loom_reference_indices(len(images), args.ref_num, args.ref_seed)]
+            what += f", {args.ref_num} drawn with replacement by RandomSampler(seed {args.ref_seed})"
         idx = list(range(len(images)))[rank::world]
         mine = [
-            extract(images[idx[i : i + args.batch]].permute(0, 2, 3, 1).numpy())
+            extract(images[idx[i : i + args.batch]].permute(0, 2, 3, 1).numpy())[0]
             for i in range(0, len(idx), args.batch)
         ]
         feats = gather_rows(idx, np.concatenate(mine) if mine else None, world)
-        return feats.mean(0), np.cov(feats, rowvar=False), feats
+        return feats.mean(0), np.cov(feats, rowvar=False), feats, what + ")"
     if args.feature_extractor == "random-cnn":
         fail("--feature-extractor random-cnn has no downloadable statistics: pass --ref-data or --ref-stats")
     from cleanfid import fid
@@ -228,7 +319,7 @@ def reference(args, extract, kid, rank, world, device):
             f"cannot load clean-fid's reference statistics ({type(e).__name__}): put {name} (and "
             f"{name[:-4]}_kid.npz for KID) in {stats}/, or pass --ref-stats FILE.npz or --ref-data DATA"
         )
-    return mu, sigma, feats
+    return mu, sigma, feats, f"{args.dataset} {args.dataset_split} {args.dataset_res}px (clean-fid)"
 
 
 def gather_rows(indices, rows, world):
@@ -258,7 +349,8 @@ def ode_grid(n, kind="rho", sigma_min=0.002, sigma_max=80.0, rho=7.0):
 def ode_metrics(module, net, noise, labels=None, grid=None):
     """Solve the model's ODE dx/dt = ode_velocity(net, x, t) with Heun (Euler on the last step) on `grid`;
     per sample: straightness (LMM Table 1) = sum_k ||v_k - (x1 - x0)|| dt_k with v_k the step's velocity
-    (x_k+1 - x_k) / dt_k, its value relative to ||x1 - x0||, and curvature = mean_k 1 - cos(v_k, v_k+1)."""
+    (x_k+1 - x_k) / dt_k, its value relative to ||x1 - x0||, curvature = mean_k 1 - cos(v_k, v_k+1), and
+    curvature_t [N, K - 1], the k-th value at t = grid[k + 1] (LOOM Fig. 6)."""
     grid = ode_grid(100) if grid is None else grid
     start = getattr(module, "ode_start", None)
     if start is None:  # flow convention: x(0) is the noise itself; EDM-family files must scale it
@@ -282,8 +374,10 @@ def ode_metrics(module, net, noise, labels=None, grid=None):
     d = (x - x0).flatten(1)
     straight = sum(dt * (v - d).norm(dim=1) for v, dt in zip(vs, dts, strict=True))
     cos = [torch.nn.functional.cosine_similarity(a, b, dim=1) for a, b in zip(vs[:-1], vs[1:], strict=True)]
-    curvature = torch.stack([1 - c for c in cos]).mean(0) if cos else torch.zeros(len(d))
-    return dict(straightness=straight, straightness_rel=straight / d.norm(dim=1), curvature=curvature), x
+    per_t = torch.stack([1 - c for c in cos], 1) if cos else torch.zeros(len(d), 0)
+    curvature = per_t.mean(1) if cos else torch.zeros(len(d))
+    m = dict(straightness=straight, straightness_rel=straight / d.norm(dim=1), curvature=curvature)
+    return dict(m, curvature_t=per_t), x
 
 
 # --- the evaluation ---
@@ -291,6 +385,23 @@ def ode_metrics(module, net, noise, labels=None, grid=None):
 
 def shard(seeds, rank, world):
     return list(seeds)[rank::world]
+
+
+def gather_list(values, world):
+    """A list from every rank, concatenated (all ranks)."""
+    if world == 1:
+        return list(values)
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, list(values))
+    return [v for p in parts for v in p]
+
+
+def summary(values):
+    """The mean of per-batch counts, as an int when every batch agrees (fixed-step samplers)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return values[0] if len(set(values)) == 1 else round(float(np.mean(values)), 2)
 
 
 def evaluate(args):
@@ -303,28 +414,30 @@ def evaluate(args):
     for path in (args.out, args.grid, args.trajectory):
         if path and rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    image_metrics = [m for m in metrics if m in ("fid", "kid")]
+    image_metrics = [m for m in metrics if m in ("fid", "kid", "is")]
     extract = ref = None
     if image_metrics:
-        extract = build_extractor(args.feature_extractor, args.fid_mode, device)
-        ref = reference(args, extract, "kid" in metrics, rank, world, device)
-    protocol = (
-        "random-cnn features: NOT FID/KID (offline test protocol)"
-        if args.feature_extractor == "random-cnn"
-        else f"clean-fid {args.fid_mode}, Inception-v3 pool3"
-    )
-    protocol += ", reference " + (
-        f"stats {args.ref_stats}"
-        if args.ref_stats
-        else f"data {args.ref_data}"
-        if args.ref_data
-        else f"{args.dataset} {args.dataset_split} {args.dataset_res}px (clean-fid)"
+        extract = build_extractor(args.feature_extractor, args.fid_mode, device, logits="is" in metrics)
+        ref = (None, None, None, "none (IS only)")
+        if "fid" in metrics or "kid" in metrics:
+            ref = reference(args, extract, "kid" in metrics, rank, world, device)
+    protocol = dict(
+        name=args.protocol or "custom",
+        source=PROTOCOLS[args.protocol]["source"] if args.protocol else "the flags given",
+        features=(
+            "random-cnn features: NOT FID/KID/IS (offline test protocol)"
+            if args.feature_extractor == "random-cnn"
+            else f"clean-fid {args.fid_mode}, TF-Inception pool3 (IS: its softmax-layer logits)"
+        ),
+        reference=ref[3] if ref else None,
+        num_images=args.num,
+        fid_seeds=args.fid_seeds,
     )
 
     def score(images_rows, seeds):
-        """FID/KID of uint8 images computed by this rank for `seeds` (all ranks gather)."""
-        feats = [extract(images_rows[i : i + args.batch]) for i in range(0, len(images_rows), args.batch)]
-        feats = gather_rows(seeds, np.concatenate(feats) if feats else None, world)
+        """FID/KID/IS of uint8 images computed by this rank for `seeds` (all ranks gather)."""
+        parts = [extract(images_rows[i : i + args.batch]) for i in range(0, len(images_rows), args.batch)]
+        feats = gather_rows(seeds, np.concatenate([p[0] for p in parts]) if parts else None, world)
         out = {}
         if "fid" in metrics:
             out["fid"] = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref[0], ref[1])
@@ -334,6 +447,9 @@ def evaluate(args):
                     "KID needs reference features: --ref-data, --ref-stats with feats, or clean-fid KID stats"
                 )
             out["kid"] = kernel_distance(feats, ref[2])
+        if "is" in metrics:
+            logits = gather_rows(seeds, np.concatenate([p[1] for p in parts]) if parts else None, world)
+            out["is"], out["is_std"] = inception_score(logits, args.is_splits)
         return out
 
     results = []
@@ -354,15 +470,17 @@ def evaluate(args):
             k.get("label_dim", 0),
         )
         name = os.path.basename(os.path.normpath(spec)).removesuffix(".pt").removesuffix(".pkl")
+        label = paper_label(ckpt)
         for nfe in args.nfe:
-            row = dict(ckpt=spec, method=ckpt["method"], nfe_requested=nfe)
-            runs = []
+            row = dict(ckpt=spec, method=ckpt["method"], label=label, nfe_requested=nfe)
+            runs, calls_all, used_all, steps_all = [], [], [], []
             for j in range(args.fid_seeds if image_metrics else 1):
                 seeds = shard(range(args.seed + j * args.num, args.seed + (j + 1) * args.num), rank, world)
-                images, counted, used = [], set(), None
+                images = []
                 bar = tqdm(range(0, len(seeds), args.batch), disable=rank != 0, desc=f"{name} NFE {nfe}")
                 for i in bar:
                     noise, labels, gens = inputs_for_seeds(seeds[i : i + args.batch], shape, label_dim)
+                    st = {}
                     x, used, calls = run_sampler(
                         module,
                         counter,
@@ -371,8 +489,11 @@ def evaluate(args):
                         None if labels is None else labels.to(device),
                         gens,
                         args.sampler_kw,
+                        st,
                     )
-                    counted.add(calls)
+                    calls_all.append(calls)
+                    used_all.append(used)
+                    steps_all.append(st.get("solver_steps"))
                     images.append(quantize(x))
                     if not image_metrics:
                         break
@@ -381,17 +502,27 @@ def evaluate(args):
                     if images
                     else np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
                 )
-                row.update(nfe_reported=used, nfe=max(counted) if counted else None)
                 if image_metrics:
                     runs.append(score(images, seeds))
                 if j == 0 and args.grid and rank == 0:
                     grid = torch.from_numpy(images[: args.grid_n]).permute(0, 3, 1, 2).float() / 127.5 - 1
                     edm_teacher.save_image_grid(grid, suffixed(args.grid, name, nfe))
-            for key in image_metrics:
+            # network calls counted (per sampling batch), the method's own figure (dopri5: torchdiffeq's
+            # function evaluations), the solver's attempted steps (the official LOOM code's num_steps)
+            row.update(
+                nfe=summary(gather_list(calls_all, world)),
+                nfe_reported=summary(gather_list(used_all, world)),
+                solver_steps=summary(gather_list(steps_all, world)),
+            )
+            for key in [m for m in image_metrics if m in runs[0]] if runs else ():
                 values = [r[key] for r in runs]
-                row[key] = min(values) if key == "fid" else float(np.mean(values))
+                row[key] = min(values) if key == "fid" else float(np.mean(values))  # EDM: min over seeds
                 if args.fid_seeds > 1:
-                    row[f"{key}_mean"], row[f"{key}_all"] = float(np.mean(values)), values
+                    row[f"{key}_all"] = values
+                    if key != "is":  # IS: the mean over seed ranges, is_std over the first range's splits
+                        row[f"{key}_mean"], row[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+            if "is" in image_metrics and runs:
+                row["is_std"] = runs[0]["is_std"]
             if args.trajectory and rank == 0:
                 trajectory_strip(module, counter, shape, label_dim, nfe, args, name, device)
             results.append(row)
@@ -399,25 +530,25 @@ def evaluate(args):
             if not hasattr(module, "ode_velocity"):
                 fail(f"{spec}: method {ckpt['method']} exports no ode_velocity; drop straightness/curvature")
             seeds = shard(range(args.seed, args.seed + args.ode_num), rank, world)
-            per = {}
+            grid, per = ode_grid(args.ode_steps, args.ode_grid), {}
             for i in range(0, len(seeds), args.batch):
                 noise, labels, _ = inputs_for_seeds(seeds[i : i + args.batch], shape, label_dim)
                 try:
                     m, _ = ode_metrics(
-                        module,
-                        net,
-                        noise.to(device),
-                        None if labels is None else labels.to(device),
-                        ode_grid(args.ode_steps, args.ode_grid),
+                        module, net, noise.to(device), None if labels is None else labels.to(device), grid
                     )
                 except ValueError as e:
                     fail(f"{spec}: {e}")
                 for key, v in m.items():
                     per.setdefault(key, []).append(v.cpu().numpy())
-            row = dict(ckpt=spec, method=ckpt["method"], ode_steps=args.ode_steps, ode_grid=args.ode_grid)
-            for key in ("straightness", "straightness_rel", "curvature"):
+            row = dict(ckpt=spec, method=ckpt["method"], label=label, ode_steps=args.ode_steps,
+                       ode_grid=args.ode_grid, ode_num=args.ode_num)  # fmt: skip
+            for key in ("straightness", "straightness_rel", "curvature", "curvature_t"):
                 vals = gather_rows(seeds, np.concatenate(per[key]) if key in per else None, world)
-                row[key] = float(vals.mean())
+                row[key] = float(vals.mean()) if vals.ndim == 1 else vals.mean(0)
+            row["curvature_t"] = [
+                [float(t), float(c)] for t, c in zip(grid[1:-1], row["curvature_t"], strict=True)
+            ]
             row["nfe"] = 2 * args.ode_steps - 1
             results.append(row)
     if rank == 0:
@@ -427,6 +558,7 @@ def evaluate(args):
                 config=vars(args),
                 protocol=protocol,
                 results=results,
+                figures=write_figures(results, args.out) if args.figures else [],
                 versions=versions(),
                 world_size=world,
                 created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -439,6 +571,89 @@ def evaluate(args):
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return results
+
+
+# --- figures: FID against NFE with the papers' figures, curvature against t ---
+
+# The papers' CIFAR-10 (unconditional) figures, as (solver, NFE, FID): LOOM-CFM Table 1 (its OT-CFM midpoint
+# rows computed by the LOOM authors with torchcfm's code, the rest quoted from Tong et al. and Liu et al.),
+# EDM Table 2 and LMM Table 2. Each paper's own protocol: see PROTOCOLS.
+PAPER_FID = {
+    "I-CFM": [("euler", 100, 4.46), ("euler", 1000, 3.64), ("dopri5", 146, 3.66)],
+    "OT-CFM": [("midpoint", 4, 15.95), ("midpoint", 8, 9.73), ("midpoint", 12, 7.77), ("euler", 100, 4.44),
+               ("dopri5", 134, 3.57)],
+    "LOOM-CFM": [("midpoint", 4, 11.60), ("midpoint", 8, 5.38), ("midpoint", 12, 4.60),
+                 ("dopri5", 134, 4.41)],
+    "LOOM-CFM + reflow": [("euler", 1, 7.63), ("midpoint", 2, 4.49)],
+    "1-Rect-Flow": [("euler", 1, 378.0)],
+    "2-Rect-Flow": [("euler", 1, 12.21)],
+    "3-Rect-Flow": [("euler", 1, 8.15)],
+    "EDM": [("heun", 35, 1.97)],
+    "LMM": [("lmm", 1, 1.90), ("lmm", 2, 1.55)],
+}  # fmt: skip
+
+
+def paper_label(ckpt):
+    """Which paper row a checkpoint reproduces, from its method and training flags (None: no paper row)."""
+    method, a = ckpt.get("method"), ckpt.get("args") or {}
+    if method == "loom_cfm":
+        return "LOOM-CFM"
+    if method == "cfm_couplings":
+        if a.get("coupling") == "pairs":
+            return "LOOM-CFM + reflow" if a.get("preset") == "loom-reflow" else "2-Rect-Flow"
+        return {"independent": "I-CFM", "ot": "OT-CFM", "sinkhorn": "OT-CFM"}.get(a.get("coupling"))
+    return {"edm_teacher": "EDM", "lmm": "LMM"}.get(method)
+
+
+def write_figures(results, out):
+    """<out>-fid_vs_nfe.png and <out>-curvature.png beside the JSON -> the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stem, paths = os.path.splitext(out)[0], []
+    fid_rows = [r for r in results if "fid" in r and r.get("nfe") and "nfe_requested" in r]
+    if fid_rows:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for i, ckpt in enumerate(dict.fromkeys(r["ckpt"] for r in fid_rows)):
+            rows = sorted((r for r in fid_rows if r["ckpt"] == ckpt), key=lambda r: r["nfe"])
+            name = os.path.basename(os.path.normpath(ckpt))
+            label = f"{rows[0]['label'] or rows[0]['method']} ({name})"
+            ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], "o-", color=f"C{i}", label=label)
+            for solver, nfe, fid in PAPER_FID.get(rows[0]["label"], []):
+                ax.plot(nfe, fid, "x", color=f"C{i}", ms=9, mew=2)
+                ax.annotate(
+                    solver, (nfe, fid), fontsize=7, color=f"C{i}", xytext=(3, 3), textcoords="offset points"
+                )
+        ax.plot([], [], "kx", label="paper's figure (its protocol)")
+        ax.set(xscale="log", yscale="log", xlabel="NFE (network calls)", ylabel="FID")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        paths.append(f"{stem}-fid_vs_nfe.png")
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    curv_rows = [r for r in results if r.get("curvature_t")]
+    if curv_rows:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for i, r in enumerate(curv_rows):
+            t, c = zip(*r["curvature_t"], strict=True)
+            name = os.path.basename(os.path.normpath(r["ckpt"]))
+            ax.plot(t, c, color=f"C{i}", label=f"{r['label'] or r['method']} ({name})")
+        positive = all(c > 0 for r in curv_rows for _, c in r["curvature_t"])
+        steps = f"{curv_rows[0]['ode_steps']} {curv_rows[0]['ode_grid']} Heun steps"
+        ax.set(
+            xlabel="t (0 noise, 1 data)",
+            ylabel="1 - cos(v_k, v_k+1)",
+            title=f"curvature along the ODE ({steps})",
+        )
+        ax.set_yscale("log" if positive else "linear")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        paths.append(f"{stem}-curvature.png")
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return paths
 
 
 def suffixed(path, name, nfe):
@@ -483,17 +698,31 @@ def save_rows(images, cols, path):
 
 
 def print_table(results, protocol):
-    keys = ["fid", "fid_mean", "kid", "straightness", "straightness_rel", "curvature"]
-    print(f"protocol: {protocol}")
+    keys = [
+        "fid",
+        "fid_mean",
+        "fid_std",
+        "kid",
+        "is",
+        "is_std",
+        "straightness",
+        "straightness_rel",
+        "curvature",
+    ]
+    print(f"protocol {protocol['name']} ({protocol['source']}): {protocol['features']}; "
+          f"reference {protocol['reference']}")  # fmt: skip
     print(
-        f"{'checkpoint':<40} {'method':<12} {'NFE asked':>9} {'NFE used':>8} "
-        + " ".join(f"{k:>14}" for k in keys)
+        f"{'checkpoint':<32} {'method':<14} {'NFE asked':>9} {'calls':>7} {'method':>7} {'steps':>6} "
+        + " ".join(f"{k:>11}" for k in keys if any(k in r for r in results))
     )
     for r in results:
-        vals = " ".join(f"{r[k]:>14.5g}" if k in r else f"{'':>14}" for k in keys)
+        vals = " ".join(
+            f"{r[k]:>11.5g}" if k in r else f"{'':>11}" for k in keys if any(k in q for q in results)
+        )
         asked = r.get("nfe_requested", "")
         print(
-            f"{str(r['ckpt'])[-40:]:<40} {r['method']:<12} {asked!s:>9} {r.get('nfe')!s:>8} {vals}",
+            f"{str(r['ckpt'])[-32:]:<32} {r['method']:<14} {asked!s:>9} {r.get('nfe')!s:>7} "
+            f"{r.get('nfe_reported', '')!s:>7} {r.get('solver_steps', '')!s:>6} {vals}",
             flush=True,
         )
 
@@ -513,13 +742,42 @@ def versions():
 # --- command line ---
 
 
+# --protocol NAME: each paper's evaluation as defaults (any flag given overrides them); see the docstring.
+PROTOCOLS = {
+    "edm": dict(
+        source="EDM (Karras et al. 2022) Sec. 5 and its fid.py; torchcfm's compute_fid.py (one seed range)",
+        defaults=dict(metrics=["fid"], fid_mode="legacy_tensorflow", dataset="cifar10", dataset_split="train",
+                      dataset_res=32, num=50000, fid_seeds=3),
+    ),
+    "lmm": dict(
+        source="LMM (Matityahu & Fattal) Tables 2 and 4: EDM's FID protocol plus IS (10 splits)",
+        defaults=dict(metrics=["fid", "is"], fid_mode="legacy_tensorflow", dataset="cifar10",
+                      dataset_split="train", dataset_res=32, num=50000, fid_seeds=3),
+    ),
+    "loom": dict(
+        source="LOOM-CFM Sec. 4 and its official evaluator (configs/cifar10_eval.yaml): CIFAR-10 test split, "
+        "10k real images drawn with replacement (RandomSampler, seed 42), 50k samples; paper: torcheval on "
+        "float images, here clean-fid legacy_tensorflow on uint8",
+        defaults=dict(metrics=["fid"], fid_mode="legacy_tensorflow", ref_data="cifar10", ref_split="test",
+                      ref_num=10000, ref_seed=42, num=50000, fid_seeds=1, ode_grid="uniform", ode_num=1000),
+    ),
+}  # fmt: skip
+METRICS = ("fid", "kid", "is", "straightness", "curvature")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Evaluate checkpoints: FID/KID, straightness, curvature, NFE sweeps, grids.",
+        description="Evaluate checkpoints: FID/KID/IS, straightness, curvature, NFE sweeps, grids, figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--ckpt", nargs="*", default=[], help="checkpoints (.pt, run folder, EDM .pkl or URL)")
     p.add_argument("--pairs", default=None, help="also score a pairs file's `data` as a sample set")
+    p.add_argument(
+        "--protocol",
+        default=None,
+        choices=sorted(PROTOCOLS),
+        help="a paper's evaluation protocol as defaults",
+    )
     p.add_argument(
         "--nfe", type=lambda s: [int(v) for v in s.split(",") if v], default=[1, 2], help="NFE list"
     )
@@ -536,7 +794,7 @@ def parse_args(argv=None):
         "--sampler-kw",
         type=gen_pairs.sampler_kw,
         default={},
-        help="extra keywords for every checkpoint's sample(), e.g. solver=midpoint (flows)",
+        help="extra keywords for every checkpoint's sample(), e.g. solver=dopri5,atol=1e-5 (flows)",
     )
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch", type=int, default=250, help="images per sampling / feature batch and process")
@@ -544,10 +802,13 @@ def parse_args(argv=None):
         "--metrics",
         type=lambda s: [v for v in s.split(",") if v],
         default=["fid", "kid"],
-        help="any of fid,kid,straightness,curvature",
+        help="any of " + ",".join(METRICS),
     )
     p.add_argument("--fid-mode", default="legacy_tensorflow", choices=["legacy_tensorflow", "clean"])
-    p.add_argument("--fid-seeds", type=int, default=1, help="disjoint seed ranges (EDM: 3; min and mean)")
+    p.add_argument(
+        "--fid-seeds", type=int, default=1, help="disjoint seed ranges (EDM: 3): min, mean and std reported"
+    )
+    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (Salimans et al.: 10)")
     p.add_argument("--dataset", default="cifar10", help="clean-fid reference statistics: dataset name")
     p.add_argument("--dataset-res", type=int, default=32, help="clean-fid reference statistics: resolution")
     p.add_argument("--dataset-split", default="train", help="clean-fid reference statistics: split")
@@ -555,6 +816,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--ref-data", default=None, help="compute the reference from data: cifar10 | FILE.npz | DIR"
     )
+    p.add_argument("--ref-split", default="train", choices=["train", "test"], help="--ref-data cifar10 split")
+    p.add_argument(
+        "--ref-num", type=int, default=0, help="draw this many reference images with replacement (0: all)"
+    )
+    p.add_argument("--ref-seed", type=int, default=42, help="seed of that draw (the LOOM evaluator: 42)")
     p.add_argument("--data-dir", default="datasets", help="where --ref-data cifar10 is looked for")
     p.add_argument(
         "--feature-extractor",
@@ -568,25 +834,36 @@ def parse_args(argv=None):
     p.add_argument("--ode-grid", default="rho", choices=["rho", "uniform"], help="time grid of that solve")
     p.add_argument("--ode-num", type=int, default=256, help="samples for straightness/curvature")
     p.add_argument("--out", default=None, help="results JSON (config, protocol, versions, results)")
+    p.add_argument(
+        "--no-figures",
+        dest="figures",
+        action="store_false",
+        help="no FID-vs-NFE / curvature PNGs beside --out",
+    )
     p.add_argument("--grid", default=None, help="PNG path: a grid per (checkpoint, NFE), suffixed -NAME-nfeK")
     p.add_argument("--grid-n", type=int, default=64, help="images per grid")
     p.add_argument("--trajectory", default=None, help="PNG path: x1 estimates along the sampling path")
     p.add_argument("--trajectory-n", type=int, default=8, help="rows (images) of each trajectory strip")
     p.add_argument("--cache-dir", default=None, help="download folder for checkpoint URLs")
+    known, _ = p.parse_known_args(argv)
+    if known.protocol:
+        p.set_defaults(**PROTOCOLS[known.protocol]["defaults"])
     args = p.parse_args(argv)
     if args.sampler_kw is None:
         p.error("--sampler-kw takes KEY=VALUE[,KEY=VALUE...], e.g. solver=midpoint")
     if not args.ckpt and not args.pairs:
         p.error("give --ckpt (one or more) and/or --pairs")
-    unknown = set(args.metrics) - {"fid", "kid", "straightness", "curvature"}
+    unknown = set(args.metrics) - set(METRICS)
     if unknown:
-        p.error(f"unknown metric(s) {sorted(unknown)}; choose from fid,kid,straightness,curvature")
-    for name in ("num", "batch", "fid_seeds", "ode_steps", "ode_num"):
+        p.error(f"unknown metric(s) {sorted(unknown)}; choose from {','.join(METRICS)}")
+    for name in ("num", "batch", "fid_seeds", "ode_steps", "ode_num", "is_splits"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.ref_num < 0:
+        p.error("--ref-num must be >= 0")
     if not args.nfe or min(args.nfe) < 1:
         p.error("--nfe takes positive integers, e.g. 1,2,4")
-    if args.num < args.batch and any(m in args.metrics for m in ("fid", "kid")):
+    if args.num < args.batch and any(m in args.metrics for m in ("fid", "kid", "is")):
         p.error(f"--num-images {args.num} is smaller than --batch {args.batch}: lower --batch to at most it")
     return args
 

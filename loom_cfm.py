@@ -10,13 +10,17 @@ an assignment with no improving cycle shorter than the batch (Theorem 1), a much
 global OT coupling than any single minibatch.
 
 Convention (as the paper and cfm_couplings.py): t = 0 is the noise z ~ N(0, I), t = 1 the image x in [-1, 1];
-x_t = t x + (1 - t) z + sigma eps, target x - z; the network sees 1000 t. Samplers: euler, midpoint (the
-paper's 4/8/12 NFE) and dopri5 (adaptive, NFE counted).
+x_t = t x + (1 - t) z + sigma eps, target x - z; the network sees time_scale * t, t itself by default as the
+official code. The transport cost is the official code's unsquared ||x - z|| (App. B; Sec. 3.1 writes the
+square: --cost sqeuclidean). Unconditional, as the paper; --cond solves Eq. 9 within each class. Samplers:
+euler, midpoint (the paper's 4/8/12 NFE) and dopri5 (torchdiffeq, atol = rtol = 1e-5 as the official code;
+its function evaluations are the NFE, its attempted steps, which the official code logs, beside them).
 
 Noise ids: slot s = k * n_data + i (image i, cache k) holds noise id tau[s]; noise id j is regenerated from
 (--seed, j) by a counter-based generator (SplitMix64 + Box-Muller, batched on the device), identical on every
-call, rank and device; nothing per sample is stored but tau itself (8 bytes per slot). With --xflip the
-mirrored image is its own data index, as in the official code.
+call, rank and device; nothing per sample is stored but tau itself (8 bytes per slot). With --xflip each visit
+mirrors its image with probability 1/2 and the mirror is its own data index (n_data = 2 x images), as in the
+official code.
 
 Distributed policy: the global minibatch (slots, images, noise) is a function of (seed, step) on every rank;
 rank 0 solves Eq. 9 on the whole global batch (as the official code's global solve) and broadcasts omega;
@@ -26,8 +30,8 @@ with a digest); each rank then trains on its slice of the batch.
 Commands
   CPU smoke run on a synthetic dataset (tiny net, 4 caches):
     python loom_cfm.py --data shapes --tiny --batch 64 --duration 0.02 --outdir runs/loom-shapes
-  The paper's CIFAR-10 run (Table 4: batch 128 on 4 GPUs, 4 caches, x-flips, lr 2e-4, 5k warm-up, EMA 0.9999,
-  sigma 1e-7, 1000 epochs = 391k steps):
+  The paper's CIFAR-10 run (Table 4: batch 128 on 4 GPUs, 4 caches, random x-flips, lr 2e-4, 5k warm-up, EMA
+  0.9999, sigma 1e-7, unsquared L2 cost, t fed as is, 1000 epochs = 391k steps):
     torchrun --standalone --nproc_per_node=4 loom_cfm.py --data cifar10 --xflip --outdir runs/loom-cifar10
   Ablations (App. D, Table 5): --no-reassign (fixed source), --fresh-noise (BatchOT: new noise every step),
   --train-after-convergence 50 (50 assignment-only epochs first), --caches 1..4, --batch 32/64/128.
@@ -588,56 +592,41 @@ def midpoint_sample(net, x, steps, labels=None):
     return x
 
 
-# Dormand-Prince 5(4) tableau: stages A, 5th-order weights B5 (= the last stage row, FSAL), 4th-order B4.
-DP_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-DP_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)
-DP_B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
+class _ODEFunc:
+    """dx/dt = net(x, t) as torchdiffeq calls it, f(t, x), counting what the papers count: every call is one
+    function evaluation (torchcfm's NFE), every attempted step one callback (what the official LOOM code logs
+    as num_steps; an attempted step of dopri5 costs 6 evaluations, FSAL)."""
+
+    def __init__(self, net, labels):
+        self.net, self.labels, self.nfe, self.steps, self.accepted = net, labels, 0, 0, 0
+
+    def __call__(self, t, x):
+        self.nfe += 1
+        return self.net(x, t, self.labels).to(x.dtype)
+
+    def callback_step(self, t0, y0, dt):
+        self.steps += 1
+
+    def callback_accept_step(self, t0, y0, dt):
+        self.accepted += 1
 
 
 @torch.no_grad()
-def dopri5_sample(net, x, labels=None, atol=1e-5, rtol=1e-5, max_steps=100_000):
-    """Adaptive Dormand-Prince 5(4) from t = 0 to 1 -> (x, NFE). The batch is one ODE system with an RMS error
-    norm over all its elements (as torchdiffeq, which torchcfm uses): every image gets the same steps and NFE.
-    Initial step by Hairer-Norsett-Wanner's rule (II.4); step factor 0.9 err^(-1/5) clipped to [0.2, 10]."""
-    nfe = 0
+def dopri5_sample(net, x, labels=None, atol=1e-5, rtol=1e-5, stats=None):
+    """Adaptive Dormand-Prince 5(4) from t = 0 to 1 with torchdiffeq's `odeint(method="dopri5")`, the solver
+    of torchcfm's compute_fid.py and the LOOM code (both atol = rtol = 1e-5) -> (x, function evaluations).
+    The batch is one ODE system (RMS error norm over all its elements), so every image gets the same steps.
+    `stats` (a dict) receives nfe_torchdiffeq, solver_steps (attempted), accepted_steps, rejected_steps."""
+    from torchdiffeq import odeint
 
-    def f(xx, t):
-        nonlocal nfe
-        nfe += 1
-        return net(xx, t, labels).float()
-
-    def rms(v, scale):
-        return (v / scale).square().mean().sqrt().item()
-
-    t, k1 = 0.0, f(x, 0.0)
-    scale = atol + rtol * x.abs()
-    d0, d1 = rms(x, scale), rms(k1, scale)
-    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
-    d2 = rms(f(x + h0 * k1, h0) - k1, scale) / h0
-    h = min(100 * h0, max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2, 1.0)
-    for _ in range(max_steps):
-        if t >= 1.0:
-            return x, nfe
-        h = min(h, 1.0 - t)
-        ks = [k1]
-        for i in range(1, 7):
-            xi = x + h * sum(a * k for a, k in zip(DP_A[i], ks, strict=False) if a)
-            ks.append(f(xi, t + DP_C[i] * h))
-        x5 = xi  # the last stage is evaluated at the 5th-order solution (FSAL)
-        x4 = x + h * sum(b * k for b, k in zip(DP_B4, ks, strict=True) if b)
-        err = rms(x5 - x4, atol + rtol * torch.maximum(x.abs(), x5.abs()))
-        if err <= 1.0:
-            t, x, k1 = t + h, x5, ks[6]
-        h *= min(10.0, max(0.2, 0.9 * (err if err > 0 else 1e-10) ** -0.2))
-    raise RuntimeError(f"dopri5 did not reach t = 1 in {max_steps} steps (t = {t:.4g})")
+    f = _ODEFunc(net, labels)
+    x = x if x.dtype == torch.float64 else x.float()
+    t = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
+    x = odeint(f, x, t, method="dopri5", atol=atol, rtol=rtol)[-1]
+    if stats is not None:
+        stats.update(nfe_torchdiffeq=f.nfe, solver_steps=f.steps, accepted_steps=f.accepted,
+                     rejected_steps=f.steps - f.accepted)  # fmt: skip
+    return x, f.nfe
 
 
 def build_net(net_kwargs):
@@ -645,17 +634,20 @@ def build_net(net_kwargs):
     return VelocityNet(**net_kwargs)
 
 
-def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5):
+def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, stats=None):
     """DESIGN 4: noise [N, C, H, W] standard normal -> (images, NFE used). euler: nfe steps; midpoint: nfe / 2
-    steps (nfe even); dopri5: adaptive with atol/rtol, nfe ignored, the NFE it took is returned."""
+    steps (nfe even); dopri5: torchdiffeq with atol/rtol, nfe ignored, its function evaluations returned.
+    `stats` (a dict, optional) receives the solver's step counts (see dopri5_sample)."""
     if solver == "dopri5":
-        return dopri5_sample(net, noise, labels, atol, rtol)
+        return dopri5_sample(net, noise, labels, atol, rtol, stats)
     if solver not in ("euler", "midpoint"):
         raise ValueError(f"unknown solver {solver!r}; expected euler, midpoint or dopri5")
     if nfe < 1 or (solver == "midpoint" and nfe % 2):
         raise ValueError(
             f"{solver} needs {'an even NFE >= 2' if solver == 'midpoint' else 'NFE >= 1'}, got {nfe}"
         )
+    if stats is not None:
+        stats.update(solver_steps=nfe if solver == "euler" else nfe // 2)
     if solver == "euler":
         return euler_sample(net, noise, nfe, labels), nfe
     return midpoint_sample(net, noise, nfe // 2, labels), nfe
@@ -727,22 +719,41 @@ def noise_for_ids(ids, seed, shape, device=None):
     return z.float().reshape(len(ids), *shape)
 
 
-def minibatch_slots(n_data, caches, batch, step, seed):
+def minibatch_slots(n_data, caches, batch, step, seed, random_flip=False):
     """The global minibatch of step `step` (Alg. 1 line 3): data indices from the epoch's permutation, without
     the epoch's last partial batch (so no image twice in a batch), and one random cache per image (Sec. 3.2).
-    -> (data indices [batch], slots [batch]) with slot = cache * n_data + data index."""
-    epoch, j = divmod(step, n_data // batch)
-    idx = epoch_order(n_data, seed, epoch)[j * batch : (j + 1) * batch]
+    -> (data indices [batch], slots [batch]) with slot = cache * n_data + data index.
+    random_flip (--xflip random, the official code's flips): the epoch runs over the n_data / 2 images and
+    each visit mirrors its image with probability 1/2; the mirror of image i is data index i + n_data / 2,
+    with caches of its own, as the official code gives the flipped image index i + n."""
+    n_epoch = n_data // 2 if random_flip else n_data
+    epoch, j = divmod(step, n_epoch // batch)
+    idx = epoch_order(n_epoch, seed, epoch)[j * batch : (j + 1) * batch]
+    if random_flip:
+        idx = idx + n_epoch * (torch.rand(batch, generator=generator_for(seed, step, 5)) < 0.5)
     cache = torch.randint(caches, (batch,), generator=generator_for(seed, step, 4))
     return idx, cache * n_data + idx
 
 
-def loom_reassign(tau, slots, x1, z, cost="sqeuclidean"):
+def minibatch_permutation(z, x1, cost="sqeuclidean", labels=None):
+    """LOOM Eq. 9 on one minibatch: image j gets noise z[perm[j]]. With labels (--cond) the assignment is
+    solved within each class (AOT Alg. 2), so every class keeps the noise ids it started with."""
+    if labels is None:
+        return ot_permutation(z, x1, cost).cpu()
+    labels, perm = labels.cpu(), torch.arange(len(x1))
+    for k in labels.unique():
+        g = torch.nonzero(labels == k).flatten()
+        gd = g.to(x1.device)
+        perm[g] = g[ot_permutation(z[gd], x1[gd], cost).cpu()]
+    return perm
+
+
+def loom_reassign(tau, slots, x1, z, cost="sqeuclidean", labels=None):
     """LOOM Eq. 9-10 on one minibatch. z[j] is the noise of slot slots[j] (id tau[slots[j]]) and x1[j] its
     image. omega = the optimal assignment of this minibatch's noises to its images (Eq. 9); tau is updated in
     place, tau_k = omega_k o tau_{k-1} (Eq. 10): noise ids only move between the minibatch's slots, so tau
     stays a permutation. Returns perm: image j now holds noise z[perm[j]]."""
-    perm = ot_permutation(z, x1, cost).cpu()
+    perm = minibatch_permutation(z, x1, cost, labels)
     tau[slots] = tau[slots][perm]
     return perm
 
@@ -1016,10 +1027,15 @@ def train(args):
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None and ckpt.get("method") != METHOD:
         fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
-    images, _ = load_images(args.data, args.data_dir)  # unconditional, as the paper
-    shape, n_data = tuple(images.shape[1:]), len(images) * (2 if args.xflip else 1)
+    images, labels = load_images(args.data, args.data_dir)  # unconditional unless --cond, as the paper
+    if args.cond and labels is None:
+        fail(f"--cond, but {args.data} has no labels")
+    label_dim = int(labels.max()) + 1 if args.cond else 0
+    labels = labels.to(device) if args.cond else None
+    random_flip = args.xflip == "random"
+    shape, n_data = tuple(images.shape[1:]), len(images) * (1 if args.xflip == "off" else 2)
     n_eff = n_data * args.caches
-    if args.batch > n_data:
+    if args.batch > len(images) * (2 if args.xflip == "copies" else 1):
         fail(f"--batch {args.batch} exceeds the {n_data} training images (each batch holds distinct images)")
     images = images.to(device)
     res = shape[-1]
@@ -1028,7 +1044,7 @@ def train(args):
     net_kwargs = dict(
         img_resolution=res,
         img_channels=shape[0],
-        label_dim=0,
+        label_dim=label_dim,
         time_scale=args.time_scale,
         model_channels=args.model_channels,
         channel_mult=list(args.channel_mult),
@@ -1046,7 +1062,7 @@ def train(args):
                 f"but this run has {n_data} x {args.caches}: use the same --data, --xflip and --caches"
             )
         net_kwargs, tau, step, nimg = ckpt["net_kwargs"], st["tau"].clone(), ckpt["step"], st["nimg"]
-        keys = ("data", "xflip", "batch", "seed", "lr", "cost", "no_reassign", "fresh_noise")
+        keys = ("data", "xflip", "cond", "batch", "seed", "lr", "cost", "no_reassign", "fresh_noise")
         changed = {
             k: (ckpt["args"].get(k), v)
             for k, v in vars(args).items()
@@ -1070,7 +1086,7 @@ def train(args):
         ddp = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device] if device.type == "cuda" else None
         )
-    spe = n_data // args.batch
+    spe = (n_data // 2 if random_flip else n_data) // args.batch
     pre_steps = args.train_after_convergence * spe  # assignment-only steps before training (App. D)
     total_steps = pre_steps + math.ceil(args.duration * 1e6 / args.batch)
     bank = NoiseBank(args.noise_store, n_eff, args.seed, shape, device)
@@ -1090,13 +1106,14 @@ def train(args):
     track = args.cost_every > 0 and not args.fresh_noise
     global_cost = assignment_cost(tau, images, n_data, bank, args.cost, device) if track else None
     grid_noise = torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0))
+    grid_labels = (torch.arange(args.grid) % label_dim).to(device) if label_dim else None
     stop = StopFlag()
     sums, t_last, step_last = {}, time.time(), step
     while step < total_steps:
         seed_step(args.seed, rank, world, step)  # dropout
         training = step >= pre_steps
-        idx, slots = minibatch_slots(n_data, args.caches, args.batch, step, args.seed)
-        x1, _ = get_batch(images, None, idx, device)  # the global batch, on every rank
+        idx, slots = minibatch_slots(n_data, args.caches, args.batch, step, args.seed, random_flip)
+        x1, y = get_batch(images, labels, idx, device)  # the global batch, on every rank
         t0 = time.time()
         if args.fresh_noise:  # BatchOT: new noise each step, assignment thrown away
             z = torch.randn([args.batch, *shape], generator=generator_for(args.seed, step, 1)).to(device)
@@ -1105,7 +1122,7 @@ def train(args):
         perm = torch.arange(args.batch)
         if not args.no_reassign:
             if rank == 0:
-                perm = ot_permutation(z, x1, args.cost).cpu()  # LOOM Eq. 9 on the global minibatch
+                perm = minibatch_permutation(z, x1, args.cost, y)  # LOOM Eq. 9 on the global minibatch
             if world > 1:
                 perm = perm.to(device)
                 torch.distributed.broadcast(perm, 0)
@@ -1136,22 +1153,22 @@ def train(args):
             t = torch.rand(args.batch, generator=g)[lo:hi].to(device)
             eps = torch.randn([args.batch, *shape], generator=g)[lo:hi].to(device) if args.sigma_min else None
             for group in opt.param_groups:  # linear warm-up over training steps, then constant (Table 4)
-                group["lr"] = (
-                    args.lr * min(1.0, (step - pre_steps + 1) / args.warmup) if args.warmup else args.lr
+                group["lr"] = (  # min(k, W) / W over training steps k: the official code's schedule
+                    args.lr * min(1.0, (step - pre_steps) / args.warmup) if args.warmup else args.lr
                 )
             opt.zero_grad(set_to_none=True)
             loss_sum, chunks = 0.0, list(range(lo, hi, batch_gpu))
             for j, c in enumerate(chunks):
                 sl, sr = slice(c, c + batch_gpu), slice(c - lo, c - lo + batch_gpu)
                 with _sync(ddp, j == len(chunks) - 1):
-                    loss = cfm_loss(ddp, x0[sl], x1[sl], t[sr], None, args.sigma_min,
+                    loss = cfm_loss(ddp, x0[sl], x1[sl], t[sr], None if y is None else y[sl], args.sigma_min,
                                     None if eps is None else eps[sr]).mean()  # LOOM Eq. 3  # fmt: skip
                     (loss * batch_gpu / batch_rank).backward()
                 loss_sum += loss.item() * batch_gpu / batch_rank
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf)
             opt.step()
             ema_update(ema, net, args.ema)
-            rec.update(loss=loss_sum, grad_norm=grad_norm.item())
+            rec.update(loss=loss_sum, grad_norm=grad_norm.item(), lr=opt.param_groups[0]["lr"])
             nimg += args.batch
         for k, v in rec.items():  # (sum, count): the loss exists only on training steps
             sums[k] = (sums.get(k, (0.0, 0))[0] + v, sums.get(k, (0.0, 0))[1] + 1)
@@ -1180,7 +1197,7 @@ def train(args):
                 )
                 save_checkpoint(ckpt_out, args.outdir, step)
                 for nfe in args.grid_nfe if args.grid and training else ():
-                    x, _ = sample(ema, grid_noise.to(device), nfe)
+                    x, _ = sample(ema, grid_noise.to(device), nfe, grid_labels)
                     save_image_grid(x, os.path.join(args.outdir, f"grid-euler{nfe}-{step:07d}.png"))
             barrier()
         if stop_now:
@@ -1208,18 +1225,26 @@ def generate(args):
     net.load_state_dict(ckpt["ema"])
     net.to(device)
     k = ckpt["net_kwargs"]
-    shape = (k["img_channels"], k["img_resolution"], k["img_resolution"])
+    shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k["label_dim"]
     seeds = list(range(args.seed, args.seed + args.generate))[rank::world]
-    out_x, nfes = [], []
+    out_x, out_y, nfes = [], [], []
     for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
-        noise, _ = inputs_for_seeds(seeds[i : i + args.gen_batch], shape)
+        noise, lab = inputs_for_seeds(seeds[i : i + args.gen_batch], shape, label_dim)
+        lab = None if lab is None else lab.to(device)
+        st = {}
         try:
-            x, nfe = sample(net, noise.to(device), args.nfe, None, args.solver, args.atol, args.rtol)
+            x, nfe = sample(net, noise.to(device), args.nfe, lab, args.solver, args.atol, args.rtol, st)
         except ValueError as e:
             fail(str(e))
-        nfes.append(nfe)
+        nfes.append((nfe, st.get("solver_steps", 0)))
         out_x.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-    mine = (seeds, torch.cat(out_x).numpy() if out_x else None, nfes)
+        out_y.append(lab.cpu() if lab is not None else torch.zeros(len(x), dtype=torch.long))
+    mine = (
+        seeds,
+        torch.cat(out_x).numpy() if out_x else None,
+        nfes,
+        torch.cat(out_y).numpy() if out_y else None,
+    )
     parts = [mine]
     if world > 1:
         parts = [None] * world
@@ -1229,14 +1254,18 @@ def generate(args):
         parts = [p for p in parts if p[0]]
         order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
         images = np.concatenate([p[1] for p in parts])[order]
+        arrays = dict(images=images, seeds=np.arange(args.seed, args.seed + args.generate))
+        if label_dim:
+            arrays["labels"] = np.concatenate([p[3] for p in parts])[order]
         tmp = f"{args.out}.tmp{os.getpid()}"
         with open(tmp, "wb") as f:
-            np.savez(f, images=images, seeds=np.arange(args.seed, args.seed + args.generate))
+            np.savez(f, **arrays)
         os.replace(tmp, args.out)
         grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
         save_image_grid(grid, os.path.splitext(args.out)[0] + ".png")
         print(
-            f"wrote {len(images)} images to {args.out} ({args.solver}, mean NFE {np.mean(nfes):.1f})",
+            f"wrote {len(images)} images to {args.out} ({args.solver}: mean NFE {np.mean(nfes, 0)[0]:.1f} "
+            f"network calls = solver function evaluations, {np.mean(nfes, 0)[1]:.1f} solver steps)",
             flush=True,
         )
     dist_teardown()
@@ -1256,11 +1285,23 @@ def parse_args(argv=None):
     )
     p.add_argument("--data", default=None, help="training images: cifar10 | shapes | FILE.npz | DIR")
     p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
-    p.add_argument("--xflip", action="store_true", help="mirrored images as extra data indices (paper: on)")
-    p.add_argument("--outdir", default="runs/loom", help="checkpoints, grids, log.jsonl, args.json")
-    p.add_argument("--caches", type=int, default=4, help="noises per image, Sec. 3.2 (CIFAR-10: 4)")
     p.add_argument(
-        "--cost", default="sqeuclidean", choices=["sqeuclidean", "l2"], help="c(x, z); l2: official"
+        "--xflip", nargs="?", const="random", default="off", choices=["off", "random", "copies"],
+        help="mirror images (official code: on): random = each visit with prob. 1/2, the mirror its own "
+        "index with its own caches (bare --xflip); copies = both versions every epoch",
+    )  # fmt: skip
+    p.add_argument(
+        "--cond", action="store_true", help="class-conditional: labels to the net, Eq. 9 solved per class"
+    )
+    p.add_argument("--outdir", default="runs/loom", help="checkpoints, grids, log.jsonl, args.json")
+    p.add_argument(
+        "--caches", type=int, default=4, help="noises per image, Sec. 3.2 (Table 1/4: 4; official config: 6)"
+    )
+    p.add_argument(
+        "--cost",
+        default="l2",
+        choices=["sqeuclidean", "l2"],
+        help="c(x, z): l2 = ||x - z|| (App. B, the official code); sqeuclidean = Sec. 3.1's ||x - z||^2",
     )
     p.add_argument(
         "--noise-store", default="regenerate", choices=["regenerate", "memory"], help="noise of ids"
@@ -1275,13 +1316,17 @@ def parse_args(argv=None):
     )  # fmt: skip
     p.add_argument("--cost-every", type=int, default=5000, help="steps between exact global costs (0: off)")
     p.add_argument("--sigma-min", type=float, default=1e-7, help="CFM sigma of Eq. 3 (Table 4: 1e-7)")
-    p.add_argument("--time-scale", type=float, default=1000.0, help="the UNet sees time_scale * t")
+    p.add_argument(
+        "--time-scale", type=float, default=1.0, help="the UNet sees time_scale * t (official code: t itself)"
+    )
     p.add_argument("--batch", type=int, default=128, help="global batch = LOOM minibatch (Table 4: 128)")
     p.add_argument(
         "--batch-gpu", type=int, default=None, help="samples per forward pass (accumulate the rest)"
     )
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (Table 4)")
-    p.add_argument("--warmup", type=int, default=5000, help="linear warm-up steps, then constant (Table 4)")
+    p.add_argument(
+        "--warmup", type=int, default=5000, help="lr x min(k, W) / W over training steps k (Table 4: 5k)"
+    )
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay per step (Table 4)")
     p.add_argument("--duration", type=float, default=50.0, help="training Mimg (Table 4: 391k steps of 128)")
@@ -1306,8 +1351,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="samples.npz", help="output .npz of --generate (a .png grid beside it)")
     p.add_argument("--solver", default="midpoint", choices=["euler", "midpoint", "dopri5"], help="ODE solver")
     p.add_argument("--nfe", type=int, default=8, help="--generate: evaluations for euler / midpoint (4/8/12)")
-    p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance")
-    p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance")
+    p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (official code)")
+    p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (official code)")
     p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
     args = p.parse_args(argv)
     if args.generate:

@@ -41,14 +41,10 @@ NETS = {"tiny": TINY, "full": ["--channel-mult", "2,2,2", "--num-blocks", "4"]} 
 # coupling is solved on one step in several, so its amortised share (mean solve_s) is added to the median.
 GROUPS = {
     "flow": {
-        "independent": (cfm_couplings, ["--coupling", "independent", "--cond", "off"], False),
-        "ot": (cfm_couplings, ["--coupling", "ot", "--cond", "off"], False),
-        "ot (ot-batch 1024)": (
-            cfm_couplings,
-            ["--coupling", "ot", "--ot-batch", "1024", "--cond", "off"],
-            True,
-        ),
-        "sinkhorn": (cfm_couplings, ["--coupling", "sinkhorn", "--cond", "off"], False),
+        "independent": (cfm_couplings, ["--coupling", "independent"], False),
+        "ot": (cfm_couplings, ["--coupling", "ot"], False),
+        "ot (ot-batch 1024)": (cfm_couplings, ["--coupling", "ot", "--ot-batch", "1024"], True),
+        "sinkhorn": (cfm_couplings, ["--coupling", "sinkhorn", "--sinkhorn-reg", "0.05"], False),  # JSON reg
         "loom (4 caches)": (loom_cfm, ["--caches", "4", "--cost-every", "0"], False),
     },
     "rfm": {
@@ -97,7 +93,7 @@ def solve_seconds(n, device, repeats=3, which=("ot", "sinkhorn", "greedy")):
     solvers = {
         "ot": lambda: cfm_couplings.ot_permutation(x0, x1),
         "sinkhorn": lambda: cfm_couplings.sinkhorn_pairs(cfm_couplings.sinkhorn_log_plan(
-            cfm_couplings.pair_cost(x0, x1)), generator=torch.Generator().manual_seed(0)),
+            cfm_couplings.pair_cost(x0, x1), 0.05), generator=torch.Generator().manual_seed(0)),  # the JSON's
         "greedy": lambda: dansm.greedy_match(x1, x0),  # DANSM Alg. 1 (images, noises)
         "hungarian": lambda: dansm.hungarian_match(x1, x0),  # Immiscible Diffusion's, sum of lengths
     }  # fmt: skip

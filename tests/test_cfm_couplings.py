@@ -173,16 +173,41 @@ def test_samplers_solve_odes_with_known_solutions_and_count_nfe():
                 else ref + h * (-(ref + h / 2 * (-ref + 2 * t)) + 2 * (t + h / 2))
             )
         assert used == nfe == len(calls) and torch.allclose(x, ref, atol=1e-6)
-    calls.clear()
-    x, used = C.sample(linear, x0, 0, solver="dopri5", atol=1e-8, rtol=1e-8)
-    assert used == len(calls) and torch.allclose(x, exact, atol=1e-6)
-    assert calls[0] == 0.0 and max(calls) == pytest.approx(1.0)
     for v in (1, 2, 5, 8):  # finer Euler is closer
         assert (C.sample(linear, x0, v)[0] - exact).abs().max() >= (
             C.sample(linear, x0, 2 * v)[0] - exact
         ).abs().max()
     with pytest.raises(ValueError, match="even"):
         C.sample(linear, x0, 3, solver="midpoint")
+
+
+def test_dopri5_is_torchdiffeqs_matches_the_exact_solution_and_reports_both_nfe_figures(monkeypatch):
+    import torchdiffeq
+
+    used_odeint = []
+    real = torchdiffeq.odeint
+    monkeypatch.setattr(
+        torchdiffeq, "odeint", lambda *a, **k: used_odeint.append(k["method"]) or real(*a, **k)
+    )
+    calls = []
+
+    def linear(x, t, class_labels=None):  # dx/dt = -x + 2t, x(t) = (x0 + 2) e^-t + 2t - 2
+        calls.append(float(t))
+        return -x + 2 * t
+
+    x0 = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64)
+    exact = (x0 + 2) * math.exp(-1)
+    stats = {}
+    x, used = C.sample(linear, x0, 0, solver="dopri5", atol=1e-10, rtol=1e-10, stats=stats)
+    assert used_odeint == ["dopri5"] and (x - exact).abs().max() < 1e-8
+    # network calls counted = torchdiffeq's function evaluations = 2 (initial step selection) + 6 per
+    # attempted step (Dormand-Prince has 7 stages, the first reused from the previous step: FSAL)
+    assert used == len(calls) == stats["nfe_torchdiffeq"] == 2 + 6 * stats["solver_steps"]
+    assert stats["accepted_steps"] + stats["rejected_steps"] == stats["solver_steps"] > 5
+    assert calls[0] == 0.0 and max(calls) >= 1.0  # torchdiffeq steps past t = 1 and interpolates back
+    coarse = {}
+    C.sample(linear, x0, 0, solver="dopri5", stats=coarse)  # the papers' atol = rtol = 1e-5: fewer steps
+    assert coarse["solver_steps"] < stats["solver_steps"]
 
 
 def tiny(tmp_path, npz_data, *extra, steps=4, batch=8):
@@ -212,7 +237,7 @@ def tiny(tmp_path, npz_data, *extra, steps=4, batch=8):
 
 
 def test_ot_batch_blocks_are_coupled_once_and_consumed_row_by_row(tmp_path, npz_data):
-    _, argv = tiny(tmp_path, npz_data, "--coupling", "ot", "--ot-batch", "24", "--cond", "off")
+    _, argv = tiny(tmp_path, npz_data, "--coupling", "ot", "--ot-batch", "24")
     args = C.parse_args(argv)
     images, _ = C.load_images(npz_data)
     src = C.Source(args, images, None, None, (3, 16, 16), 0, torch.device("cpu"), 0, 1)
@@ -266,7 +291,7 @@ def test_reflow_trains_on_the_files_pairs_and_inits_from_a_flow(tmp_path, npz_da
 
 
 def test_torchrun_two_ranks_couple_like_one_process(tmp_path, npz_data):
-    common = ["--coupling", "ot", "--ot-batch", "16", "--dropout", "0", "--cond", "on"]
+    common = ["--coupling", "ot", "--ot-batch", "16", "--dropout", "0", "--cond"]
     one, argv = tiny(tmp_path / "one", npz_data, *common, steps=3)
     r = run_script([sys.executable, "cfm_couplings.py", *argv])
     assert r.returncode == 0, r.stderr[-2000:]
@@ -355,3 +380,98 @@ def test_gen_pairs_and_evaluate_pass_sampler_keywords_to_a_flow(tmp_path, one_th
         evaluate.run_sampler(module, evaluate.CountingNet(loaded), noise, 2, None, gens, {"rho": 7})
     with pytest.raises(SystemExit):
         gen_pairs.parse_args(["--teacher", path, "--out", out, "--sampler-kw", "solver"])
+
+
+def test_unconditional_is_the_default_and_cond_opts_in(tmp_path, npz_data, one_thread):
+    assert C.parse_args(["--data", npz_data]).cond is False  # the data has labels; they are not used
+    with pytest.raises(SystemExit):
+        C.parse_args(["--data", npz_data, "--cond", "auto"])  # the old tri-state is gone
+    for extra, label_dim in (([], 0), (["--cond"], 3)):
+        out, argv = tiny(tmp_path / str(label_dim), npz_data, *extra, steps=1)
+        C.main(argv)
+        assert (
+            torch.load(os.path.join(out, "latest.pt"), weights_only=True)["net_kwargs"]["label_dim"]
+            == label_dim
+        )
+
+
+def test_ot_replace_draws_pairs_with_replacement_from_the_exact_plan(tmp_path, npz_data):
+    g = torch.Generator().manual_seed(4)
+    x0, x1 = torch.randn(64, 12, generator=g), torch.randn(64, 12, generator=g)
+    perm = C.ot_permutation(x0, x1)
+    i0, i1 = C.couple(x0, x1, None, "ot", replace=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(i0, perm[i1])  # every drawn pair is one of the plan's pairs
+    assert len(set(i0.tolist())) < 50 and len(set(i1.tolist())) < 50  # columns repeat: ~63% distinct
+    i0, i1 = C.couple(x0, x1, None, "ot")  # our default: the permutation itself
+    assert torch.equal(i0, perm) and torch.equal(i1, torch.arange(64))
+    _, argv = tiny(tmp_path, npz_data, "--coupling", "ot", "--ot-replace", "--ot-batch", "16")
+    args = C.parse_args(argv)
+    images, _ = C.load_images(npz_data)
+    src = C.Source(args, images, None, None, (3, 16, 16), 0, torch.device("cpu"), 0, 1)
+    x0s = torch.cat([src.step(s)[0] for s in range(2)]).flatten(1)
+    assert len(torch.unique(x0s, dim=0)) < 16  # the same noise rows appear more than once in the block
+
+
+def test_random_xflip_mirrors_about_half_of_the_visits_deterministically(tmp_path, npz_data):
+    _, argv = tiny(tmp_path, npz_data, "--coupling", "independent", "--xflip")
+    args = C.parse_args(argv)
+    assert args.xflip == "random"
+    images, _ = C.load_images(npz_data)
+    src = C.Source(args, images, None, None, (3, 16, 16), 0, torch.device("cpu"), 0, 1)
+    plain = images.float() / 127.5 - 1
+    flipped = 0
+    for step in range(8):  # 8 steps of 8 = 2 epochs of the 32 images
+        x1 = src.step(step)[1]
+        idx = C.batch_indices(32, 8, step, args.seed)
+        for row, i in zip(x1, idx.tolist(), strict=True):
+            assert torch.equal(row, plain[i]) or torch.equal(row, plain[i].flip(2))
+            flipped += not torch.equal(row, plain[i])
+    assert 20 < flipped < 44  # of 64 visits, about half mirrored
+    again = C.Source(args, images, None, None, (3, 16, 16), 0, torch.device("cpu"), 0, 1)
+    assert torch.equal(again.step(5)[1], src.step(5)[1])
+    assert C.parse_args(argv[:-1] + ["--xflip", "copies"]).xflip == "copies"
+    with pytest.raises(SystemExit):
+        C.parse_args(["--coupling", "pairs", "--pairs", "p.npz", "--xflip"])
+
+
+def test_warmup_ramps_from_zero_as_torchcfm_and_the_loom_code(tmp_path, npz_data, one_thread):
+    out, argv = tiny(tmp_path, npz_data, "--coupling", "independent", "--lr", "1e-3", "--warmup", "2")
+    C.main(argv)
+    assert [r["lr"] for r in read_log(out)] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+
+
+def test_loom_reflow_preset_equals_the_official_reflow_config_and_flags_override():
+    args = C.parse_args(["--preset", "loom-reflow", "--pairs", "p.npz", "--init", "runs/loom"])
+    assert (args.coupling, args.lr, args.batch, args.sigma_min, args.warmup) == (
+        "pairs",
+        2e-5,
+        1024,
+        1e-7,
+        5000,
+    )
+    assert (args.duration, args.ema, args.grad_clip, args.xflip) == (200.0, 0.9999, 1.0, "off")
+    assert C.parse_args(["--preset", "loom-reflow", "--pairs", "p.npz", "--lr", "1e-5"]).lr == 1e-5
+
+
+def test_default_sinkhorn_reg_puts_most_plan_mass_on_the_optimal_permutation_at_cifar10_scale(one_thread):
+    g = torch.Generator().manual_seed(0)
+    x1 = (torch.randn(128, 3 * 32 * 32, generator=g) * 0.5 - 0.05).clamp(-1, 1)  # CIFAR-10's pixel statistics
+    x0 = torch.randn(128, 3 * 32 * 32, generator=g)
+    c = C.pair_cost(x0, x1)
+    assert c.mean().item() == pytest.approx(3.8e3, rel=0.05)
+    on_perm = lambda reg: C.sinkhorn_log_plan(c, reg).exp()[torch.arange(128), C.ot_permutation(x0, x1)].sum()  # noqa: E731
+    assert on_perm(C.SINKHORN_REG) > 0.6  # measured 0.70; the former default 0.05 left 0.015 (uniform: 0.008)
+    assert on_perm(0.05) < 0.05
+
+
+def test_a_sinkhorn_failure_in_training_saves_a_checkpoint_and_stops_with_one_line(
+    tmp_path, npz_data, one_thread
+):
+    out, argv = tiny(
+        tmp_path, npz_data, "--coupling", "sinkhorn", "--sinkhorn-iters", "1", "--sinkhorn-reg", "1e-6"
+    )
+    with pytest.raises(SystemExit, match="did not converge.*checkpoint saved.*--resume") as e:
+        C.main(argv)
+    assert "\n" not in str(e.value)
+    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=True)
+    assert ckpt["step"] == 0 and ckpt["method"] == "cfm_couplings"

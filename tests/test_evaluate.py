@@ -139,7 +139,7 @@ def test_every_checkpoint_gets_the_same_noise(tmp_path, npz_data, two_ckpts, one
     E.main(["--generate", "1", "--ckpt", two_ckpts[0], "--out", str(tmp_path / "s.npz"), "--nfe", "3"])
     first = np.load(tmp_path / "s.npz")["images"][0].astype(int)
     assert np.abs(first - ga[:16, :16]).max() <= 1  # uint8 rounding of ulp-level batch differences
-    assert "NOT FID" in res["protocol"] and res["versions"]["torch"] == torch.__version__
+    assert "NOT FID" in res["protocol"]["features"] and res["versions"]["torch"] == torch.__version__
 
 
 def test_full_metric_set_grids_and_trajectories(tmp_path, npz_data, two_ckpts):
@@ -235,3 +235,128 @@ def test_ode_velocity_of_edm_and_lmm_agree_on_the_common_clock():
     for t in (0.0, 0.5):
         torch.testing.assert_close(E.ode_velocity(net, x, t), L.ode_velocity(net, x, t))
     torch.testing.assert_close(E.ode_start(None, x), 80 * x)
+
+
+def test_inception_score_equals_a_hand_computation_from_fixed_logits():
+    logits = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5], [3.0, 3.0, 0.0], [-2.0, 0.0, 4.0]])
+    p = [[math.exp(v) / sum(math.exp(u) for u in row) for v in row] for row in logits]
+    scores = []
+    for part in (p[:2], p[2:]):  # 2 splits of 2 images
+        marginal = [sum(q[c] for q in part) / len(part) for c in range(3)]
+        kl = [sum(q[c] * math.log(q[c] / marginal[c]) for c in range(3)) for q in part]
+        scores.append(math.exp(sum(kl) / len(kl)))
+    mean, std = V.inception_score(logits, splits=2)
+    assert mean == pytest.approx(sum(scores) / 2, rel=1e-12)
+    assert std == pytest.approx(abs(scores[0] - scores[1]) / 2, rel=1e-12)
+    sharp = np.tile(np.eye(10) * 60.0, (5, 1))  # confident and spread evenly over 10 classes: IS -> 10
+    assert V.inception_score(sharp, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
+    one_hot = np.where(np.eye(10)[np.arange(20) % 10] > 0, 0.0, -np.inf)  # exact zeros: 0 log 0 = 0
+    assert V.inception_score(one_hot, splits=1)[0] == pytest.approx(10.0)
+
+
+def test_protocols_set_their_papers_defaults_and_flags_override():
+    edm = V.parse_args(["--protocol", "edm", "--ckpt", "x.pt"])
+    assert (edm.fid_mode, edm.dataset_split, edm.num, edm.fid_seeds, edm.metrics) == (
+        "legacy_tensorflow", "train", 50000, 3, ["fid"],
+    )  # fmt: skip
+    assert V.parse_args(["--protocol", "lmm", "--ckpt", "x.pt"]).metrics == ["fid", "is"]
+    loom = V.parse_args(["--protocol", "loom", "--ckpt", "x.pt", "--fid-seeds", "2"])
+    assert (loom.ref_data, loom.ref_split, loom.ref_num, loom.ref_seed, loom.num) == (
+        "cifar10",
+        "test",
+        10000,
+        42,
+        50000,
+    )
+    assert loom.fid_seeds == 2 and loom.ode_grid == "uniform"  # a flag given wins over the protocol
+
+
+def flow_ckpt(tmp_path):
+    import cfm_couplings as C
+
+    torch.manual_seed(0)
+    kw = dict(img_resolution=16, img_channels=3, label_dim=0, time_scale=1.0, dropout=0.0, **TINY_NET)
+    net = C.build_net(kw)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sd = net.state_dict()
+    args = dict(coupling="ot", preset=None)
+    ckpt = dict(method="cfm_couplings", version=1, args=args, net_kwargs=kw, net=sd, ema=sd, opt=None, step=0,
+                kimg=0.0, state={})  # fmt: skip
+    torch.save(ckpt, tmp_path / "otcfm.pt")
+    return str(tmp_path / "otcfm.pt"), net.eval()
+
+
+def test_loom_protocol_reads_the_cifar10_test_split_drawn_as_the_official_evaluator(tmp_path, monkeypatch):
+    import torchvision
+
+    import cfm_couplings as C
+
+    splits = []
+
+    class FakeCIFAR10:  # stands in for torchvision's download: 50 "train" and 30 "test" images
+        def __init__(self, root, train=True, download=False, **kw):
+            splits.append(train)
+            rng = np.random.default_rng(1 if train else 2)
+            self.data = rng.integers(0, 256, (50 if train else 30, 16, 16, 3), dtype=np.uint8)
+            self.targets = [0] * len(self.data)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    path, net = flow_ckpt(tmp_path)
+    out = str(tmp_path / "loom.json")
+    V.main(["--protocol", "loom", "--ckpt", path, "--nfe", "2,4", "--num", "12", "--batch", "6", "--ref-num", "40",
+            "--feature-extractor", "random-cnn", "--sampler-kw", "solver=midpoint", "--metrics", "fid,curvature",
+            "--ode-num", "4", "--ode-steps", "6", "--out", out])  # fmt: skip
+    assert splits == [False]  # the test split, nothing else
+    with open(out) as f:
+        res = json.load(f)
+    assert (
+        "test (30 images, 40 drawn with replacement by RandomSampler(seed 42)" in res["protocol"]["reference"]
+    )
+    idx = V.loom_reference_indices(30, 40, 42)
+    assert len(set(idx.tolist())) < 40 and idx.max() < 30  # with replacement: repeats
+    test_images = FakeCIFAR10(None, train=False).data
+    extract = V.build_extractor("random-cnn", "legacy_tensorflow", "cpu")
+    ref = extract(test_images[idx.numpy()])[0]
+    noise, _, _ = V.inputs_for_seeds(range(12), (3, 16, 16), 0)
+    fake = extract(V.quantize(C.sample(net, noise, 2, solver="midpoint")[0]))[0]
+    expect = V.frechet_distance(
+        fake.mean(0), np.cov(fake, rowvar=False), ref.mean(0), np.cov(ref, rowvar=False)
+    )
+    rows = res["results"]
+    assert rows[0]["fid"] == pytest.approx(expect, rel=1e-6) and rows[0]["label"] == "OT-CFM"
+    assert (rows[0]["nfe"], rows[0]["nfe_reported"], rows[0]["solver_steps"]) == (2, 2, 1)
+    curv = rows[2]["curvature_t"]  # LOOM Fig. 6: curvature at every t of the uniform grid
+    assert [round(t, 6) for t, _ in curv] == [round(k / 6, 6) for k in range(1, 6)] and rows[2][
+        "ode_num"
+    ] == 4
+    assert rows[2]["curvature"] == pytest.approx(np.mean([c for _, c in curv]), rel=1e-6)
+    from PIL import Image
+
+    assert res["figures"] == [str(tmp_path / "loom-fid_vs_nfe.png"), str(tmp_path / "loom-curvature.png")]
+    assert all(Image.open(p).size[0] > 300 for p in res["figures"])
+
+
+@pytest.mark.parametrize("method", ["cfm_couplings", "loom_cfm", "dansm"])
+def test_every_flow_files_dopri5_is_torchdiffeqs_and_reports_both_nfe_figures(method, monkeypatch):
+    import importlib
+
+    import torchdiffeq
+
+    module = importlib.import_module(method)
+    used = []
+    real = torchdiffeq.odeint
+    monkeypatch.setattr(torchdiffeq, "odeint", lambda *a, **k: used.append(k["method"]) or real(*a, **k))
+    sign = -1.0 if method == "dansm" else 1.0  # dansm integrates its own clock from t = 1 down to 0
+
+    def field(x, t, class_labels=None):  # dx/dt = x on the common clock: x(1) = e x(0)
+        return sign * x
+
+    counter = V.CountingNet(field)
+    x0 = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    stats = {}
+    x, reported, calls = V.run_sampler(module, counter, x0, 1, None, None, {"solver": "dopri5", "atol": 1e-9,
+                                       "rtol": 1e-9}, stats)  # fmt: skip
+    assert used == ["dopri5"] and torch.allclose(x, x0 * math.e, rtol=1e-7)
+    assert calls == reported == stats["nfe_torchdiffeq"] == 2 + 6 * stats["solver_steps"]

@@ -155,7 +155,7 @@ def test_training_keeps_an_exact_running_global_cost_that_never_increases(tmp_pa
     assert sorted(tau.tolist()) == list(range(64))
     images, _ = L.load_images(npz_data)
     bank = L.NoiseBank("regenerate", 64, 0, (3, 16, 16), "cpu")
-    exact = L.assignment_cost(tau, images, 32, bank, "sqeuclidean", "cpu")
+    exact = L.assignment_cost(tau, images, 32, bank, "l2", "cpu")  # the default cost
     assert costs[-1] == pytest.approx(exact, rel=1e-9)  # the running value is the exact one
 
 
@@ -245,3 +245,41 @@ def test_a_loom_checkpoint_samples_through_evaluate(tmp_path, npz_data, one_thre
     )
     assert used == calls == 4 and x.shape == (2, 3, 16, 16)
     assert torch.allclose(L.ode_velocity(net, noise, 0.3), net(noise, 0.3))
+
+
+def test_defaults_are_the_official_cifar10_settings():
+    args = L.parse_args(["--data", "cifar10", "--xflip"])
+    assert (args.cost, args.caches, args.time_scale, args.xflip, args.cond) == ("l2", 4, 1.0, "random", False)
+    assert (args.batch, args.lr, args.warmup, args.sigma_min, args.ema) == (128, 2e-4, 5000, 1e-7, 0.9999)
+    assert (args.atol, args.rtol) == (1e-5, 1e-5)
+
+
+def test_random_flips_visit_every_image_once_per_epoch_each_mirror_with_its_own_slots():
+    n, batch, caches = 24, 6, 2
+    seen_flipped = 0
+    for epoch in range(3):
+        originals = []
+        for step in range(epoch * 4, epoch * 4 + 4):  # 24 images, batch 6: 4 steps per epoch
+            idx, slots = L.minibatch_slots(2 * n, caches, batch, step, 0, random_flip=True)
+            assert ((idx >= 0) & (idx < 2 * n)).all() and torch.equal(slots % (2 * n), idx)
+            originals += (idx % n).tolist()
+            seen_flipped += int((idx >= n).sum())
+        assert sorted(originals) == list(range(n))  # each image once per epoch, mirrored or not
+    assert 18 < seen_flipped < 54  # of 72 visits, about half mirrored
+    a = L.minibatch_slots(2 * n, caches, batch, 5, 0, random_flip=True)
+    assert all(
+        torch.equal(u, v) for u, v in zip(a, L.minibatch_slots(2 * n, caches, batch, 5, 0, True), strict=True)
+    )
+
+
+def test_unconditional_by_default_and_cond_reassigns_only_within_a_class(tmp_path, npz_data, one_thread):
+    out, argv = tiny(tmp_path / "u", npz_data, steps=1)
+    L.main(argv)
+    assert torch.load(os.path.join(out, "latest.pt"), weights_only=True)["net_kwargs"]["label_dim"] == 0
+    out, argv = tiny(tmp_path / "c", npz_data, "--cond", "--caches", "1", steps=8)
+    L.main(argv)
+    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=True)
+    tau, labels = ckpt["state"]["tau"], torch.arange(32) % 3  # npz_data: image i has class i % 3
+    assert ckpt["net_kwargs"]["label_dim"] == 3 and not torch.equal(tau, torch.arange(32))
+    assert torch.equal(labels[tau], labels)  # noise id j started at image j: it never left its class
+    assert sum(r["swaps"] for r in read_log(out)) > 0
