@@ -10,7 +10,8 @@ equal to float rounding only, because convolution kernels depend on the batch sh
 
 The output is an uncompressed .npz (DESIGN 6): noise [N,C,H,W], data [N,C,H,W] (float32 or float16; data in
 [-1, 1] up to the teacher's overshoot, not quantised), label [N] int64 (conditional only), meta (JSON: the
-teacher and its sha256, sampler, NFE, seed, dtype, date). `load_pairs` memory-maps it.
+teacher and its sha256, its training set `dataset` (lmm.py's default --data), sampler, NFE, seed, dtype,
+date). `load_pairs` memory-maps it.
 
 Ranks write shard files of --shard-size pairs into OUT.shards/ (atomically); a rerun after a crash or kill
 skips the shards present (same teacher and settings, else it refuses to mix), rank 0 then streams them into
@@ -33,6 +34,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -170,6 +172,22 @@ def load_teacher(spec, cache_dir, device):
     net = module.build_net(ckpt["net_kwargs"])
     net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"])
     return module, net.eval().requires_grad_(False).to(device), ckpt, path
+
+
+def teacher_dataset(ckpt):
+    """The teacher's training set, for the pairs' meta (lmm.py's default --data): our checkpoints' --data
+    (an existing path made absolute); an official EDM snapshot's, from its file name
+    (edm-cifar10-32x32-cond-vp.pkl -> cifar10, edm-afhqv2-64x64-uncond-vp.pkl -> afhqv2-64x64); else None."""
+    args = ckpt.get("args") or {}
+    if args.get("imported_from"):
+        m = re.match(r"edm-([a-z0-9]+)-(\d+x\d+)-", os.path.basename(args["imported_from"]))
+        if not m:
+            return None
+        return "cifar10" if m[1] == "cifar10" else f"{m[1]}-{m[2]}"
+    data = args.get("data")
+    if isinstance(data, str) and os.path.exists(data):
+        return os.path.abspath(data)
+    return data if isinstance(data, str) else None
 
 
 # --- distributed (generation only: no training state) ---
@@ -334,6 +352,7 @@ def generate(args):
             fingerprint,
             nfe_used=nfe_used,
             teacher=args.teacher,
+            dataset=teacher_dataset(ckpt),
             sampler=f"{ckpt['method']}.sample",
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             torch=torch.__version__,

@@ -18,23 +18,32 @@ Choices where the paper is silent (each is a flag):
     training log-normal (--sigma-dist lognormal) almost never reaches sigma > 20.
   - L2 is the mean squared error per image; LPIPS is the `lpips` package's VGG variant.
   - The adversarial loss is the hinge form used by CTM (Kim et al.), whose discriminator LMM adopts, not the
-    log form written in Eq. 5 (the issue asks for hinge). G and D steps alternate: each step updates
-    N_theta, then D against the updated N_theta's outputs for the same inputs and a fresh real batch.
-  - lambda_adapt uses the gradients of the global batch (all-reduced over ranks); it is computed per
-    --batch-gpu chunk when gradients are accumulated.
-  - Weights start random, as the paper states nothing else; --init starts from any EDM-family checkpoint.
+    log form written in Eq. 5. --disc ctm (default) is CTM's projected discriminator (sony/ctm pg_modules:
+    frozen timm DeiT-B and EfficientNet-lite0 at 224 px, random cross-channel and cross-scale mixing,
+    multi-scale heads; conditional heads by class projection, as App. A.4 says, where CTM's public CIFAR-10
+    code builds unconditional ones: --disc-uncond).
+  - G/D schedule: CTM's g_learning_period, --g-period 2 (its CIFAR-10 command): in the adversarial phase the
+    steps alternate between one N_theta update and one D update (D on fakes N_theta makes from that step's
+    pairs); each step is one iteration of Table 6's count. The paper names no schedule beyond "similar to
+    CTM". --g-period 1: every step updates N_theta, then D against it.
+  - lambda_adapt is clipped to [0.01, 10] as CTM does (--adapt-clamp); it uses the gradients of the global
+    batch (all-reduced over ranks), computed per --batch-gpu chunk when gradients are accumulated.
+  - Weights start random unless --init TEACHER (the paper does not say; CTM and consistency distillation
+    start from the teacher, and README's Table 7 recipes do). SOT is fine-tuning (Sec. 3): --sot-start KIMG.
+  - The real images default to the teacher's dataset recorded in the pairs' meta (gen_pairs.py).
 
 Commands
   Pairs first (see gen_pairs.py), then a CPU smoke run on them (tiny net, L2, no discriminator):
     python lmm.py --pairs pairs_shapes.npz --outdir runs/lmm-shapes --tiny --loss l2 --adv-start off \\
         --duration 0.05 --batch 64
   The paper's CIFAR-10 run (Table 6: LPIPS at 64 px for 80k steps, then LPIPS at 224 px + adversarial loss
-  for 20k steps, batch 512), 4 GPUs:
-    torchrun --standalone --nproc_per_node=4 lmm.py --pairs pairs_cifar10_cond.npz --data cifar10 \\
+  for 20k steps, batch 512) from the converted official EDM teacher, 4 GPUs (real images: the pairs' cifar10):
+    torchrun --standalone --nproc_per_node=4 lmm.py --pairs pairs_cifar10.npz --init edm_cifar10_cond.pt \\
         --outdir runs/lmm-cifar10
   Generate 50,000 images with Table 7's steps (0, 1) (image i from seed i, same for any number of GPUs):
     python lmm.py --generate 50000 --ckpt runs/lmm-cifar10 --nfe 2 --out lmm-nfe2.npz     # or --steps 0,3,5
-  Table 7 columns: --loss l2 --adv-start off | --adv-start off | (default) | --sot 0 (NFE 1) or --sot 0,1.
+  Table 7 columns (README: one command each): --loss l2 --adv-start off | --adv-start off --lpips-res 64 |
+  (default) | --sot 0 (NFE 1) or --sot 0,1, with --sot-start 40960.
   Other datasets: --preset afhq64 | imagenet64 (Table 6 columns; ImageNet's ADM net is not implemented,
   the DDPM++ UNet is used).
 """
@@ -658,10 +667,11 @@ def lpips_distance(model, a, b, res):
 # --- adversarial loss (LMM Eq. 5 with CTM's discriminator, VQGAN's adaptive weight, DiffAugment) ---
 
 
-def adaptive_weight(loss_lines, loss_g, last_layer, clamp=(0.0, 1e4), eps=1e-4):
+def adaptive_weight(loss_lines, loss_g, last_layer, clamp=(0.01, 10.0), eps=1e-4):
     """VQGAN's adaptive weight (Esser et al. 2021, Eq. 7; LMM App. A.4):
-    lambda_adapt = ||grad_{W_L} L_lines|| / (||grad_{W_L} L_G|| + 1e-4), clamped and detached. W_L is the
-    network's last layer. Under torchrun the two gradients are averaged over ranks first (global batch)."""
+    lambda_adapt = ||grad_{W_L} L_lines|| / (||grad_{W_L} L_G|| + 1e-4), clipped to [0.01, 10] as CTM does
+    (its clamp to [0, 1e4], then th.clip(d_weight, 0.01, 10.)) and detached. W_L is the network's last
+    layer. Under torchrun the two gradients are averaged over ranks first (global batch)."""
     (g_lines,) = torch.autograd.grad(loss_lines, last_layer, retain_graph=True)
     (g_adv,) = torch.autograd.grad(loss_g, last_layer, retain_graph=True)
     if torch.distributed.is_initialized():
@@ -731,12 +741,204 @@ class PatchDisc(nn.Module):
         self.body, self.out = nn.Sequential(*layers), _sn(nn.Conv2d(c, 1, 3, 1, 1))
         self.embed = _sn(nn.Linear(label_dim, c, bias=False)) if label_dim else None
 
-    def forward(self, x, onehot=None):
-        h = self.body(x)
+    def forward(self, x, onehot=None, augment=()):
+        h = self.body(diff_augment(x, augment) if augment else x)
         logits = self.out(h)
         if self.embed is not None:
             logits = logits + (self.embed(onehot)[:, :, None, None] * h).sum(1, keepdim=True)
         return logits.flatten(1)  # [N, patches]
+
+
+# --- --disc ctm: CTM's discriminator (Kim et al. 2024; sony/ctm pg_modules: Projected GAN, StyleGAN-XL) ---
+
+CTM_BACKBONES = ("deit_base_distilled_patch16_224", "tf_efficientnet_lite0")  # CTM's d_backbone, its order
+
+
+def _timm_net(name, pretrained):
+    """A timm ImageNet network. Offline without its weights: one line naming the file and timm's cache."""
+    import timm
+
+    if not timm.is_model(name):
+        fail(f"--disc-backbones: {name!r} is not a timm model (CTM uses {','.join(CTM_BACKBONES)})")
+    try:
+        return timm.create_model(name, pretrained=pretrained)
+    except Exception as e:
+        if not pretrained:
+            raise
+        from huggingface_hub import constants
+
+        hub = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or name
+        fail(
+            f"cannot load the ImageNet weights of {name} for --disc ctm ({type(e).__name__}): timm looks for "
+            f"model.safetensors (or pytorch_model.bin) of the Hugging Face repo {hub} in "
+            f"{constants.HF_HUB_CACHE}/ ($HF_HUB_CACHE, $HF_HOME/hub); fetch it there where online "
+            f"(huggingface-cli download {hub}) or use --disc patch"
+        )
+
+
+def _up2(x):
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+
+
+class TimmFeatures(nn.Module):
+    """One frozen feature network of CTM's discriminator (Projected GAN's F_RandomProj, proj_type 2): a timm
+    ImageNet network cut into 4 maps at 1/4, 1/8, 1/16, 1/32 of its input; random 1x1 cross-channel mixing
+    (CCM) to 64, 128, 256, 512 channels; cross-scale mixing (CSM) from coarse to fine,
+    p_3 = conv1x1(up2(c_3)), p_k = conv1x1(up2(p_{k+1} + c_k)), halving the channels except at the finest:
+    maps of 64, 64, 128, 256 channels at 1/2, 1/4, 1/8, 1/16 of the input. EfficientNet: after blocks 2,
+    3, 5, 7; DeiT/ViT: the patch tokens (readout tokens dropped) after blocks 3, 6, 9, 12, reassembled as DPT
+    does (1x1 conv to D/8, D/4, D/2, D channels, then a x4 and a x2 transposed conv, none, a stride-2 3x3).
+    Every weight is frozen, the random ones included; BatchNorm stays in eval mode."""
+
+    def __init__(self, name, pretrained=True, res=224):
+        super().__init__()
+        net = _timm_net(name, pretrained)
+        cfg = net.pretrained_cfg  # the network's own input normalisation (lite0: 0.5 / 0.5; DeiT: ImageNet's)
+        self.register_buffer("mean", torch.tensor(cfg["mean"]).reshape(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg["std"]).reshape(1, 3, 1, 1))
+        self.vit = hasattr(net, "pos_embed")
+        if self.vit:
+            if len(net.blocks) != 12:
+                fail(f"--disc-backbones {name}: CTM's ViT features take a 12-block ViT (tiny, small or base)")
+            d, self.backbone = net.embed_dim, net
+            w = [d // 8, d // 4, d // 2, d]
+            self.reassemble = nn.ModuleList(
+                [
+                    nn.Sequential(nn.Conv2d(d, w[0], 1), nn.ConvTranspose2d(w[0], w[0], 4, stride=4)),
+                    nn.Sequential(nn.Conv2d(d, w[1], 1), nn.ConvTranspose2d(w[1], w[1], 2, stride=2)),
+                    nn.Conv2d(d, w[2], 1),
+                    nn.Sequential(nn.Conv2d(d, w[3], 1), nn.Conv2d(w[3], w[3], 3, stride=2, padding=1)),
+                ]
+            )
+        elif hasattr(net, "conv_stem") and len(getattr(net, "blocks", ())) == 7:
+            b = net.blocks  # timm's bn1 holds the stem activation (act1 in older timm, as CTM's code has)
+            self.backbone = nn.ModuleList(
+                [
+                    nn.Sequential(net.conv_stem, net.bn1, *b[:2]),
+                    b[2],
+                    nn.Sequential(*b[3:5]),
+                    nn.Sequential(*b[5:]),
+                ]
+            )
+        else:
+            fail(f"--disc-backbones {name}: CTM's features take an EfficientNet or a DeiT/ViT from timm")
+        with torch.no_grad():  # the channels at any size (eval: BatchNorm of a 1x1 map)
+            chans = [f.shape[1] for f in self.eval().backbone_maps(torch.zeros(1, 3, 32, 32))]
+        self.ccm = nn.ModuleList(nn.Conv2d(c, 64 << k, 1) for k, c in enumerate(chans))
+        self.csm = nn.ModuleList(nn.Conv2d(64 << k, 64 << max(k - 1, 0), 1) for k in range(4))
+        self.channels, self.sizes = [64, 64, 128, 256], [res >> k for k in (1, 2, 3, 4)]
+        self.requires_grad_(False).eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: BatchNorm statistics and dropout stay in eval mode
+
+    def backbone_maps(self, x):
+        if not self.vit:
+            out = []
+            for stage in self.backbone:
+                x = stage(x)
+                out.append(x)
+            return out
+        v, g = self.backbone, x.shape[-1] // 16
+        t = v.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [N, g*g, D]
+        prefix = [v.cls_token] + ([v.dist_token] if getattr(v, "dist_token", None) is not None else [])
+        pos, n0 = v.pos_embed, len(prefix)
+        g0 = int(math.isqrt(pos.shape[1] - n0))
+        if g != g0:  # other input sizes: bilinear position embeddings, as CTM's forward_flex
+            grid = pos[:, n0:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid, size=(g, g), mode="bilinear", align_corners=False)
+            pos = torch.cat([pos[:, :n0], grid.permute(0, 2, 3, 1).reshape(1, g * g, -1)], dim=1)
+        t = v.pos_drop(torch.cat([p.expand(len(t), -1, -1) for p in prefix] + [t], dim=1) + pos)
+        out = []
+        for i, block in enumerate(v.blocks):
+            t = block(t)
+            if i in (2, 5, 8, 11):
+                m = t[:, n0:].transpose(1, 2).unflatten(2, (g, g))
+                out.append(self.reassemble[len(out)](m))
+        return out
+
+    def forward(self, x):
+        c = [m(f) for m, f in zip(self.ccm, self.backbone_maps(x), strict=True)]
+        p = [self.csm[3](_up2(c[3]))]
+        for k in (2, 1, 0):
+            p.insert(0, self.csm[k](_up2(p[0] + c[k])))
+        return p
+
+
+class EqualizedLinearLReLU(nn.Module):
+    """StyleGAN's FullyConnectedLayer(activation='lrelu'): weight N(0, 1) scaled by 1/sqrt(fan_in) at run
+    time, leaky ReLU 0.2 with gain sqrt(2)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(cout, cin)), nn.Parameter(torch.zeros(cout))
+
+    def forward(self, x):
+        x = F.linear(x, self.weight / math.sqrt(self.weight.shape[1]), self.bias)
+        return F.leaky_relu(x, 0.2) * math.sqrt(2)
+
+
+class CTMHead(nn.Module):
+    """CTM's SingleDisc / SingleDiscCond on one feature map: spectral-norm 4x4 stride-2 DownBlocks
+    (+ BatchNorm, LeakyReLU 0.2) from the map's size down to 8 x 8, with Projected GAN's channel plan by size
+    (128 and 64 px: 64, 32: 128, 16: 256, 8: 512; a size snaps to the nearest key, as CTM's 112, 56, ...),
+    then a 4x4 spectral-norm conv to patch logits (4 x 4 at 224 px input). Conditional (StyleGAN-XL): that
+    conv gives 64 channels whose dot product with a projected class embedding, / sqrt(64), is the logit;
+    the embedding is learnt (CTM loads ImageNet's for ImageNet; none exists for other labels)."""
+
+    NFC = {4: 512, 8: 512, 16: 256, 32: 128, 64: 64, 128: 64, 256: 32, 512: 16, 1024: 8}
+
+    def __init__(self, cin, size, label_dim=0, cmap_dim=64, embed_dim=320):
+        super().__init__()
+        layers, c, s = [], cin, min(self.NFC, key=lambda k: abs(k - size))
+        while s > 8:
+            s //= 2
+            layers += [
+                _sn(nn.Conv2d(c, self.NFC[s], 4, 2, 1)),
+                nn.BatchNorm2d(self.NFC[s]),
+                nn.LeakyReLU(0.2),
+            ]
+            c, size = self.NFC[s], size // 2
+        self.main = nn.Sequential(*layers)
+        self.cmap_dim = cmap_dim if label_dim else 1
+        self.cls = _sn(nn.Conv2d(c, self.cmap_dim, min(4, size), 1, 0, bias=False))
+        self.embed = nn.Embedding(label_dim, embed_dim) if label_dim else None
+        self.embed_proj = EqualizedLinearLReLU(embed_dim, cmap_dim) if label_dim else None
+
+    def forward(self, h, onehot=None):
+        out = self.cls(self.main(h))
+        if self.embed is not None:
+            cmap = self.embed_proj(self.embed(onehot.argmax(1)))[:, :, None, None]
+            out = (out * cmap).sum(1, keepdim=True) / math.sqrt(self.cmap_dim)
+        return out.flatten(1)
+
+
+class CTMDisc(nn.Module):
+    """--disc ctm (default): CTM's ProjectedDiscriminator + MultiScaleD, which LMM App. A.4 adopts. Per
+    feature network: one DiffAugment draw of the image in [-1, 1], then [0, 1], the network's normalisation,
+    bilinear resize to res (224), the frozen TimmFeatures and a trainable CTMHead per map. Output: every
+    head's patch logits [N, 2 x 4 x 16] at 224 px; the hinge losses average them (as CTM's per-logit mean)."""
+
+    def __init__(self, label_dim=0, backbones=CTM_BACKBONES, res=224, pretrained=True):
+        super().__init__()
+        self.res = res
+        self.features = nn.ModuleList(TimmFeatures(name, pretrained, res) for name in backbones)
+        self.heads = nn.ModuleList(
+            nn.ModuleList(CTMHead(c, s, label_dim) for c, s in zip(f.channels, f.sizes, strict=True))
+            for f in self.features
+        )
+
+    def forward(self, x, onehot=None, augment=()):
+        logits = []
+        for feat, heads in zip(self.features, self.heads, strict=True):
+            h = diff_augment(x, augment) if augment else x  # CTM: a fresh draw for each feature network
+            h = ((h + 1) / 2 - feat.mean) / feat.std
+            h = F.interpolate(h, size=(self.res, self.res), mode="bilinear", align_corners=False)
+            logits += [head(f, onehot) for head, f in zip(heads, feat(h), strict=True)]
+        return torch.cat(logits, dim=1)
+
+
+# --- --disc torchvision: the same projected design on torchvision networks (this file's earlier default) ---
 
 
 def _imagenet_net(name, pretrained):
@@ -747,7 +949,7 @@ def _imagenet_net(name, pretrained):
         return getattr(torchvision.models, name)(weights=weights)
     except Exception as e:
         fail(
-            f"cannot load the ImageNet weights of {name} for --disc projected ({type(e).__name__}): put "
+            f"cannot load the ImageNet weights of {name} for --disc torchvision ({type(e).__name__}): put "
             f"{os.path.basename(weights.url)} in {os.path.join(torch.hub.get_dir(), 'checkpoints')}/ "
             "or use --disc patch"
         )
@@ -760,7 +962,7 @@ class FeatureNet(nn.Module):
 
     def __init__(self, name, pretrained=True):
         super().__init__()
-        self.name, self.net = name, _imagenet_net(name, pretrained)
+        self.name, self.backbone = name, _imagenet_net(name, pretrained)
         self.requires_grad_(False).eval()
 
     def train(self, mode=True):
@@ -770,12 +972,12 @@ class FeatureNet(nn.Module):
         size = x.shape[-1]
         if self.name.startswith("efficientnet"):
             out = []
-            for i, stage in enumerate(self.net.features[:8]):
+            for i, stage in enumerate(self.backbone.features[:8]):
                 x = stage(x)
                 if i in (2, 3, 5, 7):
                     out.append(x)
             return out
-        v = self.net
+        v = self.backbone
         x = v._process_input(x)
         x = torch.cat([v.class_token.expand(x.shape[0], -1, -1), x], dim=1) + v.encoder.pos_embedding
         out, g = [], size // v.patch_size
@@ -790,7 +992,7 @@ class FeatureNet(nn.Module):
 
 
 class DiscHead(nn.Module):
-    """One scale of the projected discriminator: spectral-norm 4x4 stride-2 convs (+ BatchNorm, LeakyReLU)
+    """One scale of the torchvision discriminator: spectral-norm 4x4 stride-2 convs (+ BatchNorm, LeakyReLU)
     down to <= 8x8, then patch logits; conditional: <features, class embedding> / sqrt(64) (StyleGAN-XL)."""
 
     def __init__(self, cin, size, label_dim=0):
@@ -813,11 +1015,11 @@ class DiscHead(nn.Module):
         return h.flatten(1)
 
 
-class ProjectedDisc(nn.Module):
-    """--disc projected (Projected GAN, Sauer et al. 2021; StyleGAN-XL 2022; as CTM and LMM use it): images
-    resized to res, normalised for ImageNet, fed to frozen pretrained feature networks; their 4 maps pass a
-    frozen random cross-channel (1x1) and top-down cross-scale (3x3) mixing; a trainable spectral-norm patch
-    head per map. Output: all heads' patch logits, [N, patches]."""
+class TorchvisionDisc(nn.Module):
+    """--disc torchvision: images resized to res, normalised for ImageNet, fed to frozen torchvision networks
+    (efficientnet_b0, vit_b_16); their 4 maps pass a frozen random cross-channel (1x1) and top-down
+    cross-scale (3x3) mixing; a trainable spectral-norm patch head per map. One DiffAugment draw for all
+    networks. Output: all heads' patch logits, [N, patches]."""
 
     def __init__(self, label_dim=0, backbones=("efficientnet_b0", "vit_b_16"), res=224, pretrained=True):
         super().__init__()
@@ -840,7 +1042,8 @@ class ProjectedDisc(nn.Module):
                 nn.ModuleList(DiscHead(w, res >> (2 + k), label_dim) for k, w in enumerate(widths))
             )
 
-    def forward(self, x, onehot=None):
+    def forward(self, x, onehot=None, augment=()):
+        x = diff_augment(x, augment) if augment else x
         x = F.interpolate(x, size=(self.res, self.res), mode="bilinear", align_corners=False)
         x = ((x + 1) / 2 - self.mean) / self.std
         logits = []
@@ -854,20 +1057,47 @@ class ProjectedDisc(nn.Module):
         return torch.cat(logits, dim=1)
 
 
-def build_disc(kind, img_channels, label_dim, res=224, backbones=("efficientnet_b0",), pretrained=True):
-    """The discriminator and its trainable parameters (the projected one's feature networks stay frozen)."""
+DISC_BACKBONES = {"ctm": CTM_BACKBONES, "torchvision": ("efficientnet_b0", "vit_b_16")}
+
+
+def build_disc(kind, img_channels, label_dim, res=224, backbones=None, pretrained=True):
+    """--disc ctm | torchvision | patch. backbones None: the kind's defaults (DISC_BACKBONES)."""
     if kind == "patch":
-        disc = PatchDisc(img_channels, label_dim)
-    else:
-        if "vit_b_16" in backbones and res != 224:
-            fail(f"--disc-res {res}: the vit_b_16 features need 224 x 224 inputs (or drop vit_b_16)")
-        disc = ProjectedDisc(label_dim, backbones, res, pretrained)
-    return disc
+        return PatchDisc(img_channels, label_dim)
+    backbones = tuple(backbones or DISC_BACKBONES[kind])
+    if kind == "ctm":
+        if res % 32 or res < 32:
+            fail(f"--disc-res {res}: --disc ctm needs a multiple of 32 (CTM: 224)")
+        return CTMDisc(label_dim, backbones, res, pretrained)
+    if "vit_b_16" in backbones and res != 224:
+        fail(f"--disc-res {res}: the vit_b_16 features need 224 x 224 inputs (or drop vit_b_16)")
+    return TorchvisionDisc(label_dim, backbones, res, pretrained)
+
+
+def _frozen(name):
+    return name.startswith(("features.", "ccm.", "csm."))
 
 
 def disc_params(disc):
     """The trainable parameters: all but the frozen feature networks and random projections."""
-    return [p for n, p in disc.named_parameters() if not n.startswith(("features.", "ccm.", "csm."))]
+    return [p for n, p in disc.named_parameters() if not _frozen(n)]
+
+
+def _pretrained_key(name):
+    return name.startswith("features.") and ".backbone." in name
+
+
+def disc_state(disc):
+    """The discriminator's state for a checkpoint, less the frozen ImageNet weights (rebuilt from timm /
+    torchvision; the frozen random projections are kept)."""
+    return {k: v for k, v in disc.state_dict().items() if not _pretrained_key(k)}
+
+
+def load_disc_state(disc, state):
+    missing, unexpected = disc.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not _pretrained_key(k)] + list(unexpected)
+    if bad:
+        fail(f"the checkpoint's discriminator does not match --disc / --disc-backbones (e.g. {bad[0]})")
 
 
 # --- sampling ---
@@ -928,11 +1158,16 @@ def sample(net, noise, nfe, labels=None, steps=None, cm_noise=False, generator=N
     """DESIGN 4: noise [N, C, H, W] standard normal -> (images in [-1, 1], NFE = number of step indices).
     nfe 1, 2, 3, 4 -> steps (0,), (0, 1), (0, 3, 5), (0, 1, 3, 5) (Table 7); `steps` overrides. schedule:
     steps/sigma_min/sigma_max/rho overrides of the net's schedule (named sched_steps here, as `steps`
-    means indices). cm_noise: consistency-model noise sqrt(sigma^2 - sigma_min^2)."""
+    means indices; also "0:1:2" or an int, as evaluate.py --sampler-kw passes them). cm_noise:
+    consistency-model noise sqrt(sigma^2 - sigma_min^2)."""
     s = dict(SCHEDULE, **getattr(net, "schedule", {}))
     if "sched_steps" in schedule:
         schedule["steps"] = schedule.pop("sched_steps")
     s.update(schedule)
+    if isinstance(steps, str):  # evaluate.py --sampler-kw steps=0:1:2 (its commas separate keywords)
+        steps = [int(t) for t in steps.split(":") if t]
+    elif isinstance(steps, int):  # --sampler-kw steps=0
+        steps = [steps]
     steps = check_steps(steps, s["steps"]) if steps is not None else nfe_steps(nfe, s["steps"])
     sigmas = lmm_schedule(**s)
     x = lmm_sampler(net, noise, sigmas, steps, labels, s["sigma_min"] if cm_noise else None, generator)
@@ -1205,6 +1440,56 @@ def _sync(module, sync):
     return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
 
 
+# The architecture of an --init checkpoint that the student takes over (dropout and schedule stay ours).
+INIT_ARCH = (
+    "img_resolution",
+    "img_channels",
+    "label_dim",
+    "augment_dim",
+    "sigma_data",
+    "model_channels",
+    "channel_mult",
+    "num_blocks",
+    "attn_resolutions",
+)
+
+
+def load_init(path, shape, label_dim, cond):
+    """--init: an EDM-family checkpoint (ours, or an official EDM snapshot converted by edm_teacher.py
+    --convert) -> (its architecture's net_kwargs, its EMA weights). The student is built from the teacher's
+    net_kwargs so that every key loads strictly; a real mismatch with the pairs is a one-line error."""
+    if path.endswith(".pkl"):
+        fail(
+            f"--init {path}: convert the EDM snapshot first "
+            f"(python edm_teacher.py --convert X.pt --ckpt {path}) and pass X.pt"
+        )
+    init = load_checkpoint(path)
+    if init.get("method") not in ("lmm", "edm_teacher", "aot_edm") or "net_kwargs" not in init:
+        fail(
+            f"--init {path} is a {init.get('method')!r} checkpoint; it needs an EDM-family one "
+            "(edm_teacher, aot_edm, lmm)"
+        )
+    arch = {k: init["net_kwargs"][k] for k in INIT_ARCH if k in init["net_kwargs"]}
+    theirs = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"])
+    if theirs != shape:
+        fail(
+            f"--init {path} makes {theirs} images but the pairs are {shape}: make the pairs with that teacher"
+        )
+    t_dim = arch.get("label_dim", 0)
+    if t_dim and not label_dim:
+        why = "--cond off was given" if cond == "off" else "the pairs have no labels"
+        fail(
+            f"--init {path} is class-conditional ({t_dim} classes) but {why}: use conditional pairs "
+            "(gen_pairs.py --cond) and drop --cond off, or an unconditional teacher"
+        )
+    if label_dim and t_dim != label_dim:
+        fail(
+            f"--init {path} has {t_dim or 'no'} classes but the pairs have {label_dim}: "
+            + ("pass --cond off" if not t_dim else "make the pairs with that teacher")
+        )
+    return arch, init["ema"] if init.get("ema") is not None else init["net"]
+
+
 def train(args):
     rank, world, device = dist_setup()
     log = Logger(args.outdir, rank)
@@ -1229,22 +1514,31 @@ def train(args):
         fail(f"cannot read {args.pairs} as an uncompressed .npz of pairs: {str(e).strip().splitlines()[0]}")
     shape, label_dim = check_pairs(pairs, args.pairs, args.cond)
     n_pairs, res = len(pairs["noise"]), shape[-1]
-    if res % 2 ** (len(args.channel_mult) - 1):
-        fail(f"pairs resolution {res} is not divisible by 2^{len(args.channel_mult) - 1} (--channel-mult)")
     schedule = dict(steps=args.sched_steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
     if args.sot and (min(args.sot) < 0 or max(args.sot) >= args.sched_steps):
         fail(f"--sot {args.sot}: indices must lie in 0..{args.sched_steps - 1} (--sched-steps)")
     total = round(args.duration * 1e6)
     adv = args.adv_start >= 0 and args.adv_start * 1000 < total
     images = labels = None
+    data, data_from = args.data, "--data"
     if adv:
-        if not args.data:
-            fail("the adversarial loss needs real images: pass --data (or --adv-start off)")
-        images, labels = load_images(args.data, args.data_dir)
+        if not data:  # the pairs' meta names the teacher's training set (gen_pairs.py)
+            data, data_from = pairs.get("meta", {}).get("dataset"), "the pairs' teacher dataset (meta)"
+        if not data:
+            fail(
+                f"the adversarial loss needs real images and {args.pairs}'s meta names no teacher dataset: "
+                "pass --data (or --adv-start off)"
+            )
+        if data_from != "--data" and not (data in ("cifar10", "shapes") or os.path.exists(data)):
+            fail(f"{data_from} is {data!r}, which lmm.py cannot load by name: pass --data FILE.npz or DIR")
+        images, labels = load_images(data, args.data_dir)
         if tuple(images.shape[1:]) != shape:
-            fail(f"--data images are {tuple(images.shape[1:])} but the pairs are {shape}: use the same size")
+            fail(
+                f"{data_from}: images are {tuple(images.shape[1:])} but the pairs are {shape}: "
+                "use the same size"
+            )
         if label_dim and labels is None:
-            fail(f"the pairs are class-conditional but {args.data} has no labels for the discriminator")
+            fail(f"the pairs are class-conditional but {data} has no labels for the discriminator")
     net_kwargs = dict(
         img_resolution=res,
         img_channels=shape[0],
@@ -1256,49 +1550,68 @@ def train(args):
         dropout=args.dropout,
         schedule=schedule,
     )
+    init_sd = None
     if ckpt is not None:
         net_kwargs = ckpt["net_kwargs"]
         changed = {
             k: (ckpt["args"].get(k), v)
             for k, v in vars(args).items()
-            if k in ("pairs", "data", "batch", "seed", "loss", "sot", "adv_start", "lr")
+            if k
+            in ("pairs", "data", "batch", "seed", "loss", "sot", "sot_start", "adv_start", "g_period", "lr")
             and ckpt["args"].get(k) != v
         }
         if changed:
             log.print(
                 f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
             )
-    torch.manual_seed(
-        args.seed
-    )  # identical initial weights (net, discriminator, random projections) on every rank
+    elif args.init:
+        arch, init_sd = load_init(args.init, shape, label_dim, args.cond)
+        net_kwargs = dict(net_kwargs, **arch)
+    if res % 2 ** (len(net_kwargs["channel_mult"]) - 1):
+        fail(
+            f"pairs resolution {res} is not divisible by 2^{len(net_kwargs['channel_mult']) - 1} "
+            "(--channel-mult)"
+        )
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
     net = build_net(net_kwargs).to(device).train()
-    if args.init and ckpt is None:
-        init = load_checkpoint(args.init)
-        arch = [k for k in net_kwargs if k not in ("dropout", "schedule")]
-        if init.get("method") not in ("lmm", "edm_teacher", "aot_edm") or any(
-            init["net_kwargs"].get(k) != net_kwargs[k] for k in arch
-        ):
-            fail(f"--init {args.init}: needs an EDM-family checkpoint with this architecture ({net_kwargs})")
-        net.load_state_dict(init["ema"] if init.get("ema") is not None else init["net"])
+    if init_sd is not None:
+        try:
+            net.load_state_dict(init_sd)
+        except RuntimeError as e:
+            why = " ".join(str(e).split())[:300]
+            fail(
+                f"--init {args.init}: its weights do not fit its own net_kwargs ({why}); "
+                "re-save it with its method's file"
+            )
+    if net.model.map_augment is not None:  # EDM's augmentation conditioning: LMM never uses it
+        net.model.map_augment.requires_grad_(False)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.RAdam(net.parameters(), lr=args.lr, betas=(0.9, 0.999))  # LMM Table 6
     if args.preset == "imagenet64" and rank == 0:
         print("note: LMM's ImageNet-64 generator is ADM, which is not implemented; this is the DDPM++ UNet")
     disc = opt_d = None
     if adv:
+        torch.manual_seed(args.seed + 1)  # D's random heads and projections: a function of the seed alone
         disc = build_disc(
-            args.disc, shape[0], label_dim, args.disc_res, args.disc_backbones, not args.disc_random_weights
+            args.disc,
+            shape[0],
+            0 if args.disc_uncond else label_dim,
+            args.disc_res,
+            args.disc_backbones,
+            not args.disc_random_weights,
         ).to(device)
         opt_d = torch.optim.RAdam(disc_params(disc), lr=args.lr_d, betas=(0.5, 0.9))  # LMM Table 6
+    d_label_dim = 0 if args.disc_uncond else label_dim
     lp = make_lpips(device, args.lpips_random_trunk) if args.loss == "lpips" else None
-    step, nimg = 0, 0
+    step, nimg, adv_step0 = 0, 0, None
     if ckpt is not None:
         net.load_state_dict(ckpt["net"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+        adv_step0 = ckpt["state"].get("adv_step0")
         if disc is not None and ckpt["state"].get("disc") is not None:
-            disc.load_state_dict(ckpt["state"]["disc"])
+            load_disc_state(disc, ckpt["state"]["disc"])
             opt_d.load_state_dict(ckpt["state"]["disc_opt"])
         log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg)")
     ddp, ddp_d = net, disc
@@ -1314,9 +1627,22 @@ def train(args):
         log.print(json.dumps(vars(args)))
         log.print(
             f"{n_pairs} pairs {shape}{f', {label_dim} classes' if label_dim else ''}, "
-            f"{sum(p.numel() for p in net.parameters())} parameters, {world} process(es) on {device}; "
-            f"adversarial loss {f'from {args.adv_start:g} kimg ({args.disc})' if adv else 'off'}"
+            f"{sum(p.numel() for p in net.parameters())} parameters"
+            f"{f' from --init {args.init}' if init_sd is not None else ''}, {world} process(es) on {device}"
         )
+        if adv:
+            names = ",".join(args.disc_backbones or DISC_BACKBONES.get(args.disc, ()))
+            names = f" on {names}" if names else ""
+            sched = (
+                "G and D on every step" if args.g_period == 1 else f"G on 1 step in {args.g_period}, else D"
+            )
+            log.print(
+                f"adversarial loss from {args.adv_start:g} kimg: --disc {args.disc}{names}, "
+                f"{sum(p.numel() for p in disc_params(disc))} trainable D parameters, {sched}; "
+                f"real images for the discriminator: {data} ({len(images)} images, from {data_from})"
+            )
+        else:
+            log.print("adversarial loss off")
     if adv:
         n_real = len(images) * (2 if args.xflip else 1)
         images = images.to(device)
@@ -1325,48 +1651,61 @@ def train(args):
     grid_noise = torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0))
     grid_labels = torch.arange(args.grid) % label_dim if label_dim else None
     stop = StopFlag()
-    sums, t_last, step_last = {}, time.time(), step
+    sums, counts, t_last, step_last = {}, {}, time.time(), step
     while nimg < total:
         seed_step(args.seed, rank, world, step)
         in_adv = adv and nimg >= args.adv_start * 1000
+        if in_adv and adv_step0 is None:
+            adv_step0 = step  # stored in the checkpoint: the G/D phase of a resumed run is the same
+        # CTM's schedule (g_learning_period): in the adversarial phase step k updates N_theta when
+        # k % g_period == 0 and D otherwise; g_period 1: both on every step (N_theta first, then D)
+        phase = (step - adv_step0) % args.g_period if in_adv else 0
+        g_step, d_step = phase == 0, in_adv and (args.g_period == 1 or phase != 0)
+        sot = args.sot if nimg >= args.sot_start * 1000 else None  # SOT as fine-tuning from --sot-start
         lpips_res = (
             args.lpips_res if (in_adv or not adv) else args.lpips_res_pre
-        )  # LMM App. A.4: 64 px before ADL
+        )  # App. A.4: 64 px before ADL
         distance = None if lp is None else (lambda a, b, r=lpips_res: lpips_distance(lp, a, b, r))
         idx = batch_indices(n_pairs, args.batch, step, args.seed)[rank * batch_rank : (rank + 1) * batch_rank]
-        chunks, rec = idx.split(batch_gpu), dict(L_lines=0.0)
-        if in_adv:
-            for p in disc_params(disc):  # the generator step leaves D's gradients alone
-                p.requires_grad_(False)
-            rec.update(L_G=0.0, lambda_adapt=0.0)
-        opt.zero_grad(set_to_none=True)
-        inputs = []
-        for j, chunk in enumerate(chunks):
-            x0, x1, y = get_pairs(pairs, chunk, device, label_dim > 0)
-            sigma = draw_sigma(
-                len(chunk), args.sigma_dist, args.sot, schedule, args.P_mean, args.P_std, device
-            )
-            with _sync(ddp, j == len(chunks) - 1):
-                d, x1_hat = lmm_loss(ddp, x0, x1, sigma, y, distance)
-                loss = l_lines = d.mean()  # LMM Eq. 3
-                if in_adv:
-                    onehot = F.one_hot(y, label_dim).float() if label_dim else None
-                    l_g = g_hinge_loss(disc(diff_augment(x1_hat, args.augment), onehot))
-                    lam = adaptive_weight(l_lines, l_g, w_last, args.adapt_clamp)
-                    loss = (
-                        args.lambda_lines * l_lines + lam * l_g
-                    )  # LMM Sec. 3: lambda_lines L_lines + lambda_adapt L_G
-                    rec["L_G"] += l_g.item() / len(chunks)
-                    rec["lambda_adapt"] += lam.item() / len(chunks)
-                    inputs.append((x0, x1, y, sigma))
-                (loss * len(chunk) / batch_rank).backward()
-            rec["L_lines"] += l_lines.item() * len(chunk) / batch_rank
-        for p in net.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-        opt.step()
-        ema_update(ema, net, args.ema)
-        if in_adv:  # the discriminator step, against the updated N_theta on the same inputs (alternating)
+        chunks, rec, inputs = idx.split(batch_gpu), {}, []
+        if g_step:
+            rec["L_lines"] = 0.0
+            if in_adv:
+                for p in disc_params(disc):  # the generator step leaves D's gradients alone
+                    p.requires_grad_(False)
+                rec.update(L_G=0.0, lambda_adapt=0.0)
+            opt.zero_grad(set_to_none=True)
+            for j, chunk in enumerate(chunks):
+                x0, x1, y = get_pairs(pairs, chunk, device, label_dim > 0)
+                sigma = draw_sigma(
+                    len(chunk), args.sigma_dist, sot, schedule, args.P_mean, args.P_std, device
+                )
+                with _sync(ddp, j == len(chunks) - 1):
+                    d, x1_hat = lmm_loss(ddp, x0, x1, sigma, y, distance)
+                    loss = l_lines = d.mean()  # LMM Eq. 3
+                    if in_adv:
+                        onehot = F.one_hot(y, d_label_dim).float() if d_label_dim else None
+                        l_g = g_hinge_loss(disc(x1_hat, onehot, augment=args.augment))
+                        lam = adaptive_weight(l_lines, l_g, w_last, args.adapt_clamp)
+                        loss = args.lambda_lines * l_lines + lam * l_g  # LMM Sec. 3
+                        rec["L_G"] += l_g.item() / len(chunks)
+                        rec["lambda_adapt"] += lam.item() / len(chunks)
+                        inputs.append((x0, x1, y, sigma))
+                    (loss * len(chunk) / batch_rank).backward()
+                rec["L_lines"] += l_lines.item() * len(chunk) / batch_rank
+            for p in net.parameters():
+                if p.grad is not None:
+                    torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+            opt.step()
+            ema_update(ema, net, args.ema)
+        elif d_step:  # a D-only step: fakes from the current N_theta on this step's pairs and noise levels
+            for chunk in chunks:
+                x0, x1, y = get_pairs(pairs, chunk, device, label_dim > 0)
+                sigma = draw_sigma(
+                    len(chunk), args.sigma_dist, sot, schedule, args.P_mean, args.P_std, device
+                )
+                inputs.append((x0, x1, y, sigma))
+        if d_step:  # hinge loss on real images and on N_theta's outputs (after its update when g_period 1)
             for p in disc_params(disc):
                 p.requires_grad_(True)
             opt_d.zero_grad(set_to_none=True)
@@ -1379,14 +1718,10 @@ def train(args):
                     fake = net(x1 + sigma.reshape(-1, 1, 1, 1) * x0, sigma, class_labels=y)
                 real, ry = get_batch(images, labels, rchunk, device)
                 with _sync(ddp_d, j == len(inputs) - 1):
-                    d_real = ddp_d(
-                        diff_augment(real, args.augment),
-                        F.one_hot(ry, label_dim).float() if label_dim else None,
-                    )
-                    d_fake = ddp_d(
-                        diff_augment(fake, args.augment),
-                        F.one_hot(y, label_dim).float() if label_dim else None,
-                    )
+                    oh_real = F.one_hot(ry, d_label_dim).float() if d_label_dim else None
+                    oh_fake = F.one_hot(y, d_label_dim).float() if d_label_dim else None
+                    d_real = ddp_d(real, oh_real, augment=args.augment)
+                    d_fake = ddp_d(fake, oh_fake, augment=args.augment)
                     l_d = d_hinge_loss(d_real, d_fake)
                     (l_d / len(inputs)).backward()
                 rec["L_D"] += l_d.item() / len(inputs)
@@ -1394,19 +1729,19 @@ def train(args):
                 rec["D_fake"] += d_fake.mean().item() / len(inputs)
             opt_d.step()
         for k, v in rec.items():
-            sums[k] = sums.get(k, 0.0) + v
+            sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
         nimg, step = nimg + args.batch, step + 1
         done, stop_now = nimg >= total, stop.any(device)
         if step % args.log_every == 0 or done or stop_now:
             n = max(step - step_last, 1)
-            metrics = {k: all_mean(v / n, device) for k, v in sums.items()}
+            metrics = {k: all_mean(v / counts[k], device) for k, v in sums.items()}  # per step that had it
             log.log(step=step, kimg=nimg / 1000, **metrics, sec_per_step=(time.time() - t_last) / n)
-            sums, t_last, step_last = {}, time.time(), step
+            sums, counts, t_last, step_last = {}, {}, time.time(), step
         if step % args.snap_every == 0 or done or stop_now:
             if rank == 0:
-                state = dict(nimg=nimg, disc=None, disc_opt=None)
+                state = dict(nimg=nimg, adv_step0=adv_step0, disc=None, disc_opt=None)
                 if disc is not None:
-                    state.update(disc=disc.state_dict(), disc_opt=opt_d.state_dict())
+                    state.update(disc=disc_state(disc), disc_opt=opt_d.state_dict())
                 ckpt_out = dict(
                     method=METHOD,
                     version=VERSION,
@@ -1444,6 +1779,9 @@ def generate(args):
     Image i uses seed --seed + i for its noise, label and eta: identical for any number of processes."""
     from tqdm import tqdm
 
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        fail(f"--out {args.out}: the folder {out_dir} is missing or not writable; create it first")
     rank, world, device = dist_setup()
     ckpt = load_checkpoint(args.ckpt)
     if ckpt.get("method") != METHOD:
@@ -1527,7 +1865,12 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--pairs", default=None, help="pairs .npz from gen_pairs.py (noise, data, optional label)")
-    p.add_argument("--data", default=None, help="real images for the discriminator: cifar10 | FILE.npz | DIR")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="real images for the discriminator: cifar10 | FILE.npz | DIR (default: the dataset the pairs' "
+        "meta names, i.e. the teacher's)",
+    )
     p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
     p.add_argument("--xflip", action="store_true", help="add mirrored copies of the real images")
     p.add_argument("--outdir", default="runs/lmm", help="checkpoints, grids, log.jsonl, args.json")
@@ -1556,6 +1899,12 @@ def parse_args(argv=None):
         "--sot", type=_ints, default=[], help="Sampling-Optimised Training: train only at these step indices"
     )
     p.add_argument(
+        "--sot-start",
+        type=float,
+        default=0.0,
+        help="kimg where --sot starts (fine-tuning; the +SOT recipe: 40960)",
+    )
+    p.add_argument(
         "--sched-steps", type=int, default=None, help="EDM schedule length (preset; 18 / 40 at 64x64)"
     )
     p.add_argument("--sigma-min", type=float, default=0.002, help="smallest noise level (EDM: 0.002)")
@@ -1564,15 +1913,34 @@ def parse_args(argv=None):
     p.add_argument(
         "--adv-start", type=_kimg_or_off, default=None, help="kimg where Eq. 5 starts (preset); off"
     )
-    p.add_argument("--disc", default="projected", choices=["projected", "patch"], help="discriminator")
+    p.add_argument(
+        "--disc",
+        default="ctm",
+        choices=["ctm", "torchvision", "patch"],
+        help="ctm: CTM's projected discriminator on timm networks (LMM App. A.4); torchvision: the same "
+        "design on torchvision networks; patch: a small one trained from scratch (offline)",
+    )
     p.add_argument(
         "--disc-backbones",
         type=lambda s: s.split(","),
-        default=["efficientnet_b0", "vit_b_16"],
-        help="frozen ImageNet features of --disc projected (torchvision names)",
+        default=None,
+        help="frozen ImageNet features (ctm: deit_base_distilled_patch16_224,tf_efficientnet_lite0 from "
+        "timm; torchvision: efficientnet_b0,vit_b_16)",
     )
-    p.add_argument("--disc-res", type=int, default=224, help="--disc projected input size (App. A.4: 224)")
+    p.add_argument("--disc-res", type=int, default=224, help="feature networks' input size (App. A.4: 224)")
+    p.add_argument(
+        "--disc-uncond",
+        action="store_true",
+        help="unconditional D heads for labelled pairs (CTM's public CIFAR-10 code; LMM App. A.4: cond.)",
+    )
     p.add_argument("--disc-random-weights", action="store_true", help="TESTS ONLY: random feature networks")
+    p.add_argument(
+        "--g-period",
+        type=int,
+        default=2,
+        help="adversarial phase: N_theta updates on 1 step in K, D on the other K-1 (CTM's CIFAR-10 command: "
+        "2); 1: both on every step",
+    )
     p.add_argument(
         "--augment",
         type=lambda s: tuple(s.split(",")) if s else (),
@@ -1582,9 +1950,15 @@ def parse_args(argv=None):
     p.add_argument(
         "--lambda-lines", type=float, default=0.5, help="weight of L_lines with the adversarial loss"
     )
-    p.add_argument("--adapt-clamp", type=_floats, default=[0.0, 1e4], help="clamp range of lambda_adapt")
     p.add_argument(
-        "--init", default=None, help="start from this EDM-family checkpoint's weights (lmm, edm_teacher)"
+        "--adapt-clamp", type=_floats, default=[0.01, 10.0], help="LO,HI clip of lambda_adapt (CTM: 0.01,10)"
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="TEACHER",
+        help="start N_theta from this EDM-family checkpoint (edm_teacher, lmm; official EDM .pkl converted "
+        "by edm_teacher.py --convert) and take its architecture; default: random weights",
     )
     p.add_argument("--model-channels", type=int, default=128, help="UNet base width (DDPM++: 128)")
     p.add_argument(
@@ -1631,8 +2005,10 @@ def parse_args(argv=None):
     ):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if len(args.adapt_clamp) != 2:
-        p.error("--adapt-clamp takes two numbers: LOW,HIGH")
+    if len(args.adapt_clamp) != 2 or not 0 <= args.adapt_clamp[0] <= args.adapt_clamp[1]:
+        p.error("--adapt-clamp takes two numbers 0 <= LOW <= HIGH: LOW,HIGH (CTM: 0.01,10)")
+    if args.g_period < 1:
+        p.error("--g-period must be at least 1 (CTM: 2)")
     return args
 
 

@@ -1,18 +1,24 @@
 """Seconds per lmm.py training step for each ingredient of LMM Table 7, as ratios to the L2 step of one run.
 
     python bench/lmm_step.py --out bench/lmm_step_cpu.json          # CPU: tiny and full net, batch 8
-    python bench/lmm_step.py --batch 128 --steps 6 --out lmm_step_gpu.json   # GPU
+    python bench/lmm_step.py --batch 128 --steps 7 --warmup 3 --out bench/lmm_step_gpu.json   # GPU
 
 Each configuration runs lmm.py's own training loop (`main`) on CIFAR-10 shapes (3 x 32 x 32 pairs, 10 classes,
-synthetic real images) and the median `sec_per_step` of its log after --warmup steps is kept:
-  l2          Eq. 3 with the squared L2 distance
-  lpips       Eq. 3 with LPIPS-VGG at 224 px (the paper's adversarial phase; 64 px before it)
-  lpips+adv   + the adversarial loss: projected discriminator (EfficientNet-B0 + ViT-B/16 at 224 px), the
-              adaptive weight, DiffAugment, and the discriminator step
-The feature networks run with random weights (no download; the same arithmetic as the pretrained ones).
+synthetic real images). Each step is timed from its start (seed_step) to its log line, before any checkpoint,
+in wall-clock seconds and in CPU seconds of this process (all threads: less skewed when other processes share
+the machine); the means after --warmup steps are kept:
+  l2          Eq. 3 with the squared L2 distance (the L2 column; also the 80k pre-training steps' loop)
+  lpips       Eq. 3 with LPIPS-VGG at 224 px (the distance of the adversarial phase; 64 px before it)
+  lpips+adv   the adversarial phase as run: --disc ctm (DeiT-B + EfficientNet-lite0 at 224 px, CTM's heads),
+              the adaptive weight, DiffAugment per network, --g-period 2: generator steps (LPIPS + L_G +
+              lambda_adapt) alternate with discriminator steps (N_theta forward, D on fakes and reals)
+For lpips+adv the G steps and D steps are also timed apart; `per_g_update` = G + D step (what one update of
+N_theta costs in that phase). The feature networks run with random weights (no download; the same
+arithmetic as the pretrained ones).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,20 +40,43 @@ NETS = {
 CONFIGS = {
     "l2": ["--loss", "l2", "--adv-start", "off"],
     "lpips": ["--adv-start", "off", "--lpips-res", "224"],
-    "lpips+adv": ["--adv-start", "0", "--lpips-res", "224", "--disc", "projected", "--disc-random-weights"],
+    "lpips+adv": ["--adv-start", "0", "--lpips-res", "224", "--disc", "ctm", "--disc-random-weights"],
 }
+
+
+@contextlib.contextmanager
+def step_timer(out):
+    """Append (wall s, CPU s, is a generator step) for each training step lmm.main runs inside."""
+    seed_step, log = lmm.seed_step, lmm.Logger.log
+    start = {}
+
+    def timed_seed_step(*a, **k):
+        start.update(wall=time.perf_counter(), cpu=time.process_time())
+        return seed_step(*a, **k)
+
+    def timed_log(self, **rec):
+        out.append(
+            (time.perf_counter() - start["wall"], time.process_time() - start["cpu"], "L_lines" in rec)
+        )
+        return log(self, **rec)
+
+    lmm.seed_step, lmm.Logger.log = timed_seed_step, timed_log
+    try:
+        yield
+    finally:
+        lmm.seed_step, lmm.Logger.log = seed_step, log
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=8, help="global batch")
-    p.add_argument("--steps", type=int, default=4, help="steps per configuration")
-    p.add_argument("--warmup", type=int, default=1, help="steps left out of the median")
+    p.add_argument("--steps", type=int, default=3, help="steps per configuration (odd: as many G as D steps)")
+    p.add_argument("--warmup", type=int, default=1, help="steps left out of the means")
     p.add_argument("--nets", default="tiny,full")
     p.add_argument("--out", default="lmm_step_bench.json")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
-    n = max(64, args.batch)
+    n, load = max(64, args.batch), [os.getloadavg()[0]]  # other processes on the machine skew the times
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         pairs, data = os.path.join(tmp, "pairs.npz"), os.path.join(tmp, "data.npz")
@@ -57,22 +86,32 @@ def main(argv=None):
         for net in args.nets.split(","):
             for name, flags in CONFIGS.items():
                 outdir = os.path.join(tmp, f"{net}-{name}")
-                t0 = time.time()
-                lmm.main(
-                    [
-                        "--pairs", pairs, "--data", data, "--outdir", outdir, "--batch", str(args.batch),
-                        "--duration", str(args.batch * args.steps / 1e6), "--log-every", "1", "--grid", "0",
-                        "--lpips-random-trunk", *NETS[net], *flags,
-                    ]
-                )  # fmt: skip
-                with open(os.path.join(outdir, "log.jsonl")) as f:
-                    log = [json.loads(line) for line in f]
-                sec = statistics.median(r["sec_per_step"] for r in log[args.warmup :])
-                results[f"{net}/{name}"] = dict(sec_per_step=sec, wall_s=time.time() - t0)
-                print(f"{net}/{name}: {sec:.3f} s/step", flush=True)
-            base = results[f"{net}/l2"]["sec_per_step"]
+                t0, steps = time.time(), []
+                with step_timer(steps):
+                    lmm.main(
+                        [
+                            "--pairs", pairs, "--data", data, "--outdir", outdir, "--batch", str(args.batch),
+                            "--duration", str(args.batch * args.steps / 1e6), "--log-every", "1",
+                            "--grid", "0", "--lpips-random-trunk", *NETS[net], *flags,
+                        ]
+                    )  # fmt: skip
+                steps = steps[args.warmup :]
+                r = dict(wall_s=time.time() - t0)
+                for i, pre in enumerate(("", "cpu_")):
+                    r[f"{pre}sec_per_step"] = statistics.mean(x[i] for x in steps)
+                    if name == "lpips+adv":  # generator steps log L_lines, discriminator-only steps do not
+                        g = statistics.mean(x[i] for x in steps if x[2])
+                        d = statistics.mean(x[i] for x in steps if not x[2])
+                        r.update({f"{pre}g_step": g, f"{pre}d_step": d, f"{pre}per_g_update": g + d})
+                results[f"{net}/{name}"] = r
+                print(f"{net}/{name}: {r['sec_per_step']:.3f} s, {r['cpu_sec_per_step']:.3f} CPU s per step")
+            base = results[f"{net}/l2"]
             for name in CONFIGS:
-                results[f"{net}/{name}"]["ratio_to_l2"] = results[f"{net}/{name}"]["sec_per_step"] / base
+                r = results[f"{net}/{name}"]
+                for k in ("sec_per_step", "g_step", "d_step", "per_g_update"):
+                    for pre in ("", "cpu_"):
+                        if pre + k in r:
+                            r[f"{pre}{k}_ratio_to_l2"] = r[pre + k] / base[f"{pre}sec_per_step"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     out = dict(
         device=device,
@@ -81,6 +120,8 @@ def main(argv=None):
         python=platform.python_version(),
         batch=args.batch,
         steps=args.steps,
+        warmup=args.warmup,
+        load_avg_1min_start_end=[*load, os.getloadavg()[0]],
         results=results,
     )
     with open(args.out, "w") as f:

@@ -12,7 +12,7 @@ import torch
 
 import edm_teacher as E
 import lmm as L
-from conftest import TINY_FLAGS, run_script
+from conftest import TINY_FLAGS, TINY_NET, run_script
 
 SIGMAS = L.lmm_schedule(18)
 
@@ -123,21 +123,22 @@ def test_sot_draws_only_the_listed_levels_and_the_default_law_covers_the_range()
     assert abs(s.log().mean() + 1.2) < 0.03 and abs(s.log().std() - 1.2) < 0.03
 
 
-def test_adaptive_weight_is_the_detached_clamped_gradient_norm_ratio():
-    torch.manual_seed(0)
-    body, last = torch.nn.Linear(4, 5), torch.nn.Linear(5, 3)
-    x = torch.randn(8, 4)
-    out = last(torch.tanh(body(x)))
-    l_rec, l_g = out.square().mean(), -(out.sum(1) * 0.1).mean()
-    g_rec = torch.autograd.grad(l_rec, last.weight, retain_graph=True)[0]
-    g_adv = torch.autograd.grad(l_g, last.weight, retain_graph=True)[0]
-    lam = L.adaptive_weight(l_rec, l_g, last.weight)
-    assert not lam.requires_grad
-    torch.testing.assert_close(lam, g_rec.norm() / (g_adv.norm() + 1e-4))
-    assert 0.01 < lam < 1e4  # not at a clamp here
-    assert L.adaptive_weight(l_rec * 100, l_g * 1e-9, last.weight) == 1e4  # eps-bounded ratio, clamped
-    assert L.adaptive_weight(l_rec, l_g * 1e-9, last.weight, clamp=(0.01, 10.0)) == 10.0
-    assert L.adaptive_weight(l_rec * 1e-9, l_g, last.weight, clamp=(0.01, 10.0)) == 0.01
+def test_adaptive_weight_is_ctms_detached_clipped_gradient_norm_ratio():
+    # W_L = w (6 weights); L_lines = a <w, u> and L_G = b <w, v> have gradients a u and b v, so by hand
+    # lambda = |a| ||u|| / (|b| ||v|| + 1e-4), then clipped to CTM's [0.01, 10]
+    w = torch.linspace(-1, 1, 6, requires_grad=True)
+    u, v = torch.tensor([3.0, 0, 4, 0, 0, 0]), torch.tensor([0, 1.0, 0, 0, 0, 0])  # ||u|| = 5, ||v|| = 1
+    for a, b, expect in [(0.2, 1.0, 1.0 / (1 + 1e-4)), (5.0, 0.5, 10.0), (0.001, 2.0, 0.01)]:
+        lines, adv = a * (w * u).sum(), b * (w * v).sum()
+        lam = L.adaptive_weight(lines, adv, w)
+        assert not lam.requires_grad and lam.item() == pytest.approx(expect, rel=1e-6), (a, b)
+    assert 5.0 * 5 / (0.5 + 1e-4) > 10 and 0.001 * 5 / (2 + 1e-4) < 0.01  # both clip ends were reached
+    lines, adv = 5.0 * (w * u).sum(), 0.5 * (w * v).sum()
+    assert L.adaptive_weight(lines, adv, w, clamp=(0.0, 1e4)).item() == pytest.approx(25 / 0.5001, rel=1e-6)
+    assert L.parse_args(["--pairs", "p.npz"]).adapt_clamp == [0.01, 10.0]
+    assert L.parse_args(["--pairs", "p.npz", "--adapt-clamp", "0,1e4"]).adapt_clamp == [0.0, 1e4]
+    with pytest.raises(SystemExit):
+        L.parse_args(["--pairs", "p.npz", "--adapt-clamp", "10,1"])
 
 
 def test_diff_augment_translation_moves_pixels_within_the_ratio():
@@ -187,7 +188,7 @@ def test_discriminators_shapes_conditioning_and_frozen_features():
     out = d(x, y)
     assert out.shape == (4, 4)  # 2 x 2 patches at 16 x 16
     assert not torch.allclose(out, d(x, y.roll(1, 1)))  # the projection term uses the label
-    p = L.build_disc("projected", 3, 3, res=64, backbones=["efficientnet_b0"], pretrained=False)
+    p = L.build_disc("torchvision", 3, 3, res=64, backbones=["efficientnet_b0"], pretrained=False)
     out = p(x, y)
     assert out.ndim == 2 and out.shape[0] == 4
     out.mean().backward()
@@ -198,6 +199,81 @@ def test_discriminators_shapes_conditioning_and_frozen_features():
         assert (t.grad is None) == frozen, name
     p.train()
     assert not p.features[0].training  # frozen BatchNorm statistics
+
+
+@pytest.fixture(scope="module")
+def ctm_disc():
+    """CTM's discriminator with its real feature networks (DeiT-B, EfficientNet-lite0; random weights), at
+    64 px input instead of 224 to stay cheap on a CPU."""
+    torch.manual_seed(0)
+    return L.build_disc("ctm", 3, 3, res=64, pretrained=False)
+
+
+def test_ctm_discriminator_features_are_deit_base_and_lite0_with_ctms_channel_plan(ctm_disc):
+    deit, lite = ctm_disc.features
+    assert type(deit.backbone).__name__ == "VisionTransformerDistilled" and deit.backbone.embed_dim == 768
+    assert sum(p.numel() for p in deit.backbone.parameters()) > 85e6  # DeiT-B (distilled), 86M
+    x = torch.zeros(1, 3, 64, 64)
+    assert [m.shape[1] for m in deit.backbone_maps(x)] == [96, 192, 384, 768]  # DPT reassembly of DeiT-B
+    assert [m.shape[1] for m in lite.backbone_maps(x)] == [24, 40, 112, 320]  # lite0 after blocks 2, 3, 5, 7
+    for f in (deit, lite):  # after cross-channel (64..512) and cross-scale mixing (x2 up, half the channels)
+        assert [tuple(m.shape[1:]) for m in f(x)] == [(64, 32, 32), (64, 16, 16), (128, 8, 8), (256, 4, 4)]
+    assert deit.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])  # each network's own stats
+    assert lite.mean.flatten().tolist() == pytest.approx([0.5, 0.5, 0.5])
+
+
+def test_ctm_heads_give_4x4_logits_per_scale_at_224_px():
+    torch.manual_seed(0)
+    d = L.build_disc("ctm", 3, 0, res=224, backbones=["tf_efficientnet_lite0"], pretrained=False)
+    assert d.features[0].sizes == [112, 56, 28, 14]
+    convs = [[m.out_channels for m in h.main if isinstance(m, torch.nn.Conv2d)] for h in d.heads[0]]
+    assert convs == [[64, 128, 256, 512], [128, 256, 512], [256, 512], [512]]  # MultiScaleD's plan, to 8 px
+    assert d(torch.zeros(2, 3, 32, 32)).shape == (2, 4 * 16)  # four heads of 4 x 4 patch logits
+
+
+def test_ctm_discriminator_gradients_reach_heads_and_image_only(ctm_disc, monkeypatch):
+    d = ctm_disc.train()
+    assert not any(f.training for f in d.features) and d.heads[0][0].training  # frozen BatchNorm statistics
+    torch.manual_seed(1)
+    x = (torch.rand(2, 3, 16, 16) * 2 - 1).requires_grad_()
+    onehot = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float()
+    draws = []
+    original = L.diff_augment
+    monkeypatch.setattr(L, "diff_augment", lambda x, *a, **k: (draws.append(1), original(x, *a, **k))[1])
+    out = d(x, onehot, augment=("color", "translation", "cutout"))
+    assert len(draws) == 2  # one DiffAugment draw per feature network, as CTM
+    assert out.shape == (2, 2 * (25 + 25 + 25 + 1))  # at 64 px: 5 x 5 patches on three maps, 1 on the 4 x 4
+    d.zero_grad(set_to_none=True)
+    out.mean().backward()
+    assert x.grad.abs().sum() > 0  # the generator gets D's gradient through the frozen networks
+    trainable = {id(t) for t in L.disc_params(d)}
+    for name, t in d.named_parameters():
+        frozen = name.startswith("features.")
+        assert (id(t) in trainable) != frozen and t.requires_grad != frozen, name
+        assert (t.grad is None) == frozen, name
+    d.eval()
+    with torch.no_grad():
+        assert not torch.allclose(d(x, onehot), d(x, onehot.roll(1, 1)))  # the class projection is used
+    state = L.disc_state(d)  # checkpoints keep the heads and random projections, not the ImageNet weights
+    assert not any(".backbone." in k for k in state) and any(".ccm." in k for k in state)
+    L.load_disc_state(d, state)
+
+
+def test_timm_offline_error_names_the_weight_file_and_the_cache(monkeypatch):
+    import timm
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*a, **k):
+        raise LocalEntryNotFoundError("no network")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(SystemExit, match="model.safetensors") as e:
+        L.build_disc("ctm", 3, 0, backbones=["tf_efficientnet_lite0"])
+    msg = str(e.value)
+    assert "timm/tf_efficientnet_lite0.in1k" in msg and constants.HF_HUB_CACHE in msg and "\n" not in msg
+    with pytest.raises(SystemExit, match="not a timm model"):
+        L.build_disc("ctm", 3, 0, backbones=["no_such_net"])
 
 
 def test_lpips_offline_error_names_the_vgg_file(monkeypatch):
@@ -228,13 +304,34 @@ def test_lpips_is_frozen_and_resizes_both_images():
 # --- training runs ---
 
 
-def write_pairs(path, n=32, res=16, labels=True, seed=0):
+def write_pairs(path, n=32, res=16, labels=True, seed=0, classes=3, meta=None):
     rng = np.random.default_rng(seed)
     x0 = rng.standard_normal((n, 3, res, res)).astype(np.float32)
     arrays = dict(noise=x0, data=np.tanh(0.5 * x0[:, :, ::-1]).astype(np.float16))
     if labels:
-        arrays["label"] = (np.arange(n) % 3).astype(np.int64)
+        arrays["label"] = (np.arange(n) % classes).astype(np.int64)
+    if meta is not None:
+        arrays["meta"] = np.array(json.dumps(meta))
     np.savez(path, **arrays)
+    return str(path)
+
+
+def edm_format_teacher(path, label_dim=10, augment_dim=9, res=16):
+    """A tiny teacher as `edm_teacher.py --convert` writes an official EDM snapshot: EDM's net_kwargs with
+    augment_dim 9 and label_dim 10 (CIFAR-10 cond.), EMA weights, args.imported_from."""
+    torch.manual_seed(0)
+    kw = dict(
+        img_resolution=res, img_channels=3, label_dim=label_dim, sigma_data=0.5, augment_dim=augment_dim
+    )
+    kw.update(TINY_NET, dropout=0.13)
+    net = E.build_net(kw)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sd = net.state_dict()
+    ckpt = dict(method="edm_teacher", version=1, args=dict(imported_from="/x/edm-cifar10-32x32-cond-vp.pkl"))
+    ckpt.update(net_kwargs=kw, net=sd, ema=sd, opt=None, step=0, kimg=0.0, state=dict(source="EDM snapshot"))
+    E.atomic_save(ckpt, str(path))
     return str(path)
 
 
@@ -274,7 +371,7 @@ TABLE7 = {
     "l2": ["--loss", "l2", "--adv-start", "off"],
     "vgg": ["--adv-start", "off"],
     "vgg+adl": ["--adv-start", "0.016"],
-    "vgg+adl+sot": ["--adv-start", "0.016", "--sot", "0,1"],
+    "vgg+adl+sot": ["--adv-start", "0.016", "--sot", "0,1", "--sot-start", "0.016"],
 }
 
 
@@ -284,12 +381,13 @@ def test_table7_configurations_train(tmp_path, npz_data, column):
     log = read_log(tmp_path / column)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     adv = "adl" in column
-    for r in log:
-        assert np.isfinite(r["L_lines"])
-        assert ("L_D" in r) == (adv and r["step"] > 2)  # the adversarial phase starts at 16 images = step 3
+    for (
+        r
+    ) in log:  # the adversarial phase starts at 16 images = step 3: N_theta's step, then D's (--g-period 2)
+        assert ("L_lines" in r) == (not adv or r["step"] != 4) and np.isfinite(r.get("L_lines", 0))
+        assert ("L_G" in r) == (adv and r["step"] == 3) and ("L_D" in r) == (adv and r["step"] == 4)
     if adv:
-        r = log[-1]
-        assert r["lambda_adapt"] > 0 and {"L_G", "D_real", "D_fake"} <= set(r)
+        assert 0.01 <= log[2]["lambda_adapt"] <= 10 and {"D_real", "D_fake"} <= set(log[3])
     ckpt = E.load_checkpoint(str(tmp_path / column))
     assert ckpt["method"] == "lmm" and ckpt["step"] == 4 and (ckpt["state"]["disc"] is not None) == adv
     assert ckpt["net_kwargs"]["label_dim"] == 3 and ckpt["net_kwargs"]["schedule"]["steps"] == 18
@@ -312,6 +410,51 @@ def test_sot_training_sees_only_the_sampling_levels(tmp_path, monkeypatch):
     monkeypatch.setattr(L, "lmm_loss", spy)
     L.main(lmm_flags(tmp_path, "sot", 3, ["--loss", "l2", "--adv-start", "off", "--sot", "0,3"]))
     assert set(torch.cat(seen).tolist()) == {float(SIGMAS[0].float()), float(SIGMAS[3].float())}
+
+
+def test_sot_start_turns_sot_on_as_fine_tuning(tmp_path, monkeypatch):
+    seen = []
+    original = L.lmm_loss
+
+    def spy(net, x0, x1, sigma, *a, **k):
+        seen.append(sigma.clone())
+        return original(net, x0, x1, sigma, *a, **k)
+
+    monkeypatch.setattr(L, "lmm_loss", spy)
+    extra = ["--loss", "l2", "--adv-start", "off", "--sot", "0", "--sot-start", "0.016", "--grid", "0"]
+    L.main(lmm_flags(tmp_path, "sot", 4, extra))
+    level0 = float(SIGMAS[0].float())
+    assert [bool((s == level0).all()) for s in seen] == [False, False, True, True]  # from image 16 = step 3
+
+
+def test_g_period_alternates_generator_and_discriminator_steps(tmp_path, npz_data):
+    extra = [
+        "--loss",
+        "l2",
+        "--adv-start",
+        "0.008",
+        "--grid",
+        "0",
+        "--snap-every",
+        "1",
+    ]  # adversarial from step 2
+    for k, pattern in [(2, "G G D G D"), (3, "G G D D")]:  # --g-period 1 ("GD" steps): the --disc ctm test
+        L.main(
+            lmm_flags(tmp_path, f"k{k}", len(pattern.split()), extra + ["--g-period", str(k)], data=npz_data)
+        )
+        log = read_log(tmp_path / f"k{k}")
+        kinds = " ".join("G" * ("L_lines" in r) + "D" * ("L_D" in r) for r in log)
+        assert kinds == pattern, k
+        for r, kind in zip(log, kinds.split(), strict=True):
+            assert ("L_G" in r) == ("G" in kind and r["step"] > 1), (k, r)
+    run = tmp_path / "k2"
+    before, after = (E.load_checkpoint(str(run / f"ckpt-000000{s}.pt")) for s in (2, 3))  # step 3: D only
+    for key in ("net", "ema"):
+        assert all(torch.equal(before[key][n], after[key][n]) for n in before[key]), key
+    assert any(
+        not torch.equal(before["state"]["disc"][n], after["state"]["disc"][n]) for n in after["state"]["disc"]
+    )
+    assert after["state"]["adv_step0"] == 1
 
 
 def test_training_reduces_the_lines_loss(tmp_path):
@@ -348,10 +491,11 @@ def test_resume_equals_uninterrupted(tmp_path, npz_data, one_thread):
 
 
 def test_torchrun_two_ranks(tmp_path, npz_data):
-    # per-rank batch 4 in forward chunks of 2: DDP no_sync accumulation for N_theta and D, global lambda_adapt
-    flags = lmm_flags(
-        tmp_path, "ddp", 3, ["--adv-start", "0.008", "--grid", "0", "--batch-gpu", "2"], data=npz_data
-    )
+    # per-rank batch 4 in forward chunks of 2: DDP no_sync accumulation for N_theta and D, global lambda_adapt;
+    # N_theta starts from an EDM-format teacher with augment_dim 9 (its map_augment stays frozen under DDP)
+    teacher = edm_format_teacher(tmp_path / "edm.pt", label_dim=3)
+    extra = ["--adv-start", "0.008", "--grid", "0", "--batch-gpu", "2", "--init", teacher]
+    flags = lmm_flags(tmp_path, "ddp", 3, extra, data=npz_data)
     r = run_script(
         [
             sys.executable,
@@ -365,8 +509,8 @@ def test_torchrun_two_ranks(tmp_path, npz_data):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     log = read_log(tmp_path / "ddp")
-    assert [x["step"] for x in log] == [1, 2, 3] and "L_D" in log[-1] and np.isfinite(log[-1]["lambda_adapt"])
-    assert "2 process(es)" in r.stdout
+    assert [x["step"] for x in log] == [1, 2, 3] and "L_D" in log[2] and np.isfinite(log[1]["lambda_adapt"])
+    assert "2 process(es)" in r.stdout and "from --init" in r.stdout
     ckpt = E.load_checkpoint(str(tmp_path / "ddp"))
     assert ckpt["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt["net"].values())
 
@@ -420,7 +564,7 @@ def test_conditional_pairs_need_labelled_real_images(tmp_path):
     assert E.load_checkpoint(str(tmp_path / "ok"))["net_kwargs"]["label_dim"] == 0
 
 
-def test_generate_is_per_image_seeded_and_matches_the_pairs_noise(tmp_path, one_thread):
+def test_generate_is_per_image_seeded_and_matches_the_pairs_noise(tmp_path, one_thread, monkeypatch):
     import gen_pairs
 
     L.main(lmm_flags(tmp_path, "run", 1, ["--loss", "l2", "--adv-start", "off", "--grid", "0"]))
@@ -454,7 +598,123 @@ def test_generate_is_per_image_seeded_and_matches_the_pairs_noise(tmp_path, one_
     with pytest.raises(SystemExit, match="0..17") as e:
         L.main(["--generate", "2", "--ckpt", ckpt, "--out", str(tmp_path / "x.npz"), "--steps", "0,18"])
     assert "\n" not in str(e.value)
+    sampled = []
+    monkeypatch.setattr(L, "sample", lambda *a, **k: sampled.append(1))
+    with pytest.raises(SystemExit, match="missing or not writable") as e:
+        L.main(["--generate", "2", "--ckpt", ckpt, "--out", str(tmp_path / "no" / "such" / "x.npz")])
+    assert "\n" not in str(e.value) and not sampled  # before any sampling
+    monkeypatch.undo()
     os.makedirs(tmp_path / "edm")
     with pytest.raises(SystemExit, match="'edm_teacher' checkpoint"):
         E.save_checkpoint({**E.load_checkpoint(ckpt), "method": "edm_teacher"}, str(tmp_path / "edm"), 1)
         L.main(["--generate", "2", "--ckpt", str(tmp_path / "edm"), "--out", str(tmp_path / "x.npz")])
+
+
+def test_ctm_discriminator_trains_on_the_cpu(tmp_path, npz_data):
+    # the default --disc ctm, random-weight networks; TESTS ONLY: DeiT-tiny for DeiT-B and 64 px for 224
+    extra = ["--loss", "l2", "--adv-start", "0", "--disc", "ctm", "--disc-random-weights", "--disc-res", "64"]
+    extra += ["--disc-backbones", "deit_tiny_distilled_patch16_224,tf_efficientnet_lite0", "--g-period", "1"]
+    L.main(lmm_flags(tmp_path, "ctm", 2, extra + ["--grid", "0"], data=npz_data))
+    log = read_log(tmp_path / "ctm")
+    assert [r["step"] for r in log] == [1, 2]
+    for r in log:  # two adversarial steps, each with N_theta's and D's update
+        assert all(np.isfinite(r[k]) for k in ("L_lines", "L_G", "lambda_adapt", "L_D", "D_real", "D_fake"))
+    disc = E.load_checkpoint(str(tmp_path / "ctm"))["state"]["disc"]
+    assert disc and not any(".backbone." in k for k in disc)
+
+
+def test_init_from_a_converted_official_edm_checkpoint_loads_every_key(tmp_path):
+    teacher = edm_format_teacher(tmp_path / "edm.pt")  # augment_dim 9, label_dim 10
+    pairs = write_pairs(tmp_path / "p10.npz", classes=10)
+    flags = ["--loss", "l2", "--adv-start", "off", "--grid", "0", "--lr", "0", "--init", teacher]
+    L.main(lmm_flags(tmp_path, "init", 1, flags, pairs))
+    ck, t = E.load_checkpoint(str(tmp_path / "init")), torch.load(teacher, weights_only=True)
+    assert ck["net_kwargs"]["augment_dim"] == 9 and ck["net_kwargs"]["label_dim"] == 10
+    assert ck["net_kwargs"]["schedule"]["steps"] == 18
+    assert set(ck["net"]) == set(t["ema"]) and all(torch.equal(ck["net"][k], v) for k, v in t["ema"].items())
+    net = L.build_net(ck["net_kwargs"])
+    net.load_state_dict(ck["ema"])
+    x, _ = L.sample(net, torch.randn(2, 3, 16, 16), 1, labels=torch.tensor([3, 9]))
+    assert torch.isfinite(x).all()
+    cases = [
+        (write_pairs(tmp_path / "u.npz", labels=False), "class-conditional"),
+        (write_pairs(tmp_path / "r8.npz", res=8, classes=10), "make the pairs with that teacher"),
+        (write_pairs(tmp_path / "c3.npz"), "has 10 classes but the pairs have 3"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(SystemExit, match=match) as e:
+            L.main(lmm_flags(tmp_path, "bad", 1, flags, bad))
+        assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="--convert"):
+        L.main(lmm_flags(tmp_path, "bad", 1, flags[:-1] + ["edm-cifar10-32x32-cond-vp.pkl"], pairs))
+
+
+def test_pairs_from_a_teacher_trained_on_an_npz_need_no_data_flag(tmp_path, npz_data, capsys):
+    import gen_pairs
+
+    teacher = tmp_path / "teacher"
+    E.main(["--data", npz_data, "--outdir", str(teacher), "--batch", "8", "--duration", "8e-6", "--cond"]
+           + ["--grid", "0", "--log-every", "1", *TINY_FLAGS])  # fmt: skip
+    out = tmp_path / "pairs.npz"
+    gen_pairs.main(["--teacher", str(teacher), "--num-pairs", "16", "--out", str(out), "--batch", "8"]
+                   + ["--nfe", "3", "--cond"])  # fmt: skip
+    assert gen_pairs.load_pairs(str(out))["meta"]["dataset"] == os.path.abspath(npz_data)
+    capsys.readouterr()
+    L.main(lmm_flags(tmp_path, "lmm", 2, ["--loss", "l2", "--adv-start", "0", "--grid", "0"], str(out)))
+    printed = capsys.readouterr().out
+    assert (
+        f"real images for the discriminator: {os.path.abspath(npz_data)} (32 images, from the pairs'"
+        in printed
+    )
+    assert "L_D" in read_log(tmp_path / "lmm")[-1]
+
+
+def test_pairs_meta_names_the_official_teachers_dataset(tmp_path):
+    import gen_pairs
+
+    def named(name):
+        return gen_pairs.teacher_dataset(dict(args=dict(imported_from=f"/cache/edm/{name}")))
+
+    assert named("edm-cifar10-32x32-cond-vp.pkl") == named("edm-cifar10-32x32-uncond-vp.pkl") == "cifar10"
+    assert named("edm-afhqv2-64x64-uncond-vp.pkl") == "afhqv2-64x64"
+    assert gen_pairs.teacher_dataset(dict(args=dict(data="cifar10"))) == "cifar10"
+    pairs = write_pairs(tmp_path / "afhq.npz", meta=dict(dataset="afhqv2-64x64"))
+    with pytest.raises(SystemExit, match="cannot load by name: pass --data") as e:
+        L.main(lmm_flags(tmp_path, "bad", 1, ["--loss", "l2", "--adv-start", "0"], pairs))
+    assert "afhqv2-64x64" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_evaluate_scores_table7_step_lists_through_sampler_kw(tmp_path, npz_data, monkeypatch):
+    import evaluate as V
+
+    L.main(lmm_flags(tmp_path, "run", 1, ["--loss", "l2", "--adv-start", "off", "--grid", "0"]))
+    seen, original = [], L.lmm_sampler
+
+    def spy(net, noise, sigmas, steps, *a, **k):
+        seen.append(tuple(steps))
+        return original(net, noise, sigmas, steps, *a, **k)
+
+    monkeypatch.setattr(L, "lmm_sampler", spy)
+    for kw, nfe, expect in [("steps=0:1:2", "3", (0, 1, 2)), ("steps=0", "1", (0,)), ("", "3", (0, 3, 5))]:
+        seen.clear()
+        out = tmp_path / "res.json"
+        V.main(["--ckpt", str(tmp_path / "run"), "--nfe", nfe, "--num-images", "6", "--batch", "6"]
+               + ["--ref-data", npz_data, "--feature-extractor", "random-cnn", "--out", str(out)]
+               + (["--sampler-kw", kw] if kw else []))  # fmt: skip
+        with open(out) as f:
+            row = json.load(f)["results"][0]
+        assert set(seen) == {expect} and row["nfe"] == len(expect), kw
+
+
+def test_help_lists_the_adversarial_phase_flags(capsys):
+    with pytest.raises(SystemExit):
+        L.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--disc {ctm,torchvision,patch}",
+        "--adapt-clamp",
+        "--g-period",
+        "--sot-start",
+        "--init TEACHER",
+    ):
+        assert flag in text, flag
