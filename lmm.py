@@ -44,8 +44,8 @@ Commands
     python lmm.py --generate 50000 --ckpt runs/lmm-cifar10 --nfe 2 --out lmm-nfe2.npz     # or --steps 0,3,5
   Table 7 columns (README: one command each): --loss l2 --adv-start off | --adv-start off --lpips-res 64 |
   (default) | --sot 0 (NFE 1) or --sot 0,1, with --sot-start 40960.
-  Other datasets: --preset afhq64 | imagenet64 (Table 6 columns; ImageNet's ADM net is not implemented,
-  the DDPM++ UNet is used).
+  Other datasets: --preset afhq64 | imagenet64 (Table 6 columns; ImageNet-64's generator is ADM, the
+  network of EDM's edm-imagenet-64x64-cond-adm.pkl teacher, which --init loads).
 """
 
 import argparse
@@ -1442,6 +1442,7 @@ def _sync(module, sync):
 
 # The architecture of an --init checkpoint that the student takes over (dropout and schedule stay ours).
 INIT_ARCH = (
+    "arch",
     "img_resolution",
     "img_channels",
     "label_dim",
@@ -1549,6 +1550,7 @@ def train(args):
         attn_resolutions=list(args.attn_res),
         dropout=args.dropout,
         schedule=schedule,
+        arch=args.arch,
     )
     init_sd = None
     if ckpt is not None:
@@ -1587,8 +1589,6 @@ def train(args):
         net.model.map_augment.requires_grad_(False)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.RAdam(net.parameters(), lr=args.lr, betas=(0.9, 0.999))  # LMM Table 6
-    if args.preset == "imagenet64" and rank == 0:
-        print("note: LMM's ImageNet-64 generator is ADM, which is not implemented; this is the DDPM++ UNet")
     disc = opt_d = None
     if adv:
         torch.manual_seed(args.seed + 1)  # D's random heads and projections: a function of the seed alone
@@ -1647,7 +1647,12 @@ def train(args):
         n_real = len(images) * (2 if args.xflip else 1)
         images = images.to(device)
         labels = labels.to(device) if label_dim else None
-    w_last = net.model.dec[f"{res}x{res}_aux_conv"].weight  # W_L of the adaptive weight
+    # W_L of the adaptive weight: the generator's last layer (DDPM++ aux_conv, ADM out_conv)
+    w_last = (
+        net.model.out_conv.weight
+        if hasattr(net.model, "out_conv")
+        else net.model.dec[f"{res}x{res}_aux_conv"].weight
+    )
     grid_noise = torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0))
     grid_labels = torch.arange(args.grid) % label_dim if label_dim else None
     stop = StopFlag()
@@ -1841,10 +1846,20 @@ PRESETS = {
     "afhq64": dict(
         lr=1e-4, channel_mult=[1, 2, 2, 2], sched_steps=40, duration=53.76, adv_start=40960, dropout=0.25
     ),
-    "imagenet64": dict(
-        lr=8e-6, channel_mult=[1, 2, 2, 2], sched_steps=40, duration=56.32, adv_start=40960, dropout=0.10
+    "imagenet64": dict(  # ADM: 192 channels, 1,2,3,4, 3 blocks, attention at 32/16/8 with 6/9/12 heads
+        arch="adm",
+        model_channels=192,
+        channel_mult=[1, 2, 3, 4],
+        num_blocks=3,
+        attn_res=[32, 16, 8],
+        lr=8e-6,
+        sched_steps=40,
+        duration=56.32,
+        adv_start=40960,
+        dropout=0.10,
     ),
 }
+PRESET_NET = dict(arch="ddpmpp", model_channels=128, num_blocks=4, attn_res=[16])  # DDPM++ (Table 6)
 
 
 def _ints(s):
@@ -1960,12 +1975,13 @@ def parse_args(argv=None):
         help="start N_theta from this EDM-family checkpoint (edm_teacher, lmm; official EDM .pkl converted "
         "by edm_teacher.py --convert) and take its architecture; default: random weights",
     )
-    p.add_argument("--model-channels", type=int, default=128, help="UNet base width (DDPM++: 128)")
+    p.add_argument("--arch", default=None, choices=["ddpmpp", "adm"], help="generator network (preset)")
+    p.add_argument("--model-channels", type=int, default=None, help="UNet base width (preset: 128; ADM 192)")
     p.add_argument(
         "--channel-mult", type=_ints, default=None, help="width multipliers per resolution (preset)"
     )
-    p.add_argument("--num-blocks", type=int, default=4, help="residual blocks per resolution")
-    p.add_argument("--attn-res", type=_ints, default=[16], help="resolutions with self-attention")
+    p.add_argument("--num-blocks", type=int, default=None, help="residual blocks per resolution (preset)")
+    p.add_argument("--attn-res", type=_ints, default=None, help="resolutions with self-attention (preset)")
     p.add_argument("--dropout", type=float, default=None, help="dropout (preset; EDM CIFAR-10: 0.13)")
     p.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (CPU smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order, sigma, augmentation")
@@ -1988,7 +2004,7 @@ def parse_args(argv=None):
             p.error("--generate needs --ckpt")
     elif not args.pairs:
         p.error("--pairs is required for training (or use --generate N --ckpt FILE)")
-    for k, v in PRESETS[args.preset].items():
+    for k, v in {**PRESET_NET, **PRESETS[args.preset]}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.tiny:

@@ -718,3 +718,35 @@ def test_help_lists_the_adversarial_phase_flags(capsys):
         "--init TEACHER",
     ):
         assert flag in text, flag
+
+
+def test_imagenet64_preset_is_table6s_adm_column():
+    args = L.parse_args(["--pairs", "p.npz", "--preset", "imagenet64"])
+    table6 = dict(arch="adm", model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_res=[32, 16, 8],
+                  lr=8e-6, batch=512, ema=0.999, sched_steps=40, duration=512 * 110e3 / 1e6, adv_start=512 * 80e3 / 1e3)  # fmt: skip
+    assert {k: getattr(args, k) for k in table6} == pytest.approx(table6)
+    with pytest.raises(SystemExit):
+        L.parse_args(["--pairs", "p.npz", "--preset", "imagenet128"])  # an unknown preset is an error
+
+
+def test_adm_teacher_to_pairs_to_lmm(tmp_path):
+    """ImageNet-64's route at toy size: an ADM teacher (as --convert writes EDM's ImageNet snapshot), its
+    class-labelled pairs through gen_pairs, and LMM from those pairs starting from the teacher."""
+    import gen_pairs
+
+    torch.manual_seed(0)
+    kw = dict(arch="adm", img_resolution=16, img_channels=3, label_dim=5, model_channels=64,
+              channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.1)  # fmt: skip
+    sd = E.build_net(kw).state_dict()
+    teacher = dict(method="edm_teacher", version=1, args={}, net_kwargs=kw, net=sd, ema=sd, opt=None, step=0)
+    E.atomic_save(dict(teacher, kimg=0.0, state={}), str(tmp_path / "adm.pt"))
+    pairs = str(tmp_path / "adm_pairs.npz")
+    gen_pairs.main(
+        ["--teacher", str(tmp_path / "adm.pt"), "--num-pairs", "8", "--out", pairs, "--nfe", "3", "--cond"]
+    )
+    with np.load(pairs) as f:
+        assert f["label"].shape == (8,) and f["label"].max() < 5 and f["data"].shape == (8, 3, 16, 16)
+    flags = ["--loss", "l2", "--adv-start", "off", "--grid", "0", "--init", str(tmp_path / "adm.pt")]
+    L.main(lmm_flags(tmp_path, "lmm-adm", 2, flags, pairs))
+    ck = E.load_checkpoint(str(tmp_path / "lmm-adm"))
+    assert ck["net_kwargs"]["arch"] == "adm" and ck["step"] == 2 and "model.out_conv.weight" in ck["ema"]
