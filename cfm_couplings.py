@@ -521,14 +521,14 @@ COUPLINGS = ("independent", "ot", "sinkhorn", "pairs")
 
 
 class VelocityNet(nn.Module):
-    """v_theta(x, t, class_labels=None) -> dx/dt: the shared UNet on (x, time_scale * t), t in [0, 1].
-    class_labels: int64 class indices [N] or one-hot floats [N, label_dim]."""
+    """v_theta(x, t, class_labels=None) -> dx/dt: the shared UNet (arch ddpmpp | adm) on (x, time_scale * t),
+    t in [0, 1]. class_labels: int64 class indices [N] or one-hot floats [N, label_dim]."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, time_scale=1000.0, **unet_kwargs):
+    def __init__(self, img_resolution, img_channels, label_dim=0, time_scale=1000.0, arch="ddpmpp", **unet):
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.time_scale = time_scale
-        self.model = UNet(img_resolution, img_channels, img_channels, label_dim=label_dim, **unet_kwargs)
+        self.model = make_unet(arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet)
 
     def forward(self, x, t, class_labels=None):
         x = x.float()
@@ -1194,6 +1194,7 @@ def train(args):
         img_channels=shape[0],
         label_dim=label_dim,
         time_scale=args.time_scale,
+        arch=args.arch,
         model_channels=args.model_channels,
         channel_mult=list(args.channel_mult),
         num_blocks=args.num_blocks,
@@ -1455,6 +1456,13 @@ def parse_args(argv=None):
     p.add_argument("--sinkhorn-iters", type=int, default=2000, help="Sinkhorn iterations before it raises")
     p.add_argument(
         "--sigma-min", type=float, default=0.0, help="path noise sigma of LOOM Eq. 3 (torchcfm: 0)"
+    )
+    p.add_argument(
+        "--arch",
+        default="ddpmpp",
+        choices=["ddpmpp", "adm"],
+        help="the UNet: the shared DDPM++ or ADM (the papers' ADM-style net: --arch adm --channel-mult "
+        "1,2,2,2 --num-blocks 2: 4 heads of 64 channels at 16x16)",
     )
     p.add_argument(
         "--time-scale", type=float, default=1.0, help="the UNet sees time_scale * t (torchcfm, LOOM: 1)"
