@@ -125,6 +125,6 @@ def test_flow_files_build_adm_velocity_nets_from_net_kwargs():
               num_blocks=1, attn_resolutions=[8], dropout=0.0)  # fmt: skip
     for module in (cfm_couplings, loom_cfm):
         net = module.build_net(kw)
-        assert isinstance(net.model, E.ADMUNet) and "model.out_conv.weight" in net.state_dict()
+        assert isinstance(net.model, module.ADMUNet) and "model.out_conv.weight" in net.state_dict()
         v = net(torch.randn(2, 3, 16, 16), torch.tensor([0.1, 0.9]))
         assert v.shape == (2, 3, 16, 16) and torch.isfinite(v).all()
