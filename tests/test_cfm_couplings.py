@@ -418,7 +418,7 @@ def test_random_xflip_mirrors_about_half_of_the_visits_deterministically(tmp_pat
     assert args.xflip == "random"
     images, _ = C.load_images(npz_data)
     src = C.Source(args, images, None, None, (3, 16, 16), 0, torch.device("cpu"), 0, 1)
-    plain = images.float() / 127.5 - 1
+    plain = images[:].float() / 127.5 - 1
     flipped = 0
     for step in range(8):  # 8 steps of 8 = 2 epochs of the 32 images
         x1 = src.step(step)[1]
