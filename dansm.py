@@ -504,11 +504,13 @@ class FlowNet(nn.Module):
     """The shared UNet as v(x_t, t) (rfm: predicts z - x, sees 1000 t) or eps(x_t, t) (dm: predicts z, sees
     the integer timestep). class_labels: int64 [N] or one-hot [N, label_dim]."""
 
-    def __init__(self, img_resolution, img_channels, label_dim=0, objective="rfm", time_scale=1000.0, **unet):
+    def __init__(
+        self, img_resolution, img_channels, label_dim=0, objective="rfm", time_scale=1000.0, arch="ddpmpp", **unet
+    ):
         super().__init__()
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.objective, self.time_scale = objective, time_scale
-        self.model = UNet(img_resolution, img_channels, img_channels, label_dim=label_dim, **unet)
+        self.model = make_unet(arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet)
 
     def forward(self, x, t, class_labels=None):
         x = x.float()
@@ -1065,6 +1067,7 @@ def train(args):
         label_dim=label_dim,
         objective=args.objective,
         time_scale=1000.0 if args.objective == "rfm" else 1.0,
+        arch=args.arch,
         model_channels=args.model_channels,
         channel_mult=list(args.channel_mult),
         num_blocks=args.num_blocks,
@@ -1325,6 +1328,9 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay per step")
     p.add_argument(
         "--duration", type=float, default=100.0, help="training length, Mimg (2000 CIFAR-10 epochs)"
+    )
+    p.add_argument(
+        "--arch", default="ddpmpp", choices=["ddpmpp", "adm"], help="the UNet: the shared DDPM++ or ADM"
     )
     p.add_argument("--model-channels", type=int, default=128, help="UNet base width (DDPM++: 128)")
     p.add_argument("--channel-mult", type=_ints, default=[2, 2, 2], help="width multipliers per resolution")

@@ -119,11 +119,12 @@ def test_unknown_arch_is_an_error():
 
 def test_flow_files_build_adm_velocity_nets_from_net_kwargs():
     import cfm_couplings
+    import dansm
     import loom_cfm
 
     kw = dict(img_resolution=16, img_channels=3, arch="adm", model_channels=64, channel_mult=[1, 2],
               num_blocks=1, attn_resolutions=[8], dropout=0.0)  # fmt: skip
-    for module in (cfm_couplings, loom_cfm):
+    for module in (cfm_couplings, loom_cfm, dansm):
         net = module.build_net(kw)
         assert isinstance(net.model, module.ADMUNet) and "model.out_conv.weight" in net.state_dict()
         v = net(torch.randn(2, 3, 16, 16), torch.tensor([0.1, 0.9]))
