@@ -133,6 +133,8 @@ def run_sampler(module, counter, noise, nfe, labels, gens, sample_kw=None, stats
         x, used = module.sample(counter, noise, nfe, labels, **kw)
     except ValueError as e:
         fail(f"{module.METHOD} cannot sample with NFE {nfe}: {e}")
+    if not torch.isfinite(x).all():  # NaN would quantise to black images and still give a finite FID
+        fail(f"{module.METHOD} made non-finite samples at NFE {nfe}: a broken checkpoint or --sampler-kw")
     return x, used, counter.calls
 
 
@@ -412,8 +414,9 @@ def evaluate(args):
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     metrics = args.metrics
     for path in (args.out, args.grid, args.trajectory):
-        if path and rank == 0:
+        if path and rank == 0:  # before the work: a new (or --overwrite) file in a writable folder
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            edm_teacher.check_out(path, args.overwrite)
     image_metrics = [m for m in metrics if m in ("fid", "kid", "is")]
     extract = ref = None
     if image_metrics:
@@ -834,6 +837,9 @@ def parse_args(argv=None):
     p.add_argument("--ode-grid", default="rho", choices=["rho", "uniform"], help="time grid of that solve")
     p.add_argument("--ode-num", type=int, default=256, help="samples for straightness/curvature")
     p.add_argument("--out", default=None, help="results JSON (config, protocol, versions, results)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out / --grid / --trajectory"
+    )
     p.add_argument(
         "--no-figures",
         dest="figures",

@@ -30,6 +30,7 @@ Commands
 
 import argparse
 import datetime
+import glob
 import hashlib
 import importlib
 import json
@@ -45,6 +46,8 @@ import numpy as np
 import torch
 
 VERSION = 1
+METHODS = ("edm_teacher", "aot_edm", "lmm", "cfm_couplings", "loom_cfm", "dansm")  # the only modules a
+# checkpoint may name: its "method" picks the file whose build_net/sample run, so nothing else is imported
 
 # --- pairs file ---
 
@@ -107,6 +110,27 @@ def load_pairs(path):
     return out
 
 
+def scan_pairs(pairs, path, rows=1 << 14):
+    """None if the arrays are usable, else what is wrong: noise/data floating point, at least one pair, every
+    value finite, labels non-negative integers. Reads the memory map in chunks of `rows` (RAM O(chunk))."""
+    if len(pairs["noise"]) == 0:
+        return f"{path} holds zero pairs"
+    for key in ("noise", "data"):
+        if pairs[key].dtype not in (np.float16, np.float32, np.float64):
+            return f"{path}: '{key}' is {pairs[key].dtype}, not float16/32/64 (make pairs with gen_pairs.py)"
+    lab = pairs.get("label")
+    if lab is not None and not np.issubdtype(lab.dtype, np.integer):
+        return f"{path}: 'label' is {lab.dtype}, not an integer class index"
+    for lo in range(0, len(pairs["noise"]), rows):
+        for key in ("noise", "data"):
+            ok = np.isfinite(pairs[key][lo : lo + rows]).reshape(-1, pairs[key][0].size).all(1)
+            if not ok.all():
+                return f"{path}: '{key}' is not finite (NaN/inf) in pair {lo + int(np.argmin(ok))}"
+        if lab is not None and (lab[lo : lo + rows] < 0).any():
+            return f"{path}: negative labels near pair {lo}"
+    return None
+
+
 # --- end shared: pairs reader ---
 
 # --- pairs ---
@@ -163,12 +187,11 @@ def load_teacher(spec, cache_dir, device):
     if not os.path.isfile(path):
         edm_teacher.fail(f"teacher not found: {spec} (a .pt checkpoint, a run folder, an EDM .pkl or a URL)")
     ckpt = edm_teacher.load_teacher(path)
-    try:
-        module = importlib.import_module(ckpt["method"])
-    except (KeyError, ImportError):
+    if ckpt.get("method") not in METHODS:
         edm_teacher.fail(
-            f"{spec}: unknown method {ckpt.get('method')!r} (no such method file next to gen_pairs.py)"
+            f"{spec}: unknown method {ckpt.get('method')!r}; this project's are {', '.join(METHODS)}"
         )
+    module = importlib.import_module(ckpt["method"])
     net = module.build_net(ckpt["net_kwargs"])
     net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"])
     return module, net.eval().requires_grad_(False).to(device), ckpt, path
@@ -238,7 +261,8 @@ def check_shards(shard_dir, n_shards, fingerprint, fail):
 
 
 def merge(out, shard_dir, n_shards, num, shape, dtype, label_dim, meta):
-    """Stream the shards into one uncompressed .npz, then verify it against them."""
+    """Stream the shards into one uncompressed .npz, verify it against them, and only then name it `out`:
+    a run killed while merging or verifying leaves the shards, and the next run merges again."""
     paths = [shard_name(shard_dir, c) for c in range(n_shards)]
 
     def column(key):
@@ -254,8 +278,9 @@ def merge(out, shard_dir, n_shards, num, shape, dtype, label_dim, meta):
         fields.append(("label", np.int64, (num,), column("label")))
     text = json.dumps(meta)
     fields.append(("meta", f"<U{len(text)}", (), [np.array(text)]))
-    write_npz_stream(out, fields)
-    pairs, lo = load_pairs(out), 0
+    merging = out + ".merging"
+    write_npz_stream(merging, fields)
+    pairs, lo = load_pairs(merging), 0
     for p in paths:
         with np.load(p) as f:
             hi = lo + len(f["noise"])
@@ -265,6 +290,8 @@ def merge(out, shard_dir, n_shards, num, shape, dtype, label_dim, meta):
                         f"merge verification failed for {p} ({key}); shards kept in {shard_dir}"
                     )
             lo = hi
+    del pairs
+    os.replace(merging, out)
     shutil.rmtree(shard_dir)
 
 
@@ -275,15 +302,25 @@ def generate(args):
 
     fail = edm_teacher.fail
     out = os.path.abspath(args.out)
-    if os.path.exists(out) and not args.overwrite:
-        fail(f"{args.out} exists; pass --overwrite to replace it")
-    if not os.access(os.path.dirname(out), os.W_OK):
-        fail(f"cannot write to {os.path.dirname(out)}: the folder is missing or not writable")
     rank, world, device = dist_setup()
+    if rank == 0:  # one writer per --out for the life of the run; then what a killed run left goes
+        if not os.access(os.path.dirname(out), os.W_OK):
+            fail(f"cannot write to {os.path.dirname(out)}: the folder is missing or not writable")
+        edm_teacher.hold_lock(out + ".lock")
+        edm_teacher.check_out(out, args.overwrite)
+        for leftover in glob.glob(glob.escape(out) + ".tmp*") + glob.glob(glob.escape(out) + ".merging*"):
+            os.remove(leftover)
+        for leftover in glob.glob(os.path.join(glob.escape(out + ".shards"), "*.tmp*")):
+            os.remove(leftover)
+    barrier()
     # the same kernels on every rank and run (no autotuning, no tf32): pairs do not depend on the world size
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     module, net, ckpt, teacher_path = load_teacher(args.teacher, args.cache_dir, device)
+    params = signature(module.sample).parameters
+    unknown = [k for k in args.sampler_kw if k not in params or k in ("generator", "stats")]
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        fail(f"{ckpt['method']}.sample takes no {unknown} (--sampler-kw); it takes {list(params)[3:]}")
     k = ckpt["net_kwargs"]
     if "img_channels" not in k:
         fail(f"{args.teacher}: its net_kwargs have no image shape (img_channels, img_resolution)")
@@ -329,6 +366,8 @@ def generate(args):
         x0, x1, y, nfe_used = make_pairs(
             module, net, lo, hi, args.seed, shape, label_dim, args.nfe, args.batch, device, args.sampler_kw
         )
+        if not torch.isfinite(x1).all():  # before the shard (and so the pairs file) exists
+            fail(f"the teacher made non-finite samples among pairs {lo}-{hi - 1}; nothing was written")
         arrays = dict(
             noise=x0.numpy().astype(args.dtype),
             data=x1.numpy().astype(args.dtype),

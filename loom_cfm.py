@@ -45,6 +45,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import time
 import zipfile
@@ -413,10 +414,16 @@ def ema_update(ema, net, beta):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file, then rename: a crash or a full disk never leaves a half-written file
+    (the temporary file is removed; a kill's leftover is removed by the next claim_outdir)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def save_checkpoint(ckpt, outdir, step):
@@ -428,16 +435,137 @@ def save_checkpoint(ckpt, outdir, step):
     os.replace(tmp, os.path.join(outdir, "latest.pt"))
 
 
+def intact(path):
+    """None if `path` is a zip whose every member matches its CRC-32 (torch.save writes them), else why not.
+    torch.load itself does not check them: flipped bytes would load as changed weights."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"not a complete torch checkpoint ({e or type(e).__name__})"
+    return f"its member {bad} fails its CRC check (the file is corrupt)" if bad else None
+
+
 def load_checkpoint(path):
-    """Load one of our checkpoints safely (tensors and plain containers only). A directory means latest.pt."""
+    """Load one of our checkpoints safely (tensors and plain containers only), after checking its integrity.
+    A directory means its latest.pt."""
     if os.path.isdir(path):
         path = os.path.join(path, "latest.pt")
     if not os.path.isfile(path):
         fail(f"checkpoint not found: {path}")
+    problem = intact(path)
+    if problem:
+        folder = os.path.dirname(os.path.abspath(path))
+        names = sorted(
+            (n for n in os.listdir(folder) if n.startswith("ckpt-") and n.endswith(".pt")), reverse=True
+        )
+        good = next((os.path.join(folder, n) for n in names if intact(os.path.join(folder, n)) is None), None)
+        fail(
+            f"{path}: {problem}; "
+            + (f"the newest intact checkpoint is {good}" if good else "no intact one here")
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign or corrupt file: say which, do not unpickle it unsafely
-        fail(f"cannot read {path} as a weights-only torch checkpoint: {str(e).strip().splitlines()[0]}")
+    except Exception as e:  # a foreign file: say which, do not unpickle it unsafely
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"cannot read {path} as a weights-only torch checkpoint: {why}")
+
+
+_LOCKS = {}  # path -> open file descriptor: the locks this process holds until it exits
+
+
+def hold_lock(path):
+    """An exclusive lock on `path` for the life of the process. A second run stops at once and names the
+    holder; the kernel drops a killed run's lock (flock), so a stale lock file is simply taken over."""
+    import fcntl
+    import socket
+
+    path = os.path.abspath(path)
+    if path in _LOCKS:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        fail(f"{path} is locked by a running job ({holder}); wait for it or choose another output")
+    info = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info.encode(), 0)
+    _LOCKS[path] = fd
+
+
+def claim_outdir(outdir, ckpt=None, overwrite=False):
+    """Rank 0, before the run writes anything: create and lock --outdir, remove temporary files a killed run
+    left, refuse to write over an existing run unless it is resumed (ckpt) or --overwrite is given, and on
+    resume cut log.jsonl back to the resumed step (no cut-off line, no repeated steps)."""
+    import re
+
+    os.makedirs(outdir, exist_ok=True)
+    hold_lock(os.path.join(outdir, ".lock"))
+    for name in os.listdir(outdir):
+        if re.search(r"\.tmp\d+$", name):  # ours, from a killed run: we hold the lock
+            os.remove(os.path.join(outdir, name))
+    ckpts = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
+    log_path = os.path.join(outdir, "log.jsonl")
+    if ckpt is None and ckpts:
+        if not overwrite:
+            fail(
+                f"{outdir} holds a run at step {int(ckpts[-1][5:-3])}: pass --resume {outdir} to continue "
+                "it, --overwrite to replace it, or choose another --outdir"
+            )
+        for name in [*ckpts, "latest.pt", "log.jsonl"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(outdir, name))
+    if ckpt is not None and os.path.isfile(log_path):
+        keep = []
+        with open(log_path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):  # a line cut off by a kill does not parse
+                    if line.endswith("\n") and json.loads(line).get("step", 0) <= ckpt["step"]:
+                        keep.append(line)
+        with open(log_path + f".tmp{os.getpid()}", "w") as f:
+            f.writelines(keep)
+        os.replace(log_path + f".tmp{os.getpid()}", log_path)
+
+
+def check_out(path, overwrite=False, nbytes=0):
+    """Before the work: an output file must be new (or --overwrite), its folder writable, with room for it."""
+    import tempfile
+
+    if os.path.exists(path) and not overwrite:
+        fail(f"{path} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        fail(f"cannot write to {folder} ({e.strerror}); create it or choose another output path")
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        fail(f"{path} needs about {nbytes / 2**30:.2f} GiB but {folder} has {free / 2**30:.2f} GiB free")
+
+
+def resumed_net_kwargs(ckpt, net_kwargs, path):
+    """The checkpoint's net_kwargs, after checking that today's data has the shape and classes it had."""
+    keys = ("img_channels", "img_resolution", "label_dim")
+    theirs, ours = [ckpt["net_kwargs"].get(k) for k in keys], [net_kwargs.get(k) for k in keys]
+    if theirs != ours:
+        fail(
+            f"--resume {path} was trained on (channels, resolution, classes) = {tuple(theirs)} but the data "
+            f"gives {tuple(ours)}: resume with the data it was trained on"
+        )
+    return ckpt["net_kwargs"]
+
+
+def check_positive(parser, args, *names):
+    """Flags that must be > 0 when given (batch sizes, learning rates, counts): a parser error otherwise."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if getattr(args, "generate", 0) < 0:
+        parser.error(f"--generate N takes a number of images N > 0, got {args.generate}")
 
 
 class Logger:
@@ -463,21 +591,35 @@ class Logger:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step (agreed on by all ranks)."""
+    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step (agreed on by all ranks); after it,
+    exit() ends the process with 128 + the signal (143 for SIGTERM) so that a scheduler requeues the job."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.signum = False, 0
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self._handler)
 
     def _handler(self, signum, frame):
-        self.requested = True
+        self.requested, self.signum = True, signum
 
-    def any(self, device):
-        t = torch.tensor([int(self.requested)], device=device)
+    def any(self, device, loss=0.0, step=None):
+        """True when any rank got a signal. Stops every rank (exit 1) when any rank's `loss` (a float or
+        tensor: the step's loss, plus the gradient norm where there is one) is not finite: before the
+        weights reach a checkpoint, so the newest checkpoint is the last good one."""
+        bad = ~torch.isfinite(torch.as_tensor(loss, dtype=torch.float32, device=device)).all()
+        t = torch.stack([torch.tensor(int(self.requested), device=device), bad.long()])
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(t)
-        return bool(t.item())
+        if t[1]:
+            fail(
+                f"non-finite loss or gradient at step {step}: stopped without saving it, so the newest "
+                "checkpoint is the last good one; look for NaN/inf in the data or pairs, or lower --lr"
+            )
+        return bool(t[0])
+
+    def exit(self):
+        if self.signum:
+            raise SystemExit(128 + self.signum)
 
 
 def save_image_grid(images, path):
@@ -618,6 +760,9 @@ def dopri5_sample(net, x, labels=None, atol=1e-5, rtol=1e-5, stats=None):
     The batch is one ODE system (RMS error norm over all its elements), so every image gets the same steps.
     `stats` (a dict) receives nfe_torchdiffeq, solver_steps (attempted), accepted_steps, rejected_steps."""
     from torchdiffeq import odeint
+
+    if not (atol > 0 and rtol > 0):  # zero tolerances never accept a step: the solve would not end
+        raise ValueError(f"dopri5 needs atol > 0 and rtol > 0, got atol={atol}, rtol={rtol}")
 
     f = _ODEFunc(net, labels)
     x = x if x.dtype == torch.float64 else x.float()
@@ -1062,7 +1207,8 @@ def train(args):
                 f"--resume {args.resume} is an assignment of {st['n_data']} images x {st['caches']} caches, "
                 f"but this run has {n_data} x {args.caches}: use the same --data, --xflip and --caches"
             )
-        net_kwargs, tau, step, nimg = ckpt["net_kwargs"], st["tau"].clone(), ckpt["step"], st["nimg"]
+        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args.resume)
+        tau, step, nimg = st["tau"].clone(), ckpt["step"], st["nimg"]
         keys = ("data", "xflip", "cond", "batch", "seed", "lr", "cost", "no_reassign", "fresh_noise")
         changed = {
             k: (ckpt["args"].get(k), v)
@@ -1093,7 +1239,7 @@ def train(args):
     bank = NoiseBank(args.noise_store, n_eff, args.seed, shape, device)
     mode = "fresh noise (BatchOT)" if args.fresh_noise else "fixed source" if args.no_reassign else "LOOM"
     if rank == 0:
-        os.makedirs(args.outdir, exist_ok=True)
+        claim_outdir(args.outdir, ckpt, args.overwrite)
         with open(os.path.join(args.outdir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
         log.print(json.dumps(vars(args)))
@@ -1174,7 +1320,10 @@ def train(args):
         for k, v in rec.items():  # (sum, count): the loss exists only on training steps
             sums[k] = (sums.get(k, (0.0, 0))[0] + v, sums.get(k, (0.0, 0))[1] + 1)
         step += 1
-        done, stop_now = step >= total_steps, stop.any(device)
+        done, stop_now = (
+            step >= total_steps,
+            stop.any(device, rec.get("loss", 0.0) + rec.get("grad_norm", 0.0), step),
+        )
         if step % args.log_every == 0 or done or stop_now:
             n = max(step - step_last, 1)
             metrics = {k: all_mean(v / c, device) for k, (v, c) in sums.items()}
@@ -1205,6 +1354,7 @@ def train(args):
             log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
             break
     dist_teardown()
+    stop.exit()  # 143 after SIGTERM: the scheduler requeues the job
 
 
 # --- generation ---
@@ -1214,6 +1364,7 @@ def generate(args):
     """--generate N images from --ckpt: uint8 NHWC npz (images, seeds) and a PNG grid of the first 64. Image i
     uses the noise of seed --seed + i (fresh noise, not the training caches): identical for any number of
     processes."""
+    check_out(args.out, args.overwrite)
     from tqdm import tqdm
 
     rank, world, device = dist_setup()
@@ -1352,6 +1503,7 @@ def parse_args(argv=None):
     p.add_argument("--grid", type=int, default=64, help="images per snapshot grid; 0: none")
     p.add_argument("--grid-nfe", type=_ints, default=[1, 20], help="Euler NFEs of the snapshot grids")
     p.add_argument("--resume", default=None, help="checkpoint file or run folder: weights and the assignment")
+    p.add_argument("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
     p.add_argument(
         "--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt instead"
     )
@@ -1363,6 +1515,7 @@ def parse_args(argv=None):
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (official code)")
     p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
     args = p.parse_args(argv)
+    check_positive(p, args, "batch", "batch_gpu", "lr", "duration", "atol", "rtol")
     if args.generate:
         if not args.ckpt:
             p.error("--generate needs --ckpt")
