@@ -1784,8 +1784,8 @@ def train(args):
         log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg)")
         if ckpt["state"].get("world", world) != world:  # seed_step seeds each rank from (seed, rank, world)
             log.print(
-                f"note: the run was saved with {ckpt['state']['world']} process(es) and resumes with {world}: "
-                "the per-rank noise streams (sigma draws, DiffAugment) change from here on, the data order does not"
+                f"note: saved with {ckpt['state']['world']} process(es), resumed with {world}: the per-rank "
+                "noise streams (sigma draws, DiffAugment) change from here on; the data order does not"
             )
     ddp, ddp_d = net, disc
     if world > 1:
