@@ -533,7 +533,7 @@ def check_out(path, overwrite=False, nbytes=0):
     try:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        fail(f"cannot write to {folder} ({e.strerror}); create it or choose another output path")
+        fail(f"cannot write to {folder} ({e.strerror}): the folder is missing or not writable; create it")
     free = shutil.disk_usage(folder).free
     if nbytes > free:
         fail(f"{path} needs about {nbytes / 2**30:.2f} GiB but {folder} has {free / 2**30:.2f} GiB free")
@@ -551,12 +551,13 @@ def resumed_net_kwargs(ckpt, net_kwargs, path):
     return ckpt["net_kwargs"]
 
 
-def check_positive(parser, args, *names):
-    """Flags that must be > 0 when given (batch sizes, learning rates, counts): a parser error otherwise."""
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and not value > 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+def check_numbers(parser, args, positive=(), nonnegative=()):
+    """Flags that must be > 0 (batch sizes, durations, tolerances) or >= 0 (learning rates), when given."""
+    for names, ok, what in ((positive, lambda v: v > 0, "positive"), (nonnegative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not ok(value):
+                parser.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
     if getattr(args, "generate", 0) < 0:
         parser.error(f"--generate N takes a number of images N > 0, got {args.generate}")
 
@@ -1594,7 +1595,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--S-noise", type=float, default=1.0, help="--generate: churn noise scale (EDM: S_noise)")
     args = p.parse_args(argv)
-    check_positive(p, args, "batch", "batch_gpu", "lr", "duration", "atol", "rtol")
+    check_numbers(p, args, ("batch", "batch_gpu", "duration", "atol", "rtol"), ("lr",))
     augment_defaults(p, args)
     if args.generate or args.sweep_rho:
         if not args.ckpt:

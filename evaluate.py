@@ -53,6 +53,7 @@ Commands
 """
 
 import argparse
+import contextlib
 import datetime
 import inspect
 import json
@@ -415,7 +416,8 @@ def evaluate(args):
     metrics = args.metrics
     for path in (args.out, args.grid, args.trajectory):
         if path and rank == 0:  # before the work: a new (or --overwrite) file in a writable folder
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with contextlib.suppress(OSError):  # check_out says what is wrong with the folder
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             edm_teacher.check_out(path, args.overwrite)
     image_metrics = [m for m in metrics if m in ("fid", "kid", "is")]
     extract = ref = None

@@ -363,9 +363,22 @@ def generate(args):
     t0, nfe_used = time.time(), None
     bar = tqdm(total=sum(hi - lo for lo, hi in ranges), disable=rank != 0, unit="pair", smoothing=0.1)
     for c, (lo, hi) in zip(mine, ranges, strict=True):
-        x0, x1, y, nfe_used = make_pairs(
-            module, net, lo, hi, args.seed, shape, label_dim, args.nfe, args.batch, device, args.sampler_kw
-        )
+        try:
+            x0, x1, y, nfe_used = make_pairs(
+                module,
+                net,
+                lo,
+                hi,
+                args.seed,
+                shape,
+                label_dim,
+                args.nfe,
+                args.batch,
+                device,
+                args.sampler_kw,
+            )
+        except TypeError as e:  # a keyword the sampler passes on (EDM's churn options) but nobody takes
+            fail(f"--sampler-kw {args.sampler_kw}: {ckpt['method']}.sample refuses it ({e})")
         if not torch.isfinite(x1).all():  # before the shard (and so the pairs file) exists
             fail(f"the teacher made non-finite samples among pairs {lo}-{hi - 1}; nothing was written")
         arrays = dict(

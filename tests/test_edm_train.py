@@ -49,6 +49,7 @@ def test_training_writes_checkpoint_grid_and_log(npz_data, tmp_path):
     E.main(train_flags(npz_data, out, 3, extra=["--cond", "--xflip", "--snap-every", "2"]))
     files = sorted(os.listdir(out))
     assert files == [
+        ".lock",
         "args.json",
         "ckpt-0000002.pt",
         "ckpt-0000003.pt",
@@ -242,11 +243,14 @@ def test_sigterm_saves_a_checkpoint_that_resumes(npz_data, tmp_path):
             proc.send_signal(signal.SIGTERM)
             break
     rest = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0 and "stopped by signal" in rest, rest
+    assert proc.returncode == 143 and "stopped by signal" in rest, rest  # 128 + SIGTERM: requeue me
     ckpt = torch.load(out / "latest.pt", weights_only=True)
     assert ckpt["step"] >= 2
     E.main(train_flags(npz_data, out, ckpt["step"] + 1, extra=["--resume", str(out)]))
     assert torch.load(out / "latest.pt", weights_only=True)["step"] == ckpt["step"] + 1
+    with open(out / "log.jsonl") as f:  # cut back to the checkpoint on resume: each step once
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == list(range(1, ckpt["step"] + 2)), steps
 
 
 def test_image_folder_with_edm_dataset_json(tmp_path):

@@ -700,7 +700,7 @@ def test_evaluate_scores_table7_step_lists_through_sampler_kw(tmp_path, npz_data
         out = tmp_path / "res.json"
         V.main(["--ckpt", str(tmp_path / "run"), "--nfe", nfe, "--num-images", "6", "--batch", "6"]
                + ["--ref-data", npz_data, "--feature-extractor", "random-cnn", "--out", str(out)]
-               + (["--sampler-kw", kw] if kw else []))  # fmt: skip
+               + (["--sampler-kw", kw] if kw else []) + ["--overwrite"])  # fmt: skip
         with open(out) as f:
             row = json.load(f)["results"][0]
         assert set(seen) == {expect} and row["nfe"] == len(expect), kw

@@ -1,0 +1,217 @@
+"""Nothing lost, nothing mixed, nothing executed: locks, refusals, integrity, non-finite values, leftovers."""
+
+import fcntl
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_edm_train import train_flags
+from test_gen_pairs import pairs_flags
+
+import cfm_couplings as C
+import edm_teacher as E
+import evaluate as V
+import gen_pairs as G
+import lmm as L
+from conftest import read_log
+
+
+def held_by_another(path, holder="pid 4242 on node7, started 2026-12-01 10:00:00"):
+    """Hold `path`'s lock through a second open file description, as a concurrent run would."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, holder.encode(), 0)
+    return fd
+
+
+def test_a_second_writer_stops_at_once_and_names_the_holder(npz_data, teacher_ckpt, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = held_by_another(str(out / ".lock"))
+    with pytest.raises(SystemExit, match=r"locked by a running job \(pid 4242 on node7"):
+        E.main(train_flags(npz_data, out, 1))
+    assert sorted(os.listdir(out)) == [".lock"]  # nothing written
+    pairs = tmp_path / "p.npz"
+    fd2 = held_by_another(str(pairs) + ".lock")
+    with pytest.raises(SystemExit, match="locked by a running job"):
+        G.main(pairs_flags(teacher_ckpt, pairs))
+    assert not os.path.exists(str(pairs) + ".shards")
+    os.close(fd), os.close(fd2)  # the holder ends (or is killed): its stale lock file is taken over
+    E.claim_outdir(str(out))
+    assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def test_a_new_run_never_overwrites_an_old_one(npz_data, tmp_path, one_thread):
+    out = tmp_path / "run"
+    E.main(train_flags(npz_data, out, 2, extra=["--grid", "0"]))
+    with pytest.raises(SystemExit, match="holds a run at step 2: pass --resume"):
+        E.main(train_flags(npz_data, out, 1, extra=["--grid", "0"]))
+    assert torch.load(out / "latest.pt", weights_only=True)["step"] == 2 and len(read_log(out)) == 2
+    E.claim_outdir(str(out), None, overwrite=True)  # --overwrite: the old run's checkpoints and log go
+    assert sorted(os.listdir(out)) == [".lock", "args.json"]
+    (tmp_path / "s.npz").write_bytes(b"earlier samples")
+    gen = ["--generate", "2", "--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "s.npz")]
+    with pytest.raises(SystemExit, match="s.npz exists; pass --overwrite"):  # before the checkpoint is read
+        E.main(gen)
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        E.main([*gen, "--overwrite"])
+
+
+def test_a_checkpoint_cannot_choose_which_module_runs(teacher_ckpt, tmp_path, monkeypatch):
+    (tmp_path / "evil_module.py").write_text("import os\nos.environ['EVIL_RAN'] = '1'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = torch.load(teacher_ckpt, weights_only=True)
+    torch.save(dict(ckpt, method="evil_module"), tmp_path / "evil.pt")
+    with pytest.raises(SystemExit, match="unknown method 'evil_module'; this project's are edm_teacher"):
+        G.load_teacher(str(tmp_path / "evil.pt"), None, "cpu")
+    with pytest.raises(SystemExit, match="unknown method"):
+        V.load_model(str(tmp_path / "evil.pt"), None, "cpu")
+    assert "EVIL_RAN" not in os.environ and "evil_module" not in sys.modules
+
+
+def write_pairs(path, noise, data, label=None):
+    arrays = dict(noise=noise, data=data, **({} if label is None else dict(label=label)))
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_non_finite_or_unusable_pairs_are_refused_naming_the_pair(tmp_path):
+    x = np.random.default_rng(0).standard_normal((40, 3, 4, 4)).astype(np.float32)
+    bad = x.copy()
+    bad[37, 1, 2, 3] = np.nan
+    scan = lambda p: G.scan_pairs(G.load_pairs(p), "p.npz", rows=16)  # noqa: E731 - three chunks
+    assert scan(write_pairs(tmp_path / "ok.npz", x, x, np.arange(40))) is None
+    assert (
+        scan(write_pairs(tmp_path / "nan.npz", x, bad)) == "p.npz: 'data' is not finite (NaN/inf) in pair 37"
+    )
+    inf = x.copy()
+    inf[3, 0, 0, 0] = np.inf
+    assert "'noise' is not finite (NaN/inf) in pair 3" in scan(write_pairs(tmp_path / "inf.npz", inf, x))
+    for dtype in (np.int8, np.bool_, np.complex64):
+        p = write_pairs(tmp_path / f"{np.dtype(dtype).name}.npz", x.astype(dtype), x.astype(dtype))
+        assert f"is {np.dtype(dtype).name}, not float16/32/64" in scan(p)
+    assert "holds zero pairs" in scan(write_pairs(tmp_path / "zero.npz", x[:0], x[:0]))
+    assert "negative labels" in scan(write_pairs(tmp_path / "neg.npz", x, x, -np.ones(40, np.int64)))
+    p = write_pairs(tmp_path / "lab.npz", x, x, np.arange(40) % 3)
+    with pytest.raises(SystemExit, match="not finite"):  # and the trainers refuse them at start-up
+        L.check_pairs(G.load_pairs(write_pairs(tmp_path / "nan4.npz", x, bad)), "nan4.npz", "auto")
+    assert C.check_pairs(G.load_pairs(p), p, True)[1] == 3
+
+
+def test_a_non_finite_loss_stops_every_rank_before_the_checkpoint():
+    stop = E.StopFlag()
+    assert stop.any("cpu", torch.tensor(0.5), 7) is False
+    for value in (float("nan"), torch.tensor([1.0, float("inf")])):
+        with pytest.raises(SystemExit, match="non-finite loss or gradient at step 7: stopped without saving"):
+            stop.any("cpu", value, 7)
+
+
+def nan_teacher(teacher_ckpt, tmp_path):
+    ckpt = torch.load(teacher_ckpt, weights_only=True)
+    ema = dict(ckpt["ema"])
+    key = next(k for k in ema if k.endswith("out_conv.weight") or k.endswith("aux_conv.weight"))
+    ema[key] = torch.full_like(ema[key], float("nan"))
+    torch.save(dict(ckpt, ema=ema), tmp_path / "nan.pt")
+    return str(tmp_path / "nan.pt")
+
+
+def test_non_finite_samples_never_become_pairs_or_a_score(teacher_ckpt, tmp_path, one_thread):
+    bad = nan_teacher(teacher_ckpt, tmp_path)
+    out = tmp_path / "p.npz"
+    with pytest.raises(SystemExit, match="non-finite samples among pairs 0-3; nothing was written"):
+        G.main(pairs_flags(bad, out))
+    assert not out.exists() and os.listdir(str(out) + ".shards") == []
+    module, net, _ = V.load_model(bad, None, "cpu")
+    noise, labels, gens = V.inputs_for_seeds(range(2), (3, 16, 16), 3)
+    with pytest.raises(SystemExit, match="made non-finite samples at NFE 3"):
+        V.run_sampler(module, V.CountingNet(net), noise, 3, labels, gens)
+
+
+def test_a_corrupt_checkpoint_is_refused_naming_the_newest_intact_one(tmp_path):
+    for step in (1, 2):
+        E.save_checkpoint(dict(step=step, w=torch.randn(20000)), str(tmp_path), step)
+    path = tmp_path / "ckpt-0000002.pt"
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for i in rng.integers(2000, len(data) - 4000, 2000):  # 2,000 flipped bytes inside the tensor data
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(
+        SystemExit, match=r"fails its CRC check .* the newest intact checkpoint is .*ckpt-0000001"
+    ):
+        E.load_checkpoint(str(tmp_path))  # latest.pt -> ckpt-0000002.pt
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="empty.pt: not a complete torch checkpoint") as e:
+        E.load_checkpoint(str(tmp_path / "empty.pt"))
+    assert "\n" not in str(e.value)
+    assert E.load_checkpoint(str(tmp_path / "ckpt-0000001.pt"))["step"] == 1
+
+
+def test_outputs_are_checked_before_the_work(teacher_ckpt, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    nowhere = str(tmp_path / "file" / "out.json")  # its folder is a file: not writable by anyone
+    with pytest.raises(SystemExit, match="cannot write to"):
+        E.check_out(nowhere)
+    with pytest.raises(SystemExit, match="needs about 1048576.00 GiB"):
+        E.check_out(str(tmp_path / "big.npz"), nbytes=2**50)
+    calls = []
+    monkeypatch.setattr(V, "run_sampler", lambda *a, **k: calls.append(1))
+    with pytest.raises(SystemExit, match="cannot write to"):
+        V.main(["--ckpt", teacher_ckpt, "--nfe", "3", "--metrics", "straightness", "--out", nowhere])
+    with pytest.raises(SystemExit, match="cannot write to"):
+        E.main(["--ckpt", teacher_ckpt, "--convert", nowhere])
+    assert calls == []
+
+
+def test_bad_numbers_and_shapes_are_one_line_errors(npz_data, tmp_path, capsys):
+    for flag, value in (("--batch-gpu", "-1"), ("--lr", "-1e-3"), ("--generate", "-5")):
+        with pytest.raises(SystemExit) as e:
+            E.parse_args(train_flags(npz_data, tmp_path / "r", 1, extra=[flag, value]))
+        assert e.value.code == 2 and flag in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        C.parse_args(["--coupling", "independent", "--atol", "0"])
+    assert "--atol must be positive, got 0.0" in capsys.readouterr().err
+    net = C.build_net(dict(img_resolution=8, img_channels=3, channel_mult=[1], num_blocks=1,
+                           attn_resolutions=[], model_channels=16))  # fmt: skip
+    with pytest.raises(ValueError, match="dopri5 needs atol > 0 and rtol > 0"):  # it would never end
+        C.sample(net, torch.randn(1, 3, 8, 8), 0, solver="dopri5", atol=0.0, rtol=0.0)
+    ckpt = dict(net_kwargs=dict(img_channels=3, img_resolution=16, label_dim=0))
+    with pytest.raises(SystemExit, match=r"trained on .* \(3, 16, 0\) but the data gives \(3, 32, 0\)"):
+        E.resumed_net_kwargs(ckpt, dict(img_channels=3, img_resolution=32, label_dim=0), "r16")
+
+
+def test_resume_cleans_leftovers_and_cuts_the_log_back_to_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt-0000009.pt.tmp123").write_bytes(b"half")
+    (out / "latest.pt.tmp77").write_bytes(b"")
+    lines = [json.dumps(dict(step=s, loss=1.0)) + "\n" for s in range(1, 6)]
+    (out / "log.jsonl").write_text("".join(lines) + '{"step": 6, "lo')  # killed mid-line
+    E.claim_outdir(str(out), dict(step=3))
+    assert sorted(os.listdir(out)) == [".lock", "log.jsonl"]
+    assert (out / "log.jsonl").read_text() == "".join(lines[:3])
+
+
+def test_a_kill_during_verification_is_finished_by_the_rerun(teacher_ckpt, tmp_path, monkeypatch, one_thread):
+    out = tmp_path / "p.npz"
+
+    def killed(path):
+        raise KeyboardInterrupt  # as if killed while verifying the merged file
+
+    monkeypatch.setattr(G, "load_pairs", killed)
+    with pytest.raises(KeyboardInterrupt):
+        G.main(pairs_flags(teacher_ckpt, out, num=6, batch=6))
+    assert not out.exists() and len(os.listdir(str(out) + ".shards")) == 2
+    monkeypatch.undo()
+    G.main(pairs_flags(teacher_ckpt, out, num=6, batch=6))
+    assert len(G.load_pairs(str(out))["noise"]) == 6 and not os.path.exists(str(out) + ".shards")
+    assert sorted(os.listdir(tmp_path)) == sorted(["p.npz", "p.npz.lock", "teacher.pt"])
+
+
+def test_gen_pairs_refuses_sampler_keywords_the_method_does_not_take(teacher_ckpt, tmp_path):
+    with pytest.raises(SystemExit, match=r"--sampler-kw \{'atol': 1e-05\}: edm_teacher.sample refuses it"):
+        G.main(pairs_flags(teacher_ckpt, tmp_path / "p.npz", extra=["--sampler-kw", "atol=1e-5"]))
