@@ -563,10 +563,15 @@ def check_numbers(parser, args, positive=(), nonnegative=()):
 
 
 class Logger:
-    """Rank 0 prints `k=v` lines and appends the same record as JSON to <outdir>/log.jsonl."""
+    """Rank 0 prints `k=v` lines, flushed, and appends the same record as JSON to <outdir>/log.jsonl. After
+    start(step, total_steps), lines read `step=N/TOTAL ... eta=1h02m` (at this run's pace since start)."""
 
     def __init__(self, outdir, rank):
         self.rank, self.path = rank, os.path.join(outdir, "log.jsonl") if outdir else None
+        self.total_steps, self._start = None, None
+
+    def start(self, step, total_steps):
+        self.total_steps, self._start = total_steps, (step, time.time())
 
     def print(self, *a):
         if self.rank == 0:
@@ -575,10 +580,19 @@ class Logger:
     def log(self, **rec):
         if self.rank != 0:
             return
-        print(
-            " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()),
-            flush=True,
-        )
+        text = {k: f"{v:.5g}" if isinstance(v, float) else str(v) for k, v in rec.items()}
+        if self.total_steps and "step" in rec:
+            done, elapsed = rec["step"] - self._start[0], time.time() - self._start[1]
+            if done > 0:
+                eta = round(elapsed / done * max(self.total_steps - rec["step"], 0))
+                rec["eta_s"] = eta
+                text["eta"] = (
+                    f"{eta // 3600}h{eta % 3600 // 60:02d}m"
+                    if eta >= 3600
+                    else f"{eta // 60}m{eta % 60:02d}s"
+                )
+            text["step"] = f"{rec['step']}/{self.total_steps}"
+        print(" ".join(f"{k}={v}" for k, v in text.items()), flush=True)
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -1328,6 +1342,7 @@ def train(args):
     grid_noise, grid_labels = noise_for_seeds(range(args.grid), shape, label_dim)
     stop, total = StopFlag(), round(args.duration * 1e6)
     sums, t_last, step_last = {}, time.time(), step
+    log.start(step, math.ceil(total / args.batch))
     while nimg < total:
         seed_step(args.seed, rank, world, step)
         sigma = draw_sigma(batch_rank, args.P_mean, args.P_std, device)

@@ -239,7 +239,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(npz_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=os.path.dirname(E.__file__), env=env, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait until training is under way
-        if line.startswith("step=2 "):
+        if line.startswith("step=2/"):  # progress with its ETA, also when stdout is a pipe or file
+            assert f"step=2/{10**6} " in line and " eta=" in line, line
             proc.send_signal(signal.SIGTERM)
             break
     rest = proc.communicate(timeout=120)[0]
