@@ -13,7 +13,7 @@ import toy2d
 # The methods the claims below are about (rf1, rf2's teacher, and edm, lmm's, are trained too). --quick's
 # budget with 200 steps instead of 300, 500 evaluation samples, a 20-step fine ODE and 30-step reflow pairs:
 # measured ratios to I-CFM (limits): 2-RF straightness 0.042 (0.2), LMM 0.53 (0.7), BOT-CFM 128 / 256 0.76 /
-# 0.73 (0.9), LMM one-step SW2 0.27 (0.5) at seed 0 of these flags and alike (within 0.01) at seeds 0 and 1
+# 0.73 (0.9), LMM one-step SW2 0.27 (0.5) at seed 2 of these flags and alike (within 0.015) at seeds 0 and 1
 # with a 40-step fine ODE and 100-step reflow pairs.
 CLAIMS = ["--quick", "--methods", "edm,lmm,icfm,bot128,bot256,rf2", "--steps", "200", "--n-eval", "500"]
 CLAIMS += ["--n-pairs", "4096", "--ode-steps", "20", "--reflow-steps", "30"]
