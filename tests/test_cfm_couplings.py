@@ -120,7 +120,7 @@ class MLP(nn.Module):
         return self.f(torch.cat([x, t, torch.sin(k * t), torch.cos(k * t)], 1))
 
 
-def train_gauss2d(coupling, steps=1500, batch=256):
+def train_gauss2d(coupling, steps=750, batch=256):
     torch.manual_seed(0)
     net = MLP()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
@@ -148,8 +148,8 @@ def test_gaussian_to_gaussian_field_matches_loom_eq4_and_ot_gives_almost_zero(on
             err += (v_ind(y, t) - exact).square().sum().item()
             ref += exact.square().sum().item()
             ot += v_ot(y, t).square().sum().item()
-    assert math.sqrt(err / ref) < 0.1  # measured 0.054
-    assert math.sqrt(ot / ref) < 0.1  # OT: a near-identity map, measured ~0.01 of Eq. 4's norm
+    assert math.sqrt(err / ref) < 0.1  # measured 0.059 (0.054 with 1500 steps)
+    assert math.sqrt(ot / ref) < 0.1  # OT: a near-identity map, measured ~0.02 of Eq. 4's norm
 
 
 def test_samplers_solve_odes_with_known_solutions_and_count_nfe():

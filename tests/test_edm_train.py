@@ -69,7 +69,7 @@ def test_training_writes_checkpoint_grid_and_log(npz_data, tmp_path):
     assert x.shape == (2, 3, 16, 16) and nfe == 5 and torch.isfinite(x).all()
 
 
-def test_loss_decreases_on_a_tiny_overfit_problem(tmp_path):
+def test_loss_decreases_on_a_tiny_overfit_problem(tmp_path, one_thread):
     images = np.zeros((4, 16, 16, 3), dtype=np.uint8)  # four flat colours
     images[:] = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]], dtype=np.uint8)[:, None, None, :]
     data = tmp_path / "flat.npz"
