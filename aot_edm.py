@@ -496,7 +496,8 @@ def save_image_grid(images, path):
 # as before: the papers' fp32 computation, bit for bit. Nothing compiled or wrapped is ever stored.
 
 
-def add_speed_args(p):
+def add_speed_args(p, train=True):
+    """The speed flags of a trainer (train=True) or of a sampling script (gen_pairs.py, evaluate.py)."""
     p.add_argument(
         "--precision",
         default="fp32",
@@ -511,9 +512,10 @@ def add_speed_args(p):
     p.add_argument(
         "--channels-last", action="store_true", help="feed the network channels-last (NHWC) images"
     )
-    p.add_argument(
-        "--fused-adam", action="store_true", help="fused optimizer step where supported, else foreach"
-    )
+    if train:
+        p.add_argument(
+            "--fused-adam", action="store_true", help="fused optimizer step where supported, else foreach"
+        )
 
 
 def optimizer_kwargs(args, device, cls=torch.optim.Adam):

@@ -515,7 +515,8 @@ def save_image_grid(images, path):
 # as before: the papers' fp32 computation, bit for bit. Nothing compiled or wrapped is ever stored.
 
 
-def add_speed_args(p):
+def add_speed_args(p, train=True):
+    """The speed flags of a trainer (train=True) or of a sampling script (gen_pairs.py, evaluate.py)."""
     p.add_argument(
         "--precision",
         default="fp32",
@@ -530,9 +531,10 @@ def add_speed_args(p):
     p.add_argument(
         "--channels-last", action="store_true", help="feed the network channels-last (NHWC) images"
     )
-    p.add_argument(
-        "--fused-adam", action="store_true", help="fused optimizer step where supported, else foreach"
-    )
+    if train:
+        p.add_argument(
+            "--fused-adam", action="store_true", help="fused optimizer step where supported, else foreach"
+        )
 
 
 def optimizer_kwargs(args, device, cls=torch.optim.Adam):
@@ -1577,10 +1579,10 @@ def parse_args(argv=None):
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (torchcfm, LOOM)")
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (torchcfm, LOOM)")
     p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
+    add_speed_args(p)
     preset, _ = p.parse_known_args(argv)
     if preset.preset:
         p.set_defaults(**PRESETS[preset.preset])
-    add_speed_args(p)
     args = p.parse_args(argv)
     if args.generate:
         if not args.ckpt:

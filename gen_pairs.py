@@ -284,6 +284,7 @@ def generate(args):
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     module, net, ckpt, teacher_path = load_teacher(args.teacher, args.cache_dir, device)
+    net = module.prepare_net(net, args, device)  # --precision, --compile, --channels-last (fp32: net itself)
     k = ckpt["net_kwargs"]
     if "img_channels" not in k:
         fail(f"{args.teacher}: its net_kwargs have no image shape (img_channels, img_resolution)")
@@ -307,6 +308,9 @@ def generate(args):
         version=VERSION,
         sampler_kw=args.sampler_kw,
     )
+    speed = dict(precision=args.precision, compile=args.compile, channels_last=args.channels_last)
+    if speed != dict(precision="fp32", compile=False, channels_last=False):  # they change the pairs' bits
+        fingerprint["speed"] = speed
     shard_dir = out + ".shards"
     n_shards = -(-args.num // args.shard_size)
     if rank == 0:
@@ -411,6 +415,8 @@ def sampler_kw(text):
 
 
 def parse_args(argv=None):
+    import edm_teacher
+
     p = argparse.ArgumentParser(
         description="Make (noise, teacher sample) pairs from any checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -446,6 +452,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--inspect", metavar="FILE", help="print a pairs file's contents and statistics, then exit"
     )
+    edm_teacher.add_speed_args(p, train=False)
     args = p.parse_args(argv)
     if not args.inspect:
         if args.sampler_kw is None:
