@@ -554,8 +554,8 @@ class FastNet(nn.Module):
     def __init__(self, net, args):
         super().__init__()
         self.net, self.precision, self.channels_last = net, args.precision, args.channels_last
-        # compile the bound forward, not the module: no compiled module is registered in this one
-        self.fn = torch.compile(net.forward, backend=args.compile_backend) if args.compile else net
+        # the bound forward, compiled or not: no second (compiled) module is registered in this one
+        self.fn = torch.compile(net.forward, backend=args.compile_backend) if args.compile else net.forward
 
     def __getattr__(self, name):  # the wrapped net's attributes (lmm's schedule, dansm's objective, ...)
         try:
@@ -566,7 +566,7 @@ class FastNet(nn.Module):
             return getattr(self.net, name)
 
     def forward(self, x, *a, **kw):
-        if self.channels_last:
+        if self.channels_last and x.dim() == 4:  # activations NHWC from the first conv on; weights stay
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.fn(x, *a, **kw)

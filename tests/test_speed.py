@@ -35,7 +35,13 @@ def test_fp32_default_calls_the_net_itself_with_torchs_default_optimizer():
         M = importlib.import_module(name)
         assert M.prepare_net(net, speed_args(), cpu) is net  # no wrapper, no autocast, no compile
         assert M.optimizer_kwargs(speed_args(), cpu) == {}
-    assert isinstance(E.prepare_net(net, speed_args("--precision", "bf16"), cpu), E.FastNet)
+    fast = E.prepare_net(
+        net, speed_args("--precision", "bf16", "--compile", "--compile-backend", "eager"), cpu
+    )
+    assert isinstance(fast, E.FastNet) and [n for n, _ in fast.named_children()] == [
+        "net"
+    ]  # nothing compiled
+    assert fast.weight is net.weight and set(fast.net.state_dict()) == set(net.state_dict())
     assert E.optimizer_kwargs(speed_args("--fused-adam"), cpu) == dict(fused=True)
     assert E.optimizer_kwargs(speed_args("--fused-adam"), cpu, torch.optim.RAdam) == dict(foreach=True)
 
