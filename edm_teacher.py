@@ -505,7 +505,9 @@ def add_speed_args(p, train=True):
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the network's forward")
     p.add_argument(
-        "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: quick CPU checks)"
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (eager, aot_eager: quick checks without inductor's C++ build)",
     )
     p.add_argument(
         "--channels-last", action="store_true", help="feed the network channels-last (NHWC) images"
