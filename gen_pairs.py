@@ -308,9 +308,11 @@ def generate(args):
         version=VERSION,
         sampler_kw=args.sampler_kw,
     )
+    # the speed flags change the pairs' bits; None for the default, as in the shards of earlier versions
     speed = dict(precision=args.precision, compile=args.compile, channels_last=args.channels_last)
-    if speed != dict(precision="fp32", compile=False, channels_last=False):  # they change the pairs' bits
-        fingerprint["speed"] = speed
+    fingerprint["speed"] = (
+        None if speed == dict(precision="fp32", compile=False, channels_last=False) else speed
+    )
     shard_dir = out + ".shards"
     n_shards = -(-args.num // args.shard_size)
     if rank == 0:

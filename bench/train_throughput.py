@@ -9,9 +9,10 @@ alone, bf16 + compile, and all together) of --precision (fp32, tf32 on CUDA only
 --channels-last and --fused-adam starts from the same weights and sees the same images, noise levels and
 noise at every step, so the loss after --loss-steps steps differs between them only by arithmetic. The loss
 scale that counts as noise is printed beside it: the same fp32 eager run with another seed (other draws).
-Images/s are timed over the last --steps steps (the first ones warm up: compile, autotuning) and printed as
-ratios to fp32 eager; on a GPU also absolute images/s and peak memory. Writes JSON with the machine and the
-table.
+Images/s are timed (wall time on a GPU; on a CPU this process's CPU time, all threads: images per CPU-
+second, robust to other jobs on a shared machine) over the last --steps steps (the first ones warm up:
+compile, autotuning) and printed as ratios to fp32 eager; on a GPU also absolute images/s and peak memory.
+Writes JSON with the machine and the table.
 """
 
 import argparse
@@ -47,14 +48,14 @@ def run(config, init, images, args, device, seed=0):
         net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, **E.optimizer_kwargs(speed, device)
     )
     call = E.prepare_net(net, speed, device)
-    losses, times = [], []
+    losses, times, first_wall = [], [], None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step in range(args.loss_steps):
         E.seed_step(seed, 0, 1, step)
         y = images[torch.randint(len(images), (args.batch,), device=images.device)]
         sync(device)
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         loss = E.edm_loss(call, y)
         loss.sum().mul(1 / args.batch).backward()
@@ -64,10 +65,12 @@ def run(config, init, images, args, device, seed=0):
         opt.step()
         E.ema_update(ema, net, E.edm_ema_beta(args.batch, step * args.batch, 500, 0.05))
         losses.append(loss.detach().mean().item())  # .item() syncs: the step is over
-        times.append(time.perf_counter() - t)
+        # a GPU: wall time; a CPU (often shared): this process's CPU time, which other jobs do not inflate
+        times.append(time.perf_counter() - t if device.type == "cuda" else time.process_time() - cpu)
+        first_wall = first_wall or time.perf_counter() - t  # with the compile (and its workers' time)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # tf32 is global: undo
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return losses, times, peak
+    return losses, times, first_wall, peak
 
 
 def main(argv=None):
@@ -110,10 +113,12 @@ def main(argv=None):
         combos = [c for c in combos if sum(map(bool, (c[0] != "fp32", *c[1:]))) <= 1 or c in keep]
     for precision, comp, cl, fused in combos:
         config = dict(precision=precision, compile=comp, channels_last=cl, fused_adam=fused)
-        losses, times, peak = run(config, init, images, args, device)
+        losses, times, first_wall, peak = run(config, init, images, args, device)
         step_s = sum(times[-args.steps :]) / args.steps
-        row = dict(**config, img_s=args.batch / step_s, first_step_s=times[0], loss=losses[-1], losses=losses)
-        row["warmup_s"] = times[0] - step_s  # compile time (and allocations, kernel selection)
+        row = dict(
+            **config, img_s=args.batch / step_s, first_step_wall_s=first_wall, loss=losses[-1], losses=losses
+        )
+        row["step_s"] = step_s
         row["peak_gib"] = peak
         if base is None and not (comp or cl or fused) and precision == "fp32":
             base = row
@@ -127,12 +132,12 @@ def main(argv=None):
         row["speedup"] = row["img_s"] / base["img_s"] if base else None
         row["loss_diff"] = row["loss"] - base["loss"] if base else None
     gpu = device.type == "cuda"
-    head = "precision compile channels_last fused_adam | x fp32 eager | loss (diff) | warm-up s"
+    head = "precision compile channels_last fused_adam | x fp32 eager | loss (diff) | 1st step s (compile)"
     print(f"\n{head}" + (" | img/s | peak GiB" if gpu else ""))
     for r in rows:
         flags = " ".join(f"{str(r[k]):>5}" for k in ("compile", "channels_last", "fused_adam"))
         line = f"{r['precision']:>5} {flags} | {r['speedup']:.2f}x | {r['loss']:.4f} ({r['loss_diff']:+.4f})"
-        line += f" | {r['warmup_s']:.1f}"
+        line += f" | {r['first_step_wall_s']:.1f}"
         print(line + (f" | {r['img_s']:.0f} | {r['peak_gib']:.2f}" if gpu else ""))
     if noise is not None:
         print(f"loss noise (fp32 eager, seed 1 vs seed 0, step {args.loss_steps}): {noise:.4f}")

@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import json
 import os
 
 import pytest
@@ -127,3 +128,16 @@ def test_compiled_bf16_cfm_resumes_bit_exactly_and_loads_into_an_eager_net(npz_d
     assert nfe == 2 and torch.isfinite(x).all()
     assert a["net_kwargs"]["model_channels"] == TINY_NET["model_channels"]
     assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "a"))
+
+
+def test_gen_pairs_refuses_to_mix_fp32_and_bf16_shards(tmp_path):
+    import numpy as np
+
+    import gen_pairs as G
+
+    bf16 = dict(precision="bf16", compile=False, channels_last=False)
+    for speed, other in ((bf16, None), (None, bf16)):
+        np.savez(G.shard_name(str(tmp_path), 0), meta=np.array(json.dumps(dict(seed=0, speed=speed))))
+        with pytest.raises(SystemExit, match="refusing to mix"):
+            G.check_shards(str(tmp_path), 1, dict(seed=0, speed=other), E.fail)
+        assert G.check_shards(str(tmp_path), 1, dict(seed=0, speed=speed), E.fail) == [0]
