@@ -468,7 +468,7 @@ def evaluate(args):
         results.append(row)
     for spec in args.ckpt:
         module, net, ckpt = load_model(spec, args.cache_dir, device)
-        counter = CountingNet(net)
+        counter = CountingNet(module.prepare_net(net, args, device))  # --precision, --compile
         k = ckpt["net_kwargs"]
         shape, label_dim = (
             (k["img_channels"], k["img_resolution"], k["img_resolution"]),
@@ -853,6 +853,7 @@ def parse_args(argv=None):
     p.add_argument("--trajectory", default=None, help="PNG path: x1 estimates along the sampling path")
     p.add_argument("--trajectory-n", type=int, default=8, help="rows (images) of each trajectory strip")
     p.add_argument("--cache-dir", default=None, help="download folder for checkpoint URLs")
+    edm_teacher.add_speed_args(p, train=False)
     known, _ = p.parse_known_args(argv)
     if known.protocol:
         p.set_defaults(**PROTOCOLS[known.protocol]["defaults"])

@@ -321,6 +321,7 @@ def generate(args):
     unknown = [k for k in args.sampler_kw if k not in params or k in ("generator", "stats")]
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         fail(f"{ckpt['method']}.sample takes no {unknown} (--sampler-kw); it takes {list(params)[3:]}")
+    net = module.prepare_net(net, args, device)  # --precision, --compile, --channels-last (fp32: net itself)
     k = ckpt["net_kwargs"]
     if "img_channels" not in k:
         fail(f"{args.teacher}: its net_kwargs have no image shape (img_channels, img_resolution)")
@@ -343,6 +344,11 @@ def generate(args):
         shape=list(shape),
         version=VERSION,
         sampler_kw=args.sampler_kw,
+    )
+    # the speed flags change the pairs' bits; None for the default, as in the shards of earlier versions
+    speed = dict(precision=args.precision, compile=args.compile, channels_last=args.channels_last)
+    fingerprint["speed"] = (
+        None if speed == dict(precision="fp32", compile=False, channels_last=False) else speed
     )
     shard_dir = out + ".shards"
     n_shards = -(-args.num // args.shard_size)
@@ -463,6 +469,8 @@ def sampler_kw(text):
 
 
 def parse_args(argv=None):
+    import edm_teacher
+
     p = argparse.ArgumentParser(
         description="Make (noise, teacher sample) pairs from any checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -498,6 +506,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--inspect", metavar="FILE", help="print a pairs file's contents and statistics, then exit"
     )
+    edm_teacher.add_speed_args(p, train=False)
     args = p.parse_args(argv)
     if not args.inspect:
         if args.sampler_kw is None:

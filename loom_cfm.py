@@ -42,6 +42,7 @@ Commands
 import argparse
 import contextlib
 import copy
+import inspect
 import json
 import math
 import os
@@ -654,6 +655,83 @@ def save_image_grid(images, path):
 
 # --- end shared: runtime ---
 
+# --- shared: precision (identical in every method file) ---
+# Speed flags. The default (--precision fp32, no --compile) calls the network itself and builds the optimizer
+# as before: the papers' fp32 computation, bit for bit. Nothing compiled or wrapped is ever stored.
+
+
+def add_speed_args(p, train=True):
+    """The speed flags of a trainer (train=True) or of a sampling script (gen_pairs.py, evaluate.py)."""
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "tf32", "bf16"],
+        help="fp32 (the papers'); tf32: TF32 matmuls/convs (Ampere+ GPUs); bf16: torch.autocast around the "
+        "network (losses, EDM preconditioning, EMA and optimizer state stay fp32)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the network's forward")
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (eager, aot_eager: quick checks without inductor's C++ build)",
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="feed the network channels-last (NHWC) images"
+    )
+    if train:
+        p.add_argument(
+            "--fused-adam", action="store_true", help="fused optimizer step where supported, else foreach"
+        )
+
+
+def optimizer_kwargs(args, device, cls=torch.optim.Adam):
+    """{} (torch's default implementation) unless --fused-adam: fused where cls and device have it."""
+    if not args.fused_adam:
+        return {}
+    fused = "fused" in inspect.signature(cls).parameters and device.type in ("cuda", "cpu")
+    return dict(fused=True) if fused else dict(foreach=True)
+
+
+class FastNet(nn.Module):
+    """net as the training step or a sampler calls it under the speed flags: same parameters, same call
+    signature, float32 output. Autocast wraps the whole forward, not only the UNet: the preconditioning
+    (EDM's c_skip, c_out, c_in, c_noise; the flow nets' time scaling) is elementwise arithmetic on float32
+    inputs, which autocast leaves in float32; convolutions, linears and attention matmuls run in bfloat16."""
+
+    def __init__(self, net, args):
+        super().__init__()
+        self.net, self.precision, self.channels_last = net, args.precision, args.channels_last
+        # the bound forward, compiled or not: no second (compiled) module is registered in this one
+        self.fn = torch.compile(net.forward, backend=args.compile_backend) if args.compile else net.forward
+
+    def __getattr__(self, name):  # the wrapped net's attributes (lmm's schedule, dansm's objective, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "net":
+                raise
+            return getattr(self.net, name)
+
+    def forward(self, x, *a, **kw):
+        if self.channels_last and x.dim() == 4:  # activations NHWC from the first conv on; weights stay
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self.fn(x, *a, **kw)
+        return out.float()
+
+
+def prepare_net(net, args, device):
+    """The module to call for --precision/--compile/--channels-last: net itself for plain fp32 (so today's
+    computation exactly), else a FastNet around it. tf32 is a global switch of the CUDA backends."""
+    if args.precision == "tf32" and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.precision != "bf16" and not args.compile and not args.channels_last:
+        return net
+    return FastNet(net, args)
+
+
+# --- end shared: precision ---
+
 
 # --- method: LOOM-CFM (Davtyan et al.) ---
 METHOD = "loom_cfm"
@@ -1237,16 +1315,16 @@ def train(args):
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     net = build_net(net_kwargs).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr, **optimizer_kwargs(args, device))
     if ckpt is not None:
         net.load_state_dict(ckpt["net"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg), assignment restored")
-    ddp = net
+    ddp = prepare_net(net, args, device)  # the call under the speed flags; net and ema are what is stored
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device] if device.type == "cuda" else None
+            ddp, device_ids=[device] if device.type == "cuda" else None
         )
     spe = (n_data // 2 if random_flip else n_data) // args.batch
     pre_steps = args.train_after_convergence * spe  # assignment-only steps before training (App. D)
@@ -1391,7 +1469,7 @@ def generate(args):
         )
     net = build_net(ckpt["net_kwargs"]).eval().requires_grad_(False)
     net.load_state_dict(ckpt["ema"])
-    net.to(device)
+    net = prepare_net(net.to(device), args, device)  # --precision, --compile
     k = ckpt["net_kwargs"]
     shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k["label_dim"]
     seeds = list(range(args.seed, args.seed + args.generate))[rank::world]
@@ -1530,6 +1608,7 @@ def parse_args(argv=None):
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (official code)")
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (official code)")
     p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
+    add_speed_args(p)
     args = p.parse_args(argv)
     check_numbers(p, args, ("batch", "batch_gpu", "duration", "atol", "rtol"), ("lr",))
     if args.generate:

@@ -1,0 +1,143 @@
+"""The speed flags (shared precision block): --precision, --compile, --channels-last, --fused-adam."""
+
+import argparse
+import importlib
+import json
+import os
+
+import pytest
+import torch
+
+import cfm_couplings as C
+import edm_teacher as E
+from conftest import TINY_NET, read_log
+
+TRAINERS = ["edm_teacher", "aot_edm", "lmm", "cfm_couplings", "loom_cfm", "dansm"]
+
+
+@pytest.mark.parametrize("name", [*TRAINERS, "gen_pairs", "evaluate"])
+def test_every_script_shows_precision_and_compile_in_its_help(name, capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module(name).parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--precision {fp32,tf32,bf16}" in out and "--compile " in out and "--channels-last" in out
+    assert ("--fused-adam" in out) == (name in TRAINERS)
+
+
+def speed_args(*argv):
+    p = argparse.ArgumentParser()
+    E.add_speed_args(p)
+    return p.parse_args(list(argv))
+
+
+def test_fp32_default_calls_the_net_itself_with_torchs_default_optimizer():
+    net, cpu = torch.nn.Conv2d(3, 3, 1), torch.device("cpu")
+    for name in TRAINERS:
+        M = importlib.import_module(name)
+        assert M.prepare_net(net, speed_args(), cpu) is net  # no wrapper, no autocast, no compile
+        assert M.optimizer_kwargs(speed_args(), cpu) == {}
+    fast = E.prepare_net(
+        net, speed_args("--precision", "bf16", "--compile", "--compile-backend", "eager"), cpu
+    )
+    assert isinstance(fast, E.FastNet) and [n for n, _ in fast.named_children()] == [
+        "net"
+    ]  # nothing compiled
+    assert fast.weight is net.weight and set(fast.net.state_dict()) == set(net.state_dict())
+    assert E.optimizer_kwargs(speed_args("--fused-adam"), cpu) == dict(fused=True)
+    assert E.optimizer_kwargs(speed_args("--fused-adam"), cpu, torch.optim.RAdam) == dict(foreach=True)
+
+
+def edm_flags(data, outdir, steps, *extra):
+    return ["--data", data, "--outdir", str(outdir), "--batch", "8", "--duration", str(steps * 8 / 1e6)] + [
+        "--lr-rampup",
+        "0",
+        "--ema",
+        "0.05",
+        "--grid",
+        "0",
+        "--log-every",
+        "1",
+        "--tiny",
+        *extra,
+    ]
+
+
+def test_fp32_training_never_enters_autocast(npz_data, tmp_path, monkeypatch, one_thread):
+    def no_autocast(*a, **k):
+        raise AssertionError("autocast entered in an fp32 run")
+
+    monkeypatch.setattr(torch, "autocast", no_autocast)
+    E.main(edm_flags(npz_data, tmp_path / "fp32", 1))
+    group = torch.load(tmp_path / "fp32" / "latest.pt", weights_only=True)["opt"]["param_groups"][0]
+    assert group["fused"] is None and group["foreach"] is None  # torch's default Adam, as before
+
+
+def assert_same_run(a, b):
+    for key in ("net", "ema"):
+        for k, t in a[key].items():
+            assert t.dtype == torch.float32 and torch.equal(t, b[key][k]), (key, k)
+    for i, state in a["opt"]["state"].items():  # the optimizer state stays float32 too
+        assert all(
+            v.dtype == torch.float32 and torch.equal(v, b["opt"]["state"][i][k]) for k, v in state.items()
+        )
+
+
+def test_bf16_edm_trains_and_resumes_bit_exactly(npz_data, tmp_path, one_thread):
+    bf16 = ["--precision", "bf16", "--channels-last", "--fused-adam"]
+    E.main(edm_flags(npz_data, tmp_path / "a", 4, *bf16))
+    E.main(edm_flags(npz_data, tmp_path / "b", 2, *bf16))
+    E.main(edm_flags(npz_data, tmp_path / "b", 4, *bf16, "--resume", str(tmp_path / "b")))
+    a, b = (torch.load(tmp_path / r / "latest.pt", weights_only=True) for r in "ab")
+    assert a["step"] == b["step"] == 4 and a["args"]["precision"] == "bf16"
+    assert_same_run(a, b)
+    E.main(edm_flags(npz_data, tmp_path / "fp32", 1))  # same seed and batch in fp32: bf16 really ran
+    loss_bf16, loss_fp32 = read_log(tmp_path / "a")[0]["loss"], read_log(tmp_path / "fp32")[0]["loss"]
+    assert loss_bf16 != loss_fp32 and abs(loss_bf16 - loss_fp32) < 0.05 * loss_fp32
+
+
+def cfm_flags(data, outdir, steps, *extra):
+    return ["--data", data, "--outdir", str(outdir), "--batch", "8", "--duration", str(steps * 8 / 1e6)] + [
+        "--tiny",
+        "--log-every",
+        "1",
+        "--grid",
+        "0",
+        "--warmup",
+        "2",
+        "--coupling",
+        "ot",
+        *extra,
+    ]
+
+
+def test_compiled_bf16_cfm_resumes_bit_exactly_and_loads_into_an_eager_net(npz_data, tmp_path, one_thread):
+    # the "eager" backend runs dynamo's capture without inductor's C++ build: the compile path in seconds
+    fast = ["--compile", "--compile-backend", "eager", "--precision", "bf16"]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    C.main(cfm_flags(npz_data, tmp_path / "a", 3, *fast))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # dynamo captured the forward
+    C.main(cfm_flags(npz_data, tmp_path / "b", 1, *fast))
+    C.main(cfm_flags(npz_data, tmp_path / "b", 3, *fast, "--resume", str(tmp_path / "b")))
+    a, b = (torch.load(tmp_path / r / "latest.pt", weights_only=True) for r in "ab")
+    assert a["step"] == b["step"] == 3 and a["args"]["compile"]
+    assert_same_run(a, b)
+    net = C.build_net(a["net_kwargs"])
+    assert set(a["ema"]) == set(net.state_dict())  # plain keys: no _orig_mod., no net. prefix
+    net.load_state_dict(a["ema"])
+    x, nfe = C.sample(net.eval(), torch.randn(2, 3, 16, 16), 2)
+    assert nfe == 2 and torch.isfinite(x).all()
+    assert a["net_kwargs"]["model_channels"] == TINY_NET["model_channels"]
+    assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "a"))
+
+
+def test_gen_pairs_refuses_to_mix_fp32_and_bf16_shards(tmp_path):
+    import numpy as np
+
+    import gen_pairs as G
+
+    bf16 = dict(precision="bf16", compile=False, channels_last=False)
+    for speed, other in ((bf16, None), (None, bf16)):
+        np.savez(G.shard_name(str(tmp_path), 0), meta=np.array(json.dumps(dict(seed=0, speed=speed))))
+        with pytest.raises(SystemExit, match="refusing to mix"):
+            G.check_shards(str(tmp_path), 1, dict(seed=0, speed=other), E.fail)
+        assert G.check_shards(str(tmp_path), 1, dict(seed=0, speed=speed), E.fail) == [0]
