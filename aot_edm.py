@@ -18,6 +18,10 @@ alone; rank k takes images k*N..(k+1)*N-1 of the global round's slice of the epo
 still used once per epoch. Pairs therefore depend on the number of processes (as in the paper); the rest of
 the run is seeded as edm_teacher.py.
 
+--overlap on (the default): round r + 1's Hungarian solve runs in a background thread while round r trains
+and is joined when round r + 1 starts, so the device does not wait for scipy; the assignments, and the run,
+are the serial ones (--overlap off) exactly.
+
 Commands
   CPU smoke run on a synthetic dataset (tiny net, pools of 128 pairs):
     python aot_edm.py --data shapes --outdir runs/aot-shapes --tiny --duration 0.05 --batch 64 --aot-pairs 128
@@ -41,6 +45,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 import zipfile
 
@@ -1082,16 +1087,26 @@ class Rounds:
     """This process's rounds of N pairs (Alg. 1). Round r takes images r*N*world + rank*N ... of the epoch
     stream (batch_indices with batch N * world) and N noises; step s uses rows (s mod N/B) * B ... of round
     s // (N/B). A round's noise is drawn from the global generator right after the round's first step is
-    seeded and its sigmas drawn, so that with N = B and no assignment every draw is edm_teacher.py's."""
+    seeded and its sigmas drawn, so that with N = B and no assignment every draw is edm_teacher.py's.
+
+    --overlap on: as soon as round r is built, round r + 1's inputs (a function of (seed, world, rank, r + 1)
+    only, drawn under a forked RNG) go to a background thread that solves their assignment while round r
+    trains (scipy's solver releases the GIL); round r + 1 joins it. The assignments are the serial ones
+    exactly, and nothing of the thread is in a checkpoint: a resumed run rebuilds its round and restarts the
+    thread."""
 
     def __init__(self, args, images, labels, n_data, shape, device, rank, world):
         self.args, self.images, self.labels, self.n_data = args, images, labels, n_data
         self.shape, self.device, self.rank, self.world = shape, device, rank, world
         self.B = args.batch // world
         self.per_round = args.aot_pairs // self.B
-        self.cached = None
+        self.cached = self.pending = None
+        self.end_step = None  # no prefetch of a round that starts at or after this step
+        self.cuda = [device.index or 0] if device.type == "cuda" else []
 
-    def make(self, r):
+    def inputs(self, r):
+        """Round r's (augmented images, labels, augment labels, noise), drawn as edm_teacher's first step of
+        the round draws its noise (seed_step, the step's sigmas, then the noise from the global RNG)."""
         a = self.args
         idx = batch_indices(self.n_data, a.aot_pairs * self.world, r, a.seed)
         idx = idx[self.rank * a.aot_pairs : (self.rank + 1) * a.aot_pairs]
@@ -1105,14 +1120,68 @@ class Rounds:
         seed_step(a.seed, self.rank, self.world, r * self.per_round)
         draw_sigma(self.B, a.P_mean, a.P_std, self.device)  # the first step's sigmas come first
         eps = torch.randn([a.aot_pairs, *self.shape], device=self.device)
+        return y, lab, aug, eps
+
+    def solve(self, eps, y, lab):
+        """(perm, seconds) of AOT Eq. 8 for one round (the identity with --assign 0)."""
         t0 = time.time()
-        perm = aot_assign(eps, y, lab, a.cost) if a.assign else torch.arange(a.aot_pairs)
+        perm = aot_assign(eps, y, lab, self.args.cost) if self.args.assign else torch.arange(len(y))
+        return perm, time.time() - t0
+
+    def prefetch(self, r):
+        """Start solving round r in a background thread, from inputs drawn without touching the RNGs."""
+        with torch.random.fork_rng(devices=self.cuda):
+            y, lab, _, eps = self.inputs(r)
+        out = {}
+
+        def work():
+            try:
+                out["perm"], out["solve_s"] = self.solve(eps, y, lab)
+            except BaseException as e:  # handed to the training thread, which stops with one line
+                out["error"] = e
+
+        thread = threading.Thread(target=work, name=f"aot-solve-round-{r}", daemon=True)
+        thread.start()
+        self.pending = (r, thread, out)
+
+    def take(self, r, eps, y, lab):
+        """Round r's (perm, solve seconds): the background thread's when it holds round r, else solved now."""
+        pending, self.pending = self.pending, None
+        if pending is None or pending[0] != r:
+            if pending is not None:
+                pending[1].join()  # a stale round (resumed elsewhere): let it finish, drop its answer
+            return self.solve(eps, y, lab)
+        _, thread, out = pending
+        thread.join()
+        if "error" in out:
+            e = out["error"]
+            fail(
+                f"the background assignment solve of round {r} failed: {type(e).__name__}: {e} "
+                "(run with --overlap off to solve in the training thread)"
+            )
+        return out["perm"], out["solve_s"]
+
+    def close(self):
+        """Wait for a background solve still running (the end of training)."""
+        if self.pending is not None:
+            self.pending[1].join()
+            self.pending = None
+
+    def make(self, r):
+        y, lab, aug, eps = self.inputs(r)
+        t0 = time.time()
+        perm, solve_s = self.take(r, eps, y, lab)
+        wait_s = time.time() - t0
+        if self.args.overlap and (self.end_step is None or (r + 1) * self.per_round < self.end_step):
+            self.prefetch(r + 1)
+        perm = perm.to(self.device)
         stats = dict(
-            solve_s=(time.time() - t0) / self.per_round,  # per training step, as the round is used
-            cost_before=pair_cost(eps, y, a.cost).mean().item(),
-            cost_after=pair_cost(eps[perm.to(self.device)], y, a.cost).mean().item(),
+            solve_s=solve_s / self.per_round,  # per training step, as the round is used
+            wait_s=wait_s / self.per_round,  # what training waited for it (--overlap on: only a late solve)
+            cost_before=pair_cost(eps, y, self.args.cost).mean().item(),
+            cost_after=pair_cost(eps[perm], y, self.args.cost).mean().item(),
         )
-        self.cached = (r, y, lab, aug, eps[perm.to(self.device)], stats)
+        self.cached = (r, y, lab, aug, eps[perm], stats)
 
     def step(self, step):
         """(images, labels, assigned noise, round stats, augment labels) of this process for one step."""
@@ -1121,8 +1190,7 @@ class Rounds:
             if step % self.per_round == 0:
                 self.make(r)  # leaves the generator where edm_teacher's step would be after its noise
             else:  # resumed inside a round: rebuild it without disturbing this step's random state
-                cuda = [self.device.index or 0] if self.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=cuda):
+                with torch.random.fork_rng(devices=self.cuda):
                     self.make(r)
         _, y, lab, aug, eps, stats = self.cached
         rows = slice((step % self.per_round) * self.B, (step % self.per_round + 1) * self.B)
@@ -1419,6 +1487,7 @@ def train(args):
     labels = None if labels is None or not args.cond else labels.to(device)
     shape = tuple(images.shape[1:])
     rounds = Rounds(args, images, labels, n_data, shape, device, rank, world)
+    rounds.end_step = math.ceil(round(args.duration * 1e6) / args.batch)
     grid_noise, grid_labels = noise_for_seeds(range(args.grid), shape, label_dim)
     stop, total = StopFlag(), round(args.duration * 1e6)
     sums, t_last, step_last = {}, time.time(), step
@@ -1497,6 +1566,7 @@ def train(args):
         if stop_now:
             log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
             break
+    rounds.close()
     dist_teardown()
     stop.exit()  # 143 after SIGTERM: the scheduler requeues the job
 
@@ -1566,12 +1636,18 @@ def sweep_rho(args):
     nfes = [2 * s - 1 for s in args.sweep_steps]
     for rho in args.rhos:
         argv = ["--ckpt", args.ckpt, "--nfe", ",".join(map(str, nfes)), "--sampler-kw", f"rho={rho:g}"]
-        argv += ["--num-images", str(args.num_images), "--seed", str(args.seed), *args.eval_args]
+        argv += ["--num-images", str(args.num_images), "--seed", str(args.seed)]
+        if "--fid-seeds" not in args.eval_args:  # AOT Sec. 5.1 / EDM: the lowest of three measurements
+            argv += ["--fid-seeds", str(args.fid_seeds)]
+        argv += args.eval_args
         for row in evaluate.main(argv):  # one row per NFE (= per step count) at this rho
             if "nfe_requested" in row and args.metric in row:
                 grid[(rho, (row["nfe_requested"] + 1) // 2)] = row[args.metric]
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"\n{args.metric} by rho (rows) and Heun steps (columns), {args.num_images} images each")
+        print(
+            f"\n{args.metric} by rho (rows) and Heun steps (columns), {args.num_images} images each"
+            f" (the lowest of {args.fid_seeds} seed ranges for fid)"
+        )
         print("rho    " + "".join(f"{s:>10d}" for s in args.sweep_steps))
         for rho in args.rhos:
             print(
@@ -1620,6 +1696,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--cost", default="l2", choices=["l2", "sqeuclidean"], help="assignment cost (paper: L2)")
     p.add_argument("--assign", type=int, default=1, choices=[0, 1], help="0: rounds without the assignment")
+    p.add_argument(
+        "--overlap",
+        default="on",
+        choices=["on", "off"],
+        help="on: round r + 1's solve runs in a background thread while round r trains (same assignments)",
+    )
     p.add_argument("--batch", type=int, default=None, help="global batch (Sec. 5.1: 256; 128 with --cond)")
     p.add_argument(
         "--batch-gpu", type=int, default=None, help="images per forward pass (accumulate the rest)"
@@ -1680,6 +1762,12 @@ def parse_args(argv=None):
     p.add_argument("--metric", default="fid", help="the evaluate.py metric of the sweep table (fid, kid)")
     p.add_argument("--num-images", type=int, default=50000, help="images per sweep cell")
     p.add_argument(
+        "--fid-seeds",
+        type=int,
+        default=3,
+        help="--sweep-rho: seed ranges per cell, the lowest FID reported (AOT Sec. 5.1, as EDM: 3)",
+    )
+    p.add_argument(
         "--eval-args", type=str.split, default=[], help="more evaluate.py flags, e.g. '--ref-stats s.npz'"
     )
     p.add_argument("--out-json", default=None, help="--sweep-rho: write the table as JSON here")
@@ -1692,6 +1780,7 @@ def parse_args(argv=None):
     add_speed_args(p)
     args = p.parse_args(argv)
     check_numbers(p, args, ("batch", "batch_gpu", "duration", "atol", "rtol"), ("lr",))
+    args.overlap = args.overlap == "on"
     augment_defaults(p, args)
     if args.generate or args.sweep_rho:
         if not args.ckpt:
@@ -1715,6 +1804,7 @@ def parse_args(argv=None):
         "steps",
         "gen_batch",
         "num_images",
+        "fid_seeds",
     ):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")

@@ -29,7 +29,7 @@ Commands
   The paper's CIFAR-10 RFM run (batch 250, match-size 10,000) on 4 GPUs:
     torchrun --standalone --nproc_per_node=4 dansm.py --data cifar10 --outdir runs/dansm-cifar10
   Table 2 for a dataset, then Table 3 with a trained model:
-    python dansm.py --report --data cifar10 --match-sizes 10,100,1000,10000 --paths 2000
+    python dansm.py --report --data cifar10 --match-sizes 10,100,1000,10000,100000 --paths 2000
     python dansm.py --report --data cifar10 --paths 2000 --ckpt runs/dansm-cifar10
   Generate 50,000 images with 10 Euler steps:
     python dansm.py --generate 50000 --ckpt runs/dansm-cifar10 --nfe 10 --out dansm10.npz
@@ -861,40 +861,42 @@ def inter_path_distance(x1, z1, x2, z2):
     return ((1 - t)[:, None] * v + t[:, None] * u).norm(dim=1), t
 
 
-def path_stats(x, z, chunk=1024):
-    """Tables 2-3 for a set of n paths: mean path length; d_avg and t*_avg, the mean over all pairs i != j of
-    the inter-path distance and its t*; d_min and t*_min, the mean over paths of the distance to the nearest
-    other path and its t*. All pairs at once from the Gram matrices of x and z (float64), in row chunks."""
+def path_rows(x, z, rows, chunk=1024):
+    """Per-path terms of Tables 2-3 for the paths `rows` of a set of n paths (x, z), each against all n - 1
+    others: length; the mean inter-path distance and its t* (d_avg, t_avg); the distance to the nearest other
+    path and its t* (d_min, t_min). From the Gram matrices of x and z (float64), in row chunks. -> dict of
+    float64 [len(rows)]."""
     xf, zf = x.flatten(1).double(), z.flatten(1).double()
     n = len(xf)
     xx, zz, xz = xf.square().sum(1), zf.square().sum(1), (xf * zf).sum(1)
-    d_sum = t_sum = 0.0
-    d_near, t_near = [], []
-    for lo in range(0, n, chunk):
-        i = slice(lo, min(lo + chunk, n))
-        gxx, gzz = xf[i] @ xf.T, zf[i] @ zf.T
-        gxz, gzx = xf[i] @ zf.T, zf[i] @ xf.T  # x_i.z_j and z_i.x_j
-        vv = xx[i, None] + xx[None] - 2 * gxx  # |x_j - x_i|^2
-        uu = zz[i, None] + zz[None] - 2 * gzz
-        vu = xz[None] - gzx - gxz + xz[i, None]  # (x_j - x_i).(z_j - z_i)
+    out = {k: [] for k in ("d_avg", "t_avg", "d_min", "t_min")}
+    for lo in range(0, len(rows), chunk):
+        r = rows[lo : lo + chunk].to(xf.device)
+        gxx, gzz = xf[r] @ xf.T, zf[r] @ zf.T
+        gxz, gzx = xf[r] @ zf.T, zf[r] @ xf.T  # x_i.z_j and z_i.x_j
+        vv = xx[r, None] + xx[None] - 2 * gxx  # |x_j - x_i|^2
+        uu = zz[r, None] + zz[None] - 2 * gzz
+        vu = xz[None] - gzx - gxz + xz[r, None]  # (x_j - x_i).(z_j - z_i)
         ww = (vv - 2 * vu + uu).clamp_min(0)
-        t = torch.where(ww > 0, (vv - vu) / ww.clamp_min(1e-300), torch.zeros_like(ww)).clamp(0, 1)
-        d = ((1 - t) ** 2 * vv + 2 * t * (1 - t) * vu + t**2 * uu).clamp_min(0).sqrt()
-        self_pair = torch.arange(lo, i.stop) - lo, torch.arange(lo, i.stop)
-        d[self_pair], t[self_pair] = math.inf, 0.0
-        d_sum += d[torch.isfinite(d)].sum().item()
-        t_sum += t.sum().item()
+        t = torch.where(ww > 0, (vv - vu) / ww.clamp_min(1e-300), torch.zeros_like(ww)).clamp(0, 1)  # Eq. 4
+        d = ((1 - t) ** 2 * vv + 2 * t * (1 - t) * vu + t**2 * uu).clamp_min(0).sqrt()  # Eq. 5
+        self_pair = torch.arange(len(r)), r
+        d[self_pair], t[self_pair] = 0.0, 0.0
+        out["d_avg"].append(d.sum(1) / (n - 1))
+        out["t_avg"].append(t.sum(1) / (n - 1))
+        d[self_pair] = math.inf
         k = d.argmin(1)
-        d_near.append(d.gather(1, k[:, None])[:, 0])
-        t_near.append(t.gather(1, k[:, None])[:, 0])
-    pairs = n * (n - 1)
-    return dict(
-        length=path_length(x, z).mean().item(),
-        d_avg=d_sum / pairs,
-        t_avg=t_sum / pairs,
-        d_min=torch.cat(d_near).mean().item(),
-        t_min=torch.cat(t_near).mean().item(),
-    )
+        out["d_min"].append(d.gather(1, k[:, None])[:, 0])
+        out["t_min"].append(t.gather(1, k[:, None])[:, 0])
+    rows_dev = rows.to(xf.device)
+    return dict(length=path_length(x[rows_dev], z[rows_dev]), **{k: torch.cat(v) for k, v in out.items()})
+
+
+def path_stats(x, z, chunk=1024):
+    """Tables 2-3 for a set of n paths: mean path length; d_avg and t*_avg, the mean over all pairs i != j of
+    the inter-path distance and its t*; d_min and t*_min, the mean over paths of the distance to the nearest
+    other path and its t*."""
+    return {k: v.mean().item() for k, v in path_rows(x, z, torch.arange(len(x)), chunk).items()}
 
 
 # --- sampling (t from 1 = noise down to 0 = data) ---
@@ -909,11 +911,25 @@ def euler_sample(net, z, steps, labels=None):
     return x
 
 
+def ddim_timesteps(steps, spacing="public"):
+    """The DDIM timesteps (0-based indices into the 1000-step schedule, first to last) of `steps` steps.
+    public: the DANSM code's (framework_ddim/diffusion_sampling.py, sample_batch: skip = 1000 // steps,
+    reversed(range(0, 1000, skip)), as ermongroup's DDIM), which evaluates one more timestep than asked when
+    1000 is not a multiple of steps (3 steps: 999, 666, 333, 0) and starts below 999 when it is (10 steps:
+    900, ..., 0); `sample` reports the true count. even: `steps` indices rounded from linspace(999, 0)."""
+    if spacing == "public":
+        return list(reversed(range(0, DM_STEPS, DM_STEPS // steps)))
+    if spacing == "even":
+        return torch.linspace(DM_STEPS - 1, 0, steps, dtype=torch.float64).round().long().tolist()
+    raise ValueError(f"unknown DDIM spacing {spacing!r}: use public or even")
+
+
 @torch.no_grad()
-def ddim_sample(net, z, steps, labels=None):
-    """DM: deterministic DDIM (eta = 0) on `steps` evenly spaced timesteps of the 1000-step schedule."""
+def ddim_sample(net, z, steps, labels=None, spacing="public"):
+    """DM: deterministic DDIM (eta = 0) on `ddim_timesteps(steps, spacing)`, ending at alpha_bar = 1 (the
+    public code's alphas_cumprod[0] = 1 after its last timestep)."""
     ab = dm_alpha_bar(z.device)
-    ts = torch.linspace(DM_STEPS - 1, 0, steps, device=z.device).round().long()
+    ts = torch.tensor(ddim_timesteps(steps, spacing), device=z.device)
     x = z
     for j, t in enumerate(ts):
         eps = net(x, t.float(), labels)
@@ -960,9 +976,10 @@ def build_net(net_kwargs):
     return FlowNet(**net_kwargs)
 
 
-def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, stats=None):
+def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, stats=None, spacing="public"):
     """DESIGN 4: noise -> (images, NFE): rfm: nfe Euler steps from t = 1, or (solver dopri5) torchdiffeq's
-    adaptive solve with its function evaluations as the NFE (nfe ignored); dm: nfe DDIM steps."""
+    adaptive solve with its function evaluations as the NFE (nfe ignored); dm: DDIM asked for nfe steps on the
+    public code's timesteps (`spacing`, see ddim_timesteps), the true number of evaluations returned."""
     dm = getattr(net, "objective", "rfm") == "dm"
     if solver not in ("euler", "dopri5") or (dm and solver != "euler"):
         raise ValueError(f"solver {solver!r}: rfm takes euler or dopri5, dm (DDIM) only the default")
@@ -970,10 +987,13 @@ def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, s
         return dopri5_sample(net, noise, labels, atol, rtol, stats)
     if nfe < 1:
         raise ValueError(f"need at least one step, got NFE {nfe}")
+    if dm:
+        used = len(ddim_timesteps(nfe, spacing))
+        if stats is not None:
+            stats.update(solver_steps=used)
+        return ddim_sample(net, noise, nfe, labels, spacing), used
     if stats is not None:
         stats.update(solver_steps=nfe)
-    if dm:
-        return ddim_sample(net, noise, nfe, labels), nfe
     return euler_sample(net, noise, nfe, labels), nfe
 
 
@@ -1265,6 +1285,13 @@ class Pools:
         return x[r], z[r], None if y is None else y[r], stats, match_s
 
 
+def ema_beta(mu, n, warmup=True):
+    """The EMA decay of update n (1 for the first): mu, or with warm-up min(mu, (1 + n) / (10 + n)), as the
+    public code's EMA (models/ncsn/ema.py, ExponentialMovingAverage.update with use_num_updates, from
+    score-sde), so early checkpoints are averages over the steps so far rather than mostly the initial net."""
+    return min(mu, (1 + n) / (10 + n)) if warmup else mu
+
+
 def _sync(module, sync):
     """DDP: skip the gradient all-reduce on accumulation chunks that are not the last."""
     return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
@@ -1313,7 +1340,7 @@ def train(args):
     )
     if ckpt is not None:
         net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args.resume)
-        keys = ("data", "batch", "seed", "match_size", "matcher", "objective", "lr")
+        keys = ("data", "xflip", "batch", "seed", "match_size", "matcher", "objective", "lr", "ema_warmup")
         changed = {
             k: (ckpt["args"].get(k), v)
             for k, v in vars(args).items()
@@ -1381,7 +1408,7 @@ def train(args):
         if args.grad_clip:
             torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
         opt.step()
-        ema_update(ema, net, args.ema)
+        ema_update(ema, net, ema_beta(args.ema, step + 1, args.ema_warmup))
         for k, v in dict(loss=loss_sum, match_s=match_s, **stats).items():
             sums[k] = sums.get(k, 0.0) + v
         nimg, step = nimg + args.batch, step + 1
@@ -1411,7 +1438,9 @@ def train(args):
                 save_checkpoint(ckpt_out, args.outdir, step)
                 if args.grid:
                     lab = None if grid_labels is None else grid_labels.to(device)
-                    x_grid, _ = sample(ema, grid_noise.to(device), args.grid_nfe, lab)
+                    x_grid, _ = sample(
+                        ema, grid_noise.to(device), args.grid_nfe, lab, spacing=args.ddim_spacing
+                    )
                     save_image_grid(x_grid, os.path.join(args.outdir, f"grid-{step:07d}.png"))
             barrier()
         if stop_now:
@@ -1433,27 +1462,64 @@ def invert(net, x, steps=100, labels=None):
     return x
 
 
+def report_set(images, n_data, size, matcher, keep, seed, device, chunk=1024):
+    """Table 2's paths for one match-size: independent pools of `size` consecutive positions of the epoch
+    stream (pool p: batch_indices(n_data, size, p), noise from (seed, p), matched as in training), as many as
+    cover every data index at least once (a pool larger than the data spans several epochs and holds an index
+    several times, as the public code's pool of noises outlives an epoch). Each data index of `keep` then
+    takes one of its occurrences, chosen uniformly, so no index appears twice and no position of a greedy
+    pool (the first images choose first) is favoured. -> (x, z) in the order of `keep`, number of pools."""
+    n_pools = math.ceil(n_data / size)
+    idx = torch.cat([batch_indices(n_data, size, p, seed) for p in range(n_pools)])
+    order = torch.randperm(len(idx), generator=generator_for(seed, size, 4))
+    first = torch.full((n_data,), len(idx), dtype=torch.long)
+    first.scatter_reduce_(0, idx[order], torch.arange(len(idx)), "amin")
+    chosen = order[first[keep]]  # the stream position that represents each kept index
+    x, _ = get_batch(images, None, keep, device)
+    z = torch.empty_like(x)
+    for p in range(n_pools):
+        mine = torch.nonzero((chosen >= p * size) & (chosen < (p + 1) * size)).flatten()
+        if not len(mine):
+            continue
+        xp, _ = get_batch(images, None, idx[p * size : (p + 1) * size], device)
+        zp = torch.randn([size, *x.shape[1:]], generator=generator_for(seed, p, 1)).to(device)
+        zp = zp[match(xp, zp, matcher, chunk)]  # Alg. 1 on the whole pool
+        z[mine.to(device)] = zp[(chosen[mine] - p * size).to(device)]
+    return x, z, n_pools
+
+
+def summarize(per_path, n_ref):
+    """Means of the per-path terms of P sampled paths of a set of n_ref, each with its standard error:
+    s/sqrt(P) for the length (a per-path quantity); s sqrt(1/P + 3/n_ref) for the pair statistics, whose
+    mean over a whole set is a U-statistic (variance about 4 s^2 / n_ref) plus sampling P of its rows."""
+    out = {}
+    for k, v in per_path.items():
+        p = len(v)
+        s = v.std().item() if p > 1 else 0.0
+        out[k] = v.mean().item()
+        out[f"{k}_se"] = s / math.sqrt(p) if k == "length" else s * math.sqrt(1 / p + 3 / n_ref)
+    return out
+
+
 def report(args):
-    """Table 2 (random paths vs each match-size) and, with --ckpt, Table 3's preferable paths."""
+    """Table 2 (random paths vs each match-size) and, with --ckpt, Table 3's preferable paths. Every row is a
+    set of --ref-paths paths (default: one per data index, the paper's "50K CIFAR-10 images"), the same data
+    indices in every row; the metrics are averaged over --paths of them, each against the whole set."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, _ = load_images(args.data, args.data_dir)
-    n_data, shape = len(images), tuple(images.shape[1:])
-    if args.paths > n_data:
-        fail(f"--paths {args.paths} exceeds the {n_data} images of {args.data}")
+    n_data = len(images) * (2 if args.xflip else 1)
+    n_ref = min(args.ref_paths or n_data, n_data)
+    if args.ref_paths and args.ref_paths > n_data:
+        fail(f"--ref-paths {args.ref_paths} exceeds the {n_data} data indices of {args.data}")
+    g = generator_for(args.seed, 5)
+    keep = torch.randperm(n_data, generator=g)[:n_ref].sort().values  # the data indices of every row
+    sampled = torch.randperm(n_ref, generator=g)[: min(args.paths, n_ref)].sort().values
     rows = []
-    for ms in [0, *args.match_sizes]:  # 0: random pairing (the RFM baseline)
-        if ms > n_data:
-            fail(f"match-size {ms} exceeds the {n_data} images of {args.data}")
-        size = ms or args.paths
-        xs, zs = [], []
-        for p in range(math.ceil(args.paths / size)):
-            idx = batch_indices(n_data, size, p, args.seed)
-            x, _ = get_batch(images, None, idx, device)
-            z = torch.randn([size, *shape], generator=generator_for(args.seed, p, 1)).to(device)
-            xs.append(x)
-            zs.append(z[match(x, z, "greedy" if ms else "none", args.match_chunk)])
-        x, z = torch.cat(xs)[: args.paths], torch.cat(zs)[: args.paths]
-        rows.append(dict(paths="random" if not ms else f"ms {ms}", **path_stats(x, z)))
+    for ms in [0, *args.match_sizes]:  # 0: random pairing (the RFM baseline), one pool of the whole data
+        size, matcher = (ms, "greedy") if ms else (n_data, "none")
+        x, z, n_pools = report_set(images, n_data, size, matcher, keep, args.seed, device, args.match_chunk)
+        stats = summarize(path_rows(x, z, sampled, args.match_chunk), n_ref)
+        rows.append(dict(paths=f"ms {ms}" if ms else "random", pools=n_pools, pool_size=size, **stats))
     if args.ckpt:
         ckpt = load_checkpoint(args.ckpt)
         if ckpt.get("method") != METHOD:
@@ -1462,22 +1528,26 @@ def report(args):
         net.load_state_dict(ckpt["ema"])
         if net.objective != "rfm" or net.label_dim:
             fail("preferable paths need an unconditional rfm checkpoint")
-        x, _ = get_batch(images, None, torch.arange(args.paths), device)
+        x, _ = get_batch(images, None, keep, device)
         z = torch.cat([invert(net, x[i : i + 256], args.invert_steps) for i in range(0, len(x), 256)])
-        rows.append(dict(paths="preferable", **path_stats(x, z)))
+        stats = summarize(path_rows(x, z, sampled, args.match_chunk), n_ref)
+        rows.append(dict(paths="preferable", pools=0, pool_size=0, **stats))
     print(
-        f"{'paths':>12} {'length':>9} {'d_avg':>9} {'t*_avg':>8} {'d_min':>9} {'t*_min':>8}  "
-        f"({args.paths} paths)"
+        f"{args.data}: {n_data} data indices{' (with x-flips)' if args.xflip else ''}; each row is a set of "
+        f"{n_ref} paths (one per data index), its metrics averaged over {len(sampled)} of them, each against "
+        f"all {n_ref}; +- one standard error (d_min falls as the set grows: compare rows of equal sets)"
     )
+    keys = ("length", "d_avg", "t_avg", "d_min", "t_min")
+    print(f"{'paths':>12} {'pools':>13} " + " ".join(f"{k.replace('t_', 't*_'):>16}" for k in keys))
     for r in rows:
-        print(
-            f"{r['paths']:>12} {r['length']:9.3f} {r['d_avg']:9.3f} {r['t_avg']:8.4f} "
-            f"{r['d_min']:9.3f} {r['t_min']:8.4f}"
-        )
+        pools = f"{r['pools']} x {r['pool_size']}" if r["pools"] else "-"
+        cells = [f"{r[k]:8.4f} +-{r[k + '_se']:<6.2g}" for k in keys]
+        print(f"{r['paths']:>12} {pools:>13} " + " ".join(cells))
     if args.out_json:
         tmp = f"{args.out_json}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(dict(data=args.data, paths=args.paths, rows=rows), f, indent=2)
+            meta = dict(data=args.data, data_indices=n_data, ref_paths=n_ref, paths=len(sampled))
+            json.dump(dict(**meta, rows=rows), f, indent=2)
         os.replace(tmp, args.out_json)
     return rows
 
@@ -1499,11 +1569,11 @@ def generate(args):
     k = ckpt["net_kwargs"]
     shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k["label_dim"]
     seeds = list(range(args.seed, args.seed + args.generate))[rank::world]
-    out_x, out_y = [], []
+    out_x, out_y, nfe = [], [], 0
     for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
         noise, lab = inputs_for_seeds(seeds[i : i + args.gen_batch], shape, label_dim)
         lab = None if lab is None else lab.to(device)
-        x, _ = sample(net, noise.to(device), args.nfe, lab)
+        x, nfe = sample(net, noise.to(device), args.nfe, lab, spacing=args.ddim_spacing)
         out_x.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
         out_y.append(lab.cpu() if lab is not None else torch.zeros(len(x), dtype=torch.long))
     mine = (seeds, torch.cat(out_x).numpy() if out_x else None, torch.cat(out_y).numpy() if out_y else None)
@@ -1524,7 +1594,7 @@ def generate(args):
         os.replace(tmp, args.out)
         grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
         save_image_grid(grid, os.path.splitext(args.out)[0] + ".png")
-        print(f"wrote {len(images)} images to {args.out} (NFE {args.nfe})", flush=True)
+        print(f"wrote {len(images)} images to {args.out} (NFE {nfe})", flush=True)
     dist_teardown()
 
 
@@ -1542,7 +1612,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--data", default=None, help="training images: cifar10 | shapes | FILE.npz | DIR")
     p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
-    p.add_argument("--xflip", action="store_true", help="mirrored images as extra data indices")
+    p.add_argument(
+        "--xflip",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mirrored images as extra data indices (public code: random flips, config data.random_flip)",
+    )
     p.add_argument("--cond", action="store_true", help="class-conditional (labels from the data)")
     p.add_argument("--outdir", default="runs/dansm", help="checkpoints, grids, log.jsonl, args.json")
     p.add_argument(
@@ -1562,10 +1637,18 @@ def parse_args(argv=None):
     p.add_argument(
         "--batch-gpu", type=int, default=None, help="samples per forward pass (accumulate the rest)"
     )
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
-    p.add_argument("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (public code: --lr 1e-4)")
+    p.add_argument(
+        "--warmup", type=int, default=0, help="linear lr warm-up steps (public code: none; 0: off)"
+    )
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay per step")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay per step (public README: 0.9999)")
+    p.add_argument(
+        "--ema-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="EMA decay min(--ema, (1 + n) / (10 + n)) at update n, as the public code (score-sde's EMA)",
+    )
     p.add_argument(
         "--duration", type=float, default=100.0, help="training length, Mimg (2000 CIFAR-10 epochs)"
     )
@@ -1576,7 +1659,7 @@ def parse_args(argv=None):
     p.add_argument("--channel-mult", type=_ints, default=[2, 2, 2], help="width multipliers per resolution")
     p.add_argument("--num-blocks", type=int, default=4, help="residual blocks per resolution")
     p.add_argument("--attn-res", type=_ints, default=[16], help="resolutions with self-attention")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout")
+    p.add_argument("--dropout", type=float, default=0.15, help="dropout (public CIFAR-10 RFM config: 0.15)")
     p.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (CPU smoke runs)")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order, pools, t")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
@@ -1587,7 +1670,12 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
     p.add_argument("--report", action="store_true", help="print Table 2 (and 3 with --ckpt) for --data")
     p.add_argument("--match-sizes", type=_ints, default=[10, 100, 1000, 10000], help="--report: match-sizes")
-    p.add_argument("--paths", type=int, default=2000, help="--report: paths per row (all their pairs)")
+    p.add_argument(
+        "--paths", type=int, default=2000, help="--report: paths sampled per row (each against the whole set)"
+    )
+    p.add_argument(
+        "--ref-paths", type=int, default=0, help="--report: paths per row's set (0: one per data index)"
+    )
     p.add_argument("--invert-steps", type=int, default=100, help="--report --ckpt: Euler steps data -> noise")
     p.add_argument("--out-json", default=None, help="--report: also write the table as JSON")
     p.add_argument(
@@ -1596,6 +1684,12 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help="dansm checkpoint (or run folder) for --generate / --report")
     p.add_argument("--out", default="samples.npz", help="output .npz of --generate (a .png grid beside it)")
     p.add_argument("--nfe", type=int, default=10, help="--generate: Euler (rfm) or DDIM (dm) steps")
+    p.add_argument(
+        "--ddim-spacing",
+        default="public",
+        choices=["public", "even"],
+        help="dm: DDIM timesteps, the public code's reversed(range(0, 1000, 1000 // steps)) or even",
+    )
     p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
     add_speed_args(p)
     args = p.parse_args(argv)

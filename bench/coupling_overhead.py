@@ -14,6 +14,15 @@ coupling costs is inside it (noise, cost matrix, solve, reordering). Where the s
 several (--ot-batch, AOT's rounds, DANSM's pools), its amortised share (the mean logged solve_s / match_s)
 is added to the median. Part 2 times the solvers alone on the training device: exact OT, Sinkhorn and DANSM's
 greedy matching for n = 128 .. 2048, then DANSM greedy vs Hungarian for pools of 1,000 .. 10,000.
+
+Part 3 (AOT's solve overlap, issue 20): edm_teacher.py, then aot_edm.py with --overlap off (the solve in the
+training thread) and on (round r + 1 solved in a background thread while round r trains), for N = 512 and
+2048, with the tiny UNet at --aot-batch 128 on one process. It times whole rounds: the mean `sec_per_step` of
+two rounds after a first round of warm-up (whose solve nothing can hide), so every wait and every slowdown by
+the solver thread is inside the figure; ratios are to edm_teacher.py's mean. `--aot-only` runs just this part:
+
+    python bench/coupling_overhead.py --aot-only --aot-res 16 --aot-repeats 2 --aot-threads 1 \\
+        --out bench/aot_overlap_cpu.json
 """
 
 import argparse
@@ -86,6 +95,53 @@ def step_seconds(data, net_flags, config, batch, steps, warmup):
     )
 
 
+def mean_step_seconds(data, net_flags, module, flags, batch, steps, warmup):
+    """Mean sec_per_step of `steps` logged steps after `warmup` (each step is logged: every second counts)."""
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["--data", data, "--outdir", out, "--batch", str(batch), "--grid", "0", "--log-every", "1"]
+        argv += ["--duration", str((steps + warmup) * batch / 1e6), "--snap-every", "100000"]
+        module.main(argv + net_flags + flags)
+        with open(os.path.join(out, "log.jsonl")) as f:
+            recs = [json.loads(line) for line in f][warmup:]
+    return statistics.mean(r["sec_per_step"] for r in recs), statistics.mean(r.get("wait_s", 0) for r in recs)
+
+
+def wait_ratio(sec, wait):
+    """A run's overhead from its own waits: step / (step - wait). Robust to a shared machine's load (both
+    terms see it); what a GPU host pays when the solver thread has an otherwise idle CPU core."""
+    return sec / (sec - wait)
+
+
+def aot_overlap(data, sizes, batch, net_flags, repeats=1):
+    """Part 3: rows of edm_teacher vs AOT serial vs overlapped at each N, whole rounds timed; the three runs
+    alternate --aot-repeats times and each keeps its fastest (load only slows a run down)."""
+    rows = []
+    configs = {"edm_teacher": (edm_teacher, []), "aot serial": (aot_edm, ["--overlap", "off"]),
+               "aot overlapped": (aot_edm, ["--overlap", "on"])}  # fmt: skip
+    for n in sizes:
+        per_round = n // batch
+        steps, warmup = 2 * per_round, per_round
+        best = {}
+        for _ in range(repeats):
+            for name, (module, flags) in configs.items():
+                flags = flags + (["--aot-pairs", str(n)] if module is aot_edm else [])
+                sec, wait = mean_step_seconds(data, net_flags, module, flags, batch, steps, warmup)
+                if name not in best or sec < best[name][0]:
+                    best[name] = (sec, wait)
+        base = best["edm_teacher"][0]
+        for name, (sec, wait) in best.items():
+            rows.append(dict(n=n, batch=batch, coupling=name, sec_per_step=sec, ratio=sec / base, wait_s=wait,
+                             ratio_from_waits=wait_ratio(sec, wait), steps=steps))  # fmt: skip
+            rows[-1]["repeats"] = repeats
+        serial, over = rows[-2], rows[-1]
+        print(f"AOT N = {n:4d}, batch {batch}, {steps} steps timed: edm {base:.4f} s/step; serial x"
+              f"{serial['ratio']:.3f} wall, x{serial['ratio_from_waits']:.3f} from its waits "
+              f"({serial['wait_s'] * 1e3:.1f} ms/step); overlapped x{over['ratio']:.3f} wall, "
+              f"x{over['ratio_from_waits']:.3f} from its waits ({over['wait_s'] * 1e3:.1f} ms/step)",
+              flush=True)  # fmt: skip
+    return rows
+
+
 def solve_seconds(n, device, repeats=3, which=("ot", "sinkhorn", "greedy")):
     g = torch.Generator().manual_seed(n)
     x0 = torch.randn(n, 3, 32, 32, generator=g).to(device)
@@ -126,6 +182,18 @@ def main():
         "--match-sizes", default="1000,2000,5000,10000", help="DANSM pool sizes of the matching curve"
     )
     p.add_argument("--hungarian-max", type=int, default=5000, help="largest pool timed with Hungarian")
+    p.add_argument("--aot-sizes", default="512,2048", help="part 3: AOT round sizes N")
+    p.add_argument("--aot-batch", type=int, default=128, help="part 3: batch (one process)")
+    p.add_argument("--aot-net", default="tiny", choices=sorted(NETS), help="part 3: the UNet")
+    p.add_argument("--aot-only", action="store_true", help="run part 3 only")
+    p.add_argument("--aot-res", type=int, default=32, help="part 3: image size of the synthetic set")
+    p.add_argument("--aot-repeats", type=int, default=1, help="part 3: alternating repeats (fastest kept)")
+    p.add_argument(
+        "--aot-threads",
+        type=int,
+        default=0,
+        help="part 3: torch threads (1 on a 2-core CPU leaves the solver a core, as a GPU host does; 0: all)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -133,8 +201,17 @@ def main():
         data = os.path.join(tmp, "cifar_shapes.npz")
         rng = np.random.default_rng(0)
         np.savez(data, images=rng.integers(0, 256, (10240, 32, 32, 3), dtype=np.uint8))
+        sizes = [int(v) for v in args.aot_sizes.split(",")]
+        data3 = os.path.join(tmp, "shapes_aot.npz")
+        np.savez(data3, images=rng.integers(0, 256, (10240, args.aot_res, args.aot_res, 3), dtype=np.uint8))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(args.aot_threads or threads)
+        overlap = aot_overlap(data3, sizes, args.aot_batch, NETS[args.aot_net], args.aot_repeats)
+        for row in overlap:
+            row["torch_threads"] = torch.get_num_threads()
+        torch.set_num_threads(threads)
         rows = []
-        for net, net_flags in NETS.items():
+        for net, net_flags in [] if args.aot_only else NETS.items():
             batch = args.tiny_batch if net == "tiny" else args.full_batch
             for group, configs in GROUPS.items():
                 first = next(iter(configs.values()))
@@ -152,7 +229,7 @@ def main():
                           f"(solve {solve * 1e3:.1f} ms/step)", flush=True)  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     solves = []
-    for n in [int(v) for v in args.sizes.split(",")]:
+    for n in [] if args.aot_only else [int(v) for v in args.sizes.split(",")]:
         t = solve_seconds(n, device)
         solves.append(dict(n=n, **t))
         print(
@@ -161,7 +238,7 @@ def main():
             flush=True,
         )
     matching = []
-    for n in [int(v) for v in args.match_sizes.split(",")]:
+    for n in [] if args.aot_only else [int(v) for v in args.match_sizes.split(",")]:
         t = solve_seconds(n, device, 1, ("greedy", "hungarian") if n <= args.hungarian_max else ("greedy",))
         matching.append(dict(n=n, **t))
         hung = t.get("hungarian", float("nan")) * 1e3
@@ -187,6 +264,7 @@ def main():
         solve=solves,
         matching=matching,
         memory=memory,
+        aot_overlap=overlap,
     )
     if args.out:
         with open(args.out, "w") as f:

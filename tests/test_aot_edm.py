@@ -72,7 +72,7 @@ def test_without_the_assignment_a_step_is_edm_teachers_step(tmp_path, npz_data, 
 def test_every_pair_of_a_round_is_used_once_across_ranks(npz_data):
     images, labels = A.load_images(npz_data)
     args = SimpleNamespace(
-        batch=8, aot_pairs=8, seed=0, P_mean=-1.2, P_std=1.2, assign=1, cost="l2", augment=0.0
+        batch=8, aot_pairs=8, seed=0, P_mean=-1.2, P_std=1.2, assign=1, cost="l2", augment=0.0, overlap=False
     )
     ranks = [A.Rounds(args, images, None, 32, (3, 16, 16), torch.device("cpu"), r, 2) for r in range(2)]
     for rnd in range(3):  # each round: 2 steps of 4 images per rank
@@ -86,7 +86,7 @@ def test_every_pair_of_a_round_is_used_once_across_ranks(npz_data):
 
 def test_resume_inside_a_round_equals_uninterrupted(tmp_path, npz_data, one_thread):
     flags = ["--aot-pairs", "24", "--cond", "--augment", "0.5"]  # 3 steps a round; stop inside rounds
-    A.main(tiny(tmp_path / "a", npz_data, *flags, steps=5))
+    A.main(tiny(tmp_path / "a", npz_data, *flags, "--overlap", "off", steps=5))  # b: overlapped (default)
     A.main(tiny(tmp_path / "b", npz_data, *flags, steps=2))
     A.main(tiny(tmp_path / "b", npz_data, *flags, steps=4) + ["--resume", str(tmp_path / "b")])
     A.main(tiny(tmp_path / "b", npz_data, *flags, steps=5) + ["--resume", str(tmp_path / "b")])
@@ -94,6 +94,44 @@ def test_resume_inside_a_round_equals_uninterrupted(tmp_path, npz_data, one_thre
     for key in ("net", "ema"):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
+
+
+def rounds_for(npz_data, overlap, assign=1):
+    images, _ = A.load_images(npz_data)
+    args = SimpleNamespace(batch=8, aot_pairs=16, seed=3, P_mean=-1.2, P_std=1.2, assign=assign,
+                           cost="l2", augment=0.3, overlap=overlap)  # fmt: skip
+    return A.Rounds(args, images, None, 32, (3, 16, 16), torch.device("cpu"), 0, 1)
+
+
+def test_overlapped_solve_gives_the_serial_assignments_and_random_state(npz_data):
+    serial, overlapped = rounds_for(npz_data, False), rounds_for(npz_data, True)
+    for step in range(6):  # 3 rounds of 2 steps
+        outs = []
+        for rk in (serial, overlapped):
+            A.seed_step(3, 0, 1, step)
+            A.draw_sigma(8, -1.2, 1.2, "cpu")
+            y, _, eps, stats, aug = rk.step(step)
+            outs.append((y, eps, aug, torch.randn(4)))  # the global RNG after the step's draws
+            if step % 2 == 0:
+                assert (rk.pending is not None) == rk.args.overlap  # the next round is being solved
+        for a, b in zip(*outs, strict=True):
+            assert torch.equal(a, b)
+    overlapped.close()
+
+
+def test_a_failed_background_solve_stops_with_one_line(npz_data, monkeypatch):
+    def broken(*a, **k):
+        raise ValueError("cost matrix is infeasible")
+
+    rk = rounds_for(npz_data, True)
+    rk.step(0)  # round 0 in the foreground, round 1 started in the background
+    rk.pending[1].join()
+    monkeypatch.setattr(A, "aot_assign", broken)  # the thread started at round 1 for round 2 calls this
+    rk.step(2)
+    with pytest.raises(
+        SystemExit, match="background assignment solve of round 2 failed: ValueError: cost matrix"
+    ):
+        rk.step(4)
 
 
 def test_torchrun_two_ranks(tmp_path, npz_data):
@@ -113,6 +151,7 @@ def test_rho_sweep_writes_a_table_through_evaluate(tmp_path, npz_data, one_threa
     A.main(["--sweep-rho", "--ckpt", str(tmp_path / "run"), "--rhos", "3,90", "--sweep-steps", "2,3",
             "--num-images", "8", "--eval-args", eval_args, "--out-json", str(out)])  # fmt: skip
     table = json.loads(out.read_text())
+    assert A.parse_args(["--sweep-rho", "--ckpt", "x"]).fid_seeds == 3  # the paper's lowest of three
     values = np.array(table["table"], dtype=float)
     assert table["rhos"] == [3, 90] and values.shape == (2, 2) and np.isfinite(values).all()
     assert values[0, 0] == values[1, 0]  # 2 steps are (80, 0.002, 0) for any rho

@@ -6,8 +6,10 @@ import json
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import norm
 
 import dansm as D
 from conftest import read_log, run_script
@@ -111,6 +113,35 @@ def tiny(out, data, *extra, steps=4, batch=8):
     return argv + ["--tiny", "--log-every", "1", "--grid", "4", "--grid-nfe", "2", "--warmup", "2", *extra]
 
 
+def test_ddim_timesteps_are_the_public_codes():
+    # framework_ddim/diffusion_sampling.py: skip = 1000 // steps; reversed(range(0, 1000, skip))
+    assert D.ddim_timesteps(3) == [999, 666, 333, 0]
+    assert D.ddim_timesteps(7) == [994, 852, 710, 568, 426, 284, 142, 0]
+    assert D.ddim_timesteps(10) == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert D.ddim_timesteps(3, "even") == [999, 500, 0]
+
+    class Eps(torch.nn.Module):  # records the timesteps it is called at
+        objective, seen = "dm", []
+
+        def forward(self, x, t, labels=None):
+            self.seen.append(int(t))
+            return torch.zeros_like(x)
+
+    net = Eps()
+    _, nfe = D.sample(net, torch.randn(2, 1, 2, 2), 3)
+    assert net.seen == [999, 666, 333, 0] and nfe == 4  # the true count of evaluations
+
+
+def test_training_recipe_defaults_are_the_public_codes():
+    a = D.parse_args(["--data", "cifar10"])
+    assert (a.lr, a.warmup, a.dropout, a.xflip, a.ema_warmup, a.grad_clip) == (1e-4, 0, 0.15, True, True, 1.0)
+    assert D.ema_beta(0.9999, 1) == pytest.approx(2 / 11)  # score-sde: min(mu, (1 + n) / (10 + n))
+    assert D.ema_beta(0.9999, 100) == pytest.approx(101 / 110)
+    assert D.ema_beta(0.9999, 10**6) == 0.9999 and D.ema_beta(0.9999, 1, warmup=False) == 0.9999
+    b = D.parse_args(["--data", "cifar10", "--no-ema-warmup", "--no-xflip"])
+    assert not b.ema_warmup and not b.xflip
+
+
 def test_dm_objective_and_hungarian_train(tmp_path, npz_data, one_thread):
     D.main(tiny(tmp_path / "dm", npz_data, "--objective", "dm", "--match-size", "16"))
     D.main(tiny(tmp_path / "hu", npz_data, "--matcher", "hungarian", "--match-size", "16"))
@@ -145,19 +176,82 @@ def test_torchrun_two_ranks_match_like_one_process(tmp_path, npz_data):
 def test_report_prints_table2_and_preferable_paths(tmp_path, npz_data, capsys, one_thread):
     D.main(tiny(tmp_path / "run", npz_data, "--match-size", "8", steps=1))
     out = tmp_path / "t.json"
-    rows = D.main(["--report", "--data", npz_data, "--match-sizes", "4,16", "--paths", "16",
+    rows = D.main(["--report", "--data", npz_data, "--match-sizes", "4,128", "--paths", "16",
                    "--ckpt", str(tmp_path / "run"), "--invert-steps", "4", "--out-json", str(out)])  # fmt: skip
-    assert [r["paths"] for r in rows] == ["random", "ms 4", "ms 16", "preferable"]
+    assert [r["paths"] for r in rows] == ["random", "ms 4", "ms 128", "preferable"]
+    assert [(r["pools"], r["pool_size"]) for r in rows[:3]] == [(1, 64), (16, 4), (1, 128)]  # x-flips: 64
     assert rows[2]["length"] < rows[0]["length"]
+    assert all(r["d_min"] > 0 for r in rows)  # a pool of twice the data still gives each image one path
     assert json.loads(out.read_text())["rows"] == rows
-    assert "preferable" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "preferable" in printed and "set of 64 paths" in printed and "over 16 of them" in printed
+
+
+def test_report_agrees_with_closed_form_and_brute_force_pools_in_1d(tmp_path, capsys):
+    """1-D data (1x1x1 images): a path pair crosses (distance 0) when V = x2 - x1 and U = z2 - z1 differ in
+    sign, else its distance is min(|V|, |U|). Random pairs: closed forms; greedy pools of 2 and a pool of
+    twice the data (two epochs in one pool): brute force over independently simulated pools."""
+    n, rng = 200, np.random.default_rng(0)
+    vals = rng.integers(0, 256, n).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", images=vals.reshape(n, 1, 1, 1))
+    a = vals.astype(np.float64) / 127.5 - 1
+    rows = D.main(["--report", "--data", str(tmp_path / "d.npz"), "--no-xflip", "--match-sizes", f"2,{2 * n}",
+                   "--paths", str(n), "--seed", "1"])  # fmt: skip
+    assert "set of 200 paths" in capsys.readouterr().out
+
+    def metrics(x, z):  # one set of paths, brute force over all pairs (d_min is 0 in 1-D: crossings)
+        v, u = x[None] - x[:, None], z[None] - z[:, None]
+        d = np.where(v * u > 0, np.minimum(abs(v), abs(u)), 0.0)
+        np.fill_diagonal(d, np.nan)
+        dm = d.copy()
+        np.fill_diagonal(dm, np.inf)
+        return np.array([abs(z - x).mean(), np.nanmean(d), dm.min(1).mean()])
+
+    def greedy(x, z):  # Alg. 1 literally: each image in order takes the nearest noise left
+        left, out = z.copy(), np.empty(len(x))
+        for i in range(len(x)):
+            j = np.argmin(abs(x[i] - left))
+            out[i], left[j] = left[j], np.inf
+        return out
+
+    sim = np.random.default_rng(1)
+    truth = {}
+    for ms in (2, 2 * n):
+        runs = []
+        for _ in range(8):
+            if ms == 2:
+                order = sim.permutation(n)
+                xs, zs = a[order], sim.standard_normal(n)
+                zs = np.concatenate([greedy(xs[i : i + 2], zs[i : i + 2]) for i in range(0, n, 2)])
+                x, z = xs, zs
+            else:  # two epochs in one pool; each image keeps one of its two paths, at random
+                order = np.concatenate([sim.permutation(n), sim.permutation(n)])
+                zs = greedy(a[order], sim.standard_normal(2 * n))
+                pick = np.where(sim.random(n) < 0.5, 0, 1)
+                pos = np.argsort(order, kind="stable").reshape(n, 2)[np.arange(n), pick]
+                x, z = a[order[pos]], zs[pos]
+            runs.append(metrics(x, z))
+        runs = np.array(runs)
+        truth[f"ms {ms}"] = (runs.mean(0), runs.std(0) / math.sqrt(len(runs)))
+    # random pairs in closed form: E|z - a| and E min(|V|, U) 1{U > 0} with U ~ N(0, 2)
+    s = math.sqrt(2)
+    length = np.mean(2 * norm.pdf(a) + a * (2 * norm.cdf(a) - 1))
+    v = abs(a[None] - a[:, None])[~np.eye(n, dtype=bool)]
+    d_avg = np.mean(s / math.sqrt(2 * math.pi) * (1 - np.exp(-(v**2) / (2 * s * s))) + v * norm.sf(v / s))
+    truth["random"] = (np.array([length, d_avg, np.nan]), np.zeros(3))
+    for r in rows:
+        for k, key in enumerate(("length", "d_avg", "d_min")):
+            want, err = truth[r["paths"]][0][k], truth[r["paths"]][1][k]
+            if np.isnan(want):
+                continue
+            assert abs(r[key] - want) <= 3 * math.hypot(r[key + "_se"], err), (r["paths"], key)
 
 
 def test_bad_input_gives_one_line_errors(tmp_path, npz_data, capsys):
-    with pytest.raises(SystemExit, match="exceeds the 32 training images"):
-        D.main(tiny(tmp_path / "run", npz_data, "--match-size", "64"))
-    with pytest.raises(SystemExit, match="exceeds the 32 images"):
-        D.main(["--report", "--data", npz_data, "--paths", "64"])
+    with pytest.raises(SystemExit, match="exceeds the 64 training images"):  # 32 and their mirror images
+        D.main(tiny(tmp_path / "run", npz_data, "--match-size", "128"))
+    with pytest.raises(SystemExit, match="exceeds the 32 data indices"):
+        D.main(["--report", "--data", npz_data, "--no-xflip", "--ref-paths", "64"])
     for argv in (["--data", npz_data, "--match-size", "0"], ["--data", npz_data, "--matcher", "sinkhorn"]):
         with pytest.raises(SystemExit):
             D.parse_args(argv)
