@@ -46,991 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# --- shared: UNet (identical in every method file) ---
-# DDPM++ UNet (Song et al. 2021) and ADM (Dhariwal & Nichol 2021), structured as EDM's SongUNet and
-# DhariwalUNet so that their state_dict keys match the official EDM checkpoints exactly. Down-sampling is a
-# 2x2 box filter, up-sampling nearest, both applied before conv. --arch ddpmpp | adm (make_unet).
-
-
-def _init(shape, fan_in, fan_out, gain=1.0, mode="xavier"):
-    """EDM's inits: DDPM++ xavier_uniform; ADM kaiming_uniform * sqrt(1/3); normal for ADM's label map."""
-    if mode == "normal":
-        return torch.randn(shape) * gain
-    bound = math.sqrt(1 / fan_in) if mode == "kaiming" else math.sqrt(6 / (fan_in + fan_out))
-    return (torch.rand(shape) * 2 - 1) * bound * gain
-
-
-def _bias(c, fan_in, gain, mode):  # DDPM++ biases start at 0, ADM's like its weights
-    return _init([c], fan_in, c, gain, mode) if mode == "kaiming" else torch.zeros(c)
-
-
-class Linear(nn.Module):
-    def __init__(self, cin, cout, bias=True, gain=1.0, mode="xavier"):
-        super().__init__()
-        self.weight = nn.Parameter(_init([cout, cin], cin, cout, gain, mode))
-        self.bias = nn.Parameter(_bias(cout, cin, gain, mode)) if bias else None
-
-    def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
-
-class Conv2d(nn.Module):
-    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0, mode="xavier"):
-        super().__init__()
-        self.up, self.down = up, down
-        fan_in, fan_out = cin * kernel * kernel, cout * kernel * kernel
-        # kernel 0: resampling only, no weights (ADM's skip of a down/up block that keeps its width)
-        self.weight = (
-            nn.Parameter(_init([cout, cin, kernel, kernel], fan_in, fan_out, gain, mode)) if kernel else None
-        )
-        self.bias = nn.Parameter(_bias(cout, fan_in, gain, mode)) if kernel else None
-        # EDM stores the [1,1] resample filter as a buffer: keep it so that official weights load by key.
-        f = torch.ones(2, 2).div(4).view(1, 1, 2, 2)
-        self.register_buffer("resample_filter", f if up or down else None)
-
-    def forward(self, x):
-        c = x.shape[1]
-        if self.up:  # nearest x2 as a transposed conv with the (4 * box) filter
-            x = F.conv_transpose2d(
-                x, self.resample_filter.mul(4).tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2
-            )
-        if self.down:  # 2x2 average
-            x = F.conv2d(x, self.resample_filter.tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2)
-        if self.weight is None:
-            return x
-        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
-        return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
-
-
-def _group_norm(c, eps=1e-6):
-    return nn.GroupNorm(min(32, c // 4), c, eps=eps)
-
-
-class UNetBlock(nn.Module):
-    """A residual block with optional self-attention. adm=False: DDPM++ (additive embedding, skips scaled by
-    sqrt(1/2), one attention head); adm=True: ADM (adaptive scale-shift norm, unscaled skips, heads of 64
-    channels, a weightless resampling skip when the width is kept, GroupNorm eps 1e-5, EDM's ADM init)."""
-
-    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0, adm=False):
-        super().__init__()
-        self.in_channels, self.out_channels, self.dropout, self.adm = cin, cout, dropout, adm
-        eps, mode, zero = (1e-5, "kaiming", 0.0) if adm else (1e-6, "xavier", 1e-5)
-        self.norm0 = _group_norm(cin, eps)
-        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down, mode=mode)
-        self.affine = Linear(emb_ch, cout * (2 if adm else 1), mode=mode)
-        self.norm1 = _group_norm(cout, eps)
-        self.conv1 = Conv2d(cout, cout, 3, gain=zero, mode=mode)
-        self.skip = None
-        if cin != cout or up or down:
-            self.skip = Conv2d(cin, cout, 0 if adm and cin == cout else 1, up=up, down=down, mode=mode)
-        self.heads = (cout // 64 if adm else 1) if attention else 0  # ADM below 64 channels: none, as EDM
-        if self.heads:
-            self.norm2 = _group_norm(cout, eps)
-            self.qkv = Conv2d(cout, cout * 3, 1, gain=1.0 if adm else math.sqrt(0.2), mode=mode)
-            self.proj = Conv2d(cout, cout, 1, gain=zero, mode=mode)
-
-    def forward(self, x, emb):
-        h = self.conv0(F.silu(self.norm0(x)))
-        params = self.affine(emb)[:, :, None, None].to(h.dtype)
-        if self.adm:  # ADM's adaptive group norm: norm(h) * (1 + scale) + shift
-            scale, shift = params.chunk(2, dim=1)
-            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
-        else:
-            h = F.silu(self.norm1(h + params))
-        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
-        skip_scale = 1.0 if self.adm else math.sqrt(0.5)
-        x = (h + (x if self.skip is None else self.skip(x))) * skip_scale
-        if self.heads:  # qkv channels interleaved as (head, c, 3), as in EDM
-            n, c, hh, ww = x.shape
-            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.heads, c // self.heads, 3, hh * ww).unbind(2)
-            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c // self.heads)).softmax(dim=2)
-            a = torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)
-            x = (self.proj(a.reshape(n, c, hh, ww)) + x) * skip_scale
-        return x
-
-
-class UNet(nn.Module):
-    def __init__(
-        self,
-        img_resolution,
-        in_channels,
-        out_channels,
-        label_dim=0,
-        augment_dim=0,
-        model_channels=128,
-        channel_mult=(2, 2, 2),
-        num_blocks=4,
-        attn_resolutions=(16,),
-        dropout=0.10,
-    ):
-        super().__init__()
-        mc, emb = model_channels, model_channels * 4
-        self.map_label = Linear(label_dim, mc) if label_dim else None
-        self.map_augment = Linear(augment_dim, mc, bias=False) if augment_dim else None
-        self.map_layer0, self.map_layer1 = Linear(mc, emb), Linear(emb, emb)
-        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
-        cout, skips = in_channels, []
-        for level, mult in enumerate(channel_mult):
-            r = img_resolution >> level
-            if level == 0:
-                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc, 3), mc
-            else:
-                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, emb, down=True, dropout=dropout)
-            skips.append(cout)
-            for i in range(num_blocks):
-                attn = r in attn_resolutions
-                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
-                    cout, mc * mult, emb, attention=attn, dropout=dropout
-                )
-                cout = mc * mult
-                skips.append(cout)
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            r = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, emb, attention=True, dropout=dropout)
-                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, emb, dropout=dropout)
-            else:
-                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, emb, up=True, dropout=dropout)
-            for i in range(num_blocks + 1):
-                attn = i == num_blocks and r in attn_resolutions
-                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
-                    cout + skips.pop(), mc * mult, emb, attention=attn, dropout=dropout
-                )
-                cout = mc * mult
-        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = _group_norm(cout)
-        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
-
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
-        # Positional embedding of the noise label (endpoint=True), halves ordered [sin, cos] as in EDM.
-        half = self.map_layer0.weight.shape[1] // 2
-        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / (half - 1))
-        arg = noise_labels.float().ger(freqs)
-        emb = torch.cat([arg.sin(), arg.cos()], dim=1)
-        if self.map_label is not None:
-            emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
-        if self.map_augment is not None:  # no augmentation = zero label: every weight joins the graph (DDP)
-            if augment_labels is None:
-                augment_labels = torch.zeros(len(x), self.map_augment.weight.shape[1], device=x.device)
-            emb = emb + self.map_augment(augment_labels.float())
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
-        for name, block in self.dec.items():
-            if name.endswith("aux_norm"):
-                x = F.silu(block(x))
-            elif name.endswith("aux_conv"):
-                x = block(x)
-            else:
-                if x.shape[1] != block.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
-        return x
-
-
-class ADMUNet(nn.Module):
-    """ADM (Dhariwal & Nichol 2021) as EDM re-implements it (DhariwalUNet): the ImageNet-64 network of EDM and
-    LMM, with its state_dict keys. Defaults: EDM's ImageNet-64 configuration (about 296M parameters)."""
-
-    def __init__(
-        self,
-        img_resolution,
-        in_channels,
-        out_channels,
-        label_dim=0,
-        augment_dim=0,
-        model_channels=192,
-        channel_mult=(1, 2, 3, 4),
-        num_blocks=3,
-        attn_resolutions=(32, 16, 8),
-        dropout=0.10,
-    ):
-        super().__init__()
-        mc, emb = model_channels, model_channels * 4
-        blk = dict(emb_ch=emb, dropout=dropout, adm=True)
-        self.map_augment = (
-            Linear(augment_dim, mc, bias=False, gain=0.0, mode="kaiming") if augment_dim else None
-        )
-        self.map_layer0, self.map_layer1 = Linear(mc, emb, mode="kaiming"), Linear(emb, emb, mode="kaiming")
-        self.map_label = Linear(label_dim, emb, bias=False, mode="normal") if label_dim else None
-        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
-        cout, skips = in_channels, []
-        for level, mult in enumerate(channel_mult):
-            r = img_resolution >> level
-            if level == 0:
-                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc * mult, 3, mode="kaiming"), mc * mult
-            else:
-                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, down=True, **blk)
-            skips.append(cout)
-            for i in range(num_blocks):
-                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
-                    cout, mc * mult, attention=r in attn_resolutions, **blk
-                )
-                cout = mc * mult
-                skips.append(cout)
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            r = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, attention=True, **blk)
-                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, **blk)
-            else:
-                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, up=True, **blk)
-            for i in range(num_blocks + 1):
-                attn = r in attn_resolutions
-                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
-                    cout + skips.pop(), mc * mult, attention=attn, **blk
-                )
-                cout = mc * mult
-        self.out_norm = _group_norm(cout, 1e-5)
-        self.out_conv = Conv2d(cout, out_channels, 3, gain=0.0, mode="kaiming")
-
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
-        # Positional embedding (endpoint=False), halves ordered [cos, sin] as ADM; labels join after the MLP.
-        half = self.map_layer0.weight.shape[1] // 2
-        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / half)
-        arg = noise_labels.float().ger(freqs)
-        emb = torch.cat([arg.cos(), arg.sin()], dim=1)
-        if self.map_augment is not None:  # no augmentation = zero label, as in UNet
-            if augment_labels is None:
-                augment_labels = torch.zeros(len(x), self.map_augment.weight.shape[1], device=x.device)
-            emb = emb + self.map_augment(augment_labels.float())
-        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
-        if self.map_label is not None:
-            emb = emb + self.map_label(class_labels)
-        emb = F.silu(emb)
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
-        for block in self.dec.values():
-            if x.shape[1] != block.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
-        return self.out_conv(F.silu(self.out_norm(x)))
-
-
-ARCHS = {"ddpmpp": UNet, "adm": ADMUNet}
-
-
-def make_unet(arch, *args, **kwargs):
-    """--arch ddpmpp (EDM's SongUNet, CIFAR-10 / FFHQ / AFHQ) | adm (EDM's DhariwalUNet, ImageNet-64)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown network architecture {arch!r}: use one of {sorted(ARCHS)}")
-    return ARCHS[arch](*args, **kwargs)
-
-
-# --- end shared: UNet ---
-
-# --- shared: runtime (identical in every method file) ---
-# Distributed setup, per-step seeding, EMA, atomic checkpoints, data order and rank-0 logging.
-
-
-def fail(msg):
-    """Stop with a one-line message for the user (exit code 1), not a traceback."""
-    raise SystemExit(f"error: {msg}")
-
-
-def dist_setup():
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise a single process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-
-
-def dist_teardown():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def all_mean(value, device):
-    """Mean of a float over ranks."""
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return t.item()
-
-
-def seed_step(seed, rank, world_size, step):
-    """Seed torch's global RNGs from (seed * world_size + rank, step): resume needs no stored RNG state."""
-    state = np.random.SeedSequence([seed * world_size + rank, step]).generate_state(2)
-    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def epoch_order(n, seed, epoch):
-    """The data order of one epoch: a permutation of range(n) that depends only on (seed, epoch)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def batch_indices(n, batch, step, seed):
-    """Global data indices of training step `step`: consecutive slices of a stream of epoch permutations.
-    Independent of the world size; rank r takes the r-th slice of the per-rank batch."""
-    pos = step * batch + torch.arange(batch)
-    epochs = pos // n
-    out = torch.empty(batch, dtype=torch.long)
-    for e in epochs.unique().tolist():
-        sel = epochs == e
-        out[sel] = epoch_order(n, seed, e)[pos[sel] % n]
-    return out
-
-
-def edm_ema_beta(batch, nimg, halflife_kimg, rampup_ratio):
-    """EDM's EMA decay: half-life in images, ramped up as min(halflife, rampup_ratio * images seen)."""
-    halflife = halflife_kimg * 1000
-    if rampup_ratio is not None:
-        halflife = min(halflife, nimg * rampup_ratio)
-    return 0.5 ** (batch / max(halflife, 1e-8))
-
-
-@torch.no_grad()
-def ema_update(ema, net, beta):
-    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
-        p_ema.copy_(p.detach().lerp(p_ema, beta))
-    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
-        b_ema.copy_(b)
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash or a full disk never leaves a half-written file
-    (the temporary file is removed; a kill's leftover is removed by the next claim_outdir)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def save_checkpoint(ckpt, outdir, step):
-    """Write <outdir>/ckpt-<step>.pt and point <outdir>/latest.pt at it (both atomic)."""
-    name = f"ckpt-{step:07d}.pt"
-    atomic_save(ckpt, os.path.join(outdir, name))
-    tmp = os.path.join(outdir, f"latest.pt.tmp{os.getpid()}")
-    os.symlink(name, tmp)
-    os.replace(tmp, os.path.join(outdir, "latest.pt"))
-
-
-def intact(path):
-    """None if `path` is a zip whose every member matches its CRC-32 (torch.save writes them), else why not.
-    torch.load itself does not check them: flipped bytes would load as changed weights."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        return f"not a complete torch checkpoint ({e or type(e).__name__})"
-    return f"its member {bad} fails its CRC check (the file is corrupt)" if bad else None
-
-
-def load_checkpoint(path):
-    """Load one of our checkpoints safely (tensors and plain containers only), after checking its integrity.
-    A directory means its latest.pt."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "latest.pt")
-    if not os.path.isfile(path):
-        fail(f"checkpoint not found: {path}")
-    problem = intact(path)
-    if problem:
-        folder = os.path.dirname(os.path.abspath(path))
-        names = sorted(
-            (n for n in os.listdir(folder) if n.startswith("ckpt-") and n.endswith(".pt")), reverse=True
-        )
-        good = next((os.path.join(folder, n) for n in names if intact(os.path.join(folder, n)) is None), None)
-        fail(
-            f"{path}: {problem}; "
-            + (f"the newest intact checkpoint is {good}" if good else "no intact one here")
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign file: say which, do not unpickle it unsafely
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"cannot read {path} as a weights-only torch checkpoint: {why}")
-
-
-_LOCKS = {}  # path -> open file descriptor: the locks this process holds until it exits
-
-
-def hold_lock(path):
-    """An exclusive lock on `path` for the life of the process. A second run stops at once and names the
-    holder; the kernel drops a killed run's lock (flock), so a stale lock file is simply taken over."""
-    import fcntl
-    import socket
-
-    path = os.path.abspath(path)
-    if path in _LOCKS:
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        fail(f"{path} is locked by a running job ({holder}); wait for it or choose another output")
-    info = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, info.encode(), 0)
-    _LOCKS[path] = fd
-
-
-def claim_outdir(outdir, ckpt=None, overwrite=False):
-    """Rank 0, before the run writes anything: create and lock --outdir, remove temporary files a killed run
-    left, refuse to write over an existing run unless it is resumed (ckpt) or --overwrite is given, and on
-    resume cut log.jsonl back to the resumed step (no cut-off line, no repeated steps)."""
-    import re
-
-    os.makedirs(outdir, exist_ok=True)
-    hold_lock(os.path.join(outdir, ".lock"))
-    for name in os.listdir(outdir):
-        if re.search(r"\.tmp\d+$", name):  # ours, from a killed run: we hold the lock
-            os.remove(os.path.join(outdir, name))
-    ckpts = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
-    log_path = os.path.join(outdir, "log.jsonl")
-    if ckpt is None and ckpts:
-        if not overwrite:
-            fail(
-                f"{outdir} holds a run at step {int(ckpts[-1][5:-3])}: pass --resume {outdir} to continue "
-                "it, --overwrite to replace it, or choose another --outdir"
-            )
-        for name in [*ckpts, "latest.pt", "log.jsonl"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(outdir, name))
-    if ckpt is not None and os.path.isfile(log_path):
-        keep = []
-        with open(log_path) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):  # a line cut off by a kill does not parse
-                    if line.endswith("\n") and json.loads(line).get("step", 0) <= ckpt["step"]:
-                        keep.append(line)
-        with open(log_path + f".tmp{os.getpid()}", "w") as f:
-            f.writelines(keep)
-        os.replace(log_path + f".tmp{os.getpid()}", log_path)
-
-
-def check_out(path, overwrite=False, nbytes=0):
-    """Before the work: an output file must be new (or --overwrite), its folder writable, with room for it."""
-    import tempfile
-
-    if os.path.exists(path) and not overwrite:
-        fail(f"{path} exists; pass --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        fail(f"cannot write to {folder} ({e.strerror}): the folder is missing or not writable; create it")
-    free = shutil.disk_usage(folder).free
-    if nbytes > free:
-        fail(f"{path} needs about {nbytes / 2**30:.2f} GiB but {folder} has {free / 2**30:.2f} GiB free")
-
-
-def resumed_net_kwargs(ckpt, net_kwargs, path):
-    """The checkpoint's net_kwargs, after checking that today's data has the shape and classes it had."""
-    keys = ("img_channels", "img_resolution", "label_dim")
-    theirs, ours = [ckpt["net_kwargs"].get(k) for k in keys], [net_kwargs.get(k) for k in keys]
-    if theirs != ours:
-        fail(
-            f"--resume {path} was trained on (channels, resolution, classes) = {tuple(theirs)} but the data "
-            f"gives {tuple(ours)}: resume with the data it was trained on"
-        )
-    return ckpt["net_kwargs"]
-
-
-def check_numbers(parser, args, positive=(), nonnegative=()):
-    """Flags that must be > 0 (batch sizes, durations, tolerances) or >= 0 (learning rates), when given."""
-    for names, ok, what in ((positive, lambda v: v > 0, "positive"), (nonnegative, lambda v: v >= 0, ">= 0")):
-        for name in names:
-            value = getattr(args, name, None)
-            if value is not None and not ok(value):
-                parser.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
-    if getattr(args, "generate", 0) < 0:
-        parser.error(f"--generate N takes a number of images N > 0, got {args.generate}")
-
-
-class Logger:
-    """Rank 0 prints `k=v` lines, flushed, and appends the same record as JSON to <outdir>/log.jsonl. After
-    start(step, total_steps), lines read `step=N/TOTAL ... eta=1h02m` (at this run's pace since start)."""
-
-    def __init__(self, outdir, rank):
-        self.rank, self.path = rank, os.path.join(outdir, "log.jsonl") if outdir else None
-        self.total_steps, self._start = None, None
-
-    def start(self, step, total_steps):
-        self.total_steps, self._start = total_steps, (step, time.time())
-
-    def print(self, *a):
-        if self.rank == 0:
-            print(*a, flush=True)
-
-    def log(self, **rec):
-        if self.rank != 0:
-            return
-        text = {k: f"{v:.5g}" if isinstance(v, float) else str(v) for k, v in rec.items()}
-        if self.total_steps and "step" in rec:
-            done, elapsed = rec["step"] - self._start[0], time.time() - self._start[1]
-            if done > 0:
-                eta = round(elapsed / done * max(self.total_steps - rec["step"], 0))
-                rec["eta_s"] = eta
-                text["eta"] = (
-                    f"{eta // 3600}h{eta % 3600 // 60:02d}m"
-                    if eta >= 3600
-                    else f"{eta // 60}m{eta % 60:02d}s"
-                )
-            text["step"] = f"{rec['step']}/{self.total_steps}"
-        print(" ".join(f"{k}={v}" for k, v in text.items()), flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-
-class StopFlag:
-    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step (agreed on by all ranks); after it,
-    exit() ends the process with 128 + the signal (143 for SIGTERM) so that a scheduler requeues the job."""
-
-    def __init__(self):
-        self.requested, self.signum = False, 0
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested, self.signum = True, signum
-
-    def any(self, device, loss=0.0, step=None):
-        """True when any rank got a signal. Stops every rank (exit 1) when any rank's `loss` (a float or
-        tensor: the step's loss, plus the gradient norm where there is one) is not finite: before the
-        weights reach a checkpoint, so the newest checkpoint is the last good one."""
-        bad = ~torch.isfinite(torch.as_tensor(loss, dtype=torch.float32, device=device)).all()
-        t = torch.stack([torch.tensor(int(self.requested), device=device), bad.long()])
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(t)
-        if t[1]:
-            fail(
-                f"non-finite loss or gradient at step {step}: stopped without saving it, so the newest "
-                "checkpoint is the last good one; look for NaN/inf in the data or pairs, or lower --lr"
-            )
-        return bool(t[0])
-
-    def exit(self):
-        if self.signum:
-            raise SystemExit(128 + self.signum)
-
-
-def save_image_grid(images, path):
-    """images: [N, C, H, W] floats in [-1, 1] -> a PNG grid (EDM's quantisation)."""
-    from PIL import Image
-
-    x = (images * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
-    n, c, h, w = x.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
-    for i in range(n):
-        grid[:, (i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = x[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
-
-
-# --- end shared: runtime ---
-
-# --- shared: precision (identical in every method file) ---
-# Speed flags. The default (--precision fp32, no --compile) calls the network itself and builds the optimizer
-# as before: the papers' fp32 computation, bit for bit. Nothing compiled or wrapped is ever stored.
-
-
-def add_speed_args(p, train=True):
-    """The speed flags of a trainer (train=True) or of a sampling script (gen_pairs.py, evaluate.py)."""
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "tf32", "bf16"],
-        help="fp32 (the papers'); tf32: TF32 matmuls/convs (Ampere+ GPUs); bf16: torch.autocast around the "
-        "network (losses, EDM preconditioning, EMA and optimizer state stay fp32)",
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the network's forward")
-    p.add_argument(
-        "--compile-backend",
-        default="inductor",
-        help="torch.compile backend (eager, aot_eager: quick checks without inductor's C++ build)",
-    )
-    p.add_argument(
-        "--channels-last", action="store_true", help="feed the network channels-last (NHWC) images"
-    )
-    if train:
-        p.add_argument(
-            "--fused-adam", action="store_true", help="fused optimizer step where supported, else foreach"
-        )
-
-
-def optimizer_kwargs(args, device, cls=torch.optim.Adam):
-    """{} (torch's default implementation) unless --fused-adam: fused where cls and device have it."""
-    if not args.fused_adam:
-        return {}
-    fused = "fused" in inspect.signature(cls).parameters and device.type in ("cuda", "cpu")
-    return dict(fused=True) if fused else dict(foreach=True)
-
-
-class FastNet(nn.Module):
-    """net as the training step or a sampler calls it under the speed flags: same parameters, same call
-    signature, float32 output. Autocast wraps the whole forward, not only the UNet: the preconditioning
-    (EDM's c_skip, c_out, c_in, c_noise; the flow nets' time scaling) is elementwise arithmetic on float32
-    inputs, which autocast leaves in float32; convolutions, linears and attention matmuls run in bfloat16."""
-
-    def __init__(self, net, args):
-        super().__init__()
-        self.net, self.precision, self.channels_last = net, args.precision, args.channels_last
-        # the bound forward, compiled or not: no second (compiled) module is registered in this one
-        self.fn = torch.compile(net.forward, backend=args.compile_backend) if args.compile else net.forward
-
-    def __getattr__(self, name):  # the wrapped net's attributes (lmm's schedule, dansm's objective, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "net":
-                raise
-            return getattr(self.net, name)
-
-    def forward(self, x, *a, **kw):
-        if self.channels_last and x.dim() == 4:  # activations NHWC from the first conv on; weights stay
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.fn(x, *a, **kw)
-        return out.float()
-
-
-def prepare_net(net, args, device):
-    """The module to call for --precision/--compile/--channels-last: net itself for plain fp32 (so today's
-    computation exactly), else a FastNet around it. tf32 is a global switch of the CUDA backends."""
-    if args.precision == "tf32" and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.precision != "bf16" and not args.compile and not args.channels_last:
-        return net
-    return FastNet(net, args)
-
-
-# --- end shared: precision ---
-
 # --- method: EDM (Karras et al. 2022) ---
+# EDM's equations are the first blocks of the shared appendix at the end of this file, because aot_edm and lmm
+# run the same code: EDMPrecond (Table 1), edm_loss (Eq. 2), karras_sigmas (Eq. 5), edm_sampler (Alg. 1-2),
+# edm_augment (App. F.2). Below: EDM's checkpoint importer, build_net/sample, train, the command line.
 METHOD = "edm_teacher"
 VERSION = 1
 
 
-# --- shared: EDM preconditioning (identical in edm_teacher, aot_edm, lmm) ---
-
-
-def edm_precond(sigma, sigma_data=0.5):
-    """EDM Table 1 ("Ours" column): the preconditioning coefficients (c_skip, c_out, c_in, c_noise)."""
-    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
-    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-    c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
-    c_noise = sigma.log() / 4
-    return c_skip, c_out, c_in, c_noise
-
-
-class EDMPrecond(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Eq. 7), computed in float32, with F the DDPM++
-    (arch="ddpmpp") or ADM (arch="adm") UNet. class_labels: int64 indices [N] or one-hot [N, label_dim]."""
-
-    def __init__(
-        self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, arch="ddpmpp", **unet_kwargs
-    ):
-        super().__init__()
-        self.img_resolution, self.img_channels = img_resolution, img_channels
-        self.label_dim, self.sigma_data = label_dim, sigma_data
-        self.model = make_unet(
-            arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet_kwargs
-        )
-
-    def forward(self, x, sigma, class_labels=None, augment_labels=None):
-        x = x.float()
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        sigma = sigma.expand(x.shape[0], 1, 1, 1)
-        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
-        f_x = self.model(c_in * x, c_noise.flatten(), self.one_hot(class_labels), augment_labels)
-        return c_skip * x + c_out * f_x.float()
-
-    def one_hot(self, labels):
-        if not self.label_dim:
-            return None
-        if labels is None:
-            raise ValueError(
-                "this network is class-conditional: pass class labels (int64 [N] or one-hot);"
-                " train it on labelled data with --cond and sample it with labels"
-            )
-        if not labels.is_floating_point():
-            return F.one_hot(labels.long(), self.label_dim).float()
-        return labels.float().reshape(-1, self.label_dim)
-
-
-# --- end shared: EDM preconditioning ---
-# --- shared: EDM loss and sampler (identical in edm_teacher, aot_edm) ---
-
-
-def edm_loss(
-    net, y, labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, sigma=None, n=None, augment_labels=None
-):
-    """EDM Eq. 2 with Table 1's training choices, per element [N, C, H, W]:
-    ln(sigma) ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
-    sigma [N, 1, 1, 1] and n (standard normal, like y) may be given; otherwise drawn here. augment_labels
-    [N, 9]: what edm_augment applied to y (EDM conditions the network on it; None = nothing applied)."""
-    if sigma is None:
-        sigma = (torch.randn(y.shape[0], 1, 1, 1, device=y.device) * P_std + P_mean).exp()
-    if n is None:
-        n = torch.randn_like(y)
-    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-    aug = {} if augment_labels is None else dict(augment_labels=augment_labels)  # plain denoisers take none
-    denoised = net(y + sigma * n, sigma.flatten(), class_labels=labels, **aug)
-    return weight * (denoised - y) ** 2
-
-
-def karras_sigmas(N, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """EDM Eq. 5: N noise levels from sigma_max to sigma_min, then sigma_N = 0. Float64, as in EDM:
-    the last non-zero level must be 0.002000000000000003, not a float32 rounding of it."""
-    if N < 1:
-        raise ValueError(f"need at least one sampling step, got N={N}")
-    i = torch.arange(N, dtype=torch.float64)
-    t = (
-        sigma_max ** (1 / rho) + i / max(N - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
-    ) ** rho
-    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
-
-
-@torch.no_grad()
-def edm_sampler(
-    net, noise, sigmas, labels=None, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, generator=None
-):
-    """EDM Algorithm 2 (Algorithm 1, deterministic Heun, when S_churn = 0). sigmas: float64 [N+1], last 0.
-    generator: the churn noise's source, one torch.Generator or a list of one per image (then image i does not
-    depend on the batch it is in or on the number of processes, with or without an S_min/S_max window).
-    Heun correction on every step but the last, which is Euler (sigma_N = 0): 2N - 1 network calls.
-    Returns (x float32, number of network calls)."""
-    N = len(sigmas) - 1
-    x = noise.double() * sigmas[0]  # x_0 ~ N(0, sigma_0^2 I)
-    nfe = 0
-    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
-        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
-        t_hat = t_cur + gamma * t_cur  # Alg. 2 line 5: temporarily raise the noise level
-        if gamma > 0:
-            if isinstance(generator, (list, tuple)):  # one stream per image (EDM's per-seed generators)
-                eps = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator])
-            else:
-                eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
-            x = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * eps.to(x.device)
-        d = (x - net(x, t_hat, class_labels=labels).double()) / t_hat  # dx/dsigma (Eq. 4 with sigma(t) = t)
-        x_next = x + (t_next - t_hat) * d  # Euler step
-        nfe += 1
-        if i < N - 1:  # 2nd-order correction (Alg. 1 lines 9-11), skipped when sigma_{i+1} = 0
-            d_next = (x_next - net(x_next, t_next, class_labels=labels).double()) / t_next
-            x_next = x + (t_next - t_hat) * (0.5 * d + 0.5 * d_next)
-            nfe += 1
-        x = x_next
-    return x.float(), nfe
-
-
-def build_net(net_kwargs):
-    """The trained network: an EDM denoiser net(x, sigma, class_labels=None) -> D(x; sigma)."""
-    return EDMPrecond(**net_kwargs)
-
-
-def sample(
-    net,
-    noise,
-    nfe,
-    labels=None,
-    steps=None,
-    sigma_min=0.002,
-    sigma_max=80.0,
-    rho=7.0,
-    sigmas=None,
-    generator=None,
-    **churn,
-):
-    """DESIGN 4: noise [N, C, H, W] standard normal -> (images in [-1, 1], true NFE).
-    nfe asks for N = (nfe + 1) // 2 Heun steps, which use 2N - 1 evaluations (35 -> 18 steps); `steps` or an
-    explicit float64 `sigmas` schedule override it. churn: S_churn, S_min, S_max, S_noise (EDM Alg. 2), drawn
-    from `generator` (per image: a list of generators, e.g. noise_for_seeds' third output)."""
-    if sigmas is None:
-        sigmas = karras_sigmas(steps or max(1, (nfe + 1) // 2), sigma_min, sigma_max, rho)
-    return edm_sampler(net, noise, sigmas.to(noise.device), labels, generator=generator, **churn)
-
-
-def ode_start(net, noise):
-    """x at t = 0 of the common clock (DESIGN 4): sigma_max * noise."""
-    return noise * 80.0
-
-
-def ode_velocity(net, x, t, labels=None, sigma_min=0.002, sigma_max=80.0):
-    """The probability-flow ODE (EDM Eq. 4, dx/dsigma = (x - D(x; sigma)) / sigma) on the common clock t in
-    [0, 1] with sigma(t) = sigma_max (1 - t), noise at t = 0: dx/dt = sigma_max (D(x; sigma) - x) / sigma."""
-    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
-    sigma = (sigma_max * (1 - t)).clamp(min=sigma_min)
-    return (net(x, sigma, class_labels=labels) - x) * (sigma_max / sigma).reshape(-1, 1, 1, 1)
-
-
-def noise_for_seeds(seeds, shape, label_dim=0, with_generators=False):
-    """EDM's per-image seeds: image i's noise (and uniform class label, drawn after it) come from a generator
-    seeded with seeds[i], so a generated set does not depend on the number of processes or the batch.
-    with_generators: also return the generators, which then give each image's churn noise (as EDM's)."""
-    noise, labels, gens = [], [], []
-    for s in seeds:
-        gens.append(torch.Generator().manual_seed(int(s)))
-        noise.append(torch.randn(shape, generator=gens[-1]))
-        if label_dim:
-            labels.append(torch.randint(label_dim, [], generator=gens[-1]))
-    noise = torch.stack(noise) if noise else torch.empty(0, *shape)
-    out = noise, (torch.tensor(labels, dtype=torch.long) if label_dim else None)
-    return (*out, gens) if with_generators else out
-
-
-# --- end shared: EDM loss and sampler ---
-# --- shared: EDM augmentation (identical in edm_teacher, aot_edm) ---
-# EDM's non-leaking geometric augmentation (EDM App. F.2, Table 7: p = 0.12 on CIFAR-10), the ADA pipeline
-# (Karras et al. 2020) in the configuration EDM trains CIFAR-10 with: x-flip on a random half of the images
-# (EDM's multiplier 1e8 makes it always draw), and y-flip, isotropic scaling, arbitrary rotation, anisotropic
-# scaling and fractional translation each with probability p. The parameters of what was applied form a
-# 9-dim augment label (zero where nothing was) that conditions the network, so that at sampling time (zero
-# label) it produces un-augmented images: the augmentation does not leak into the samples.
-# Pixel coordinates are centred; G_inv maps an output pixel to the input position it samples.
-
-SYM6 = (  # Symlet-6 low-pass filter: ADA's anti-aliasing filter for the 2x supersampled resampling
-    0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-    0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-    -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148,
-)  # fmt: skip
-
-
-def augment_draw(n, p, generator=None):
-    """EDM's draws for n images, in EDM's order -> dict of float32 [n] parameters, zero where not applied."""
-
-    def rand(*s):
-        return torch.rand(s, generator=generator)
-
-    def randn(*s):
-        return torch.randn(s, generator=generator)
-
-    def pick(prob, w):  # keep w where the transform is drawn (probability prob), else 0
-        return torch.where(rand(*w.shape[-1:]) < prob, w, torch.zeros_like(w))
-
-    a = {}
-    a["xflip"] = pick(1e8 * p, torch.randint(2, (n,), generator=generator).float())
-    a["yflip"] = pick(p, torch.randint(2, (n,), generator=generator).float())
-    a["scale"] = pick(p, randn(n))  # log2 scale / 0.2
-    a["rotate"] = pick(p, (rand(n) * 2 - 1) * math.pi)  # angle in [-pi, pi)
-    a["aniso"], r = randn(n), (rand(n) * 2 - 1) * math.pi
-    a["aniso"] = pick(p, a["aniso"])  # log2 x-stretch / 0.2 ...
-    a["aniso_angle"] = pick(0.5, r)  # ... along an axis rotated by this angle half of the time
-    t = randn(2, n)
-    a["tx"], a["ty"] = torch.where(rand(1, n) < p, t, torch.zeros_like(t))  # in units of 0.125 image size
-    return a
-
-
-def augment_labels(a):
-    """The 9-dim augment label of EDM's SongUNet (augment_dim = 9), [n, 9]."""
-    rot, an, r = a["rotate"], a["aniso"], a["aniso_angle"]
-    cols = [a["xflip"], a["yflip"], a["scale"], rot.cos() - 1, rot.sin(), an * r.cos(), an * r.sin()]
-    return torch.stack([*cols, a["tx"], a["ty"]], dim=1)
-
-
-def augment_matrix(a, H, W):
-    """G_inv [n, 3, 3] of the geometric part, composed as EDM: scale, rotation, anisotropy, translation."""
-
-    def mat(rows):  # rows of [n] tensors or numbers -> [n, 3, 3]
-        return torch.stack(
-            [torch.stack([torch.as_tensor(v).float().expand(n) for v in r], 1) for r in rows], 1
-        )
-
-    def rot(t):
-        return mat([[t.cos(), -t.sin(), 0], [t.sin(), t.cos(), 0], [0, 0, 1]])
-
-    def scale(sx, sy):
-        return mat([[sx, 0, 0], [0, sy, 0], [0, 0, 1]])
-
-    n = len(a["scale"])
-    s, sa, r = (a["scale"] * 0.2).exp2(), (a["aniso"] * 0.2).exp2(), a["aniso_angle"]
-    G = scale(1 / s, 1 / s) @ rot(a["rotate"])  # inverse of: scale by s, then rotate by -angle
-    G = G @ rot(-r) @ scale(1 / sa, sa) @ rot(r)
-    return G @ mat([[1, 0, -a["tx"] * W * 0.125], [0, 1, -a["ty"] * H * 0.125], [0, 0, 1]])
-
-
-def augment_resample(x, G_inv):
-    """Apply G_inv to images x [n, C, H, W]: reflect padding, 2x supersampling with the Symlet-6 filter,
-    bilinear resampling, filtered 2x downsampling (ADA's geometric execution)."""
-    n, c, H, W = x.shape
-    hz = torch.tensor(SYM6, dtype=x.dtype, device=x.device)
-    hpad, cx, cy = len(SYM6) // 4, (W - 1) / 2, (H - 1) / 2
-    G_inv = G_inv.to(x.device)
-    corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], device=x.device).T
-    m = (G_inv @ corners)[:, :2, :].permute(1, 0, 2).flatten(1)  # [xy, n * 4] input positions of the corners
-    m = torch.cat([-m, m]).amax(1) + torch.tensor([2 * hpad - cx, 2 * hpad - cy] * 2, device=x.device)
-    m = torch.minimum(m.clamp(min=0), torch.tensor([W - 1, H - 1] * 2, device=x.device))
-    mx0, my0, mx1, my1 = m.ceil().int().tolist()
-    x = F.pad(x, [mx0, mx1, my0, my1], mode="reflect")
-
-    def shift(tx, ty):
-        return torch.tensor([[1, 0, tx], [0, 1, ty], [0, 0, 1]], dtype=torch.float32, device=x.device)
-
-    def scale(sx, sy):
-        return torch.diag(torch.tensor([sx, sy, 1.0], device=x.device))
-
-    G_inv = shift((mx0 - mx1) / 2, (my0 - my1) / 2) @ G_inv
-    up = hz.flip(0).reshape(1, 1, 1, -1).repeat(c, 1, 1, 1)  # upsample: zeros between samples, then filter
-    x = torch.stack([x, torch.zeros_like(x)], 4).flatten(3)[..., :-1]
-    x = F.conv2d(x, up, groups=c, padding=(0, (len(SYM6) + 1) // 2))
-    x = torch.stack([x, torch.zeros_like(x)], 3).flatten(2, 3)[:, :, :-1]
-    x = F.conv2d(x, up.transpose(2, 3), groups=c, padding=((len(SYM6) + 1) // 2, 0))
-    G_inv = scale(2, 2) @ G_inv @ scale(0.5, 0.5)
-    G_inv = shift(-0.5, -0.5) @ G_inv @ shift(0.5, 0.5)
-    size = [n, c, (H + 2 * hpad) * 2, (W + 2 * hpad) * 2]
-    G_inv = scale(2 / x.shape[3], 2 / x.shape[2]) @ G_inv @ scale(size[3] / 2, size[2] / 2)
-    grid = F.affine_grid(G_inv[:, :2, :], size, align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    down = hz.reshape(1, 1, 1, -1).repeat(c, 1, 1, 1)  # filter, keep every other sample, crop the margin
-    x = F.conv2d(x, down, groups=c, stride=(1, 2), padding=(0, (len(SYM6) - 1) // 2))[..., hpad:-hpad]
-    x = F.conv2d(x, down.transpose(2, 3), groups=c, stride=(2, 1), padding=((len(SYM6) - 1) // 2, 0))
-    return x[:, :, hpad:-hpad]
-
-
-def edm_augment(y, p, generator=None, a=None):
-    """EDM's augmentation of a batch y [n, C, H, W] in [-1, 1] -> (augmented y, augment labels [n, 9]).
-    p = 0 is the identity with zero labels. `a` (augment_draw's dict) forces the parameters."""
-    a = augment_draw(len(y), p, generator) if a is None else {k: v.float().cpu() for k, v in a.items()}
-    G_inv = augment_matrix(a, y.shape[2], y.shape[3])  # on the CPU: [n, 3, 3] is tiny
-    y = torch.where(a["xflip"].bool().to(y.device)[:, None, None, None], y.flip(3), y)
-    y = torch.where(a["yflip"].bool().to(y.device)[:, None, None, None], y.flip(2), y)
-    moved = torch.stack([a[k] != 0 for k in ("scale", "rotate", "aniso", "tx", "ty")]).any(0)
-    if moved.any():  # resample only the images a geometric transform was drawn for
-        idx = moved.nonzero().flatten().to(y.device)
-        y = y.index_copy(0, idx, augment_resample(y[idx], G_inv[moved]).to(y.dtype))
-    return y, augment_labels(a).to(y.device)
-
-
-def augment_defaults(p, args):
-    """--augment: 0.12 on CIFAR-10 (EDM's Table 7), else 0; --augment-dim: 9 with augmentation, else 0."""
-    if args.augment is None:
-        args.augment = 0.12 if args.data == "cifar10" else 0.0
-    if not 0 <= args.augment <= 1:
-        p.error(f"--augment is a probability in [0, 1], got {args.augment}")
-    if args.augment_dim is None:
-        args.augment_dim = 9 if args.augment > 0 else 0
-    if args.augment > 0 and args.augment_dim != 9:
-        p.error(f"--augment {args.augment} conditions the network on a 9-dim label: pass --augment-dim 9")
-    if args.augment_dim < 0:
-        p.error(f"--augment-dim must be 0 or 9, got {args.augment_dim}")
-
-
-# --- end shared: EDM augmentation ---
 # --- official EDM checkpoints ---
 # EDM's snapshots (edm-cifar10-32x32-{cond,uncond}-vp.pkl, ...) are pickles in which every layer is rebuilt by
 # torch_utils.persistence._reconstruct_persistent_obj(meta), which EXECUTES meta["module_src"]. We never do:
@@ -1213,202 +236,6 @@ def load_teacher(spec, cache_dir=None):
         spec = fetch_file(spec, cache)
     return import_edm_pickle(spec) if spec.endswith(".pkl") else load_checkpoint(spec)
 
-
-# --- shared: data (identical in every method file) ---
-# --data cifar10 | shapes | FILE.npz | FILE.npy | DIR | FILE.zip -> uint8 images; --xflip as extra indices.
-# CIFAR-10 and the synthetic set are held in memory (on the device while training); .npy, uncompressed .npz,
-# image folders and zips (EDM's dataset format, ImageNet-64) are read per batch: memory O(batch).
-
-
-def make_shapes(n=4096, res=16, seed=0):
-    """A synthetic dataset for CPU smoke runs: one disc (label 0) or square (label 1) of random colour,
-    size and position on a random background. Returns uint8 [n, res, res, 3] and int64 labels [n]."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
-    cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
-    r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
-    labels = rng.integers(0, 2, n)
-    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-    square = np.maximum(np.abs(yy - cy), np.abs(xx - cx)) <= r
-    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
-    fg, bg = rng.integers(0, 256, (2, n, 1, 1, 3))
-    return np.where(mask, fg, bg).astype(np.uint8), labels.astype(np.int64)
-
-
-class LazyImages:
-    """uint8 images [N, C, H, W] read on demand: `images[idx]` (a tensor, list, slice or int of indices) reads
-    just those images from the file. It stays on the host (`.to` is a no-op); get_batch moves each batch."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, source, n, hwc, read):
-        self.source, self.n, self.hwc, self._read = source, n, hwc, read
-        self.shape = torch.Size([n, hwc[2], hwc[0], hwc[1]])
-
-    def __len__(self):
-        return self.n
-
-    def to(self, device):
-        return self
-
-    def __getitem__(self, idx):
-        if isinstance(idx, int):
-            return self[[idx]][0]
-        idx = range(self.n)[idx] if isinstance(idx, slice) else idx
-        x = np.empty((len(idx), *self.hwc), np.uint8)
-        for j, i in enumerate(torch.as_tensor(idx, dtype=torch.long).reshape(-1).tolist()):
-            img = self._read(i)
-            if img.shape != self.hwc:
-                fail(f"{self.source}: image {i} has shape {img.shape} among images of shape {self.hwc}")
-            x[j] = img
-        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # NCHW memory, as the in-memory sets
-
-
-def _array_reader(path, member=None):
-    """A uint8 [N, H, W, C] array in a .npy file (or stored uncompressed in an .npz) -> (n, hwc, read(i))."""
-    offset = 0
-    if member is not None:  # the member's data offset inside the zip container of the .npz
-        with zipfile.ZipFile(path) as z:
-            info = z.getinfo(member)
-        with open(path, "rb") as f:
-            f.seek(info.header_offset + 26)
-            name_len, extra_len = np.frombuffer(f.read(4), "<u2")
-        offset = info.header_offset + 30 + int(name_len) + int(extra_len)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        version = np.lib.format.read_magic(f)
-        header = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = header(f)
-        offset = f.tell()
-    if dtype != np.uint8 or len(shape) != 4 or fortran:
-        fail(f"{path}: images must be a C-ordered uint8 [N, H, W, C] array; got {dtype} {shape}")
-    size = int(np.prod(shape[1:]))
-    fd = os.open(path, os.O_RDONLY)
-
-    def read(i):  # one positioned read per image: nothing of the file is mapped or cached by us
-        return np.frombuffer(os.pread(fd, size, offset + i * size), np.uint8).reshape(shape[1:])
-
-    return shape[0], tuple(shape[1:]), read
-
-
-def _decode(data, name):
-    """One image file's bytes -> uint8 [H, W, C]; palette and alpha images become RGB, never index values."""
-    import io
-
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        img = img if img.mode in ("L", "RGB") else img.convert("RGB")
-        return np.atleast_3d(np.asarray(img))
-    except Exception as e:
-        fail(f"cannot read image {name} ({type(e).__name__}: {e})")
-
-
-def _folder_reader(path):
-    """An image folder or zip (png/jpg, sorted by relative path) with EDM's optional dataset.json labels."""
-    is_zip = zipfile.is_zipfile(path) if os.path.isfile(path) else False
-    if is_zip:
-        with zipfile.ZipFile(path) as z:
-            names = sorted(z.namelist())
-    else:
-        names = sorted(
-            os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/")
-            for d, _, fs in os.walk(path)
-            for f in fs
-        )
-    files = [f for f in names if f.lower().endswith((".png", ".jpg", ".jpeg"))]
-    if not files:
-        fail(f"no .png/.jpg images found in {path}")
-    zf = zipfile.ZipFile(path) if is_zip else None
-
-    def raw(name):
-        if zf is not None:
-            return zf.read(name)
-        with open(os.path.join(path, name), "rb") as f:
-            return f.read()
-
-    labels = None
-    if "dataset.json" in names:
-        try:
-            table = dict(json.loads(raw("dataset.json")).get("labels") or [])
-        except (ValueError, TypeError, AttributeError) as e:
-            fail(f"{path}/dataset.json is not EDM's {{'labels': [[file, label], ...]}} format: {e}")
-        missing = [f for f in files if f not in table]
-        if missing:
-            fail(f"{path}/dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}")
-        labels = np.asarray([table[f] for f in files], dtype=np.int64)
-    hwc = _decode(raw(files[0]), files[0]).shape
-    return len(files), hwc, lambda i: _decode(raw(files[i]), files[i]), labels
-
-
-def load_images(spec, data_dir="datasets"):
-    """--data -> (uint8 [N, C, H, W] images, a tensor or LazyImages read per batch; int64 labels or None)."""
-    labels, lazy = None, None
-    if spec == "cifar10":
-        import torchvision
-
-        try:
-            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
-        except Exception as e:
-            fail(
-                f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
-                f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/ or pass --data FILE.npz"
-            )
-        images, labels = ds.data, np.asarray(ds.targets, dtype=np.int64)
-    elif spec == "shapes":
-        images, labels = make_shapes()
-    elif spec.endswith((".npz", ".npy")):
-        if not os.path.isfile(spec):
-            fail(f"data file not found: {spec} (expected uint8 'images' [N, H, W, C] in an .npz, or an .npy)")
-        if spec.endswith(".npy"):
-            lazy = _array_reader(spec)
-        else:
-            with np.load(spec) as f:
-                if "images" not in f:
-                    fail(f"{spec} has no 'images' array (found {sorted(f.keys())}); expected uint8 NHWC")
-                labels = f["labels"].astype(np.int64) if "labels" in f else None
-                stored = f.zip.getinfo("images.npy").compress_type == zipfile.ZIP_STORED
-                images = None if stored else f["images"]  # a compressed array is read whole
-            if stored:
-                lazy = _array_reader(spec, "images.npy")
-    elif os.path.isdir(spec) or spec.endswith(".zip"):
-        if not os.path.exists(spec):
-            fail(f"data file not found: {spec} (expected a zip of png/jpg images, EDM's dataset format)")
-        *lazy, labels = _folder_reader(spec)
-    else:
-        fail(f"--data {spec!r} is neither cifar10, shapes, an .npz/.npy file, a .zip nor a folder of images")
-    shape = lazy[1] if lazy else images.shape[1:]
-    n = lazy[0] if lazy else len(images)
-    if (lazy is None and images.dtype != np.uint8) or len(shape) != 3 or shape[-1] not in (1, 3):
-        fail(f"images in {spec} must be uint8 [N, H, W, C] with C in (1, 3); got shape {(n, *shape)}")
-    if shape[0] != shape[1]:
-        fail(f"images in {spec} must be square; got {shape[0]}x{shape[1]}")
-    if n == 0:
-        fail(f"{spec} holds no images")
-    if labels is not None and labels.shape != (n,):
-        fail(f"labels in {spec} must have shape [{n}]; got {labels.shape}")
-    if labels is not None and labels.min() < 0:
-        fail(f"labels in {spec} must be class indices 0, 1, ...; found {labels.min()}")
-    if lazy:
-        images = LazyImages(spec, lazy[0], lazy[1], lazy[2])
-    else:
-        images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    return images, None if labels is None else torch.from_numpy(labels)
-
-
-def get_batch(images, labels, idx, device):
-    """Data index i >= len(images) is the mirror image of i - len(images) (--xflip). -> floats in [-1, 1]."""
-    n, idx = len(images), idx.to(images.device)
-    y = images[idx % n].to(device).float() / 127.5 - 1
-    flip = (idx >= n).to(device)
-    y = torch.where(flip[:, None, None, None], y.flip(3), y)
-    return y, None if labels is None else labels[idx % n].to(device)
-
-
-# --- end shared: data ---
 
 # --- training ---
 
@@ -1747,6 +574,1195 @@ def main(argv=None):
         generate(args)
     else:
         train(args)
+
+
+# === shared below this line: identical in every file; the method is above ===
+
+
+# --- shared: precision (identical in every method file) ---
+# Speed flags. The default (--precision fp32, no --compile) calls the network itself and builds the optimizer
+# as before: the papers' fp32 computation, bit for bit. Nothing compiled or wrapped is ever stored.
+
+
+def add_speed_args(p, train=True):
+    """The speed flags of a trainer (train=True) or of a sampling script (gen_pairs.py, evaluate.py)."""
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "tf32", "bf16"],
+        help="fp32 (the papers'); tf32: TF32 matmuls/convs (Ampere+ GPUs); bf16: torch.autocast around the "
+        "network (losses, EDM preconditioning, EMA and optimizer state stay fp32)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the network's forward")
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (eager, aot_eager: quick checks without inductor's C++ build)",
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="feed the network channels-last (NHWC) images"
+    )
+    if train:
+        p.add_argument(
+            "--fused-adam", action="store_true", help="fused optimizer step where supported, else foreach"
+        )
+
+
+def optimizer_kwargs(args, device, cls=torch.optim.Adam):
+    """{} (torch's default implementation) unless --fused-adam: fused where cls and device have it."""
+    if not args.fused_adam:
+        return {}
+    fused = "fused" in inspect.signature(cls).parameters and device.type in ("cuda", "cpu")
+    return dict(fused=True) if fused else dict(foreach=True)
+
+
+class FastNet(nn.Module):
+    """net as the training step or a sampler calls it under the speed flags: same parameters, same call
+    signature, float32 output. Autocast wraps the whole forward, not only the UNet: the preconditioning
+    (EDM's c_skip, c_out, c_in, c_noise; the flow nets' time scaling) is elementwise arithmetic on float32
+    inputs, which autocast leaves in float32; convolutions, linears and attention matmuls run in bfloat16."""
+
+    def __init__(self, net, args):
+        super().__init__()
+        self.net, self.precision, self.channels_last = net, args.precision, args.channels_last
+        # the bound forward, compiled or not: no second (compiled) module is registered in this one
+        self.fn = torch.compile(net.forward, backend=args.compile_backend) if args.compile else net.forward
+
+    def __getattr__(self, name):  # the wrapped net's attributes (lmm's schedule, dansm's objective, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "net":
+                raise
+            return getattr(self.net, name)
+
+    def forward(self, x, *a, **kw):
+        if self.channels_last and x.dim() == 4:  # activations NHWC from the first conv on; weights stay
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self.fn(x, *a, **kw)
+        return out.float()
+
+
+def prepare_net(net, args, device):
+    """The module to call for --precision/--compile/--channels-last: net itself for plain fp32 (so today's
+    computation exactly), else a FastNet around it. tf32 is a global switch of the CUDA backends."""
+    if args.precision == "tf32" and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.precision != "bf16" and not args.compile and not args.channels_last:
+        return net
+    return FastNet(net, args)
+
+
+# --- end shared: precision ---
+
+
+# --- shared: EDM preconditioning (identical in edm_teacher, aot_edm, lmm) ---
+
+
+def edm_precond(sigma, sigma_data=0.5):
+    """EDM Table 1 ("Ours" column): the preconditioning coefficients (c_skip, c_out, c_in, c_noise)."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+class EDMPrecond(nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Eq. 7), computed in float32, with F the DDPM++
+    (arch="ddpmpp") or ADM (arch="adm") UNet. class_labels: int64 indices [N] or one-hot [N, label_dim]."""
+
+    def __init__(
+        self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, arch="ddpmpp", **unet_kwargs
+    ):
+        super().__init__()
+        self.img_resolution, self.img_channels = img_resolution, img_channels
+        self.label_dim, self.sigma_data = label_dim, sigma_data
+        self.model = make_unet(
+            arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet_kwargs
+        )
+
+    def forward(self, x, sigma, class_labels=None, augment_labels=None):
+        x = x.float()
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        sigma = sigma.expand(x.shape[0], 1, 1, 1)
+        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
+        f_x = self.model(c_in * x, c_noise.flatten(), self.one_hot(class_labels), augment_labels)
+        return c_skip * x + c_out * f_x.float()
+
+    def one_hot(self, labels):
+        if not self.label_dim:
+            return None
+        if labels is None:
+            raise ValueError(
+                "this network is class-conditional: pass class labels (int64 [N] or one-hot);"
+                " train it on labelled data with --cond and sample it with labels"
+            )
+        if not labels.is_floating_point():
+            return F.one_hot(labels.long(), self.label_dim).float()
+        return labels.float().reshape(-1, self.label_dim)
+
+
+# --- end shared: EDM preconditioning ---
+
+
+# --- shared: EDM loss and sampler (identical in edm_teacher, aot_edm) ---
+
+
+def edm_loss(
+    net, y, labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, sigma=None, n=None, augment_labels=None
+):
+    """EDM Eq. 2 with Table 1's training choices, per element [N, C, H, W]:
+    ln(sigma) ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
+    sigma [N, 1, 1, 1] and n (standard normal, like y) may be given; otherwise drawn here. augment_labels
+    [N, 9]: what edm_augment applied to y (EDM conditions the network on it; None = nothing applied)."""
+    if sigma is None:
+        sigma = (torch.randn(y.shape[0], 1, 1, 1, device=y.device) * P_std + P_mean).exp()
+    if n is None:
+        n = torch.randn_like(y)
+    weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+    aug = {} if augment_labels is None else dict(augment_labels=augment_labels)  # plain denoisers take none
+    denoised = net(y + sigma * n, sigma.flatten(), class_labels=labels, **aug)
+    return weight * (denoised - y) ** 2
+
+
+def karras_sigmas(N, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """EDM Eq. 5: N noise levels from sigma_max to sigma_min, then sigma_N = 0. Float64, as in EDM:
+    the last non-zero level must be 0.002000000000000003, not a float32 rounding of it."""
+    if N < 1:
+        raise ValueError(f"need at least one sampling step, got N={N}")
+    i = torch.arange(N, dtype=torch.float64)
+    t = (
+        sigma_max ** (1 / rho) + i / max(N - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    ) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+@torch.no_grad()
+def edm_sampler(
+    net, noise, sigmas, labels=None, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, generator=None
+):
+    """EDM Algorithm 2 (Algorithm 1, deterministic Heun, when S_churn = 0). sigmas: float64 [N+1], last 0.
+    generator: the churn noise's source, one torch.Generator or a list of one per image (then image i does not
+    depend on the batch it is in or on the number of processes, with or without an S_min/S_max window).
+    Heun correction on every step but the last, which is Euler (sigma_N = 0): 2N - 1 network calls.
+    Returns (x float32, number of network calls)."""
+    N = len(sigmas) - 1
+    x = noise.double() * sigmas[0]  # x_0 ~ N(0, sigma_0^2 I)
+    nfe = 0
+    for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
+        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
+        t_hat = t_cur + gamma * t_cur  # Alg. 2 line 5: temporarily raise the noise level
+        if gamma > 0:
+            if isinstance(generator, (list, tuple)):  # one stream per image (EDM's per-seed generators)
+                eps = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator])
+            else:
+                eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
+            x = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * eps.to(x.device)
+        d = (x - net(x, t_hat, class_labels=labels).double()) / t_hat  # dx/dsigma (Eq. 4 with sigma(t) = t)
+        x_next = x + (t_next - t_hat) * d  # Euler step
+        nfe += 1
+        if i < N - 1:  # 2nd-order correction (Alg. 1 lines 9-11), skipped when sigma_{i+1} = 0
+            d_next = (x_next - net(x_next, t_next, class_labels=labels).double()) / t_next
+            x_next = x + (t_next - t_hat) * (0.5 * d + 0.5 * d_next)
+            nfe += 1
+        x = x_next
+    return x.float(), nfe
+
+
+def build_net(net_kwargs):
+    """The trained network: an EDM denoiser net(x, sigma, class_labels=None) -> D(x; sigma)."""
+    return EDMPrecond(**net_kwargs)
+
+
+def sample(
+    net,
+    noise,
+    nfe,
+    labels=None,
+    steps=None,
+    sigma_min=0.002,
+    sigma_max=80.0,
+    rho=7.0,
+    sigmas=None,
+    generator=None,
+    **churn,
+):
+    """DESIGN 4: noise [N, C, H, W] standard normal -> (images in [-1, 1], true NFE).
+    nfe asks for N = (nfe + 1) // 2 Heun steps, which use 2N - 1 evaluations (35 -> 18 steps); `steps` or an
+    explicit float64 `sigmas` schedule override it. churn: S_churn, S_min, S_max, S_noise (EDM Alg. 2), drawn
+    from `generator` (per image: a list of generators, e.g. noise_for_seeds' third output)."""
+    if sigmas is None:
+        sigmas = karras_sigmas(steps or max(1, (nfe + 1) // 2), sigma_min, sigma_max, rho)
+    return edm_sampler(net, noise, sigmas.to(noise.device), labels, generator=generator, **churn)
+
+
+def ode_start(net, noise):
+    """x at t = 0 of the common clock (DESIGN 4): sigma_max * noise."""
+    return noise * 80.0
+
+
+def ode_velocity(net, x, t, labels=None, sigma_min=0.002, sigma_max=80.0):
+    """The probability-flow ODE (EDM Eq. 4, dx/dsigma = (x - D(x; sigma)) / sigma) on the common clock t in
+    [0, 1] with sigma(t) = sigma_max (1 - t), noise at t = 0: dx/dt = sigma_max (D(x; sigma) - x) / sigma."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+    sigma = (sigma_max * (1 - t)).clamp(min=sigma_min)
+    return (net(x, sigma, class_labels=labels) - x) * (sigma_max / sigma).reshape(-1, 1, 1, 1)
+
+
+def noise_for_seeds(seeds, shape, label_dim=0, with_generators=False):
+    """EDM's per-image seeds: image i's noise (and uniform class label, drawn after it) come from a generator
+    seeded with seeds[i], so a generated set does not depend on the number of processes or the batch.
+    with_generators: also return the generators, which then give each image's churn noise (as EDM's)."""
+    noise, labels, gens = [], [], []
+    for s in seeds:
+        gens.append(torch.Generator().manual_seed(int(s)))
+        noise.append(torch.randn(shape, generator=gens[-1]))
+        if label_dim:
+            labels.append(torch.randint(label_dim, [], generator=gens[-1]))
+    noise = torch.stack(noise) if noise else torch.empty(0, *shape)
+    out = noise, (torch.tensor(labels, dtype=torch.long) if label_dim else None)
+    return (*out, gens) if with_generators else out
+
+
+# --- end shared: EDM loss and sampler ---
+
+
+# --- shared: EDM augmentation (identical in edm_teacher, aot_edm) ---
+# EDM's non-leaking geometric augmentation (EDM App. F.2, Table 7: p = 0.12 on CIFAR-10), the ADA pipeline
+# (Karras et al. 2020) in the configuration EDM trains CIFAR-10 with: x-flip on a random half of the images
+# (EDM's multiplier 1e8 makes it always draw), and y-flip, isotropic scaling, arbitrary rotation, anisotropic
+# scaling and fractional translation each with probability p. The parameters of what was applied form a
+# 9-dim augment label (zero where nothing was) that conditions the network, so that at sampling time (zero
+# label) it produces un-augmented images: the augmentation does not leak into the samples.
+# Pixel coordinates are centred; G_inv maps an output pixel to the input position it samples.
+
+SYM6 = (  # Symlet-6 low-pass filter: ADA's anti-aliasing filter for the 2x supersampled resampling
+    0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+    0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+    -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148,
+)  # fmt: skip
+
+
+def augment_draw(n, p, generator=None):
+    """EDM's draws for n images, in EDM's order -> dict of float32 [n] parameters, zero where not applied."""
+
+    def rand(*s):
+        return torch.rand(s, generator=generator)
+
+    def randn(*s):
+        return torch.randn(s, generator=generator)
+
+    def pick(prob, w):  # keep w where the transform is drawn (probability prob), else 0
+        return torch.where(rand(*w.shape[-1:]) < prob, w, torch.zeros_like(w))
+
+    a = {}
+    a["xflip"] = pick(1e8 * p, torch.randint(2, (n,), generator=generator).float())
+    a["yflip"] = pick(p, torch.randint(2, (n,), generator=generator).float())
+    a["scale"] = pick(p, randn(n))  # log2 scale / 0.2
+    a["rotate"] = pick(p, (rand(n) * 2 - 1) * math.pi)  # angle in [-pi, pi)
+    a["aniso"], r = randn(n), (rand(n) * 2 - 1) * math.pi
+    a["aniso"] = pick(p, a["aniso"])  # log2 x-stretch / 0.2 ...
+    a["aniso_angle"] = pick(0.5, r)  # ... along an axis rotated by this angle half of the time
+    t = randn(2, n)
+    a["tx"], a["ty"] = torch.where(rand(1, n) < p, t, torch.zeros_like(t))  # in units of 0.125 image size
+    return a
+
+
+def augment_labels(a):
+    """The 9-dim augment label of EDM's SongUNet (augment_dim = 9), [n, 9]."""
+    rot, an, r = a["rotate"], a["aniso"], a["aniso_angle"]
+    cols = [a["xflip"], a["yflip"], a["scale"], rot.cos() - 1, rot.sin(), an * r.cos(), an * r.sin()]
+    return torch.stack([*cols, a["tx"], a["ty"]], dim=1)
+
+
+def augment_matrix(a, H, W):
+    """G_inv [n, 3, 3] of the geometric part, composed as EDM: scale, rotation, anisotropy, translation."""
+
+    def mat(rows):  # rows of [n] tensors or numbers -> [n, 3, 3]
+        return torch.stack(
+            [torch.stack([torch.as_tensor(v).float().expand(n) for v in r], 1) for r in rows], 1
+        )
+
+    def rot(t):
+        return mat([[t.cos(), -t.sin(), 0], [t.sin(), t.cos(), 0], [0, 0, 1]])
+
+    def scale(sx, sy):
+        return mat([[sx, 0, 0], [0, sy, 0], [0, 0, 1]])
+
+    n = len(a["scale"])
+    s, sa, r = (a["scale"] * 0.2).exp2(), (a["aniso"] * 0.2).exp2(), a["aniso_angle"]
+    G = scale(1 / s, 1 / s) @ rot(a["rotate"])  # inverse of: scale by s, then rotate by -angle
+    G = G @ rot(-r) @ scale(1 / sa, sa) @ rot(r)
+    return G @ mat([[1, 0, -a["tx"] * W * 0.125], [0, 1, -a["ty"] * H * 0.125], [0, 0, 1]])
+
+
+def augment_resample(x, G_inv):
+    """Apply G_inv to images x [n, C, H, W]: reflect padding, 2x supersampling with the Symlet-6 filter,
+    bilinear resampling, filtered 2x downsampling (ADA's geometric execution)."""
+    n, c, H, W = x.shape
+    hz = torch.tensor(SYM6, dtype=x.dtype, device=x.device)
+    hpad, cx, cy = len(SYM6) // 4, (W - 1) / 2, (H - 1) / 2
+    G_inv = G_inv.to(x.device)
+    corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], device=x.device).T
+    m = (G_inv @ corners)[:, :2, :].permute(1, 0, 2).flatten(1)  # [xy, n * 4] input positions of the corners
+    m = torch.cat([-m, m]).amax(1) + torch.tensor([2 * hpad - cx, 2 * hpad - cy] * 2, device=x.device)
+    m = torch.minimum(m.clamp(min=0), torch.tensor([W - 1, H - 1] * 2, device=x.device))
+    mx0, my0, mx1, my1 = m.ceil().int().tolist()
+    x = F.pad(x, [mx0, mx1, my0, my1], mode="reflect")
+
+    def shift(tx, ty):
+        return torch.tensor([[1, 0, tx], [0, 1, ty], [0, 0, 1]], dtype=torch.float32, device=x.device)
+
+    def scale(sx, sy):
+        return torch.diag(torch.tensor([sx, sy, 1.0], device=x.device))
+
+    G_inv = shift((mx0 - mx1) / 2, (my0 - my1) / 2) @ G_inv
+    up = hz.flip(0).reshape(1, 1, 1, -1).repeat(c, 1, 1, 1)  # upsample: zeros between samples, then filter
+    x = torch.stack([x, torch.zeros_like(x)], 4).flatten(3)[..., :-1]
+    x = F.conv2d(x, up, groups=c, padding=(0, (len(SYM6) + 1) // 2))
+    x = torch.stack([x, torch.zeros_like(x)], 3).flatten(2, 3)[:, :, :-1]
+    x = F.conv2d(x, up.transpose(2, 3), groups=c, padding=((len(SYM6) + 1) // 2, 0))
+    G_inv = scale(2, 2) @ G_inv @ scale(0.5, 0.5)
+    G_inv = shift(-0.5, -0.5) @ G_inv @ shift(0.5, 0.5)
+    size = [n, c, (H + 2 * hpad) * 2, (W + 2 * hpad) * 2]
+    G_inv = scale(2 / x.shape[3], 2 / x.shape[2]) @ G_inv @ scale(size[3] / 2, size[2] / 2)
+    grid = F.affine_grid(G_inv[:, :2, :], size, align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    down = hz.reshape(1, 1, 1, -1).repeat(c, 1, 1, 1)  # filter, keep every other sample, crop the margin
+    x = F.conv2d(x, down, groups=c, stride=(1, 2), padding=(0, (len(SYM6) - 1) // 2))[..., hpad:-hpad]
+    x = F.conv2d(x, down.transpose(2, 3), groups=c, stride=(2, 1), padding=((len(SYM6) - 1) // 2, 0))
+    return x[:, :, hpad:-hpad]
+
+
+def edm_augment(y, p, generator=None, a=None):
+    """EDM's augmentation of a batch y [n, C, H, W] in [-1, 1] -> (augmented y, augment labels [n, 9]).
+    p = 0 is the identity with zero labels. `a` (augment_draw's dict) forces the parameters."""
+    a = augment_draw(len(y), p, generator) if a is None else {k: v.float().cpu() for k, v in a.items()}
+    G_inv = augment_matrix(a, y.shape[2], y.shape[3])  # on the CPU: [n, 3, 3] is tiny
+    y = torch.where(a["xflip"].bool().to(y.device)[:, None, None, None], y.flip(3), y)
+    y = torch.where(a["yflip"].bool().to(y.device)[:, None, None, None], y.flip(2), y)
+    moved = torch.stack([a[k] != 0 for k in ("scale", "rotate", "aniso", "tx", "ty")]).any(0)
+    if moved.any():  # resample only the images a geometric transform was drawn for
+        idx = moved.nonzero().flatten().to(y.device)
+        y = y.index_copy(0, idx, augment_resample(y[idx], G_inv[moved]).to(y.dtype))
+    return y, augment_labels(a).to(y.device)
+
+
+def augment_defaults(p, args):
+    """--augment: 0.12 on CIFAR-10 (EDM's Table 7), else 0; --augment-dim: 9 with augmentation, else 0."""
+    if args.augment is None:
+        args.augment = 0.12 if args.data == "cifar10" else 0.0
+    if not 0 <= args.augment <= 1:
+        p.error(f"--augment is a probability in [0, 1], got {args.augment}")
+    if args.augment_dim is None:
+        args.augment_dim = 9 if args.augment > 0 else 0
+    if args.augment > 0 and args.augment_dim != 9:
+        p.error(f"--augment {args.augment} conditions the network on a 9-dim label: pass --augment-dim 9")
+    if args.augment_dim < 0:
+        p.error(f"--augment-dim must be 0 or 9, got {args.augment_dim}")
+
+
+# --- end shared: EDM augmentation ---
+
+
+# --- shared: UNet (identical in every method file) ---
+# DDPM++ UNet (Song et al. 2021) and ADM (Dhariwal & Nichol 2021), structured as EDM's SongUNet and
+# DhariwalUNet so that their state_dict keys match the official EDM checkpoints exactly. Down-sampling is a
+# 2x2 box filter, up-sampling nearest, both applied before conv. --arch ddpmpp | adm (make_unet).
+
+
+def _init(shape, fan_in, fan_out, gain=1.0, mode="xavier"):
+    """EDM's inits: DDPM++ xavier_uniform; ADM kaiming_uniform * sqrt(1/3); normal for ADM's label map."""
+    if mode == "normal":
+        return torch.randn(shape) * gain
+    bound = math.sqrt(1 / fan_in) if mode == "kaiming" else math.sqrt(6 / (fan_in + fan_out))
+    return (torch.rand(shape) * 2 - 1) * bound * gain
+
+
+def _bias(c, fan_in, gain, mode):  # DDPM++ biases start at 0, ADM's like its weights
+    return _init([c], fan_in, c, gain, mode) if mode == "kaiming" else torch.zeros(c)
+
+
+class Linear(nn.Module):
+    def __init__(self, cin, cout, bias=True, gain=1.0, mode="xavier"):
+        super().__init__()
+        self.weight = nn.Parameter(_init([cout, cin], cin, cout, gain, mode))
+        self.bias = nn.Parameter(_bias(cout, cin, gain, mode)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class Conv2d(nn.Module):
+    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0, mode="xavier"):
+        super().__init__()
+        self.up, self.down = up, down
+        fan_in, fan_out = cin * kernel * kernel, cout * kernel * kernel
+        # kernel 0: resampling only, no weights (ADM's skip of a down/up block that keeps its width)
+        self.weight = (
+            nn.Parameter(_init([cout, cin, kernel, kernel], fan_in, fan_out, gain, mode)) if kernel else None
+        )
+        self.bias = nn.Parameter(_bias(cout, fan_in, gain, mode)) if kernel else None
+        # EDM stores the [1,1] resample filter as a buffer: keep it so that official weights load by key.
+        f = torch.ones(2, 2).div(4).view(1, 1, 2, 2)
+        self.register_buffer("resample_filter", f if up or down else None)
+
+    def forward(self, x):
+        c = x.shape[1]
+        if self.up:  # nearest x2 as a transposed conv with the (4 * box) filter
+            x = F.conv_transpose2d(
+                x, self.resample_filter.mul(4).tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2
+            )
+        if self.down:  # 2x2 average
+            x = F.conv2d(x, self.resample_filter.tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2)
+        if self.weight is None:
+            return x
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
+
+
+def _group_norm(c, eps=1e-6):
+    return nn.GroupNorm(min(32, c // 4), c, eps=eps)
+
+
+class UNetBlock(nn.Module):
+    """A residual block with optional self-attention. adm=False: DDPM++ (additive embedding, skips scaled by
+    sqrt(1/2), one attention head); adm=True: ADM (adaptive scale-shift norm, unscaled skips, heads of 64
+    channels, a weightless resampling skip when the width is kept, GroupNorm eps 1e-5, EDM's ADM init)."""
+
+    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0, adm=False):
+        super().__init__()
+        self.in_channels, self.out_channels, self.dropout, self.adm = cin, cout, dropout, adm
+        eps, mode, zero = (1e-5, "kaiming", 0.0) if adm else (1e-6, "xavier", 1e-5)
+        self.norm0 = _group_norm(cin, eps)
+        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down, mode=mode)
+        self.affine = Linear(emb_ch, cout * (2 if adm else 1), mode=mode)
+        self.norm1 = _group_norm(cout, eps)
+        self.conv1 = Conv2d(cout, cout, 3, gain=zero, mode=mode)
+        self.skip = None
+        if cin != cout or up or down:
+            self.skip = Conv2d(cin, cout, 0 if adm and cin == cout else 1, up=up, down=down, mode=mode)
+        self.heads = (cout // 64 if adm else 1) if attention else 0  # ADM below 64 channels: none, as EDM
+        if self.heads:
+            self.norm2 = _group_norm(cout, eps)
+            self.qkv = Conv2d(cout, cout * 3, 1, gain=1.0 if adm else math.sqrt(0.2), mode=mode)
+            self.proj = Conv2d(cout, cout, 1, gain=zero, mode=mode)
+
+    def forward(self, x, emb):
+        h = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb)[:, :, None, None].to(h.dtype)
+        if self.adm:  # ADM's adaptive group norm: norm(h) * (1 + scale) + shift
+            scale, shift = params.chunk(2, dim=1)
+            h = F.silu(torch.addcmul(shift, self.norm1(h), scale + 1))
+        else:
+            h = F.silu(self.norm1(h + params))
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        skip_scale = 1.0 if self.adm else math.sqrt(0.5)
+        x = (h + (x if self.skip is None else self.skip(x))) * skip_scale
+        if self.heads:  # qkv channels interleaved as (head, c, 3), as in EDM
+            n, c, hh, ww = x.shape
+            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.heads, c // self.heads, 3, hh * ww).unbind(2)
+            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c // self.heads)).softmax(dim=2)
+            a = torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)
+            x = (self.proj(a.reshape(n, c, hh, ww)) + x) * skip_scale
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=128,
+        channel_mult=(2, 2, 2),
+        num_blocks=4,
+        attn_resolutions=(16,),
+        dropout=0.10,
+    ):
+        super().__init__()
+        mc, emb = model_channels, model_channels * 4
+        self.map_label = Linear(label_dim, mc) if label_dim else None
+        self.map_augment = Linear(augment_dim, mc, bias=False) if augment_dim else None
+        self.map_layer0, self.map_layer1 = Linear(mc, emb), Linear(emb, emb)
+        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
+        cout, skips = in_channels, []
+        for level, mult in enumerate(channel_mult):
+            r = img_resolution >> level
+            if level == 0:
+                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc, 3), mc
+            else:
+                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, emb, down=True, dropout=dropout)
+            skips.append(cout)
+            for i in range(num_blocks):
+                attn = r in attn_resolutions
+                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout, mc * mult, emb, attention=attn, dropout=dropout
+                )
+                cout = mc * mult
+                skips.append(cout)
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            r = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, emb, attention=True, dropout=dropout)
+                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, emb, dropout=dropout)
+            else:
+                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, emb, up=True, dropout=dropout)
+            for i in range(num_blocks + 1):
+                attn = i == num_blocks and r in attn_resolutions
+                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout + skips.pop(), mc * mult, emb, attention=attn, dropout=dropout
+                )
+                cout = mc * mult
+        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = _group_norm(cout)
+        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        # Positional embedding of the noise label (endpoint=True), halves ordered [sin, cos] as in EDM.
+        half = self.map_layer0.weight.shape[1] // 2
+        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / (half - 1))
+        arg = noise_labels.float().ger(freqs)
+        emb = torch.cat([arg.sin(), arg.cos()], dim=1)
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
+        if self.map_augment is not None:  # no augmentation = zero label: every weight joins the graph (DDP)
+            if augment_labels is None:
+                augment_labels = torch.zeros(len(x), self.map_augment.weight.shape[1], device=x.device)
+            emb = emb + self.map_augment(augment_labels.float())
+        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for name, block in self.dec.items():
+            if name.endswith("aux_norm"):
+                x = F.silu(block(x))
+            elif name.endswith("aux_conv"):
+                x = block(x)
+            else:
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+        return x
+
+
+class ADMUNet(nn.Module):
+    """ADM (Dhariwal & Nichol 2021) as EDM re-implements it (DhariwalUNet): the ImageNet-64 network of EDM and
+    LMM, with its state_dict keys. Defaults: EDM's ImageNet-64 configuration (about 296M parameters)."""
+
+    def __init__(
+        self,
+        img_resolution,
+        in_channels,
+        out_channels,
+        label_dim=0,
+        augment_dim=0,
+        model_channels=192,
+        channel_mult=(1, 2, 3, 4),
+        num_blocks=3,
+        attn_resolutions=(32, 16, 8),
+        dropout=0.10,
+    ):
+        super().__init__()
+        mc, emb = model_channels, model_channels * 4
+        blk = dict(emb_ch=emb, dropout=dropout, adm=True)
+        self.map_augment = (
+            Linear(augment_dim, mc, bias=False, gain=0.0, mode="kaiming") if augment_dim else None
+        )
+        self.map_layer0, self.map_layer1 = Linear(mc, emb, mode="kaiming"), Linear(emb, emb, mode="kaiming")
+        self.map_label = Linear(label_dim, emb, bias=False, mode="normal") if label_dim else None
+        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
+        cout, skips = in_channels, []
+        for level, mult in enumerate(channel_mult):
+            r = img_resolution >> level
+            if level == 0:
+                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc * mult, 3, mode="kaiming"), mc * mult
+            else:
+                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, down=True, **blk)
+            skips.append(cout)
+            for i in range(num_blocks):
+                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout, mc * mult, attention=r in attn_resolutions, **blk
+                )
+                cout = mc * mult
+                skips.append(cout)
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            r = img_resolution >> level
+            if level == len(channel_mult) - 1:
+                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, attention=True, **blk)
+                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, **blk)
+            else:
+                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, up=True, **blk)
+            for i in range(num_blocks + 1):
+                attn = r in attn_resolutions
+                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
+                    cout + skips.pop(), mc * mult, attention=attn, **blk
+                )
+                cout = mc * mult
+        self.out_norm = _group_norm(cout, 1e-5)
+        self.out_conv = Conv2d(cout, out_channels, 3, gain=0.0, mode="kaiming")
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        # Positional embedding (endpoint=False), halves ordered [cos, sin] as ADM; labels join after the MLP.
+        half = self.map_layer0.weight.shape[1] // 2
+        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / half)
+        arg = noise_labels.float().ger(freqs)
+        emb = torch.cat([arg.cos(), arg.sin()], dim=1)
+        if self.map_augment is not None:  # no augmentation = zero label, as in UNet
+            if augment_labels is None:
+                augment_labels = torch.zeros(len(x), self.map_augment.weight.shape[1], device=x.device)
+            emb = emb + self.map_augment(augment_labels.float())
+        emb = self.map_layer1(F.silu(self.map_layer0(emb)))
+        if self.map_label is not None:
+            emb = emb + self.map_label(class_labels)
+        emb = F.silu(emb)
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for block in self.dec.values():
+            if x.shape[1] != block.in_channels:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
+        return self.out_conv(F.silu(self.out_norm(x)))
+
+
+ARCHS = {"ddpmpp": UNet, "adm": ADMUNet}
+
+
+def make_unet(arch, *args, **kwargs):
+    """--arch ddpmpp (EDM's SongUNet, CIFAR-10 / FFHQ / AFHQ) | adm (EDM's DhariwalUNet, ImageNet-64)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown network architecture {arch!r}: use one of {sorted(ARCHS)}")
+    return ARCHS[arch](*args, **kwargs)
+
+
+# --- end shared: UNet ---
+
+
+# --- shared: runtime (identical in every method file) ---
+# Distributed setup, per-step seeding, EMA, atomic checkpoints, data order and rank-0 logging.
+
+
+def fail(msg):
+    """Stop with a one-line message for the user (exit code 1), not a traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+def dist_setup():
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+
+
+def dist_teardown():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_mean(value, device):
+    """Mean of a float over ranks."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t.item()
+
+
+def seed_step(seed, rank, world_size, step):
+    """Seed torch's global RNGs from (seed * world_size + rank, step): resume needs no stored RNG state."""
+    state = np.random.SeedSequence([seed * world_size + rank, step]).generate_state(2)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch: a permutation of range(n) that depends only on (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(n, batch, step, seed):
+    """Global data indices of training step `step`: consecutive slices of a stream of epoch permutations.
+    Independent of the world size; rank r takes the r-th slice of the per-rank batch."""
+    pos = step * batch + torch.arange(batch)
+    epochs = pos // n
+    out = torch.empty(batch, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        sel = epochs == e
+        out[sel] = epoch_order(n, seed, e)[pos[sel] % n]
+    return out
+
+
+def edm_ema_beta(batch, nimg, halflife_kimg, rampup_ratio):
+    """EDM's EMA decay: half-life in images, ramped up as min(halflife, rampup_ratio * images seen)."""
+    halflife = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife = min(halflife, nimg * rampup_ratio)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def ema_update(ema, net, beta):
+    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+        p_ema.copy_(p.detach().lerp(p_ema, beta))
+    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
+        b_ema.copy_(b)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash or a full disk never leaves a half-written file
+    (the temporary file is removed; a kill's leftover is removed by the next claim_outdir)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(ckpt, outdir, step):
+    """Write <outdir>/ckpt-<step>.pt and point <outdir>/latest.pt at it (both atomic)."""
+    name = f"ckpt-{step:07d}.pt"
+    atomic_save(ckpt, os.path.join(outdir, name))
+    tmp = os.path.join(outdir, f"latest.pt.tmp{os.getpid()}")
+    os.symlink(name, tmp)
+    os.replace(tmp, os.path.join(outdir, "latest.pt"))
+
+
+def intact(path):
+    """None if `path` is a zip whose every member matches its CRC-32 (torch.save writes them), else why not.
+    torch.load itself does not check them: flipped bytes would load as changed weights."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"not a complete torch checkpoint ({e or type(e).__name__})"
+    return f"its member {bad} fails its CRC check (the file is corrupt)" if bad else None
+
+
+def load_checkpoint(path):
+    """Load one of our checkpoints safely (tensors and plain containers only), after checking its integrity.
+    A directory means its latest.pt."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "latest.pt")
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {path}")
+    problem = intact(path)
+    if problem:
+        folder = os.path.dirname(os.path.abspath(path))
+        names = sorted(
+            (n for n in os.listdir(folder) if n.startswith("ckpt-") and n.endswith(".pt")), reverse=True
+        )
+        good = next((os.path.join(folder, n) for n in names if intact(os.path.join(folder, n)) is None), None)
+        fail(
+            f"{path}: {problem}; "
+            + (f"the newest intact checkpoint is {good}" if good else "no intact one here")
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign file: say which, do not unpickle it unsafely
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"cannot read {path} as a weights-only torch checkpoint: {why}")
+
+
+_LOCKS = {}  # path -> open file descriptor: the locks this process holds until it exits
+
+
+def hold_lock(path):
+    """An exclusive lock on `path` for the life of the process. A second run stops at once and names the
+    holder; the kernel drops a killed run's lock (flock), so a stale lock file is simply taken over."""
+    import fcntl
+    import socket
+
+    path = os.path.abspath(path)
+    if path in _LOCKS:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        fail(f"{path} is locked by a running job ({holder}); wait for it or choose another output")
+    info = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info.encode(), 0)
+    _LOCKS[path] = fd
+
+
+def claim_outdir(outdir, ckpt=None, overwrite=False):
+    """Rank 0, before the run writes anything: create and lock --outdir, remove temporary files a killed run
+    left, refuse to write over an existing run unless it is resumed (ckpt) or --overwrite is given, and on
+    resume cut log.jsonl back to the resumed step (no cut-off line, no repeated steps)."""
+    import re
+
+    os.makedirs(outdir, exist_ok=True)
+    hold_lock(os.path.join(outdir, ".lock"))
+    for name in os.listdir(outdir):
+        if re.search(r"\.tmp\d+$", name):  # ours, from a killed run: we hold the lock
+            os.remove(os.path.join(outdir, name))
+    ckpts = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
+    log_path = os.path.join(outdir, "log.jsonl")
+    if ckpt is None and ckpts:
+        if not overwrite:
+            fail(
+                f"{outdir} holds a run at step {int(ckpts[-1][5:-3])}: pass --resume {outdir} to continue "
+                "it, --overwrite to replace it, or choose another --outdir"
+            )
+        for name in [*ckpts, "latest.pt", "log.jsonl"]:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(outdir, name))
+    if ckpt is not None and os.path.isfile(log_path):
+        keep = []
+        with open(log_path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):  # a line cut off by a kill does not parse
+                    if line.endswith("\n") and json.loads(line).get("step", 0) <= ckpt["step"]:
+                        keep.append(line)
+        with open(log_path + f".tmp{os.getpid()}", "w") as f:
+            f.writelines(keep)
+        os.replace(log_path + f".tmp{os.getpid()}", log_path)
+
+
+def check_out(path, overwrite=False, nbytes=0):
+    """Before the work: an output file must be new (or --overwrite), its folder writable, with room for it."""
+    import tempfile
+
+    if os.path.exists(path) and not overwrite:
+        fail(f"{path} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        fail(f"cannot write to {folder} ({e.strerror}): the folder is missing or not writable; create it")
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        fail(f"{path} needs about {nbytes / 2**30:.2f} GiB but {folder} has {free / 2**30:.2f} GiB free")
+
+
+def resumed_net_kwargs(ckpt, net_kwargs, path):
+    """The checkpoint's net_kwargs, after checking that today's data has the shape and classes it had."""
+    keys = ("img_channels", "img_resolution", "label_dim")
+    theirs, ours = [ckpt["net_kwargs"].get(k) for k in keys], [net_kwargs.get(k) for k in keys]
+    if theirs != ours:
+        fail(
+            f"--resume {path} was trained on (channels, resolution, classes) = {tuple(theirs)} but the data "
+            f"gives {tuple(ours)}: resume with the data it was trained on"
+        )
+    return ckpt["net_kwargs"]
+
+
+def check_numbers(parser, args, positive=(), nonnegative=()):
+    """Flags that must be > 0 (batch sizes, durations, tolerances) or >= 0 (learning rates), when given."""
+    for names, ok, what in ((positive, lambda v: v > 0, "positive"), (nonnegative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None and not ok(value):
+                parser.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
+    if getattr(args, "generate", 0) < 0:
+        parser.error(f"--generate N takes a number of images N > 0, got {args.generate}")
+
+
+class Logger:
+    """Rank 0 prints `k=v` lines, flushed, and appends the same record as JSON to <outdir>/log.jsonl. After
+    start(step, total_steps), lines read `step=N/TOTAL ... eta=1h02m` (at this run's pace since start)."""
+
+    def __init__(self, outdir, rank):
+        self.rank, self.path = rank, os.path.join(outdir, "log.jsonl") if outdir else None
+        self.total_steps, self._start = None, None
+
+    def start(self, step, total_steps):
+        self.total_steps, self._start = total_steps, (step, time.time())
+
+    def print(self, *a):
+        if self.rank == 0:
+            print(*a, flush=True)
+
+    def log(self, **rec):
+        if self.rank != 0:
+            return
+        text = {k: f"{v:.5g}" if isinstance(v, float) else str(v) for k, v in rec.items()}
+        if self.total_steps and "step" in rec:
+            done, elapsed = rec["step"] - self._start[0], time.time() - self._start[1]
+            if done > 0:
+                eta = round(elapsed / done * max(self.total_steps - rec["step"], 0))
+                rec["eta_s"] = eta
+                text["eta"] = (
+                    f"{eta // 3600}h{eta % 3600 // 60:02d}m"
+                    if eta >= 3600
+                    else f"{eta // 60}m{eta % 60:02d}s"
+                )
+            text["step"] = f"{rec['step']}/{self.total_steps}"
+        print(" ".join(f"{k}={v}" for k, v in text.items()), flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step (agreed on by all ranks); after it,
+    exit() ends the process with 128 + the signal (143 for SIGTERM) so that a scheduler requeues the job."""
+
+    def __init__(self):
+        self.requested, self.signum = False, 0
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested, self.signum = True, signum
+
+    def any(self, device, loss=0.0, step=None):
+        """True when any rank got a signal. Stops every rank (exit 1) when any rank's `loss` (a float or
+        tensor: the step's loss, plus the gradient norm where there is one) is not finite: before the
+        weights reach a checkpoint, so the newest checkpoint is the last good one."""
+        bad = ~torch.isfinite(torch.as_tensor(loss, dtype=torch.float32, device=device)).all()
+        t = torch.stack([torch.tensor(int(self.requested), device=device), bad.long()])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t)
+        if t[1]:
+            fail(
+                f"non-finite loss or gradient at step {step}: stopped without saving it, so the newest "
+                "checkpoint is the last good one; look for NaN/inf in the data or pairs, or lower --lr"
+            )
+        return bool(t[0])
+
+    def exit(self):
+        if self.signum:
+            raise SystemExit(128 + self.signum)
+
+
+def save_image_grid(images, path):
+    """images: [N, C, H, W] floats in [-1, 1] -> a PNG grid (EDM's quantisation)."""
+    from PIL import Image
+
+    x = (images * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
+    n, c, h, w = x.shape
+    cols = int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
+    for i in range(n):
+        grid[:, (i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
+
+
+# --- end shared: runtime ---
+
+
+# --- shared: data (identical in every method file) ---
+# --data cifar10 | shapes | FILE.npz | FILE.npy | DIR | FILE.zip -> uint8 images; --xflip as extra indices.
+# CIFAR-10 and the synthetic set are held in memory (on the device while training); .npy, uncompressed .npz,
+# image folders and zips (EDM's dataset format, ImageNet-64) are read per batch: memory O(batch).
+
+
+def make_shapes(n=4096, res=16, seed=0):
+    """A synthetic dataset for CPU smoke runs: one disc (label 0) or square (label 1) of random colour,
+    size and position on a random background. Returns uint8 [n, res, res, 3] and int64 labels [n]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+    cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
+    r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
+    labels = rng.integers(0, 2, n)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    square = np.maximum(np.abs(yy - cy), np.abs(xx - cx)) <= r
+    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
+    fg, bg = rng.integers(0, 256, (2, n, 1, 1, 3))
+    return np.where(mask, fg, bg).astype(np.uint8), labels.astype(np.int64)
+
+
+class LazyImages:
+    """uint8 images [N, C, H, W] read on demand: `images[idx]` (a tensor, list, slice or int of indices) reads
+    just those images from the file. It stays on the host (`.to` is a no-op); get_batch moves each batch."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, source, n, hwc, read):
+        self.source, self.n, self.hwc, self._read = source, n, hwc, read
+        self.shape = torch.Size([n, hwc[2], hwc[0], hwc[1]])
+
+    def __len__(self):
+        return self.n
+
+    def to(self, device):
+        return self
+
+    def __getitem__(self, idx):
+        if isinstance(idx, int):
+            return self[[idx]][0]
+        idx = range(self.n)[idx] if isinstance(idx, slice) else idx
+        x = np.empty((len(idx), *self.hwc), np.uint8)
+        for j, i in enumerate(torch.as_tensor(idx, dtype=torch.long).reshape(-1).tolist()):
+            img = self._read(i)
+            if img.shape != self.hwc:
+                fail(f"{self.source}: image {i} has shape {img.shape} among images of shape {self.hwc}")
+            x[j] = img
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # NCHW memory, as the in-memory sets
+
+
+def _array_reader(path, member=None):
+    """A uint8 [N, H, W, C] array in a .npy file (or stored uncompressed in an .npz) -> (n, hwc, read(i))."""
+    offset = 0
+    if member is not None:  # the member's data offset inside the zip container of the .npz
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo(member)
+        with open(path, "rb") as f:
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = np.frombuffer(f.read(4), "<u2")
+        offset = info.header_offset + 30 + int(name_len) + int(extra_len)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        version = np.lib.format.read_magic(f)
+        header = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = header(f)
+        offset = f.tell()
+    if dtype != np.uint8 or len(shape) != 4 or fortran:
+        fail(f"{path}: images must be a C-ordered uint8 [N, H, W, C] array; got {dtype} {shape}")
+    size = int(np.prod(shape[1:]))
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(i):  # one positioned read per image: nothing of the file is mapped or cached by us
+        return np.frombuffer(os.pread(fd, size, offset + i * size), np.uint8).reshape(shape[1:])
+
+    return shape[0], tuple(shape[1:]), read
+
+
+def _decode(data, name):
+    """One image file's bytes -> uint8 [H, W, C]; palette and alpha images become RGB, never index values."""
+    import io
+
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img = img if img.mode in ("L", "RGB") else img.convert("RGB")
+        return np.atleast_3d(np.asarray(img))
+    except Exception as e:
+        fail(f"cannot read image {name} ({type(e).__name__}: {e})")
+
+
+def _folder_reader(path):
+    """An image folder or zip (png/jpg, sorted by relative path) with EDM's optional dataset.json labels."""
+    is_zip = zipfile.is_zipfile(path) if os.path.isfile(path) else False
+    if is_zip:
+        with zipfile.ZipFile(path) as z:
+            names = sorted(z.namelist())
+    else:
+        names = sorted(
+            os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/")
+            for d, _, fs in os.walk(path)
+            for f in fs
+        )
+    files = [f for f in names if f.lower().endswith((".png", ".jpg", ".jpeg"))]
+    if not files:
+        fail(f"no .png/.jpg images found in {path}")
+    zf = zipfile.ZipFile(path) if is_zip else None
+
+    def raw(name):
+        if zf is not None:
+            return zf.read(name)
+        with open(os.path.join(path, name), "rb") as f:
+            return f.read()
+
+    labels = None
+    if "dataset.json" in names:
+        try:
+            table = dict(json.loads(raw("dataset.json")).get("labels") or [])
+        except (ValueError, TypeError, AttributeError) as e:
+            fail(f"{path}/dataset.json is not EDM's {{'labels': [[file, label], ...]}} format: {e}")
+        missing = [f for f in files if f not in table]
+        if missing:
+            fail(f"{path}/dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}")
+        labels = np.asarray([table[f] for f in files], dtype=np.int64)
+    hwc = _decode(raw(files[0]), files[0]).shape
+    return len(files), hwc, lambda i: _decode(raw(files[i]), files[i]), labels
+
+
+def load_images(spec, data_dir="datasets"):
+    """--data -> (uint8 [N, C, H, W] images, a tensor or LazyImages read per batch; int64 labels or None)."""
+    labels, lazy = None, None
+    if spec == "cifar10":
+        import torchvision
+
+        try:
+            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+        except Exception as e:
+            fail(
+                f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
+                f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/ or pass --data FILE.npz"
+            )
+        images, labels = ds.data, np.asarray(ds.targets, dtype=np.int64)
+    elif spec == "shapes":
+        images, labels = make_shapes()
+    elif spec.endswith((".npz", ".npy")):
+        if not os.path.isfile(spec):
+            fail(f"data file not found: {spec} (expected uint8 'images' [N, H, W, C] in an .npz, or an .npy)")
+        if spec.endswith(".npy"):
+            lazy = _array_reader(spec)
+        else:
+            with np.load(spec) as f:
+                if "images" not in f:
+                    fail(f"{spec} has no 'images' array (found {sorted(f.keys())}); expected uint8 NHWC")
+                labels = f["labels"].astype(np.int64) if "labels" in f else None
+                stored = f.zip.getinfo("images.npy").compress_type == zipfile.ZIP_STORED
+                images = None if stored else f["images"]  # a compressed array is read whole
+            if stored:
+                lazy = _array_reader(spec, "images.npy")
+    elif os.path.isdir(spec) or spec.endswith(".zip"):
+        if not os.path.exists(spec):
+            fail(f"data file not found: {spec} (expected a zip of png/jpg images, EDM's dataset format)")
+        *lazy, labels = _folder_reader(spec)
+    else:
+        fail(f"--data {spec!r} is neither cifar10, shapes, an .npz/.npy file, a .zip nor a folder of images")
+    shape = lazy[1] if lazy else images.shape[1:]
+    n = lazy[0] if lazy else len(images)
+    if (lazy is None and images.dtype != np.uint8) or len(shape) != 3 or shape[-1] not in (1, 3):
+        fail(f"images in {spec} must be uint8 [N, H, W, C] with C in (1, 3); got shape {(n, *shape)}")
+    if shape[0] != shape[1]:
+        fail(f"images in {spec} must be square; got {shape[0]}x{shape[1]}")
+    if n == 0:
+        fail(f"{spec} holds no images")
+    if labels is not None and labels.shape != (n,):
+        fail(f"labels in {spec} must have shape [{n}]; got {labels.shape}")
+    if labels is not None and labels.min() < 0:
+        fail(f"labels in {spec} must be class indices 0, 1, ...; found {labels.min()}")
+    if lazy:
+        images = LazyImages(spec, lazy[0], lazy[1], lazy[2])
+    else:
+        images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return images, None if labels is None else torch.from_numpy(labels)
+
+
+def get_batch(images, labels, idx, device):
+    """Data index i >= len(images) is the mirror image of i - len(images) (--xflip). -> floats in [-1, 1]."""
+    n, idx = len(images), idx.to(images.device)
+    y = images[idx % n].to(device).float() / 127.5 - 1
+    flip = (idx >= n).to(device)
+    y = torch.where(flip[:, None, None, None], y.flip(3), y)
+    return y, None if labels is None else labels[idx % n].to(device)
+
+
+# --- end shared: data ---
 
 
 if __name__ == "__main__":

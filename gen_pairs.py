@@ -76,63 +76,6 @@ def write_npz_stream(path, fields):
     os.replace(tmp, path)
 
 
-# --- shared: pairs reader (identical in gen_pairs, lmm, cfm_couplings) ---
-
-
-def load_pairs(path):
-    """Memory-map the arrays of an uncompressed .npz (noise, data, label): nothing is read into RAM until
-    indexed. Returns a dict of np.memmap, with 'meta' decoded from JSON."""
-    out = {}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-        for info in zf.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise ValueError(f"{path}: {info.filename} is compressed; pairs files must be uncompressed")
-            f.seek(info.header_offset)
-            name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # zip local file header
-            f.seek(info.header_offset + 30 + name_len + extra_len)
-            major, _ = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(f)
-            if dtype.hasobject:
-                raise ValueError(f"{path}: {info.filename} holds Python objects; refusing to load it")
-            key = info.filename[:-4]
-            if shape == ():
-                out[key] = np.frombuffer(f.read(dtype.itemsize), dtype)[0]
-            else:
-                order = "F" if fortran else "C"
-                out[key] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
-    if "meta" in out:
-        out["meta"] = json.loads(str(out["meta"]))
-    return out
-
-
-def scan_pairs(pairs, path, rows=1 << 14):
-    """None if the arrays are usable, else what is wrong: noise/data floating point, at least one pair, every
-    value finite, labels non-negative integers. Reads the memory map in chunks of `rows` (RAM O(chunk))."""
-    if len(pairs["noise"]) == 0:
-        return f"{path} holds zero pairs"
-    for key in ("noise", "data"):
-        if pairs[key].dtype not in (np.float16, np.float32, np.float64):
-            return f"{path}: '{key}' is {pairs[key].dtype}, not float16/32/64 (make pairs with gen_pairs.py)"
-    lab = pairs.get("label")
-    if lab is not None and not np.issubdtype(lab.dtype, np.integer):
-        return f"{path}: 'label' is {lab.dtype}, not an integer class index"
-    for lo in range(0, len(pairs["noise"]), rows):
-        for key in ("noise", "data"):
-            ok = np.isfinite(pairs[key][lo : lo + rows]).reshape(-1, pairs[key][0].size).all(1)
-            if not ok.all():
-                return f"{path}: '{key}' is not finite (NaN/inf) in pair {lo + int(np.argmin(ok))}"
-        if lab is not None and (lab[lo : lo + rows] < 0).any():
-            return f"{path}: negative labels near pair {lo}"
-    return None
-
-
-# --- end shared: pairs reader ---
-
 # --- pairs ---
 
 
@@ -539,6 +482,67 @@ def main(argv=None):
             edm_teacher.fail(f"{args.inspect} is not a readable pairs file: {e}")
     else:
         generate(args)
+
+
+# === shared below this line: identical in every file; the method is above ===
+
+
+# --- shared: pairs reader (identical in gen_pairs, lmm, cfm_couplings) ---
+
+
+def load_pairs(path):
+    """Memory-map the arrays of an uncompressed .npz (noise, data, label): nothing is read into RAM until
+    indexed. Returns a dict of np.memmap, with 'meta' decoded from JSON."""
+    out = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: {info.filename} is compressed; pairs files must be uncompressed")
+            f.seek(info.header_offset)
+            name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # zip local file header
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            major, _ = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                raise ValueError(f"{path}: {info.filename} holds Python objects; refusing to load it")
+            key = info.filename[:-4]
+            if shape == ():
+                out[key] = np.frombuffer(f.read(dtype.itemsize), dtype)[0]
+            else:
+                order = "F" if fortran else "C"
+                out[key] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
+    if "meta" in out:
+        out["meta"] = json.loads(str(out["meta"]))
+    return out
+
+
+def scan_pairs(pairs, path, rows=1 << 14):
+    """None if the arrays are usable, else what is wrong: noise/data floating point, at least one pair, every
+    value finite, labels non-negative integers. Reads the memory map in chunks of `rows` (RAM O(chunk))."""
+    if len(pairs["noise"]) == 0:
+        return f"{path} holds zero pairs"
+    for key in ("noise", "data"):
+        if pairs[key].dtype not in (np.float16, np.float32, np.float64):
+            return f"{path}: '{key}' is {pairs[key].dtype}, not float16/32/64 (make pairs with gen_pairs.py)"
+    lab = pairs.get("label")
+    if lab is not None and not np.issubdtype(lab.dtype, np.integer):
+        return f"{path}: 'label' is {lab.dtype}, not an integer class index"
+    for lo in range(0, len(pairs["noise"]), rows):
+        for key in ("noise", "data"):
+            ok = np.isfinite(pairs[key][lo : lo + rows]).reshape(-1, pairs[key][0].size).all(1)
+            if not ok.all():
+                return f"{path}: '{key}' is not finite (NaN/inf) in pair {lo + int(np.argmin(ok))}"
+        if lab is not None and (lab[lo : lo + rows] < 0).any():
+            return f"{path}: negative labels near pair {lo}"
+    return None
+
+
+# --- end shared: pairs reader ---
 
 
 if __name__ == "__main__":

@@ -158,3 +158,33 @@ def test_docstring_commands_name_real_flags(name):
     assert checked or not hasattr(
         importlib.import_module(name), "METHOD"
     )  # every method file shows its commands
+
+
+APPENDIX = "# === shared below this line: identical in every file; the method is above ==="
+
+
+def test_each_file_opens_on_its_method_and_ends_on_the_shared_appendix():
+    import ast
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
+        text = read(path)
+        if not FENCE.search(text):
+            continue  # evaluate.py, toy2d.py: no shared blocks
+        lines, name = text.splitlines(), os.path.basename(path)
+        assert text.count(APPENDIX) == 1, f"{name}: one appendix fence"
+        at = lines.index(APPENDIX) + 1
+        starts = [text[: m.start()].count("\n") + 1 for m in FENCE.finditer(text)]
+        assert min(starts) > at, f"{name}: a shared block above the appendix"
+        tree = ast.parse(text)
+        first = next(n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef))
+        assert first.lineno < at, f"{name}: the first definition is in the appendix"
+        assert first.lineno <= 90, (
+            f"{name}: the method starts at line {first.lineno}, not on the first screen"
+        )
+        after = [n for n in tree.body if n.lineno > at and not isinstance(n, ast.FunctionDef | ast.ClassDef)]
+        after = [n for n in after if not isinstance(n, ast.Assign | ast.AnnAssign)]  # block constants
+        assert len(after) == 1 and isinstance(after[0], ast.If) and after[0] is tree.body[-1], name
+        ends = [i for i, line in enumerate(lines, 1) if line.startswith("# --- end shared: ")]
+        assert all(not line.strip() for line in lines[max(ends) : after[0].lineno - 1]), (
+            f"{name}: only `if __name__ == '__main__'` after the appendix"
+        )
