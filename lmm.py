@@ -29,7 +29,7 @@ Choices where the paper is silent (each is a flag):
   - lambda_adapt is clipped to [0.01, 10] as CTM does (--adapt-clamp); it uses the gradients of the global
     batch (all-reduced over ranks), computed per --batch-gpu chunk when gradients are accumulated.
   - Weights start random unless --init TEACHER (the paper does not say; CTM and consistency distillation
-    start from the teacher, and README's Table 7 recipes do). SOT is fine-tuning (Sec. 3): --sot-start KIMG.
+    start from the teacher, as docs/lmm.md's recipes do). SOT is fine-tuning (Sec. 3): --sot-start KIMG.
   - The real images default to the teacher's dataset recorded in the pairs' meta (gen_pairs.py).
 
 Commands
@@ -42,7 +42,7 @@ Commands
         --outdir runs/lmm-cifar10
   Generate 50,000 images with Table 7's steps (0, 1) (image i from seed i, same for any number of GPUs):
     python lmm.py --generate 50000 --ckpt runs/lmm-cifar10 --nfe 2 --out lmm-nfe2.npz     # or --steps 0,3,5
-  Table 7 columns (README: one command each): --loss l2 --adv-start off | --adv-start off --lpips-res 64 |
+  Table 7 columns (docs/lmm.md has each command): --loss l2 --adv-start off | --adv-start off --lpips-res 64 |
   (default) | --sot 0 (NFE 1) or --sot 0,1, with --sot-start 40960.
   Other datasets: --preset afhq64 | imagenet64 (Table 6 columns; ImageNet-64's generator is ADM, the
   network of EDM's edm-imagenet-64x64-cond-adm.pkl teacher, which --init loads).

@@ -105,7 +105,7 @@ class Problem:
         g = torch.Generator().manual_seed(seed)
         if self.name == "gauss2d":
             return torch.randn(n, 2, generator=g)
-        if self.name == "mix128":  # LMM Table 1 (see shared/papers/README.md for the garbled stds)
+        if self.name == "mix128":  # LMM Table 1's two-Gaussian target
             sign = torch.randint(2, (n, 1), generator=g).float() * 2 - 1
             x = torch.randn(n, 128, generator=g)
             x[:, :2] = sign + 0.1 * x[:, :2]
