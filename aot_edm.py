@@ -858,7 +858,7 @@ def sample(
     generator=None,
     **churn,
 ):
-    """DESIGN 4: noise [N, C, H, W] standard normal -> (images in [-1, 1], true NFE).
+    """Interface: noise [N, C, H, W] standard normal -> (images in [-1, 1], true NFE).
     nfe asks for N = (nfe + 1) // 2 Heun steps, which use 2N - 1 evaluations (35 -> 18 steps); `steps` or an
     explicit float64 `sigmas` schedule override it. churn: S_churn, S_min, S_max, S_noise (EDM Alg. 2), drawn
     from `generator` (per image: a list of generators, e.g. noise_for_seeds' third output)."""
@@ -868,7 +868,7 @@ def sample(
 
 
 def ode_start(net, noise):
-    """x at t = 0 of the common clock (DESIGN 4): sigma_max * noise."""
+    """x at t = 0 of the common clock: sigma_max * noise."""
     return noise * 80.0
 
 

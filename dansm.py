@@ -300,7 +300,7 @@ def build_net(net_kwargs):
 
 
 def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, stats=None, spacing="public"):
-    """DESIGN 4: noise -> (images, NFE): rfm: nfe Euler steps from t = 1, or (solver dopri5) torchdiffeq's
+    """Interface: noise -> (images, NFE): rfm: nfe Euler steps from t = 1, or (solver dopri5) torchdiffeq's
     adaptive solve with its function evaluations as the NFE (nfe ignored); dm: DDIM asked for nfe steps on the
     public code's timesteps (`spacing`, see ddim_timesteps), the true number of evaluations returned."""
     dm = getattr(net, "objective", "rfm") == "dm"

@@ -151,7 +151,7 @@ def fetch_file(url, cache_dir):
 
 
 def import_edm_pickle(path):
-    """An official EDM snapshot (.pkl) -> a checkpoint dict in our format (DESIGN 5), with the EMA weights.
+    """An official EDM snapshot (.pkl) -> a checkpoint dict in our format, with the EMA weights.
     EDMPrecond with SongUNet in its DDPM++ form (EDM's "vp" CIFAR-10, AFHQv2, FFHQ nets) or with DhariwalUNet
     (ADM: EDM's ImageNet-64 net, edm-imagenet-64x64-cond-adm.pkl).
     Every failure (a bad opcode, a missing key, a recursion bomb, ...) ends in one line naming the file."""
@@ -789,7 +789,7 @@ def sample(
     generator=None,
     **churn,
 ):
-    """DESIGN 4: noise [N, C, H, W] standard normal -> (images in [-1, 1], true NFE).
+    """Interface: noise [N, C, H, W] standard normal -> (images in [-1, 1], true NFE).
     nfe asks for N = (nfe + 1) // 2 Heun steps, which use 2N - 1 evaluations (35 -> 18 steps); `steps` or an
     explicit float64 `sigmas` schedule override it. churn: S_churn, S_min, S_max, S_noise (EDM Alg. 2), drawn
     from `generator` (per image: a list of generators, e.g. noise_for_seeds' third output)."""
@@ -799,7 +799,7 @@ def sample(
 
 
 def ode_start(net, noise):
-    """x at t = 0 of the common clock (DESIGN 4): sigma_max * noise."""
+    """x at t = 0 of the common clock: sigma_max * noise."""
     return noise * 80.0
 
 

@@ -8,7 +8,7 @@ are made in batches of --batch consecutive indices, so the file is bit-identical
 at a given --batch (and per-process thread count); another --batch gives the same noise and labels and data
 equal to float rounding only, because convolution kernels depend on the batch shape.
 
-The output is an uncompressed .npz (DESIGN 6): noise [N,C,H,W], data [N,C,H,W] (float32 or float16; data in
+The output is an uncompressed .npz: noise [N,C,H,W], data [N,C,H,W] (float32 or float16; data in
 [-1, 1] up to the teacher's overshoot, not quantised), label [N] int64 (conditional only), meta (JSON: the
 teacher and its sha256, its training set `dataset` (lmm.py's default --data), sampler, NFE, seed, dtype,
 date). `load_pairs` memory-maps it.

@@ -628,7 +628,7 @@ def build_net(net_kwargs):
 
 
 def sample(net, noise, nfe, labels=None, steps=None, cm_noise=False, generator=None, **schedule):
-    """DESIGN 4: noise [N, C, H, W] standard normal -> (images in [-1, 1], NFE = number of step indices).
+    """Interface: noise [N, C, H, W] standard normal -> (images in [-1, 1], NFE = number of step indices).
     nfe 1, 2, 3, 4 -> steps (0,), (0, 1), (0, 3, 5), (0, 1, 3, 5) (Table 7); `steps` overrides. schedule:
     steps/sigma_min/sigma_max/rho overrides of the net's schedule (named sched_steps here, as `steps`
     means indices; also "0:1:2" or an int, as evaluate.py --sampler-kw passes them). cm_noise:

@@ -8,7 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# The test-size UNet of DESIGN.md section 3, as command-line flags and as net_kwargs.
+# The tests' tiny UNet, as command-line flags and as net_kwargs.
 TINY_FLAGS = ["--model-channels", "16", "--channel-mult", "1,2", "--num-blocks", "1", "--attn-res", "8"]
 TINY_NET = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
 

@@ -45,7 +45,7 @@ def test_seed_step_depends_on_seed_rank_and_step_only():
     assert (
         len({tuple(draw(*a).tolist()) for a in [(0, 0, 1, 5), (0, 0, 1, 6), (1, 0, 1, 5), (0, 3, 4, 5)]}) == 4
     )
-    # DESIGN 8: the per-rank stream is seed * world_size + rank
+    # the per-rank stream is seed * world_size + rank
     assert torch.equal(draw(1, 0, 1, 5), draw(0, 1, 1, 5))
 
 
