@@ -910,7 +910,7 @@ def build_net(net_kwargs):
 
 
 def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, stats=None):
-    """Interface: noise [N, C, H, W] standard normal -> (images, NFE used). euler: nfe steps; midpoint: nfe / 2
+    """noise [N, C, H, W] standard normal -> (images, NFE used). euler: nfe steps; midpoint: nfe / 2
     steps (nfe even); dopri5: torchdiffeq with atol/rtol, nfe ignored, its function evaluations returned.
     `stats` (a dict, optional) receives the solver's step counts (see dopri5_sample)."""
     if solver == "dopri5":
