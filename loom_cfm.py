@@ -1428,18 +1428,13 @@ class StopFlag:
 
 
 def save_image_grid(images, path):
-    """images: [N, C, H, W] floats in [-1, 1] -> a PNG grid (EDM's quantisation)."""
-    from PIL import Image
+    """images: [N, C, H, W] floats in [-1, 1] -> a PNG grid. torchvision rounds (x + 1) / 2 * 255 + 0.5, which
+    is EDM's quantisation x * 127.5 + 128."""
+    from torchvision.utils import save_image
 
-    x = (images * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu()
-    n, c, h, w = x.shape
-    cols = int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / cols))
-    grid = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
-    for i in range(n):
-        grid[:, (i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = x[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
+    save_image(
+        (images.detach().float().cpu() + 1) / 2, path, nrow=math.ceil(math.sqrt(len(images))), padding=0
+    )
 
 
 # --- end shared: runtime ---
