@@ -240,25 +240,42 @@ def load_teacher(spec, cache_dir=None):
 # --- training ---
 
 
-def train(args):
-    rank, world, device = dist_setup()
-    log = Logger(args.outdir, rank)
-    torch.backends.cudnn.benchmark = True  # as EDM: fastest kernels for training, tf32 off (full fp32)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    if args.batch % world:
-        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
-    batch_rank = args.batch // world
-    batch_gpu = args.batch_gpu or batch_rank
-    if batch_rank % batch_gpu:
-        fail(
-            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
-        )
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt.get("method") != METHOD:
-        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
-    images, labels = load_images(args.data, args.data_dir)
-    if args.cond and labels is None:
-        fail(f"--cond needs class labels, but {args.data} has none (npz key 'labels' or dataset.json)")
+def training_step(ddp, net, opt, images, labels, idx, batch_gpu, args, device):
+    """One optimiser step on this rank's images `idx` (EDM's loop: accumulate over --batch-gpu chunks, DDP
+    all-reduces on the last one) -> the step's mean loss (a tensor, no host sync)."""
+    opt.zero_grad(set_to_none=True)
+    chunks, loss_sum = idx.split(batch_gpu), torch.zeros((), device=device)
+    for j, chunk in enumerate(chunks):
+        y, lab = get_batch(images, labels, chunk, device)
+        aug = None
+        if args.augment > 0:  # EDM App. F.2: augment, and condition the network on what was applied
+            y, aug = edm_augment(y, args.augment)
+        sync = j == len(chunks) - 1 or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            loss = edm_loss(ddp, y, lab, P_mean=args.P_mean, P_std=args.P_std, augment_labels=aug)
+            loss.sum().mul(1 / len(idx)).backward()  # EDM: sum over the batch / per-rank batch
+        loss_sum += loss.detach().mean() * len(chunk) / len(idx)
+    for p in net.parameters():  # EDM: non-finite gradient entries are replaced, not propagated
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+    opt.step()
+    return loss_sum
+
+
+def save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_labels, device):
+    """Rank 0: the checkpoint (everything a bit-exact resume needs) and a grid of EMA samples."""
+    ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, net=net.state_dict(),
+                ema=ema.state_dict(), opt=opt.state_dict(), step=step, kimg=nimg / 1000,
+                state=dict(nimg=nimg))  # fmt: skip
+    save_checkpoint(ckpt, args.outdir, step)
+    if args.grid:
+        labels = None if grid_labels is None else grid_labels.to(device)
+        x, _ = sample(ema, grid_noise.to(device), 2 * args.grid_steps - 1, labels)
+        save_image_grid(x, os.path.join(args.outdir, f"grid-{step:07d}.png"))
+
+
+def run_net_kwargs(args, images, labels, ckpt, log):
+    """The network this run trains: from the flags and the data, or the resumed checkpoint's (same data)."""
     res, levels = images.shape[-1], len(args.channel_mult)
     if res % 2 ** (levels - 1):
         fail(f"image size {res} is not divisible by 2^{levels - 1} (--channel-mult has {levels} levels)")
@@ -285,6 +302,30 @@ def train(args):
             log.print(
                 f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
             )
+    return net_kwargs
+
+
+def train(args):
+    rank, world, device = dist_setup()
+    log = Logger(args.outdir, rank)
+    torch.backends.cudnn.benchmark = True  # as EDM: fastest kernels for training, tf32 off (full fp32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.batch % world:
+        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
+    batch_rank = args.batch // world
+    batch_gpu = args.batch_gpu or batch_rank
+    if batch_rank % batch_gpu:
+        fail(
+            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
+        )
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and ckpt.get("method") != METHOD:
+        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+    images, labels = load_images(args.data, args.data_dir)
+    if args.cond and labels is None:
+        fail(f"--cond needs class labels, but {args.data} has none (npz key 'labels' or dataset.json)")
+    net_kwargs = run_net_kwargs(args, images, labels, ckpt, log)
+    res = net_kwargs["img_resolution"]
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     net = build_net(net_kwargs).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -326,22 +367,7 @@ def train(args):
         idx = batch_indices(n_data, args.batch, step, args.seed)[rank * batch_rank : (rank + 1) * batch_rank]
         for g in opt.param_groups:  # EDM's linear learning-rate ramp-up over --lr-rampup Mimg (0: none)
             g["lr"] = args.lr * (min(nimg / (args.lr_rampup * 1e6), 1) if args.lr_rampup > 0 else 1)
-        opt.zero_grad(set_to_none=True)
-        chunks = idx.split(batch_gpu)
-        for j, chunk in enumerate(chunks):
-            y, lab = get_batch(images, labels, chunk, device)
-            aug = None
-            if args.augment > 0:  # EDM App. F.2: augment, and condition the network on what was applied
-                y, aug = edm_augment(y, args.augment)
-            sync = j == len(chunks) - 1 or world == 1
-            with contextlib.nullcontext() if sync else ddp.no_sync():
-                loss = edm_loss(ddp, y, lab, P_mean=args.P_mean, P_std=args.P_std, augment_labels=aug)
-                loss.sum().mul(1 / batch_rank).backward()  # EDM: sum over the batch / per-rank batch
-            loss_sum += loss.detach().mean() * len(chunk) / batch_rank
-        for p in net.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-        opt.step()
+        loss_sum += training_step(ddp, net, opt, images, labels, idx, batch_gpu, args, device)
         ema_update(ema, net, edm_ema_beta(args.batch, nimg, args.ema, args.ema_rampup))
         nimg, step = nimg + args.batch, step + 1
         done, stop_now = nimg >= total, stop.any(device, loss_sum, step)
@@ -358,30 +384,7 @@ def train(args):
             t_last, step_last = time.time(), step
         if step % args.snap_every == 0 or done or stop_now:
             if rank == 0:
-                save_checkpoint(
-                    dict(
-                        method=METHOD,
-                        version=VERSION,
-                        args=vars(args),
-                        net_kwargs=net_kwargs,
-                        net=net.state_dict(),
-                        ema=ema.state_dict(),
-                        opt=opt.state_dict(),
-                        step=step,
-                        kimg=nimg / 1000,
-                        state=dict(nimg=nimg),
-                    ),
-                    args.outdir,
-                    step,
-                )
-                if args.grid:
-                    x, _ = sample(
-                        ema,
-                        grid_noise.to(device),
-                        2 * args.grid_steps - 1,
-                        None if grid_labels is None else grid_labels.to(device),
-                    )
-                    save_image_grid(x, os.path.join(args.outdir, f"grid-{step:07d}.png"))
+                save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_labels, device)
             barrier()
         if stop_now:
             log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
