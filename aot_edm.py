@@ -220,6 +220,40 @@ class Rounds:
 # --- training ---
 
 
+def training_step(ddp, net, opt, pairs, batch_gpu, args, world):
+    """One optimiser step on this rank's assigned pairs (y, labels, noise, augment labels, sigma) -> its mean
+    loss: EDM's step, accumulated over --batch-gpu chunks, on the pairs of AOT Alg. 1 line 13."""
+    y, lab, eps, aug, sigma = pairs
+    opt.zero_grad(set_to_none=True)
+    loss_sum, chunks = 0.0, list(range(0, len(y), batch_gpu))
+    for j, lo in enumerate(chunks):
+        sl = slice(lo, lo + batch_gpu)
+        sync = j == len(chunks) - 1 or world == 1
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            lab_sl, aug_sl = (None if a is None else a[sl] for a in (lab, aug))
+            loss = edm_loss(ddp, y[sl], lab_sl, args.P_mean, args.P_std, sigma=sigma[sl], n=eps[sl],
+                            augment_labels=aug_sl)  # fmt: skip
+            loss.sum().mul(1 / len(y)).backward()  # EDM: sum over the batch / per-rank batch
+        loss_sum += loss.detach().mean().item() * batch_gpu / len(y)
+    for p in net.parameters():  # EDM: non-finite gradient entries are replaced, not propagated
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+    opt.step()
+    return loss_sum
+
+
+def save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_labels, device):
+    """Rank 0: the checkpoint (the round is rebuilt from its seed on resume) and a grid of EMA samples."""
+    ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, net=net.state_dict(),
+                ema=ema.state_dict(), opt=opt.state_dict(), step=step, kimg=nimg / 1000,
+                state=dict(nimg=nimg))  # fmt: skip
+    save_checkpoint(ckpt, args.outdir, step)
+    if args.grid:
+        labels = None if grid_labels is None else grid_labels.to(device)
+        x, _ = sample(ema, grid_noise.to(device), 2 * args.grid_steps - 1, labels)
+        save_image_grid(x, os.path.join(args.outdir, f"grid-{step:07d}.png"))
+
+
 def train(args):
     rank, world, device = dist_setup()
     log = Logger(args.outdir, rank)
@@ -320,32 +354,7 @@ def train(args):
         y, lab, eps, stats, aug = rounds.step(step)  # AOT Alg. 1: this step's slice of the assigned pairs
         for g in opt.param_groups:  # EDM's linear learning-rate ramp-up over --lr-rampup Mimg (0: none)
             g["lr"] = args.lr * (min(nimg / (args.lr_rampup * 1e6), 1) if args.lr_rampup > 0 else 1)
-        opt.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        chunks = list(range(0, batch_rank, batch_gpu))
-        for j, lo in enumerate(chunks):
-            sl = slice(lo, lo + batch_gpu)
-            sync = j == len(chunks) - 1 or world == 1
-            with contextlib.nullcontext() if sync else ddp.no_sync():
-                lab_sl = None if lab is None else lab[sl]
-                # AOT Alg. 1 line 13: EDM's loss on the assigned pairs
-                aug_sl = None if aug is None else aug[sl]
-                loss = edm_loss(
-                    ddp,
-                    y[sl],
-                    lab_sl,
-                    args.P_mean,
-                    args.P_std,
-                    sigma=sigma[sl],
-                    n=eps[sl],
-                    augment_labels=aug_sl,
-                )
-                loss.sum().mul(1 / batch_rank).backward()  # EDM: sum over the batch / per-rank batch
-            loss_sum += loss.detach().mean().item() * batch_gpu / batch_rank
-        for p in net.parameters():
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-        opt.step()
+        loss_sum = training_step(ddp, net, opt, (y, lab, eps, aug, sigma), batch_gpu, args, world)
         ema_update(ema, net, edm_ema_beta(args.batch, nimg, args.ema, args.ema_rampup))
         rec = dict(loss=loss_sum, **stats)
         for k, v in rec.items():
@@ -360,30 +369,7 @@ def train(args):
             sums, t_last, step_last = {}, time.time(), step
         if step % args.snap_every == 0 or done or stop_now:
             if rank == 0:
-                save_checkpoint(
-                    dict(
-                        method=METHOD,
-                        version=VERSION,
-                        args=vars(args),
-                        net_kwargs=net_kwargs,
-                        net=net.state_dict(),
-                        ema=ema.state_dict(),
-                        opt=opt.state_dict(),
-                        step=step,
-                        kimg=nimg / 1000,
-                        state=dict(nimg=nimg),
-                    ),
-                    args.outdir,
-                    step,
-                )
-                if args.grid:
-                    x, _ = sample(
-                        ema,
-                        grid_noise.to(device),
-                        2 * args.grid_steps - 1,
-                        None if grid_labels is None else grid_labels.to(device),
-                    )
-                    save_image_grid(x, os.path.join(args.outdir, f"grid-{step:07d}.png"))
+                save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_labels, device)
             barrier()
         if stop_now:
             log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
