@@ -423,6 +423,37 @@ def _sync(module, sync):
     return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
 
 
+def training_step(ddp, net, opt, batch, batch_gpu, args):
+    """One optimiser step on this rank's matched (x, z, t, labels), accumulated over --batch-gpu chunks -> its
+    mean loss (DANSM Eq. 2 for rfm, Sec. 5.8's epsilon loss for dm), with the gradient-norm clip."""
+    x, z, t, y = batch
+    opt.zero_grad(set_to_none=True)
+    loss_sum, chunks = 0.0, list(range(0, len(t), batch_gpu))
+    loss_fn = rfm_loss if args.objective == "rfm" else dm_loss
+    for j, c in enumerate(chunks):
+        sl = slice(c, c + batch_gpu)
+        with _sync(ddp, j == len(chunks) - 1):
+            loss = loss_fn(ddp, x[sl], z[sl], t[sl], None if y is None else y[sl]).mean()
+            (loss * batch_gpu / len(t)).backward()
+        loss_sum += loss.item() * batch_gpu / len(t)
+    if args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+    opt.step()
+    return loss_sum
+
+
+def save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_labels, device):
+    """Rank 0: the checkpoint (the pools are rebuilt from their seeds on resume) and a grid of EMA samples."""
+    ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, net=net.state_dict(),
+                ema=ema.state_dict(), opt=opt.state_dict(), step=step, kimg=nimg / 1000,
+                state=dict(nimg=nimg))  # fmt: skip
+    save_checkpoint(ckpt, args.outdir, step)
+    if args.grid:
+        labels = None if grid_labels is None else grid_labels.to(device)
+        x, _ = sample(ema, grid_noise.to(device), args.grid_nfe, labels, spacing=args.ddim_spacing)
+        save_image_grid(x, os.path.join(args.outdir, f"grid-{step:07d}.png"))
+
+
 def train(args):
     rank, world, device = dist_setup()
     log = Logger(args.outdir, rank)
@@ -522,18 +553,7 @@ def train(args):
             t = torch.randint(DM_STEPS, (args.batch,), generator=g)[lo:hi].to(device)
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
-        opt.zero_grad(set_to_none=True)
-        loss_sum, chunks = 0.0, list(range(0, batch_rank, batch_gpu))
-        for j, c in enumerate(chunks):
-            sl = slice(c, c + batch_gpu)
-            with _sync(ddp, j == len(chunks) - 1):
-                loss_fn = rfm_loss if args.objective == "rfm" else dm_loss  # DANSM Eq. 2 / Sec. 5.8
-                loss = loss_fn(ddp, x[sl], z[sl], t[sl], None if y is None else y[sl]).mean()
-                (loss * batch_gpu / batch_rank).backward()
-            loss_sum += loss.item() * batch_gpu / batch_rank
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
-        opt.step()
+        loss_sum = training_step(ddp, net, opt, (x, z, t, y), batch_gpu, args)
         ema_update(ema, net, ema_beta(args.ema, step + 1, args.ema_warmup))
         for k, v in dict(loss=loss_sum, match_s=match_s, **stats).items():
             sums[k] = sums.get(k, 0.0) + v
@@ -549,25 +569,7 @@ def train(args):
             sums, t_last, step_last = {}, time.time(), step
         if step % args.snap_every == 0 or done or stop_now:
             if rank == 0:
-                ckpt_out = dict(
-                    method=METHOD,
-                    version=VERSION,
-                    args=vars(args),
-                    net_kwargs=net_kwargs,
-                    net=net.state_dict(),
-                    ema=ema.state_dict(),
-                    opt=opt.state_dict(),
-                    step=step,
-                    kimg=nimg / 1000,
-                    state=dict(nimg=nimg),
-                )
-                save_checkpoint(ckpt_out, args.outdir, step)
-                if args.grid:
-                    lab = None if grid_labels is None else grid_labels.to(device)
-                    x_grid, _ = sample(
-                        ema, grid_noise.to(device), args.grid_nfe, lab, spacing=args.ddim_spacing
-                    )
-                    save_image_grid(x_grid, os.path.join(args.outdir, f"grid-{step:07d}.png"))
+                save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_labels, device)
             barrier()
         if stop_now:
             log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
