@@ -327,6 +327,8 @@ def generate(args):
                 args.sampler_kw,
             )
         except TypeError as e:  # a keyword the sampler passes on (EDM's churn options) but nobody takes
+            if not args.sampler_kw:
+                raise  # a bug in the method's sampler, not bad input: keep its traceback
             fail(f"--sampler-kw {args.sampler_kw}: {ckpt['method']}.sample refuses it ({e})")
         if not torch.isfinite(x1).all():  # before the shard (and so the pairs file) exists
             fail(f"the teacher made non-finite samples among pairs {lo}-{hi - 1}; nothing was written")

@@ -1232,7 +1232,7 @@ def intact(path):
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        return f"not a complete torch checkpoint ({e or type(e).__name__})"
+        return f"not a complete torch checkpoint ({str(e) or type(e).__name__})"
     return f"its member {bad} fails its CRC check (the file is corrupt)" if bad else None
 
 
