@@ -296,28 +296,9 @@ class Source:
         return x0[rows], x1[rows], None if y is None else y[rows], stats
 
 
-def train(args):
-    rank, world, device = dist_setup()
-    log = Logger(args.outdir, rank)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    if args.batch % world:
-        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
-    batch_rank = args.batch // world
-    batch_gpu = args.batch_gpu or batch_rank
-    if batch_rank % batch_gpu:
-        fail(
-            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
-        )
-    if args.ot_batch and (args.ot_batch % args.batch or args.coupling == "pairs"):
-        fail(
-            f"--ot-batch {args.ot_batch} must be a multiple of --batch {args.batch}"
-            if args.coupling != "pairs"
-            else "--ot-batch has no meaning with --coupling pairs (the pairs are fixed)"
-        )
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt.get("method") != METHOD:
-        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+def load_training_set(args, device):
+    """The images to couple with fresh noise, or (--coupling pairs) the generator's pairs, memory-mapped
+    -> (images, labels, pairs, shape, label_dim, n_data); images and labels are on the device."""
     images = labels = pairs = None
     if args.coupling == "pairs":
         if not os.path.isfile(args.pairs):
@@ -329,18 +310,20 @@ def train(args):
                 f"cannot read {args.pairs} as an uncompressed .npz of pairs: {str(e).strip().splitlines()[0]}"
             )
         shape, label_dim = check_pairs(pairs, args.pairs, args.cond)
-        n_data = len(pairs["noise"])
-    else:
-        images, labels = load_images(args.data, args.data_dir)
-        if args.cond and labels is None:
-            fail(f"--cond, but {args.data} has no labels")
-        label_dim = int(labels.max()) + 1 if labels is not None and args.cond else 0
-        shape, n_data = tuple(images.shape[1:]), len(images) * (2 if args.xflip == "copies" else 1)
-        images = images.to(device)
-        labels = labels.to(device) if label_dim else None
-    block = args.ot_batch or args.batch
-    if block > n_data:
-        fail(f"the coupling block ({block} = --ot-batch or --batch) exceeds the {n_data} training samples")
+        return images, labels, pairs, shape, label_dim, len(pairs["noise"])
+    images, labels = load_images(args.data, args.data_dir)
+    if args.cond and labels is None:
+        fail(f"--cond, but {args.data} has no labels")
+    label_dim = int(labels.max()) + 1 if labels is not None and args.cond else 0
+    shape, n_data = tuple(images.shape[1:]), len(images) * (2 if args.xflip == "copies" else 1)
+    images = images.to(device)
+    labels = labels.to(device) if label_dim else None
+    return images, labels, pairs, shape, label_dim, n_data
+
+
+def run_net_kwargs(args, shape, label_dim, ckpt, log):
+    """The network this run trains -> (net_kwargs, the --init checkpoint or None): from the flags, from
+    --init (its architecture and time scale, e.g. 2-Rect-Flow from the 1-RF weights), or the resumed run's."""
     res = shape[-1]
     if res % 2 ** (len(args.channel_mult) - 1):
         fail(f"image size {res} is not divisible by 2^{len(args.channel_mult) - 1} (--channel-mult)")
@@ -357,7 +340,7 @@ def train(args):
         dropout=args.dropout,
     )
     init = None
-    if args.init and ckpt is None:  # e.g. 2-Rect-Flow starts from the 1-RF weights, in its architecture
+    if args.init and ckpt is None:
         init = load_checkpoint(args.init)
         if init.get("method") not in ("cfm_couplings", "loom_cfm"):
             fail(f"--init {args.init} is a {init.get('method')!r} checkpoint; it needs a flow checkpoint")
@@ -385,6 +368,72 @@ def train(args):
             log.print(
                 f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
             )
+    return net_kwargs, init
+
+
+def _sync(module, sync):
+    """DDP: skip the gradient all-reduce on accumulation chunks that are not the last."""
+    return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
+
+
+def training_step(ddp, net, opt, batch, batch_gpu, args):
+    """One optimiser step on this rank's coupled (x0, x1, t, labels, eps), accumulated over --batch-gpu
+    chunks -> (its mean CFM loss of LOOM Eq. 3, the gradient norm before clipping)."""
+    x0, x1, t, y, eps = batch
+    opt.zero_grad(set_to_none=True)
+    loss_sum, chunks = 0.0, list(range(0, len(t), batch_gpu))
+    for j, lo in enumerate(chunks):
+        sl = slice(lo, lo + batch_gpu)
+        with _sync(ddp, j == len(chunks) - 1):
+            loss = cfm_loss(ddp, x0[sl], x1[sl], t[sl], None if y is None else y[sl], args.sigma_min,
+                            None if eps is None else eps[sl]).mean()  # LOOM Eq. 3  # fmt: skip
+            (loss * batch_gpu / len(t)).backward()
+        loss_sum += loss.item() * batch_gpu / len(t)
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf)
+    opt.step()
+    return loss_sum, grad_norm.item()
+
+
+def save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_labels, device, grids=True):
+    """Rank 0: the checkpoint (the coupling blocks are recomputed from their seeds on resume) and, with
+    `grids`, one grid of EMA samples per --grid-nfe."""
+    ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, net=net.state_dict(),
+                ema=ema.state_dict(), opt=opt.state_dict(), step=step, kimg=nimg / 1000,
+                state=dict(nimg=nimg))  # fmt: skip
+    save_checkpoint(ckpt, args.outdir, step)
+    for nfe in args.grid_nfe if args.grid and grids else ():
+        labels = None if grid_labels is None else grid_labels.to(device)
+        x, _ = sample(ema, grid_noise.to(device), nfe, labels)
+        save_image_grid(x, os.path.join(args.outdir, f"grid-euler{nfe}-{step:07d}.png"))
+
+
+def train(args):
+    rank, world, device = dist_setup()
+    log = Logger(args.outdir, rank)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    if args.batch % world:
+        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
+    batch_rank = args.batch // world
+    batch_gpu = args.batch_gpu or batch_rank
+    if batch_rank % batch_gpu:
+        fail(
+            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
+        )
+    if args.ot_batch and (args.ot_batch % args.batch or args.coupling == "pairs"):
+        fail(
+            f"--ot-batch {args.ot_batch} must be a multiple of --batch {args.batch}"
+            if args.coupling != "pairs"
+            else "--ot-batch has no meaning with --coupling pairs (the pairs are fixed)"
+        )
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and ckpt.get("method") != METHOD:
+        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+    images, labels, pairs, shape, label_dim, n_data = load_training_set(args, device)
+    block = args.ot_batch or args.batch
+    if block > n_data:
+        fail(f"the coupling block ({block} = --ot-batch or --batch) exceeds the {n_data} training samples")
+    net_kwargs, init = run_net_kwargs(args, shape, label_dim, ckpt, log)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     net = build_net(net_kwargs).to(device).train()
     if init is not None:
@@ -418,59 +467,28 @@ def train(args):
     total_steps = math.ceil(args.duration * 1e6 / args.batch)
     grid_noise = torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0))
     grid_labels = torch.arange(args.grid) % label_dim if label_dim else None
+    snapshot_args = (args, net_kwargs, net, ema, opt)
     stop = StopFlag()
-
-    def snapshot(step, nimg, grids=True):
-        if rank == 0:
-            ckpt_out = dict(
-                method=METHOD,
-                version=VERSION,
-                args=vars(args),
-                net_kwargs=net_kwargs,
-                net=net.state_dict(),
-                ema=ema.state_dict(),
-                opt=opt.state_dict(),
-                step=step,
-                kimg=nimg / 1000,
-                state=dict(nimg=nimg),
-            )
-            save_checkpoint(ckpt_out, args.outdir, step)
-            for nfe in args.grid_nfe if args.grid and grids else ():
-                lab = None if grid_labels is None else grid_labels.to(device)
-                x, _ = sample(ema, grid_noise.to(device), nfe, lab)
-                save_image_grid(x, os.path.join(args.outdir, f"grid-euler{nfe}-{step:07d}.png"))
-        barrier()
-
     sums, t_last, step_last = {}, time.time(), step
     log.start(step, total_steps)
     while step < total_steps:
         seed_step(args.seed, rank, world, step)  # dropout
         try:
-            x0, x1, y, stats = source.step(step)
+            x0, x1, y, stats = source.step(step)  # the coupled block's rows of this step
         except SinkhornError as e:  # keep what was trained, then stop with one line
-            snapshot(step, nimg, grids=False)
+            if rank == 0:
+                save_snapshot(*snapshot_args, step, nimg, grid_noise, grid_labels, device, grids=False)
+            barrier()
             fail(f"{e} (step {step}); checkpoint saved, continue with --resume {args.outdir}")
         g = generator_for(args.seed, step, 3)  # t and eps of the global batch: independent of the world size
-        t = torch.rand(args.batch, generator=g)[rank * batch_rank : (rank + 1) * batch_rank].to(device)
-        eps = None
-        if args.sigma_min:
-            eps = torch.randn([args.batch, *shape], generator=g)[rank * batch_rank : (rank + 1) * batch_rank]
-            eps = eps.to(device)
+        rows = slice(rank * batch_rank, (rank + 1) * batch_rank)
+        t = torch.rand(args.batch, generator=g)[rows].to(device)
+        eps = torch.randn([args.batch, *shape], generator=g)[rows].to(device) if args.sigma_min else None
         for group in opt.param_groups:  # lr min(step, W) / W, then constant: torchcfm's and LOOM's schedules
             group["lr"] = args.lr * min(1.0, step / args.warmup) if args.warmup else args.lr
-        opt.zero_grad(set_to_none=True)
-        loss_sum, chunks = 0.0, list(range(0, batch_rank, batch_gpu))
-        for j, lo in enumerate(chunks):
-            sl = slice(lo, lo + batch_gpu)
-            with _sync(ddp, j == len(chunks) - 1):
-                loss = cfm_loss(ddp, x0[sl], x1[sl], t[sl], None if y is None else y[sl], args.sigma_min,
-                                None if eps is None else eps[sl]).mean()  # LOOM Eq. 3  # fmt: skip
-                (loss * batch_gpu / batch_rank).backward()
-            loss_sum += loss.item() * batch_gpu / batch_rank
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf)
-        opt.step()
+        loss_sum, grad_norm = training_step(ddp, net, opt, (x0, x1, t, y, eps), batch_gpu, args)
         ema_update(ema, net, args.ema)
-        rec = dict(loss=loss_sum, grad_norm=grad_norm.item(), lr=opt.param_groups[0]["lr"], **stats)
+        rec = dict(loss=loss_sum, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"], **stats)
         for k, v in rec.items():
             sums[k] = sums.get(k, 0.0) + v
         nimg, step = nimg + args.batch, step + 1
@@ -481,17 +499,14 @@ def train(args):
             log.log(step=step, kimg=nimg / 1000, **metrics, sec_per_step=(time.time() - t_last) / n)
             sums, t_last, step_last = {}, time.time(), step
         if step % args.snap_every == 0 or done or stop_now:
-            snapshot(step, nimg)
+            if rank == 0:
+                save_snapshot(*snapshot_args, step, nimg, grid_noise, grid_labels, device)
+            barrier()
         if stop_now:
             log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
             break
     dist_teardown()
     stop.exit()  # 143 after SIGTERM: the scheduler requeues the job
-
-
-def _sync(module, sync):
-    """DDP: skip the gradient all-reduce on accumulation chunks that are not the last."""
-    return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
 
 
 # --- generation ---
