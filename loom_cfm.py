@@ -198,6 +198,115 @@ def _sync(module, sync):
     return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
 
 
+def run_net_kwargs(args, shape, label_dim, n_data, ckpt, log):
+    """The network this run trains: from the flags and the data, or the resumed run's, whose assignment must
+    be of the same images and caches."""
+    res = shape[-1]
+    if res % 2 ** (len(args.channel_mult) - 1):
+        fail(f"image size {res} is not divisible by 2^{len(args.channel_mult) - 1} (--channel-mult)")
+    net_kwargs = dict(
+        img_resolution=res,
+        img_channels=shape[0],
+        label_dim=label_dim,
+        time_scale=args.time_scale,
+        arch=args.arch,
+        model_channels=args.model_channels,
+        channel_mult=list(args.channel_mult),
+        num_blocks=args.num_blocks,
+        attn_resolutions=list(args.attn_res),
+        dropout=args.dropout,
+    )
+    if ckpt is None:
+        return net_kwargs
+    st = ckpt["state"]
+    if (st["n_data"], st["caches"]) != (n_data, args.caches):
+        fail(
+            f"--resume {args.resume} is an assignment of {st['n_data']} images x {st['caches']} caches, "
+            f"but this run has {n_data} x {args.caches}: use the same --data, --xflip and --caches"
+        )
+    net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args.resume)
+    keys = ("data", "xflip", "cond", "batch", "seed", "lr", "cost", "no_reassign", "fresh_noise")
+    changed = {
+        k: (ckpt["args"].get(k), v) for k, v in vars(args).items() if k in keys and ckpt["args"].get(k) != v
+    }
+    if changed:
+        log.print(
+            f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
+        )
+    return net_kwargs
+
+
+def assign_minibatch(tau, bank, images, labels, n_data, step, args, device, rank, world):
+    """LOOM Alg. 1, one iteration on the global minibatch (the same on every rank): its images, the noises
+    their slots hold, re-matched by minibatch OT (Eq. 9) with tau updated in place (Eq. 10)
+    -> (x0, x1, labels, the path costs before and after, statistics)."""
+    idx, slots = minibatch_slots(n_data, args.caches, args.batch, step, args.seed, args.xflip == "random")
+    x1, y = get_batch(images, labels, idx, device)
+    t0 = time.time()
+    if args.fresh_noise:  # BatchOT: new noise each step, assignment thrown away
+        g = generator_for(args.seed, step, 1)
+        z = torch.randn([args.batch, *images.shape[1:]], generator=g).to(device)
+    else:
+        z = bank(tau[slots])
+    perm = torch.arange(args.batch)
+    if not args.no_reassign:
+        if rank == 0:
+            perm = minibatch_permutation(z, x1, args.cost, y)  # LOOM Eq. 9 on the global minibatch
+        if world > 1:
+            perm = perm.to(device)
+            torch.distributed.broadcast(perm, 0)
+            perm = perm.cpu()
+        if not args.fresh_noise:
+            tau[slots] = tau[slots][perm]  # LOOM Eq. 10: tau_k = omega_k o tau_{k-1}
+    x0 = z[perm.to(device)]
+    solve_s = time.time() - t0
+    before, after = path_cost(z, x1, args.cost), path_cost(x0, x1, args.cost)
+    if world > 1 and not args.fresh_noise:  # every rank must hold the same assignment
+        digests = [None] * world
+        torch.distributed.all_gather_object(digests, tau_digest(tau))
+        if len(set(digests)) != 1:
+            fail(f"ranks disagree on the assignment at step {step}: digests {digests}")
+    rec = dict(
+        swaps=int((perm != torch.arange(args.batch)).sum()),
+        cost_before=before.mean().item(),
+        cost_after=after.mean().item(),
+        solve_s=solve_s,
+    )
+    return x0, x1, y, before, after, rec
+
+
+def training_step(ddp, net, opt, batch, lo, batch_gpu, args):
+    """One optimiser step on this rank's rows [lo, lo + len(t)) of the global minibatch (x0, x1, labels)
+    with its (t, eps), accumulated over --batch-gpu chunks -> (the mean CFM loss of LOOM Eq. 3, the gradient
+    norm before clipping)."""
+    x0, x1, y, t, eps = batch
+    opt.zero_grad(set_to_none=True)
+    loss_sum, chunks = 0.0, list(range(lo, lo + len(t), batch_gpu))
+    for j, c in enumerate(chunks):
+        sl, sr = slice(c, c + batch_gpu), slice(c - lo, c - lo + batch_gpu)
+        with _sync(ddp, j == len(chunks) - 1):
+            loss = cfm_loss(ddp, x0[sl], x1[sl], t[sr], None if y is None else y[sl], args.sigma_min,
+                            None if eps is None else eps[sr]).mean()  # LOOM Eq. 3  # fmt: skip
+            (loss * batch_gpu / len(t)).backward()
+        loss_sum += loss.item() * batch_gpu / len(t)
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf)
+    opt.step()
+    return loss_sum, grad_norm.item()
+
+
+def save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, tau, n_data, grids, grid_noise, grid_labels,
+                  device):  # fmt: skip
+    """Rank 0: the checkpoint, with the assignment tau (the noises are rebuilt from their seeds), and with
+    `grids` one grid of EMA samples per --grid-nfe."""
+    ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, net=net.state_dict(),
+                ema=ema.state_dict(), opt=opt.state_dict(), step=step, kimg=nimg / 1000,
+                state=dict(nimg=nimg, tau=tau, n_data=n_data, caches=args.caches))  # fmt: skip
+    save_checkpoint(ckpt, args.outdir, step)
+    for nfe in args.grid_nfe if args.grid and grids else ():
+        x, _ = sample(ema, grid_noise.to(device), nfe, grid_labels)
+        save_image_grid(x, os.path.join(args.outdir, f"grid-euler{nfe}-{step:07d}.png"))
+
+
 def train(args):
     rank, world, device = dist_setup()
     log = Logger(args.outdir, rank)
@@ -219,48 +328,14 @@ def train(args):
         fail(f"--cond, but {args.data} has no labels")
     label_dim = int(labels.max()) + 1 if args.cond else 0
     labels = labels.to(device) if args.cond else None
-    random_flip = args.xflip == "random"
     shape, n_data = tuple(images.shape[1:]), len(images) * (1 if args.xflip == "off" else 2)
     n_eff = n_data * args.caches
     if args.batch > len(images) * (2 if args.xflip == "copies" else 1):
         fail(f"--batch {args.batch} exceeds the {n_data} training images (each batch holds distinct images)")
     images = images.to(device)
-    res = shape[-1]
-    if res % 2 ** (len(args.channel_mult) - 1):
-        fail(f"image size {res} is not divisible by 2^{len(args.channel_mult) - 1} (--channel-mult)")
-    net_kwargs = dict(
-        img_resolution=res,
-        img_channels=shape[0],
-        label_dim=label_dim,
-        time_scale=args.time_scale,
-        arch=args.arch,
-        model_channels=args.model_channels,
-        channel_mult=list(args.channel_mult),
-        num_blocks=args.num_blocks,
-        attn_resolutions=list(args.attn_res),
-        dropout=args.dropout,
-    )
+    net_kwargs = run_net_kwargs(args, shape, label_dim, n_data, ckpt, log)
     tau = torch.arange(n_eff)  # Alg. 1: tau_0 = Id (noise id s starts in slot s)
     step = nimg = 0
-    if ckpt is not None:
-        st = ckpt["state"]
-        if (st["n_data"], st["caches"]) != (n_data, args.caches):
-            fail(
-                f"--resume {args.resume} is an assignment of {st['n_data']} images x {st['caches']} caches, "
-                f"but this run has {n_data} x {args.caches}: use the same --data, --xflip and --caches"
-            )
-        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args.resume)
-        tau, step, nimg = st["tau"].clone(), ckpt["step"], st["nimg"]
-        keys = ("data", "xflip", "cond", "batch", "seed", "lr", "cost", "no_reassign", "fresh_noise")
-        changed = {
-            k: (ckpt["args"].get(k), v)
-            for k, v in vars(args).items()
-            if k in keys and ckpt["args"].get(k) != v
-        }
-        if changed:
-            log.print(
-                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
-            )
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     net = build_net(net_kwargs).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -269,13 +344,14 @@ def train(args):
         net.load_state_dict(ckpt["net"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
+        tau, step, nimg = ckpt["state"]["tau"].clone(), ckpt["step"], ckpt["state"]["nimg"]
         log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg), assignment restored")
     ddp = prepare_net(net, args, device)  # the call under the speed flags; net and ema are what is stored
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             ddp, device_ids=[device] if device.type == "cuda" else None
         )
-    spe = (n_data // 2 if random_flip else n_data) // args.batch
+    spe = (n_data // 2 if args.xflip == "random" else n_data) // args.batch
     pre_steps = args.train_after_convergence * spe  # assignment-only steps before training (App. D)
     total_steps = pre_steps + math.ceil(args.duration * 1e6 / args.batch)
     bank = NoiseBank(args.noise_store, n_eff, args.seed, shape, device)
@@ -302,41 +378,13 @@ def train(args):
     while step < total_steps:
         seed_step(args.seed, rank, world, step)  # dropout
         training = step >= pre_steps
-        idx, slots = minibatch_slots(n_data, args.caches, args.batch, step, args.seed, random_flip)
-        x1, y = get_batch(images, labels, idx, device)  # the global batch, on every rank
-        t0 = time.time()
-        if args.fresh_noise:  # BatchOT: new noise each step, assignment thrown away
-            z = torch.randn([args.batch, *shape], generator=generator_for(args.seed, step, 1)).to(device)
-        else:
-            z = bank(tau[slots])
-        perm = torch.arange(args.batch)
-        if not args.no_reassign:
-            if rank == 0:
-                perm = minibatch_permutation(z, x1, args.cost, y)  # LOOM Eq. 9 on the global minibatch
-            if world > 1:
-                perm = perm.to(device)
-                torch.distributed.broadcast(perm, 0)
-                perm = perm.cpu()
-            if not args.fresh_noise:
-                tau[slots] = tau[slots][perm]  # LOOM Eq. 10: tau_k = omega_k o tau_{k-1}
-        x0 = z[perm.to(device)]
-        solve_s = time.time() - t0
-        before, after = path_cost(z, x1, args.cost), path_cost(x0, x1, args.cost)
-        rec = dict(
-            swaps=int((perm != torch.arange(args.batch)).sum()),
-            cost_before=before.mean().item(),
-            cost_after=after.mean().item(),
-            solve_s=solve_s,
+        x0, x1, y, before, after, rec = assign_minibatch(
+            tau, bank, images, labels, n_data, step, args, device, rank, world
         )
         if track:
             global_cost += (after.sum() - before.sum()).item() / n_eff  # only this minibatch's pairs changed
             if (step + 1) % args.cost_every == 0:
                 global_cost = assignment_cost(tau, images, n_data, bank, args.cost, device)  # exact, no drift
-        if world > 1 and not args.fresh_noise:  # every rank must hold the same assignment
-            digests = [None] * world
-            torch.distributed.all_gather_object(digests, tau_digest(tau))
-            if len(set(digests)) != 1:
-                fail(f"ranks disagree on the assignment at step {step}: digests {digests}")
         if training:
             lo, hi = rank * batch_rank, (rank + 1) * batch_rank
             g = generator_for(args.seed, step, 3)  # t and eps of the global batch: independent of world size
@@ -346,27 +394,15 @@ def train(args):
                 group["lr"] = (  # min(k, W) / W over training steps k: the official code's schedule
                     args.lr * min(1.0, (step - pre_steps) / args.warmup) if args.warmup else args.lr
                 )
-            opt.zero_grad(set_to_none=True)
-            loss_sum, chunks = 0.0, list(range(lo, hi, batch_gpu))
-            for j, c in enumerate(chunks):
-                sl, sr = slice(c, c + batch_gpu), slice(c - lo, c - lo + batch_gpu)
-                with _sync(ddp, j == len(chunks) - 1):
-                    loss = cfm_loss(ddp, x0[sl], x1[sl], t[sr], None if y is None else y[sl], args.sigma_min,
-                                    None if eps is None else eps[sr]).mean()  # LOOM Eq. 3  # fmt: skip
-                    (loss * batch_gpu / batch_rank).backward()
-                loss_sum += loss.item() * batch_gpu / batch_rank
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf)
-            opt.step()
+            loss_sum, grad_norm = training_step(ddp, net, opt, (x0, x1, y, t, eps), lo, batch_gpu, args)
             ema_update(ema, net, args.ema)
-            rec.update(loss=loss_sum, grad_norm=grad_norm.item(), lr=opt.param_groups[0]["lr"])
+            rec.update(loss=loss_sum, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
             nimg += args.batch
         for k, v in rec.items():  # (sum, count): the loss exists only on training steps
             sums[k] = (sums.get(k, (0.0, 0))[0] + v, sums.get(k, (0.0, 0))[1] + 1)
         step += 1
-        done, stop_now = (
-            step >= total_steps,
-            stop.any(device, rec.get("loss", 0.0) + rec.get("grad_norm", 0.0), step),
-        )
+        done = step >= total_steps
+        stop_now = stop.any(device, rec.get("loss", 0.0) + rec.get("grad_norm", 0.0), step)
         if step % args.log_every == 0 or done or stop_now:
             n = max(step - step_last, 1)
             metrics = {k: all_mean(v / c, device) for k, (v, c) in sums.items()}
@@ -376,22 +412,8 @@ def train(args):
             sums, t_last, step_last = {}, time.time(), step
         if step % args.snap_every == 0 or done or stop_now:
             if rank == 0:
-                ckpt_out = dict(
-                    method=METHOD,
-                    version=VERSION,
-                    args=vars(args),
-                    net_kwargs=net_kwargs,
-                    net=net.state_dict(),
-                    ema=ema.state_dict(),
-                    opt=opt.state_dict(),
-                    step=step,
-                    kimg=nimg / 1000,
-                    state=dict(nimg=nimg, tau=tau, n_data=n_data, caches=args.caches),
-                )
-                save_checkpoint(ckpt_out, args.outdir, step)
-                for nfe in args.grid_nfe if args.grid and training else ():
-                    x, _ = sample(ema, grid_noise.to(device), nfe, grid_labels)
-                    save_image_grid(x, os.path.join(args.outdir, f"grid-euler{nfe}-{step:07d}.png"))
+                save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, tau, n_data, training, grid_noise,
+                              grid_labels, device)  # fmt: skip
             barrier()
         if stop_now:
             log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
