@@ -51,6 +51,7 @@ Commands
 import argparse
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import math
@@ -772,6 +773,209 @@ def load_init(path, shape, label_dim, cond):
     return arch, init["ema"] if init.get("ema") is not None else init["net"]
 
 
+def load_real_images(args, pairs, shape, label_dim, device):
+    """The adversarial loss's real images: --data, else the teacher's training set named in the pairs' meta
+    (gen_pairs.py) -> (images, labels or None, on the device; a line that says which and how many)."""
+    data, data_from = args.data, "--data"
+    if not data:
+        data, data_from = pairs.get("meta", {}).get("dataset"), "the pairs' teacher dataset (meta)"
+    if not data:
+        fail(
+            f"the adversarial loss needs real images and {args.pairs}'s meta names no teacher dataset: "
+            "pass --data (or --adv-start off)"
+        )
+    if data_from != "--data" and not (data in ("cifar10", "shapes") or os.path.exists(data)):
+        fail(f"{data_from} is {data!r}, which lmm.py cannot load by name: pass --data FILE.npz or DIR")
+    images, labels = load_images(data, args.data_dir)
+    if tuple(images.shape[1:]) != shape:
+        fail(
+            f"{data_from}: images are {tuple(images.shape[1:])} but the pairs are {shape}: use the same size"
+        )
+    if label_dim and labels is None:
+        fail(f"the pairs are class-conditional but {data} has no labels for the discriminator")
+    about = f"{data} ({len(images)} images, from {data_from})"
+    return images.to(device), labels.to(device) if label_dim else None, about
+
+
+# Flags whose change on --resume makes the run differ from an unbroken one (a warning, not an error).
+RESUME_KEYS = ("pairs", "data", "batch", "seed", "loss", "sot", "sot_start", "adv_start", "g_period", "lr")
+
+
+def run_net_kwargs(args, shape, label_dim, schedule, ckpt, log):
+    """The network N_theta -> (net_kwargs, --init's weights or None): from the flags, from --init (the
+    teacher's architecture; dropout and schedule stay ours), or the resumed run's."""
+    net_kwargs = dict(img_resolution=shape[-1], img_channels=shape[0], label_dim=label_dim,
+                      model_channels=args.model_channels, channel_mult=list(args.channel_mult),
+                      num_blocks=args.num_blocks, attn_resolutions=list(args.attn_res), dropout=args.dropout,
+                      schedule=schedule, arch=args.arch)  # fmt: skip
+    init_sd = None
+    if ckpt is not None:
+        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args.resume)
+        changed = {k: (ckpt["args"].get(k), getattr(args, k)) for k in RESUME_KEYS
+                   if ckpt["args"].get(k) != getattr(args, k)}  # fmt: skip
+        if changed:
+            log.print(
+                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
+            )
+    elif args.init:
+        arch, init_sd = load_init(args.init, shape, label_dim, args.cond)
+        net_kwargs = dict(net_kwargs, **arch)
+    if shape[-1] % 2 ** (len(net_kwargs["channel_mult"]) - 1):
+        fail(
+            f"pairs resolution {shape[-1]} is not divisible by 2^{len(net_kwargs['channel_mult']) - 1} "
+            "(--channel-mult)"
+        )
+    return net_kwargs, init_sd
+
+
+def build_student(net_kwargs, init_sd, args, device):
+    """N_theta, identical on every rank (seeded), with --init's weights if given -> (net, its EMA copy)."""
+    torch.manual_seed(args.seed)
+    net = build_net(net_kwargs).to(device).train()
+    if init_sd is not None:
+        try:
+            net.load_state_dict(init_sd)
+        except RuntimeError as e:
+            why = " ".join(str(e).split())[:300]
+            fail(
+                f"--init {args.init}: its weights do not fit its own net_kwargs ({why}); "
+                "re-save it with its method's file"
+            )
+    if net.model.map_augment is not None:  # EDM's augmentation conditioning: LMM never uses it
+        net.model.map_augment.requires_grad_(False)
+    return net, copy.deepcopy(net).eval().requires_grad_(False)
+
+
+def build_adversary(args, shape, label_dim, device):
+    """The discriminator D (its random heads and projections a function of the seed alone) and its RAdam."""
+    torch.manual_seed(args.seed + 1)
+    kind, backbones = args.disc, args.disc_backbones
+    disc = build_disc(kind, shape[0], 0 if args.disc_uncond else label_dim, args.disc_res, backbones,
+                      not args.disc_random_weights).to(device)  # fmt: skip
+    return disc, torch.optim.RAdam(disc_params(disc), lr=args.lr_d, betas=(0.5, 0.9))  # LMM Table 6
+
+
+def restore(ckpt, net, ema, opt, disc, opt_d, world, log, path):
+    """--resume: the weights, optimisers and D of the checkpoint -> (step, nimg, first adversarial step)."""
+    net.load_state_dict(ckpt["net"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    if disc is not None and ckpt["state"].get("disc") is not None:
+        load_disc_state(disc, ckpt["state"]["disc"])
+        opt_d.load_state_dict(ckpt["state"]["disc_opt"])
+    step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+    log.print(f"resumed from {path} at step {step} ({nimg / 1000:.1f} kimg)")
+    if ckpt["state"].get("world", world) != world:  # seed_step seeds each rank from (seed, rank, world)
+        log.print(
+            f"note: saved with {ckpt['state']['world']} process(es), resumed with {world}: the per-rank "
+            "noise streams (sigma draws, DiffAugment) change from here on; the data order does not"
+        )
+    return step, nimg, ckpt["state"].get("adv_step0")
+
+
+def describe(log, args, n_pairs, shape, label_dim, net, init_sd, world, device, disc, real_about):
+    """Rank 0's opening lines: the flags, the pairs and network, and the adversarial set-up."""
+    log.print(json.dumps(vars(args)))
+    log.print(
+        f"{n_pairs} pairs {shape}{f', {label_dim} classes' if label_dim else ''}, "
+        f"{sum(p.numel() for p in net.parameters())} parameters"
+        f"{f' from --init {args.init}' if init_sd is not None else ''}, {world} process(es) on {device}"
+    )
+    if disc is None:
+        return log.print("adversarial loss off")
+    names = ",".join(args.disc_backbones or DISC_BACKBONES.get(args.disc, ()))
+    names = f" on {names}" if names else ""
+    sched = "G and D on every step" if args.g_period == 1 else f"G on 1 step in {args.g_period}, else D"
+    log.print(
+        f"adversarial loss from {args.adv_start:g} kimg: --disc {args.disc}{names}, "
+        f"{sum(p.numel() for p in disc_params(disc))} trainable D parameters, {sched}; "
+        f"real images for the discriminator: {real_about}"
+    )
+
+
+def draw_lines(pairs, chunk, sot, schedule, cond, args, device):
+    """Rows `chunk` of the pairs and a noise level for each (LMM Eq. 3's sigma law, or SOT's levels)
+    -> (x0, x1, labels or None, sigma)."""
+    x0, x1, y = get_pairs(pairs, chunk, device, cond)
+    return x0, x1, y, draw_sigma(len(chunk), args.sigma_dist, sot, schedule, args.P_mean, args.P_std, device)
+
+
+def generator_step(ddp, net, ema, opt, draw, chunks, distance, critic, args):
+    """N_theta's update on this rank's pairs, accumulated over the --batch-gpu chunks: LMM Eq. 3, and in the
+    adversarial phase (critic = (D, W_L, D's classes)) Sec. 3's lambda_lines * L_lines + lambda_adapt * L_G
+    -> (the step's record, each chunk's (x0, x1, labels, sigma) for a D step after it)."""
+    batch_rank, rec, inputs = sum(len(c) for c in chunks), {"L_lines": 0.0}, []
+    if critic is not None:
+        disc, w_last, d_label_dim = critic
+        for p in disc_params(disc):  # the generator step leaves D's gradients alone
+            p.requires_grad_(False)
+        rec.update(L_G=0.0, lambda_adapt=0.0)
+    opt.zero_grad(set_to_none=True)
+    for j, chunk in enumerate(chunks):
+        x0, x1, y, sigma = draw(chunk)
+        with _sync(ddp, j == len(chunks) - 1):
+            d, x1_hat = lmm_loss(ddp, x0, x1, sigma, y, distance)
+            loss = l_lines = d.mean()  # LMM Eq. 3
+            if critic is not None:
+                onehot = F.one_hot(y, d_label_dim).float() if d_label_dim else None
+                l_g = g_hinge_loss(disc(x1_hat, onehot, augment=args.augment))
+                lam = adaptive_weight(l_lines, l_g, w_last, args.adapt_clamp)  # LMM Eq. 5
+                loss = args.lambda_lines * l_lines + lam * l_g  # LMM Sec. 3
+                rec["L_G"] += l_g.item() / len(chunks)
+                rec["lambda_adapt"] += lam.item() / len(chunks)
+                inputs.append((x0, x1, y, sigma))
+            (loss * len(chunk) / batch_rank).backward()
+        rec["L_lines"] += l_lines.item() * len(chunk) / batch_rank
+    for p in net.parameters():
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+    opt.step()
+    ema_update(ema, net, args.ema)
+    return rec, inputs
+
+
+def discriminator_step(net, ddp_d, disc, opt_d, inputs, real_chunks, real, d_label_dim, device, args):
+    """D's hinge update (CTM's form of LMM Eq. 5's adversarial term) on real images against N_theta's outputs
+    on this step's pairs and noise levels (after N_theta's update when --g-period 1) -> the step's record."""
+    for p in disc_params(disc):
+        p.requires_grad_(True)
+    opt_d.zero_grad(set_to_none=True)
+    rec, n = dict(L_D=0.0, D_real=0.0, D_fake=0.0), len(inputs)
+    for j, ((x0, x1, y, sigma), rchunk) in enumerate(zip(inputs, real_chunks, strict=True)):
+        with torch.no_grad():
+            fake = net(x1 + sigma.reshape(-1, 1, 1, 1) * x0, sigma, class_labels=y)
+        x_real, ry = get_batch(*real, rchunk, device)
+        with _sync(ddp_d, j == n - 1):
+            oh_real = F.one_hot(ry, d_label_dim).float() if d_label_dim else None
+            oh_fake = F.one_hot(y, d_label_dim).float() if d_label_dim else None
+            d_real = ddp_d(x_real, oh_real, augment=args.augment)
+            d_fake = ddp_d(fake, oh_fake, augment=args.augment)
+            l_d = d_hinge_loss(d_real, d_fake)
+            (l_d / n).backward()
+        rec["L_D"] += l_d.item() / n
+        rec["D_real"] += d_real.mean().item() / n
+        rec["D_fake"] += d_fake.mean().item() / n
+    opt_d.step()
+    return rec
+
+
+def save_snapshot(args, net_kwargs, models, step, nimg, adv_step0, world, grid, device):
+    """Rank 0: the checkpoint (D and its optimiser in `state`) and grids of EMA samples at NFE 1 and 2."""
+    net, ema, opt, disc, opt_d = models
+    state = dict(nimg=nimg, adv_step0=adv_step0, disc=None, disc_opt=None, world=world)
+    if disc is not None:
+        state.update(disc=disc_state(disc), disc_opt=opt_d.state_dict())
+    ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, net=net.state_dict(),
+                ema=ema.state_dict(), opt=opt.state_dict(), step=step, kimg=nimg / 1000,
+                state=state)  # fmt: skip
+    save_checkpoint(ckpt, args.outdir, step)
+    noise, labels = grid
+    for nfe in (1, 2) if args.grid else ():
+        x, _ = sample(ema, noise.to(device), nfe, None if labels is None else labels.to(device),
+                      generator=torch.Generator().manual_seed(1))  # fmt: skip
+        save_image_grid(x, os.path.join(args.outdir, f"grid-nfe{nfe}-{step:07d}.png"))
+
+
 def train(args):
     rank, world, device = dist_setup()
     log = Logger(args.outdir, rank)
@@ -795,154 +999,39 @@ def train(args):
     except Exception as e:
         fail(f"cannot read {args.pairs} as an uncompressed .npz of pairs: {str(e).strip().splitlines()[0]}")
     shape, label_dim = check_pairs(pairs, args.pairs, args.cond)
-    n_pairs, res = len(pairs["noise"]), shape[-1]
-    schedule = dict(steps=args.sched_steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
+    n_pairs, d_label_dim = len(pairs["noise"]), 0 if args.disc_uncond else label_dim
     if args.sot and (min(args.sot) < 0 or max(args.sot) >= args.sched_steps):
         fail(f"--sot {args.sot}: indices must lie in 0..{args.sched_steps - 1} (--sched-steps)")
     total = round(args.duration * 1e6)
     adv = args.adv_start >= 0 and args.adv_start * 1000 < total
-    images = labels = None
-    data, data_from = args.data, "--data"
-    if adv:
-        if not data:  # the pairs' meta names the teacher's training set (gen_pairs.py)
-            data, data_from = pairs.get("meta", {}).get("dataset"), "the pairs' teacher dataset (meta)"
-        if not data:
-            fail(
-                f"the adversarial loss needs real images and {args.pairs}'s meta names no teacher dataset: "
-                "pass --data (or --adv-start off)"
-            )
-        if data_from != "--data" and not (data in ("cifar10", "shapes") or os.path.exists(data)):
-            fail(f"{data_from} is {data!r}, which lmm.py cannot load by name: pass --data FILE.npz or DIR")
-        images, labels = load_images(data, args.data_dir)
-        if tuple(images.shape[1:]) != shape:
-            fail(
-                f"{data_from}: images are {tuple(images.shape[1:])} but the pairs are {shape}: "
-                "use the same size"
-            )
-        if label_dim and labels is None:
-            fail(f"the pairs are class-conditional but {data} has no labels for the discriminator")
-    net_kwargs = dict(
-        img_resolution=res,
-        img_channels=shape[0],
-        label_dim=label_dim,
-        model_channels=args.model_channels,
-        channel_mult=list(args.channel_mult),
-        num_blocks=args.num_blocks,
-        attn_resolutions=list(args.attn_res),
-        dropout=args.dropout,
-        schedule=schedule,
-        arch=args.arch,
-    )
-    init_sd = None
-    if ckpt is not None:
-        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args.resume)
-        changed = {
-            k: (ckpt["args"].get(k), v)
-            for k, v in vars(args).items()
-            if k
-            in ("pairs", "data", "batch", "seed", "loss", "sot", "sot_start", "adv_start", "g_period", "lr")
-            and ckpt["args"].get(k) != v
-        }
-        if changed:
-            log.print(
-                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
-            )
-    elif args.init:
-        arch, init_sd = load_init(args.init, shape, label_dim, args.cond)
-        net_kwargs = dict(net_kwargs, **arch)
-    if res % 2 ** (len(net_kwargs["channel_mult"]) - 1):
-        fail(
-            f"pairs resolution {res} is not divisible by 2^{len(net_kwargs['channel_mult']) - 1} "
-            "(--channel-mult)"
-        )
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    net = build_net(net_kwargs).to(device).train()
-    if init_sd is not None:
-        try:
-            net.load_state_dict(init_sd)
-        except RuntimeError as e:
-            why = " ".join(str(e).split())[:300]
-            fail(
-                f"--init {args.init}: its weights do not fit its own net_kwargs ({why}); "
-                "re-save it with its method's file"
-            )
-    if net.model.map_augment is not None:  # EDM's augmentation conditioning: LMM never uses it
-        net.model.map_augment.requires_grad_(False)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.RAdam(
-        net.parameters(), lr=args.lr, betas=(0.9, 0.999), **optimizer_kwargs(args, device, torch.optim.RAdam)
-    )  # LMM Table 6
-    disc = opt_d = None
-    if adv:
-        torch.manual_seed(args.seed + 1)  # D's random heads and projections: a function of the seed alone
-        disc = build_disc(
-            args.disc,
-            shape[0],
-            0 if args.disc_uncond else label_dim,
-            args.disc_res,
-            args.disc_backbones,
-            not args.disc_random_weights,
-        ).to(device)
-        opt_d = torch.optim.RAdam(disc_params(disc), lr=args.lr_d, betas=(0.5, 0.9))  # LMM Table 6
-    d_label_dim = 0 if args.disc_uncond else label_dim
+    real = load_real_images(args, pairs, shape, label_dim, device) if adv else None
+    schedule = dict(steps=args.sched_steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho)
+    net_kwargs, init_sd = run_net_kwargs(args, shape, label_dim, schedule, ckpt, log)
+    net, ema = build_student(net_kwargs, init_sd, args, device)
+    opt = torch.optim.RAdam(net.parameters(), lr=args.lr, betas=(0.9, 0.999),
+                            **optimizer_kwargs(args, device, torch.optim.RAdam))  # LMM Table 6  # fmt: skip
+    disc, opt_d = build_adversary(args, shape, label_dim, device) if adv else (None, None)
     lp = make_lpips(device, args.lpips_random_trunk) if args.loss == "lpips" else None
     step, nimg, adv_step0 = 0, 0, None
     if ckpt is not None:
-        net.load_state_dict(ckpt["net"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step, nimg = ckpt["step"], ckpt["state"]["nimg"]
-        adv_step0 = ckpt["state"].get("adv_step0")
-        if disc is not None and ckpt["state"].get("disc") is not None:
-            load_disc_state(disc, ckpt["state"]["disc"])
-            opt_d.load_state_dict(ckpt["state"]["disc_opt"])
-        log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg)")
-        if ckpt["state"].get("world", world) != world:  # seed_step seeds each rank from (seed, rank, world)
-            log.print(
-                f"note: saved with {ckpt['state']['world']} process(es), resumed with {world}: the per-rank "
-                "noise streams (sigma draws, DiffAugment) change from here on; the data order does not"
-            )
+        step, nimg, adv_step0 = restore(ckpt, net, ema, opt, disc, opt_d, world, log, args.resume)
     ddp, ddp_d = prepare_net(net, args, device), disc  # the call under the speed flags; never stored
     if world > 1:
         ids = [device] if device.type == "cuda" else None
         ddp = torch.nn.parallel.DistributedDataParallel(ddp, device_ids=ids)
-        if disc is not None:
-            ddp_d = torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids)
+        ddp_d = torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids) if adv else None
     if rank == 0:
         claim_outdir(args.outdir, ckpt, args.overwrite)
         with open(os.path.join(args.outdir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-        log.print(json.dumps(vars(args)))
-        log.print(
-            f"{n_pairs} pairs {shape}{f', {label_dim} classes' if label_dim else ''}, "
-            f"{sum(p.numel() for p in net.parameters())} parameters"
-            f"{f' from --init {args.init}' if init_sd is not None else ''}, {world} process(es) on {device}"
-        )
-        if adv:
-            names = ",".join(args.disc_backbones or DISC_BACKBONES.get(args.disc, ()))
-            names = f" on {names}" if names else ""
-            sched = (
-                "G and D on every step" if args.g_period == 1 else f"G on 1 step in {args.g_period}, else D"
-            )
-            log.print(
-                f"adversarial loss from {args.adv_start:g} kimg: --disc {args.disc}{names}, "
-                f"{sum(p.numel() for p in disc_params(disc))} trainable D parameters, {sched}; "
-                f"real images for the discriminator: {data} ({len(images)} images, from {data_from})"
-            )
-        else:
-            log.print("adversarial loss off")
-    if adv:
-        n_real = len(images) * (2 if args.xflip else 1)
-        images = images.to(device)
-        labels = labels.to(device) if label_dim else None
-    # W_L of the adaptive weight: the generator's last layer (DDPM++ aux_conv, ADM out_conv)
+        describe(log, args, n_pairs, shape, label_dim, net, init_sd, world, device, disc, real and real[2])
+    n_real = len(real[0]) * (2 if args.xflip else 1) if adv else 0
+    m = net.model  # W_L of the adaptive weight: the generator's last layer (DDPM++ aux_conv, ADM out_conv)
     w_last = (
-        net.model.out_conv.weight
-        if hasattr(net.model, "out_conv")
-        else net.model.dec[f"{res}x{res}_aux_conv"].weight
+        m.out_conv.weight if hasattr(m, "out_conv") else m.dec[f"{shape[-1]}x{shape[-1]}_aux_conv"].weight
     )
-    grid_noise = torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0))
-    grid_labels = torch.arange(args.grid) % label_dim if label_dim else None
+    grid = (torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0)),
+            torch.arange(args.grid) % label_dim if label_dim else None)  # fmt: skip
     stop = StopFlag()
     sums, counts, t_last, step_last = {}, {}, time.time(), step
     log.start(step, math.ceil(total / args.batch))
@@ -956,108 +1045,35 @@ def train(args):
         phase = (step - adv_step0) % args.g_period if in_adv else 0
         g_step, d_step = phase == 0, in_adv and (args.g_period == 1 or phase != 0)
         sot = args.sot if nimg >= args.sot_start * 1000 else None  # SOT as fine-tuning from --sot-start
-        lpips_res = (
-            args.lpips_res if (in_adv or not adv) else args.lpips_res_pre
-        )  # App. A.4: 64 px before ADL
+        lpips_res = args.lpips_res if (in_adv or not adv) else args.lpips_res_pre  # App. A.4: 64 px pre-ADL
         distance = None if lp is None else (lambda a, b, r=lpips_res: lpips_distance(lp, a, b, r))
-        idx = batch_indices(n_pairs, args.batch, step, args.seed)[rank * batch_rank : (rank + 1) * batch_rank]
-        chunks, rec, inputs = idx.split(batch_gpu), {}, []
+        draw = functools.partial(draw_lines, pairs, sot=sot, schedule=schedule, cond=label_dim > 0, args=args,
+                                 device=device)  # fmt: skip
+        mine = slice(rank * batch_rank, (rank + 1) * batch_rank)  # this rank's share of the global batch
+        chunks = batch_indices(n_pairs, args.batch, step, args.seed)[mine].split(batch_gpu)
+        rec, inputs = {}, []
         if g_step:
-            rec["L_lines"] = 0.0
-            if in_adv:
-                for p in disc_params(disc):  # the generator step leaves D's gradients alone
-                    p.requires_grad_(False)
-                rec.update(L_G=0.0, lambda_adapt=0.0)
-            opt.zero_grad(set_to_none=True)
-            for j, chunk in enumerate(chunks):
-                x0, x1, y = get_pairs(pairs, chunk, device, label_dim > 0)
-                sigma = draw_sigma(
-                    len(chunk), args.sigma_dist, sot, schedule, args.P_mean, args.P_std, device
-                )
-                with _sync(ddp, j == len(chunks) - 1):
-                    d, x1_hat = lmm_loss(ddp, x0, x1, sigma, y, distance)
-                    loss = l_lines = d.mean()  # LMM Eq. 3
-                    if in_adv:
-                        onehot = F.one_hot(y, d_label_dim).float() if d_label_dim else None
-                        l_g = g_hinge_loss(disc(x1_hat, onehot, augment=args.augment))
-                        lam = adaptive_weight(l_lines, l_g, w_last, args.adapt_clamp)
-                        loss = args.lambda_lines * l_lines + lam * l_g  # LMM Sec. 3
-                        rec["L_G"] += l_g.item() / len(chunks)
-                        rec["lambda_adapt"] += lam.item() / len(chunks)
-                        inputs.append((x0, x1, y, sigma))
-                    (loss * len(chunk) / batch_rank).backward()
-                rec["L_lines"] += l_lines.item() * len(chunk) / batch_rank
-            for p in net.parameters():
-                if p.grad is not None:
-                    torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-            opt.step()
-            ema_update(ema, net, args.ema)
+            critic = (disc, w_last, d_label_dim) if in_adv else None
+            rec, inputs = generator_step(ddp, net, ema, opt, draw, chunks, distance, critic, args)
         elif d_step:  # a D-only step: fakes from the current N_theta on this step's pairs and noise levels
-            for chunk in chunks:
-                x0, x1, y = get_pairs(pairs, chunk, device, label_dim > 0)
-                sigma = draw_sigma(
-                    len(chunk), args.sigma_dist, sot, schedule, args.P_mean, args.P_std, device
-                )
-                inputs.append((x0, x1, y, sigma))
-        if d_step:  # hinge loss on real images and on N_theta's outputs (after its update when g_period 1)
-            for p in disc_params(disc):
-                p.requires_grad_(True)
-            opt_d.zero_grad(set_to_none=True)
-            ridx = batch_indices(n_real, args.batch, step, args.seed + 1)[
-                rank * batch_rank : (rank + 1) * batch_rank
-            ]
-            rec.update(L_D=0.0, D_real=0.0, D_fake=0.0)
-            for j, ((x0, x1, y, sigma), rchunk) in enumerate(zip(inputs, ridx.split(batch_gpu), strict=True)):
-                with torch.no_grad():
-                    fake = net(x1 + sigma.reshape(-1, 1, 1, 1) * x0, sigma, class_labels=y)
-                real, ry = get_batch(images, labels, rchunk, device)
-                with _sync(ddp_d, j == len(inputs) - 1):
-                    oh_real = F.one_hot(ry, d_label_dim).float() if d_label_dim else None
-                    oh_fake = F.one_hot(y, d_label_dim).float() if d_label_dim else None
-                    d_real = ddp_d(real, oh_real, augment=args.augment)
-                    d_fake = ddp_d(fake, oh_fake, augment=args.augment)
-                    l_d = d_hinge_loss(d_real, d_fake)
-                    (l_d / len(inputs)).backward()
-                rec["L_D"] += l_d.item() / len(inputs)
-                rec["D_real"] += d_real.mean().item() / len(inputs)
-                rec["D_fake"] += d_fake.mean().item() / len(inputs)
-            opt_d.step()
+            inputs = [draw(chunk) for chunk in chunks]
+        if d_step:
+            real_chunks = batch_indices(n_real, args.batch, step, args.seed + 1)[mine].split(batch_gpu)
+            rec.update(discriminator_step(net, ddp_d, disc, opt_d, inputs, real_chunks, real[:2], d_label_dim,
+                                          device, args))  # fmt: skip
         for k, v in rec.items():
             sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
         nimg, step = nimg + args.batch, step + 1
         done, stop_now = nimg >= total, stop.any(device, sum(rec.values()), step)
         if step % args.log_every == 0 or done or stop_now:
-            n = max(step - step_last, 1)
             metrics = {k: all_mean(v / counts[k], device) for k, v in sums.items()}  # per step that had it
-            log.log(step=step, kimg=nimg / 1000, **metrics, sec_per_step=(time.time() - t_last) / n)
+            sec = (time.time() - t_last) / max(step - step_last, 1)
+            log.log(step=step, kimg=nimg / 1000, **metrics, sec_per_step=sec)
             sums, counts, t_last, step_last = {}, {}, time.time(), step
         if step % args.snap_every == 0 or done or stop_now:
             if rank == 0:
-                state = dict(nimg=nimg, adv_step0=adv_step0, disc=None, disc_opt=None, world=world)
-                if disc is not None:
-                    state.update(disc=disc_state(disc), disc_opt=opt_d.state_dict())
-                ckpt_out = dict(
-                    method=METHOD,
-                    version=VERSION,
-                    args=vars(args),
-                    net_kwargs=net_kwargs,
-                    net=net.state_dict(),
-                    ema=ema.state_dict(),
-                    opt=opt.state_dict(),
-                    step=step,
-                    kimg=nimg / 1000,
-                    state=state,
-                )
-                save_checkpoint(ckpt_out, args.outdir, step)
-                for nfe in (1, 2) if args.grid else ():
-                    x, _ = sample(
-                        ema,
-                        grid_noise.to(device),
-                        nfe,
-                        None if grid_labels is None else grid_labels.to(device),
-                        generator=torch.Generator().manual_seed(1),
-                    )
-                    save_image_grid(x, os.path.join(args.outdir, f"grid-nfe{nfe}-{step:07d}.png"))
+                models = (net, ema, opt, disc, opt_d)
+                save_snapshot(args, net_kwargs, models, step, nimg, adv_step0, world, grid, device)
             barrier()
         if stop_now:
             log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
