@@ -254,6 +254,27 @@ def save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_
         save_image_grid(x, os.path.join(args.outdir, f"grid-{step:07d}.png"))
 
 
+def run_net_kwargs(args, shape, label_dim, ckpt, log):
+    """The network this run trains -> net_kwargs: EDM's from the flags, or the resumed run's."""
+    res, levels = shape[-1], len(args.channel_mult)
+    if res % 2 ** (levels - 1):
+        fail(f"image size {res} is not divisible by 2^{levels - 1} (--channel-mult has {levels} levels)")
+    net_kwargs = dict(img_resolution=res, img_channels=shape[0], label_dim=label_dim,
+                      augment_dim=args.augment_dim, model_channels=args.model_channels,
+                      channel_mult=list(args.channel_mult), num_blocks=args.num_blocks,
+                      attn_resolutions=list(args.attn_res), arch=args.arch, dropout=args.dropout)  # fmt: skip
+    if ckpt is not None:
+        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args.resume)
+        keys = ("data", "batch", "seed", "xflip", "cond", "lr", "aot_pairs", "assign", "cost", "augment")
+        changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
+                   if k in keys and ckpt["args"].get(k) != v}  # fmt: skip
+        if changed:
+            log.print(
+                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
+            )
+    return net_kwargs
+
+
 def train(args):
     rank, world, device = dist_setup()
     log = Logger(args.outdir, rank)
@@ -284,33 +305,7 @@ def train(args):
         fail(f"--aot-pairs {args.aot_pairs} is smaller than the {label_dim} classes: Alg. 2 solves per class")
     if args.aot_pairs * world > n_data:
         fail(f"a round of {args.aot_pairs} pairs x {world} processes exceeds the {n_data} training images")
-    res, levels = images.shape[-1], len(args.channel_mult)
-    if res % 2 ** (levels - 1):
-        fail(f"image size {res} is not divisible by 2^{levels - 1} (--channel-mult has {levels} levels)")
-    net_kwargs = dict(
-        img_resolution=res,
-        img_channels=images.shape[1],
-        label_dim=label_dim,
-        augment_dim=args.augment_dim,
-        model_channels=args.model_channels,
-        channel_mult=list(args.channel_mult),
-        num_blocks=args.num_blocks,
-        attn_resolutions=list(args.attn_res),
-        arch=args.arch,
-        dropout=args.dropout,
-    )
-    if ckpt is not None:
-        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args.resume)
-        keys = ("data", "batch", "seed", "xflip", "cond", "lr", "aot_pairs", "assign", "cost", "augment")
-        changed = {
-            k: (ckpt["args"].get(k), v)
-            for k, v in vars(args).items()
-            if k in keys and ckpt["args"].get(k) != v
-        }
-        if changed:
-            log.print(
-                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
-            )
+    net_kwargs = run_net_kwargs(args, tuple(images.shape[1:]), label_dim, ckpt, log)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     net = build_net(net_kwargs).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)

@@ -454,6 +454,29 @@ def save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_
         save_image_grid(x, os.path.join(args.outdir, f"grid-{step:07d}.png"))
 
 
+def run_net_kwargs(args, shape, label_dim, ckpt, log):
+    """The network this run trains -> net_kwargs: from the flags (the RFM velocity net sees 1000 t, the DM
+    eps-net the integer timestep), or the resumed run's."""
+    res = shape[-1]
+    if res % 2 ** (len(args.channel_mult) - 1):
+        fail(f"image size {res} is not divisible by 2^{len(args.channel_mult) - 1} (--channel-mult)")
+    net_kwargs = dict(img_resolution=res, img_channels=shape[0], label_dim=label_dim,
+                      objective=args.objective, time_scale=1000.0 if args.objective == "rfm" else 1.0,
+                      arch=args.arch, model_channels=args.model_channels,
+                      channel_mult=list(args.channel_mult), num_blocks=args.num_blocks,
+                      attn_resolutions=list(args.attn_res), dropout=args.dropout)  # fmt: skip
+    if ckpt is not None:
+        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args.resume)
+        keys = ("data", "xflip", "batch", "seed", "match_size", "matcher", "objective", "lr", "ema_warmup")
+        changed = {k: (ckpt["args"].get(k), v) for k, v in vars(args).items()
+                   if k in keys and ckpt["args"].get(k) != v}  # fmt: skip
+        if changed:
+            log.print(
+                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
+            )
+    return net_kwargs
+
+
 def train(args):
     rank, world, device = dist_setup()
     log = Logger(args.outdir, rank)
@@ -479,34 +502,8 @@ def train(args):
     if args.match_size > n_data:
         fail(f"--match-size {args.match_size} exceeds the {n_data} training images")
     label_dim = int(labels.max()) + 1 if args.cond else 0
-    shape, res = tuple(images.shape[1:]), images.shape[-1]
-    if res % 2 ** (len(args.channel_mult) - 1):
-        fail(f"image size {res} is not divisible by 2^{len(args.channel_mult) - 1} (--channel-mult)")
-    net_kwargs = dict(
-        img_resolution=res,
-        img_channels=shape[0],
-        label_dim=label_dim,
-        objective=args.objective,
-        time_scale=1000.0 if args.objective == "rfm" else 1.0,
-        arch=args.arch,
-        model_channels=args.model_channels,
-        channel_mult=list(args.channel_mult),
-        num_blocks=args.num_blocks,
-        attn_resolutions=list(args.attn_res),
-        dropout=args.dropout,
-    )
-    if ckpt is not None:
-        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args.resume)
-        keys = ("data", "xflip", "batch", "seed", "match_size", "matcher", "objective", "lr", "ema_warmup")
-        changed = {
-            k: (ckpt["args"].get(k), v)
-            for k, v in vars(args).items()
-            if k in keys and ckpt["args"].get(k) != v
-        }
-        if changed:
-            log.print(
-                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
-            )
+    shape = tuple(images.shape[1:])
+    net_kwargs = run_net_kwargs(args, shape, label_dim, ckpt, log)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     net = build_net(net_kwargs).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
