@@ -882,7 +882,8 @@ def describe(log, args, n_pairs, shape, label_dim, net, init_sd, world, device, 
         f"{f' from --init {args.init}' if init_sd is not None else ''}, {world} process(es) on {device}"
     )
     if disc is None:
-        return log.print("adversarial loss off")
+        log.print("adversarial loss off")
+        return
     names = ",".join(args.disc_backbones or DISC_BACKBONES.get(args.disc, ()))
     names = f" on {names}" if names else ""
     sched = "G and D on every step" if args.g_period == 1 else f"G on 1 step in {args.g_period}, else D"
