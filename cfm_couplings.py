@@ -356,18 +356,9 @@ def run_net_kwargs(args, shape, label_dim, ckpt, log):
         net_kwargs = dict(k, dropout=args.dropout)
         log.print(f"--init {args.init}: its architecture and time scale {net_kwargs} replace the flags'")
     if ckpt is not None:
-        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args.resume)
         keys = ("data", "pairs", "coupling", "batch", "ot_batch", "seed", "lr", "cost", "sinkhorn_reg")
         keys += ("xflip", "ot_replace", "cond")
-        changed = {
-            k: (ckpt["args"].get(k), v)
-            for k, v in vars(args).items()
-            if k in keys and ckpt["args"].get(k) != v
-        }
-        if changed:
-            log.print(
-                f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
-            )
+        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args, log, keys)
     return net_kwargs, init
 
 
@@ -412,23 +403,14 @@ def train(args):
     log = Logger(args.outdir, rank)
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    if args.batch % world:
-        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
-    batch_rank = args.batch // world
-    batch_gpu = args.batch_gpu or batch_rank
-    if batch_rank % batch_gpu:
-        fail(
-            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
-        )
+    batch_rank, batch_gpu = split_batch(args, world)
     if args.ot_batch and (args.ot_batch % args.batch or args.coupling == "pairs"):
         fail(
             f"--ot-batch {args.ot_batch} must be a multiple of --batch {args.batch}"
             if args.coupling != "pairs"
             else "--ot-batch has no meaning with --coupling pairs (the pairs are fixed)"
         )
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt.get("method") != METHOD:
-        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+    ckpt = resume_checkpoint(args, METHOD)
     images, labels, pairs, shape, label_dim, n_data = load_training_set(args, device)
     block = args.ot_batch or args.batch
     if block > n_data:
@@ -1519,14 +1501,45 @@ def check_out(path, overwrite=False, nbytes=0):
         fail(f"{path} needs about {nbytes / 2**30:.2f} GiB but {folder} has {free / 2**30:.2f} GiB free")
 
 
-def resumed_net_kwargs(ckpt, net_kwargs, path):
-    """The checkpoint's net_kwargs, after checking that today's data has the shape and classes it had."""
-    keys = ("img_channels", "img_resolution", "label_dim")
-    theirs, ours = [ckpt["net_kwargs"].get(k) for k in keys], [net_kwargs.get(k) for k in keys]
+def split_batch(args, world):
+    """--batch (global) over `world` processes, run in forward chunks of --batch-gpu -> (per-process batch,
+    chunk size); a one-line error where they do not divide."""
+    if args.batch % world:
+        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
+    batch_rank = args.batch // world
+    batch_gpu = args.batch_gpu or batch_rank
+    if batch_rank % batch_gpu:
+        fail(
+            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
+        )
+    return batch_rank, batch_gpu
+
+
+def resume_checkpoint(args, method):
+    """--resume's checkpoint (None without it); another method's checkpoint is a one-line error."""
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and ckpt.get("method") != method:
+        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {method!r}")
+    return ckpt
+
+
+def resumed_net_kwargs(ckpt, net_kwargs, args, log, keys=()):
+    """The checkpoint's net_kwargs, after checking that today's data has the shape and classes it had; a
+    warning names the flags among `keys` that differ from the checkpoint's (the run will then not equal an
+    unbroken one)."""
+    shape_keys = ("img_channels", "img_resolution", "label_dim")
+    theirs, ours = [ckpt["net_kwargs"].get(k) for k in shape_keys], [net_kwargs.get(k) for k in shape_keys]
     if theirs != ours:
         fail(
-            f"--resume {path} was trained on (channels, resolution, classes) = {tuple(theirs)} but the data "
-            f"gives {tuple(ours)}: resume with the data it was trained on"
+            f"--resume {args.resume} was trained on (channels, resolution, classes) = {tuple(theirs)} but "
+            f"the data gives {tuple(ours)}: resume with the data it was trained on"
+        )
+    changed = {
+        k: (ckpt["args"].get(k), v) for k, v in vars(args).items() if k in keys and ckpt["args"].get(k) != v
+    }
+    if changed:
+        log.print(
+            f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
         )
     return ckpt["net_kwargs"]
 

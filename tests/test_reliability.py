@@ -1,5 +1,6 @@
 """Nothing lost, nothing mixed, nothing executed: locks, refusals, integrity, non-finite values, leftovers."""
 
+import argparse
 import fcntl
 import json
 import os
@@ -179,9 +180,17 @@ def test_bad_numbers_and_shapes_are_one_line_errors(npz_data, tmp_path, capsys):
                            attn_resolutions=[], model_channels=16))  # fmt: skip
     with pytest.raises(ValueError, match="dopri5 needs atol > 0 and rtol > 0"):  # it would never end
         C.sample(net, torch.randn(1, 3, 8, 8), 0, solver="dopri5", atol=0.0, rtol=0.0)
-    ckpt = dict(net_kwargs=dict(img_channels=3, img_resolution=16, label_dim=0))
+    shape16 = dict(img_channels=3, img_resolution=16, label_dim=0)
+    ckpt = dict(net_kwargs=shape16, args=dict(lr=1e-3, seed=0, batch=8))
+    args, said = argparse.Namespace(resume="r16", lr=2e-3, seed=0, batch=8), []
+    log = argparse.Namespace(print=said.append)
     with pytest.raises(SystemExit, match=r"trained on .* \(3, 16, 0\) but the data gives \(3, 32, 0\)"):
-        E.resumed_net_kwargs(ckpt, dict(img_channels=3, img_resolution=32, label_dim=0), "r16")
+        E.resumed_net_kwargs(ckpt, dict(shape16, img_resolution=32), args, log)
+    # a changed flag among the watched keys is named with (old, new); an unwatched or unchanged one is not
+    assert E.resumed_net_kwargs(ckpt, dict(shape16), args, log, ("lr", "seed")) is shape16
+    assert len(said) == 1 and "{'lr': (0.001, 0.002)}" in said[0] and "seed" not in said[0]
+    E.resumed_net_kwargs(ckpt, dict(shape16), args, log, ("seed", "batch"))
+    assert len(said) == 1
 
 
 def test_resume_cleans_leftovers_and_cuts_the_log_back_to_the_checkpoint(tmp_path):
