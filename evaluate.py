@@ -1,4 +1,5 @@
-"""evaluate.py: one evaluator for every checkpoint of this project and for official EDM snapshots.
+"""evaluate.py: one evaluator for every checkpoint of this project and for official EDM snapshots (converted
+once by tools/convert_edm.py).
 
 For each checkpoint (`--ckpt A B ...`) and each NFE (`--nfe 1,2,4`), image i is sampled from the same noise
 and class label (a generator seeded with seed + i, as `edm_teacher.py --generate` and `gen_pairs.py` draw
@@ -57,6 +58,7 @@ import contextlib
 import datetime
 import inspect
 import json
+import math
 import os
 import platform
 
@@ -76,7 +78,8 @@ DENOISERS = ("edm_teacher", "aot_edm", "lmm")  # their networks output the clean
 
 
 def load_model(spec, cache_dir, device):
-    """(module, net, ckpt) for any checkpoint of this project or an official EDM snapshot (.pkl / URL)."""
+    """(module, net, ckpt) for any checkpoint of this project (an EDM .pkl: tools/convert_edm.py first);
+    cache_dir: unused (nothing is downloaded)."""
     module, net, ckpt, _ = gen_pairs.load_teacher(spec, cache_dir, device)
     version, supported = ckpt.get("version", 1), getattr(module, "VERSION", 1)
     if version > supported:
@@ -262,9 +265,10 @@ def loom_reference_indices(n, num=10000, seed=42):
 
 
 def load_reference_images(spec, split, data_dir):
-    """--ref-data images (uint8 [N, C, H, W]): split test reads CIFAR-10's 10,000 test images."""
+    """--ref-data images (uint8 [N, H, W, C]; an .npy memory-mapped): split test reads CIFAR-10's 10,000 test
+    images."""
     if split == "train":
-        return edm_teacher.load_images(spec, data_dir)[0]
+        return edm_teacher.load_data(spec, data_dir)[0]
     if spec != "cifar10":
         fail(f"--ref-split test is defined for --ref-data cifar10 only, not {spec!r}")
     import torchvision
@@ -276,7 +280,7 @@ def load_reference_images(spec, split, data_dir):
             f"CIFAR-10's test split is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
             f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/"
         )
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(ds.data).transpose(0, 3, 1, 2)))
+    return np.asarray(ds.data)
 
 
 def reference(args, extract, kid, rank, world, device):
@@ -293,13 +297,10 @@ def reference(args, extract, kid, rank, world, device):
         images = load_reference_images(args.ref_data, args.ref_split, args.data_dir)
         what = f"data {args.ref_data} {args.ref_split} ({len(images)} images"
         if args.ref_num:  # the official LOOM draw: with replacement, seeded
-            images = images[loom_reference_indices(len(images), args.ref_num, args.ref_seed)]
+            images = images[loom_reference_indices(len(images), args.ref_num, args.ref_seed).numpy()]
             what += f", {args.ref_num} drawn with replacement by RandomSampler(seed {args.ref_seed})"
         idx = list(range(len(images)))[rank::world]
-        mine = [
-            extract(images[idx[i : i + args.batch]].permute(0, 2, 3, 1).numpy())[0]
-            for i in range(0, len(idx), args.batch)
-        ]
+        mine = [extract(images[idx[i : i + args.batch]])[0] for i in range(0, len(idx), args.batch)]
         feats = gather_rows(idx, np.concatenate(mine) if mine else None, world)
         return feats.mean(0), np.cov(feats, rowvar=False), feats, what + ")"
     if args.feature_extractor == "random-cnn":
@@ -418,7 +419,7 @@ def evaluate(args):
         if path and rank == 0:  # before the work: a new (or --overwrite) file in a writable folder
             with contextlib.suppress(OSError):  # check_out says what is wrong with the folder
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            edm_teacher.check_out(path, args.overwrite)
+            gen_pairs.check_out(path, args.overwrite)
     image_metrics = [m for m in metrics if m in ("fid", "kid", "is")]
     extract = ref = None
     if image_metrics:
@@ -467,8 +468,8 @@ def evaluate(args):
         row.update(score(images, seeds) if image_metrics else {})
         results.append(row)
     for spec in args.ckpt:
-        module, net, ckpt = load_model(spec, args.cache_dir, device)
-        counter = CountingNet(module.prepare_net(net, args, device))  # --precision, --compile
+        module, net, ckpt = load_model(spec, None, device)
+        counter = CountingNet(gen_pairs.prepare_net(net, args, device))  # --precision, --compile
         k = ckpt["net_kwargs"]
         shape, label_dim = (
             (k["img_channels"], k["img_resolution"], k["img_resolution"]),
@@ -511,7 +512,7 @@ def evaluate(args):
                     runs.append(score(images, seeds))
                 if j == 0 and args.grid and rank == 0:
                     grid = torch.from_numpy(images[: args.grid_n]).permute(0, 3, 1, 2).float() / 127.5 - 1
-                    edm_teacher.save_image_grid(grid, suffixed(args.grid, name, nfe))
+                    save_image_grid(grid, suffixed(args.grid, name, nfe))
             # network calls counted (per sampling batch), the method's own figure (dopri5: torchdiffeq's
             # function evaluations), the solver's attempted steps (the official LOOM code's num_steps)
             row.update(
@@ -661,6 +662,14 @@ def write_figures(results, out):
     return paths
 
 
+def save_image_grid(images, path):
+    """images [N, C, H, W] in [-1, 1] -> a square-ish PNG grid; torchvision rounds (x + 1) / 2 * 255 + 0.5,
+    which is EDM's quantisation x * 127.5 + 128."""
+    from torchvision.utils import save_image
+
+    save_image((images.float().cpu() + 1) / 2, path, nrow=math.ceil(math.sqrt(len(images))), padding=0)
+
+
 def suffixed(path, name, nfe):
     stem, ext = os.path.splitext(path)
     return f"{stem}-{name}-nfe{nfe}{ext or '.png'}"
@@ -775,7 +784,12 @@ def parse_args(argv=None):
         description="Evaluate checkpoints: FID/KID/IS, straightness, curvature, NFE sweeps, grids, figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--ckpt", nargs="*", default=[], help="checkpoints (.pt, run folder, EDM .pkl or URL)")
+    p.add_argument(
+        "--ckpt",
+        nargs="*",
+        default=[],
+        help="checkpoints (.pt or run folder; an EDM .pkl converted by tools/convert_edm.py)",
+    )
     p.add_argument("--pairs", default=None, help="also score a pairs file's `data` as a sample set")
     p.add_argument(
         "--protocol",
@@ -819,7 +833,10 @@ def parse_args(argv=None):
     p.add_argument("--dataset-split", default="train", help="clean-fid reference statistics: split")
     p.add_argument("--ref-stats", default=None, help="reference .npz with mu, sigma (and feats for KID)")
     p.add_argument(
-        "--ref-data", default=None, help="compute the reference from data: cifar10 | FILE.npz | DIR"
+        "--ref-data",
+        default=None,
+        help="compute the reference from data: cifar10 | shapes | FILE.npy (tools/prepare_data.py) | "
+        "FILE.npz (uint8 NHWC 'images')",
     )
     p.add_argument("--ref-split", default="train", choices=["train", "test"], help="--ref-data cifar10 split")
     p.add_argument(
@@ -852,8 +869,7 @@ def parse_args(argv=None):
     p.add_argument("--grid-n", type=int, default=64, help="images per grid")
     p.add_argument("--trajectory", default=None, help="PNG path: x1 estimates along the sampling path")
     p.add_argument("--trajectory-n", type=int, default=8, help="rows (images) of each trajectory strip")
-    p.add_argument("--cache-dir", default=None, help="download folder for checkpoint URLs")
-    edm_teacher.add_speed_args(p, train=False)
+    gen_pairs.add_speed_args(p)
     known, _ = p.parse_known_args(argv)
     if known.protocol:
         p.set_defaults(**PROTOCOLS[known.protocol]["defaults"])

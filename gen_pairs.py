@@ -20,9 +20,10 @@ OUT (atomically), verifies the merge and removes the shards.
 Commands
   CPU smoke run (a checkpoint of edm_teacher.py):
     python gen_pairs.py --teacher runs/edm-shapes/latest.pt --num-pairs 256 --out pairs_shapes.npz --batch 64
-  The LMM teacher pairs, 1M pairs from the official EDM CIFAR-10 checkpoint on 8 GPUs:
-    torchrun --standalone --nproc_per_node=8 gen_pairs.py \\
-        --teacher https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl --cond \\
+  The LMM teacher pairs, 1M pairs from the official EDM CIFAR-10 checkpoint (converted once) on 8 GPUs:
+    python tools/convert_edm.py \\
+        https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-cond-vp.pkl edm-cifar10-cond.pt
+    torchrun --standalone --nproc_per_node=8 gen_pairs.py --teacher edm-cifar10-cond.pt --cond \\
         --num-pairs 1000000 --out pairs_cifar10_cond.npz
   Inspect a pairs file:
     python gen_pairs.py --inspect pairs_cifar10_cond.npz
@@ -118,22 +119,23 @@ def sha256_file(path):
 
 
 def load_teacher(spec, cache_dir, device):
-    """Any checkpoint of this project (its method file's build_net/sample) or an official EDM snapshot."""
+    """Any checkpoint of this project (its method file's build_net/sample); an official EDM snapshot (.pkl, or
+    its URL) is converted first, once, by tools/convert_edm.py. cache_dir: unused (nothing is downloaded)."""
     import edm_teacher
 
-    if spec.startswith(("http://", "https://")):
-        cache = cache_dir or os.path.join(
-            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edm"
+    url = spec.startswith(("http://", "https://"))
+    if url or spec.endswith(".pkl"):  # one safe unpickler of foreign files, in tools/convert_edm.py only
+        pt = (os.path.basename(spec) if url else spec).removesuffix(".pkl") + ".pt"
+        fail(
+            f"{spec} is {'a URL' if url else 'an EDM snapshot'}: convert it first with "
+            f"python tools/convert_edm.py {spec} {pt} and pass {pt}"
         )
-        spec = edm_teacher.fetch_file(spec, cache)
     path = os.path.realpath(os.path.join(spec, "latest.pt") if os.path.isdir(spec) else spec)
     if not os.path.isfile(path):
-        edm_teacher.fail(f"teacher not found: {spec} (a .pt checkpoint, a run folder, an EDM .pkl or a URL)")
-    ckpt = edm_teacher.load_teacher(path)
+        fail(f"teacher not found: {spec} (a .pt checkpoint or a run folder)")
+    ckpt = edm_teacher.load_checkpoint(path)  # CRC-checked, weights-only
     if ckpt.get("method") not in METHODS:
-        edm_teacher.fail(
-            f"{spec}: unknown method {ckpt.get('method')!r}; this project's are {', '.join(METHODS)}"
-        )
+        fail(f"{spec}: unknown method {ckpt.get('method')!r}; this project's are {', '.join(METHODS)}")
     module = importlib.import_module(ckpt["method"])
     net = module.build_net(ckpt["net_kwargs"])
     net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"])
@@ -154,6 +156,107 @@ def teacher_dataset(ckpt):
     if isinstance(data, str) and os.path.exists(data):
         return os.path.abspath(data)
     return data if isinstance(data, str) else None
+
+
+# --- runtime: one-line errors, the output file, the speed flags ---
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
+
+
+_LOCKS = {}  # path -> open file descriptor: the locks this process holds until it exits
+
+
+def hold_lock(path):
+    """An exclusive lock on `path` for the life of the process. A second run stops at once and names the
+    holder; the kernel drops a killed run's lock (flock), so a stale lock file is simply taken over."""
+    import fcntl
+    import socket
+
+    path = os.path.abspath(path)
+    if path in _LOCKS:
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        fail(f"{path} is locked by a running job ({holder}); wait for it or choose another output")
+    info = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info.encode(), 0)
+    _LOCKS[path] = fd
+
+
+def check_out(path, overwrite=False):
+    """Before the work: an output file must be new (or --overwrite), its folder writable."""
+    import tempfile
+
+    if os.path.exists(path) and not overwrite:
+        fail(f"{path} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        fail(f"cannot write to {folder} ({e.strerror}): the folder is missing or not writable; create it")
+
+
+def add_speed_args(p):
+    """The speed flags of a sampling script (gen_pairs.py, evaluate.py), as the method files' trainers."""
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "tf32", "bf16"],
+        help="fp32 (the papers'); tf32: TF32 matmuls/convs (Ampere+ GPUs); bf16: torch.autocast around the "
+        "network (its preconditioning stays fp32)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the network's forward")
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (eager, aot_eager: quick checks without inductor's C++ build)",
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="feed the network channels-last (NHWC) images"
+    )
+
+
+class FastNet(torch.nn.Module):
+    """net as a sampler calls it under the speed flags: same parameters, same call signature, float32 output.
+    Autocast wraps the whole forward: the preconditioning (elementwise on float32 inputs) stays float32."""
+
+    def __init__(self, net, args):
+        super().__init__()
+        self.net, self.precision, self.channels_last = net, args.precision, args.channels_last
+        # the bound forward, compiled or not: no second (compiled) module is registered in this one
+        self.fn = torch.compile(net.forward, backend=args.compile_backend) if args.compile else net.forward
+
+    def __getattr__(self, name):  # the wrapped net's attributes (lmm's schedule, dansm's objective, ...)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "net":
+                raise
+            return getattr(self.net, name)
+
+    def forward(self, x, *a, **kw):
+        if self.channels_last and x.dim() == 4:  # activations NHWC from the first conv on; weights stay
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            out = self.fn(x, *a, **kw)
+        return out.float()
+
+
+def prepare_net(net, args, device):
+    """The module to call for --precision/--compile/--channels-last: net itself for plain fp32 (the papers'
+    computation exactly), else a FastNet around it. tf32 is a global switch of the CUDA backends."""
+    if args.precision == "tf32" and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.precision != "bf16" and not args.compile and not args.channels_last:
+        return net
+    return FastNet(net, args)
 
 
 # --- distributed (generation only: no training state) ---
@@ -241,16 +344,13 @@ def merge(out, shard_dir, n_shards, num, shape, dtype, label_dim, meta):
 def generate(args):
     from tqdm import tqdm
 
-    import edm_teacher
-
-    fail = edm_teacher.fail
     out = os.path.abspath(args.out)
     rank, world, device = dist_setup()
     if rank == 0:  # one writer per --out for the life of the run; then what a killed run left goes
         if not os.access(os.path.dirname(out), os.W_OK):
             fail(f"cannot write to {os.path.dirname(out)}: the folder is missing or not writable")
-        edm_teacher.hold_lock(out + ".lock")
-        edm_teacher.check_out(out, args.overwrite)
+        hold_lock(out + ".lock")
+        check_out(out, args.overwrite)
         for leftover in glob.glob(glob.escape(out) + ".tmp*") + glob.glob(glob.escape(out) + ".merging*"):
             os.remove(leftover)
         for leftover in glob.glob(os.path.join(glob.escape(out + ".shards"), "*.tmp*")):
@@ -259,12 +359,12 @@ def generate(args):
     # the same kernels on every rank and run (no autotuning, no tf32): pairs do not depend on the world size
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    module, net, ckpt, teacher_path = load_teacher(args.teacher, args.cache_dir, device)
+    module, net, ckpt, teacher_path = load_teacher(args.teacher, None, device)
     params = signature(module.sample).parameters
     unknown = [k for k in args.sampler_kw if k not in params or k in ("generator", "stats")]
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         fail(f"{ckpt['method']}.sample takes no {unknown} (--sampler-kw); it takes {list(params)[3:]}")
-    net = module.prepare_net(net, args, device)  # --precision, --compile, --channels-last (fp32: net itself)
+    net = prepare_net(net, args, device)  # --precision, --compile, --channels-last (fp32: net itself)
     k = ckpt["net_kwargs"]
     if "img_channels" not in k:
         fail(f"{args.teacher}: its net_kwargs have no image shape (img_channels, img_resolution)")
@@ -414,13 +514,14 @@ def sampler_kw(text):
 
 
 def parse_args(argv=None):
-    import edm_teacher
-
     p = argparse.ArgumentParser(
         description="Make (noise, teacher sample) pairs from any checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--teacher", help="our checkpoint (.pt or run folder), an EDM snapshot (.pkl), or a URL")
+    p.add_argument(
+        "--teacher",
+        help="our checkpoint (.pt or run folder); an EDM snapshot (.pkl) converted by tools/convert_edm.py",
+    )
     p.add_argument(
         "--num-pairs",
         "--num",
@@ -446,12 +547,9 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=8192, help="pairs per shard (the unit of resumption)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument(
-        "--cache-dir", default=None, help="download folder for URL teachers (default ~/.cache/edm)"
-    )
-    p.add_argument(
         "--inspect", metavar="FILE", help="print a pairs file's contents and statistics, then exit"
     )
-    edm_teacher.add_speed_args(p, train=False)
+    add_speed_args(p)
     args = p.parse_args(argv)
     if not args.inspect:
         if args.sampler_kw is None:
@@ -474,14 +572,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.inspect:
-        import edm_teacher
-
         if not os.path.isfile(args.inspect):
-            edm_teacher.fail(f"pairs file not found: {args.inspect}")
+            fail(f"pairs file not found: {args.inspect}")
         try:
             inspect(args.inspect)
         except (ValueError, KeyError, zipfile.BadZipFile) as e:
-            edm_teacher.fail(f"{args.inspect} is not a readable pairs file: {e}")
+            fail(f"{args.inspect} is not a readable pairs file: {e}")
     else:
         generate(args)
 

@@ -45,7 +45,8 @@ Commands
   Table 7 columns (docs/lmm.md has each command): --loss l2 --adv-start off | --adv-start off --lpips-res 64 |
   (default) | --sot 0 (NFE 1) or --sot 0,1, with --sot-start 40960.
   Other datasets: --preset afhq64 | imagenet64 (Table 6 columns; ImageNet-64's generator is ADM, the
-  network of EDM's edm-imagenet-64x64-cond-adm.pkl teacher, which --init loads).
+  network of EDM's edm-imagenet-64x64-cond-adm.pkl teacher, which --init loads once tools/convert_edm.py has
+  converted it).
 """
 
 import argparse
@@ -738,13 +739,15 @@ INIT_ARCH = (
 
 
 def load_init(path, shape, label_dim, cond):
-    """--init: an EDM-family checkpoint (ours, or an official EDM snapshot converted by edm_teacher.py
-    --convert) -> (its architecture's net_kwargs, its EMA weights). The student is built from the teacher's
-    net_kwargs so that every key loads strictly; a real mismatch with the pairs is a one-line error."""
-    if path.endswith(".pkl"):
+    """--init: an EDM-family checkpoint (ours, or an official EDM snapshot converted by tools/convert_edm.py)
+    -> (its architecture's net_kwargs, its EMA weights). The student is built from the teacher's net_kwargs
+    so that every key loads strictly; a real mismatch with the pairs is a one-line error."""
+    url = path.startswith(("http://", "https://"))
+    if url or path.endswith(".pkl"):
+        pt = (os.path.basename(path) if url else path).removesuffix(".pkl") + ".pt"
         fail(
-            f"--init {path}: convert the EDM snapshot first "
-            f"(python edm_teacher.py --convert X.pt --ckpt {path}) and pass X.pt"
+            f"--init {path} is {'a URL' if url else 'an EDM snapshot'}: convert it first with "
+            f"python tools/convert_edm.py {path} {pt} and pass {pt}"
         )
     init = load_checkpoint(path)
     if init.get("method") not in ("lmm", "edm_teacher", "aot_edm") or "net_kwargs" not in init:
@@ -1263,7 +1266,7 @@ def parse_args(argv=None):
         default=None,
         metavar="TEACHER",
         help="start N_theta from this EDM-family checkpoint (edm_teacher, lmm; official EDM .pkl converted "
-        "by edm_teacher.py --convert) and take its architecture; default: random weights",
+        "by tools/convert_edm.py) and take its architecture; default: random weights",
     )
     p.add_argument("--arch", default=None, choices=["ddpmpp", "adm"], help="generator network (preset)")
     p.add_argument("--model-channels", type=int, default=None, help="UNet base width (preset: 128; ADM 192)")
@@ -1515,84 +1518,102 @@ def scan_pairs(pairs, path, rows=1 << 14):
 # --- end shared: pairs reader ---
 
 
-# --- shared: UNet (identical in every method file) ---
-# DDPM++ UNet (Song et al. 2021) and ADM (Dhariwal & Nichol 2021), structured as EDM's SongUNet and
-# DhariwalUNet so that their state_dict keys match the official EDM checkpoints exactly. Down-sampling is a
-# 2x2 box filter, up-sampling nearest, both applied before conv. --arch ddpmpp | adm (make_unet).
+# --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---
+# ddpmpp | ncsnpp | adm: EDM's SongUNet / DhariwalUNet with EDM's state_dict keys (EDM snapshots load by key);
+# adm-cfm: the guided-diffusion UNet as torchcfm's UNetModelWrapper builds it (LOOM's), with torchcfm's keys.
 
 
-def _init(shape, fan_in, fan_out, gain=1.0, mode="xavier"):
-    """EDM's inits: DDPM++ xavier_uniform; ADM kaiming_uniform * sqrt(1/3); normal for ADM's label map."""
+def _init(shape, fan_in, fan_out, gain=1.0, mode="xavier", bias=False):
+    """EDM's inits: xavier_uniform, biases 0 (DDPM++); kaiming_uniform * sqrt(1/3) (ADM; PyTorch default)."""
+    if bias and mode != "kaiming":
+        return torch.zeros(shape)
     if mode == "normal":
         return torch.randn(shape) * gain
     bound = math.sqrt(1 / fan_in) if mode == "kaiming" else math.sqrt(6 / (fan_in + fan_out))
     return (torch.rand(shape) * 2 - 1) * bound * gain
 
 
-def _bias(c, fan_in, gain, mode):  # DDPM++ biases start at 0, ADM's like its weights
-    return _init([c], fan_in, c, gain, mode) if mode == "kaiming" else torch.zeros(c)
-
-
 class Linear(nn.Module):
     def __init__(self, cin, cout, bias=True, gain=1.0, mode="xavier"):
         super().__init__()
         self.weight = nn.Parameter(_init([cout, cin], cin, cout, gain, mode))
-        self.bias = nn.Parameter(_bias(cout, cin, gain, mode)) if bias else None
+        self.bias = nn.Parameter(_init([cout], cin, cout, gain, mode, True)) if bias else None
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 class Conv2d(nn.Module):
-    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0, mode="xavier"):
+    """A conv after optional x2 up/down-sampling by EDM's FIR filter (a buffer; [1, 1]: nearest up, box down),
+    fused: down-sampling after the conv; kernel 0: resampling only; dims 1: a Conv1d-shaped weight."""
+
+    def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0, mode="xavier", filt=(1, 1),
+                 fused=False, dims=2):  # fmt: skip
         super().__init__()
-        self.up, self.down = up, down
-        fan_in, fan_out = cin * kernel * kernel, cout * kernel * kernel
-        # kernel 0: resampling only, no weights (ADM's skip of a down/up block that keeps its width)
-        self.weight = (
-            nn.Parameter(_init([cout, cin, kernel, kernel], fan_in, fan_out, gain, mode)) if kernel else None
-        )
-        self.bias = nn.Parameter(_bias(cout, fan_in, gain, mode)) if kernel else None
-        # EDM stores the [1,1] resample filter as a buffer: keep it so that official weights load by key.
-        f = torch.ones(2, 2).div(4).view(1, 1, 2, 2)
+        self.up, self.down, self.fused = up, down, fused
+        fan_in, fan_out, shape = cin * kernel * kernel, cout * kernel * kernel, [cout, cin] + [kernel] * dims
+        self.weight = nn.Parameter(_init(shape, fan_in, fan_out, gain, mode)) if kernel else None
+        self.bias = nn.Parameter(_init([cout], fan_in, cout, gain, mode, True)) if kernel else None
+        f = torch.tensor(filt, dtype=torch.float32)
+        f = f.ger(f)[None, None] / f.sum().square()
         self.register_buffer("resample_filter", f if up or down else None)
 
     def forward(self, x):
-        c = x.shape[1]
-        if self.up:  # nearest x2 as a transposed conv with the (4 * box) filter
-            x = F.conv_transpose2d(
-                x, self.resample_filter.mul(4).tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2
-            )
-        if self.down:  # 2x2 average
-            x = F.conv2d(x, self.resample_filter.tile(c, 1, 1, 1).to(x.dtype), groups=c, stride=2)
+        f, c = self.resample_filter, x.shape[1]
+        if f is not None:
+            f, pad = f.to(x.dtype), (f.shape[-1] - 1) // 2
+        if self.up:
+            x = F.conv_transpose2d(x, f.mul(4).tile(c, 1, 1, 1), None, 2, pad, groups=c)
+        if self.down and not self.fused:
+            x = F.conv2d(x, f.tile(c, 1, 1, 1), None, 2, pad, groups=c)
         if self.weight is None:
             return x
         w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        w = w if w.ndim == 4 else w[..., None]
+        if self.fused:  # conv, down-sampling, then the bias, as EDM
+            x = F.conv2d(x, w, padding=w.shape[-1] // 2 + pad)
+            return F.conv2d(x, f.tile(x.shape[1], 1, 1, 1), None, 2, groups=x.shape[1]).add_(b[:, None, None])
         return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
 
 
-def _group_norm(c, eps=1e-6):
-    return nn.GroupNorm(min(32, c // 4), c, eps=eps)
+def _group_norm(c, eps=1e-6, groups=None):
+    return nn.GroupNorm(groups or min(32, c // 4), c, eps=eps)
+
+
+def _attention(qkv, heads, cfm=False):
+    """qkv [N, 3C, H, W], channels (head, c, 3) as EDM / (head, 3, c) as guided-diffusion -> [N, C, H, W]."""
+    n, c, h, w = qkv.shape[0], qkv.shape[1] // 3, qkv.shape[2], qkv.shape[3]
+    if cfm:
+        q, k, v = qkv.reshape(n * heads, 3, c // heads, h * w).unbind(1)
+    else:
+        q, k, v = qkv.reshape(n * heads, c // heads, 3, h * w).unbind(2)
+    a = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c // heads)).softmax(dim=2)
+    return torch.einsum("nqk,nck->ncq", a.to(v.dtype), v).reshape(n, c, h, w)
+
+
+def _freqs(n, device, endpoint=False, cfm=False):
+    """Positional embedding frequencies, as EDM or (cfm) guided-diffusion computes them."""
+    i = torch.arange(n // 2, device=device, dtype=torch.float32)
+    return torch.exp(-math.log(10000) * i / (n // 2)) if cfm else (1 / 10000) ** (i / (n // 2 - endpoint))
 
 
 class UNetBlock(nn.Module):
-    """A residual block with optional self-attention. adm=False: DDPM++ (additive embedding, skips scaled by
-    sqrt(1/2), one attention head); adm=True: ADM (adaptive scale-shift norm, unscaled skips, heads of 64
-    channels, a weightless resampling skip when the width is kept, GroupNorm eps 1e-5, EDM's ADM init)."""
+    """EDM's residual block with optional self-attention: DDPM++ / NCSN++ (additive embedding, skips scaled by
+    sqrt(1/2), one head) or ADM (adaptive scale-shift norm, unscaled skips, heads of 64 channels)."""
 
-    def __init__(self, cin, cout, emb_ch, up=False, down=False, attention=False, dropout=0.0, adm=False):
+    def __init__(self, cin, cout, emb, up=False, down=False, attn=False, dropout=0.0, adm=False, filt=(1, 1)):
         super().__init__()
         self.in_channels, self.out_channels, self.dropout, self.adm = cin, cout, dropout, adm
         eps, mode, zero = (1e-5, "kaiming", 0.0) if adm else (1e-6, "xavier", 1e-5)
         self.norm0 = _group_norm(cin, eps)
-        self.conv0 = Conv2d(cin, cout, 3, up=up, down=down, mode=mode)
-        self.affine = Linear(emb_ch, cout * (2 if adm else 1), mode=mode)
+        self.conv0 = Conv2d(cin, cout, 3, up, down, mode=mode, filt=filt)
+        self.affine = Linear(emb, cout * (2 if adm else 1), mode=mode)
         self.norm1 = _group_norm(cout, eps)
         self.conv1 = Conv2d(cout, cout, 3, gain=zero, mode=mode)
-        self.skip = None
-        if cin != cout or up or down:
-            self.skip = Conv2d(cin, cout, 0 if adm and cin == cout else 1, up=up, down=down, mode=mode)
-        self.heads = (cout // 64 if adm else 1) if attention else 0  # ADM below 64 channels: none, as EDM
+        k = 0 if adm and cin == cout else 1  # ADM's skip of a resampling block keeping its width: no weights
+        has_skip = cin != cout or up or down
+        self.skip = Conv2d(cin, cout, k, up, down, mode=mode, filt=filt) if has_skip else None
+        self.heads = (cout // 64 if adm else 1) if attn else 0  # ADM below 64 channels: none, as EDM
         if self.heads:
             self.norm2 = _group_norm(cout, eps)
             self.qkv = Conv2d(cout, cout * 3, 1, gain=1.0 if adm else math.sqrt(0.2), mode=mode)
@@ -1609,187 +1630,207 @@ class UNetBlock(nn.Module):
         h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
         skip_scale = 1.0 if self.adm else math.sqrt(0.5)
         x = (h + (x if self.skip is None else self.skip(x))) * skip_scale
-        if self.heads:  # qkv channels interleaved as (head, c, 3), as in EDM
-            n, c, hh, ww = x.shape
-            q, k, v = self.qkv(self.norm2(x)).reshape(n * self.heads, c // self.heads, 3, hh * ww).unbind(2)
-            w = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c // self.heads)).softmax(dim=2)
-            a = torch.einsum("nqk,nck->ncq", w.to(v.dtype), v)
-            x = (self.proj(a.reshape(n, c, hh, ww)) + x) * skip_scale
+        if self.heads:
+            x = (self.proj(_attention(self.qkv(self.norm2(x)), self.heads)) + x) * skip_scale
         return x
 
 
 class UNet(nn.Module):
-    def __init__(
-        self,
-        img_resolution,
-        in_channels,
-        out_channels,
-        label_dim=0,
-        augment_dim=0,
-        model_channels=128,
-        channel_mult=(2, 2, 2),
-        num_blocks=4,
-        attn_resolutions=(16,),
-        dropout=0.10,
-    ):
+    """EDM's SongUNet as DDPM++ or NCSN++ (Fourier noise features, [1, 3, 3, 1] resampling, residual encoder
+    path), or EDM's DhariwalUNet (kind adm). Defaults: EDM's CIFAR-10 DDPM++ (56M parameters)."""
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
+                 dropout=0.10, kind="ddpmpp"):  # fmt: skip
         super().__init__()
-        mc, emb = model_channels, model_channels * 4
-        self.map_label = Linear(label_dim, mc) if label_dim else None
-        self.map_augment = Linear(augment_dim, mc, bias=False) if augment_dim else None
-        self.map_layer0, self.map_layer1 = Linear(mc, emb), Linear(emb, emb)
+        self.kind, adm, ncsn = kind, kind == "adm", kind == "ncsnpp"
+        mc, emb, nc = model_channels, model_channels * 4, model_channels * (1 + ncsn)
+        mode, filt = "kaiming" if adm else "xavier", (1, 3, 3, 1) if ncsn else (1, 1)
+        blk = dict(emb=emb, dropout=dropout, adm=adm, filt=filt)
+        if ncsn:  # NCSN++'s random frequencies, drawn first: EDM's buffer map_noise.freqs
+            self.map_noise = nn.Module()
+            self.map_noise.register_buffer("freqs", torch.randn(nc // 2) * 16)
+        self.map_label = Linear(label_dim, nc) if label_dim and not adm else None
+        self.map_augment = Linear(augment_dim, nc, False, 1.0 - adm, mode) if augment_dim else None
+        self.map_layer0, self.map_layer1 = Linear(nc, emb, mode=mode), Linear(emb, emb, mode=mode)
+        if label_dim and adm:  # ADM's label map joins after the noise MLP
+            self.map_label = Linear(label_dim, emb, bias=False, mode="normal")
         self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
-        cout, skips = in_channels, []
+        cout, caux, skips, c0 = in_channels, in_channels, [], mc * channel_mult[0] if adm else mc
         for level, mult in enumerate(channel_mult):
             r = img_resolution >> level
             if level == 0:
-                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc, 3), mc
+                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, c0, 3, mode=mode), c0
             else:
-                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, emb, down=True, dropout=dropout)
+                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, down=True, **blk)
+                if ncsn:  # NCSN++: the input image, down-sampled alongside, joins through a strided conv
+                    aux = Conv2d(caux, cout, 3, down=True, filt=filt, fused=True)
+                    self.enc[f"{r}x{r}_aux_residual"], caux = aux, cout
             skips.append(cout)
             for i in range(num_blocks):
-                attn = r in attn_resolutions
-                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
-                    cout, mc * mult, emb, attention=attn, dropout=dropout
-                )
+                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(cout, mc * mult, attn=r in attn_resolutions, **blk)
                 cout = mc * mult
                 skips.append(cout)
         for level, mult in reversed(list(enumerate(channel_mult))):
             r = img_resolution >> level
             if level == len(channel_mult) - 1:
-                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, emb, attention=True, dropout=dropout)
-                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, emb, dropout=dropout)
+                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, attn=True, **blk)
+                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, **blk)
             else:
-                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, emb, up=True, dropout=dropout)
+                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, up=True, **blk)
             for i in range(num_blocks + 1):
-                attn = i == num_blocks and r in attn_resolutions
-                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
-                    cout + skips.pop(), mc * mult, emb, attention=attn, dropout=dropout
-                )
+                a = r in attn_resolutions and (adm or i == num_blocks)
+                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(cout + skips.pop(), mc * mult, attn=a, **blk)
                 cout = mc * mult
-        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = _group_norm(cout)
-        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
+        if adm:
+            self.out_norm = _group_norm(cout, 1e-5)
+            self.out_conv = Conv2d(cout, out_channels, 3, gain=0.0, mode=mode)
+        else:
+            self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = _group_norm(cout)
+            self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
-        # Positional embedding of the noise label (endpoint=True), halves ordered [sin, cos] as in EDM.
-        half = self.map_layer0.weight.shape[1] // 2
-        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / (half - 1))
+        # Noise embedding: SongUNet [sin, cos] (positional with endpoint=True, or Fourier), ADM [cos, sin]
+        adm, n = self.kind == "adm", self.map_layer0.weight.shape[1]
+        freqs = 2 * math.pi * self.map_noise.freqs if self.kind == "ncsnpp" else _freqs(n, x.device, not adm)
         arg = noise_labels.float().ger(freqs)
-        emb = torch.cat([arg.sin(), arg.cos()], dim=1)
-        if self.map_label is not None:
+        emb = torch.cat([arg.cos(), arg.sin()] if adm else [arg.sin(), arg.cos()], dim=1)
+        if self.map_label is not None and not adm:
             emb = emb + self.map_label(class_labels * math.sqrt(self.map_label.weight.shape[1]))
         if self.map_augment is not None:  # no augmentation = zero label: every weight joins the graph (DDP)
             if augment_labels is None:
                 augment_labels = torch.zeros(len(x), self.map_augment.weight.shape[1], device=x.device)
             emb = emb + self.map_augment(augment_labels.float())
-        emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
-        for name, block in self.dec.items():
-            if name.endswith("aux_norm"):
-                x = F.silu(block(x))
-            elif name.endswith("aux_conv"):
-                x = block(x)
-            else:
-                if x.shape[1] != block.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
-        return x
-
-
-class ADMUNet(nn.Module):
-    """ADM (Dhariwal & Nichol 2021) as EDM re-implements it (DhariwalUNet): the ImageNet-64 network of EDM and
-    LMM, with its state_dict keys. Defaults: EDM's ImageNet-64 configuration (about 296M parameters)."""
-
-    def __init__(
-        self,
-        img_resolution,
-        in_channels,
-        out_channels,
-        label_dim=0,
-        augment_dim=0,
-        model_channels=192,
-        channel_mult=(1, 2, 3, 4),
-        num_blocks=3,
-        attn_resolutions=(32, 16, 8),
-        dropout=0.10,
-    ):
-        super().__init__()
-        mc, emb = model_channels, model_channels * 4
-        blk = dict(emb_ch=emb, dropout=dropout, adm=True)
-        self.map_augment = (
-            Linear(augment_dim, mc, bias=False, gain=0.0, mode="kaiming") if augment_dim else None
-        )
-        self.map_layer0, self.map_layer1 = Linear(mc, emb, mode="kaiming"), Linear(emb, emb, mode="kaiming")
-        self.map_label = Linear(label_dim, emb, bias=False, mode="normal") if label_dim else None
-        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
-        cout, skips = in_channels, []
-        for level, mult in enumerate(channel_mult):
-            r = img_resolution >> level
-            if level == 0:
-                self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, mc * mult, 3, mode="kaiming"), mc * mult
-            else:
-                self.enc[f"{r}x{r}_down"] = UNetBlock(cout, cout, down=True, **blk)
-            skips.append(cout)
-            for i in range(num_blocks):
-                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(
-                    cout, mc * mult, attention=r in attn_resolutions, **blk
-                )
-                cout = mc * mult
-                skips.append(cout)
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            r = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, attention=True, **blk)
-                self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, **blk)
-            else:
-                self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, up=True, **blk)
-            for i in range(num_blocks + 1):
-                attn = r in attn_resolutions
-                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(
-                    cout + skips.pop(), mc * mult, attention=attn, **blk
-                )
-                cout = mc * mult
-        self.out_norm = _group_norm(cout, 1e-5)
-        self.out_conv = Conv2d(cout, out_channels, 3, gain=0.0, mode="kaiming")
-
-    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
-        # Positional embedding (endpoint=False), halves ordered [cos, sin] as ADM; labels join after the MLP.
-        half = self.map_layer0.weight.shape[1] // 2
-        freqs = (1 / 10000) ** (torch.arange(half, device=x.device, dtype=torch.float32) / half)
-        arg = noise_labels.float().ger(freqs)
-        emb = torch.cat([arg.cos(), arg.sin()], dim=1)
-        if self.map_augment is not None:  # no augmentation = zero label, as in UNet
-            if augment_labels is None:
-                augment_labels = torch.zeros(len(x), self.map_augment.weight.shape[1], device=x.device)
-            emb = emb + self.map_augment(augment_labels.float())
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
-        if self.map_label is not None:
+        if self.map_label is not None and adm:
             emb = emb + self.map_label(class_labels)
-        emb = F.silu(emb)
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
-        for block in self.dec.values():
+        emb, skips, aux = F.silu(emb), [], x
+        for name, block in self.enc.items():
+            if name.endswith("aux_residual"):
+                x = skips[-1] = aux = (x + block(aux)) / math.sqrt(2)
+            else:
+                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                skips.append(x)
+        blocks = [*self.dec.values(), *([self.out_norm, self.out_conv] if adm else [])]
+        for block in blocks[:-2]:
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        return blocks[-1](F.silu(blocks[-2](x)))  # aux_norm, aux_conv or ADM's out_norm, out_conv
 
 
-ARCHS = {"ddpmpp": UNet, "adm": ADMUNet}
+class ADMUNet(UNet):  # EDM's DhariwalUNet; defaults: EDM's ImageNet-64 configuration (about 296M parameters)
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3, attn_resolutions=(32, 16, 8),
+                 dropout=0.10):  # fmt: skip
+        super().__init__(img_resolution, in_channels, out_channels, label_dim, augment_dim, model_channels,
+                         channel_mult, num_blocks, attn_resolutions, dropout, kind="adm")  # fmt: skip
+
+
+class CFMResBlock(nn.Module):  # guided-diffusion's ResBlock without scale-shift norm, zero-init output conv
+    def __init__(self, cin, cout, emb, dropout):
+        super().__init__()
+        conv0, conv1 = Conv2d(cin, cout, 3, mode="kaiming"), Conv2d(cout, cout, 3, gain=0.0, mode="kaiming")
+        self.in_layers = nn.Sequential(_group_norm(cin, 1e-5, 32), nn.SiLU(), conv0)
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb, cout, mode="kaiming"))
+        self.out_layers = nn.Sequential(_group_norm(cout, 1e-5, 32), nn.SiLU(), nn.Dropout(dropout), conv1)
+        self.skip_connection = nn.Identity() if cin == cout else Conv2d(cin, cout, 1, mode="kaiming")
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CFMAttention(nn.Module):  # guided-diffusion's AttentionBlock: heads of 64 channels, zero-init proj_out
+    def __init__(self, c):
+        super().__init__()
+        self.heads, self.norm = max(c // 64, 1), _group_norm(c, 1e-5, 32)
+        self.qkv = Conv2d(c, c * 3, 1, mode="kaiming", dims=1)
+        self.proj_out = Conv2d(c, c, 1, gain=0.0, mode="kaiming", dims=1)
+
+    def forward(self, x, emb):
+        return x + self.proj_out(_attention(self.qkv(self.norm(x)), self.heads, cfm=True))
+
+
+class CFMResample(nn.Module):  # guided-diffusion's Upsample (nearest x2, conv) or Downsample (stride-2 conv)
+    def __init__(self, c, up):
+        super().__init__()
+        self.up = up
+        setattr(self, "conv" if up else "op", Conv2d(c, c, 3, mode="kaiming"))
+
+    def forward(self, x, emb):
+        if self.up:
+            return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        return F.conv2d(x, self.op.weight.to(x.dtype), self.op.bias.to(x.dtype), stride=2, padding=1)
+
+
+class CFMUNet(nn.Module):
+    """guided-diffusion's UNet as torchcfm's UNetModelWrapper(dim, num_channels, num_res_blocks, channel_mult,
+    attention_resolutions, num_head_channels=64, dropout) builds it; defaults: its CIFAR-10 net (35.7M
+    parameters). noise_labels: its t; one-hot class labels times label_emb.weight (its lookup, exactly)."""
+
+    def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+                 model_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(16,),
+                 dropout=0.1):  # fmt: skip
+        super().__init__()
+        if augment_dim:
+            raise ValueError(f"arch adm-cfm has no augmentation labels: use augment_dim 0, not {augment_dim}")
+        mc, emb, ch = model_channels, model_channels * 4, model_channels * channel_mult[0]
+        lin0, lin1 = Linear(mc, emb, mode="kaiming"), Linear(emb, emb, mode="kaiming")
+        self.time_embed = nn.Sequential(lin0, nn.SiLU(), lin1)
+        self.label_emb = nn.Embedding(label_dim, emb) if label_dim else None
+        self.input_blocks = nn.ModuleList([nn.ModuleList([Conv2d(in_channels, ch, 3, mode="kaiming")])])
+        chans = [ch]
+        for level, mult in enumerate(channel_mult):
+            attn = img_resolution >> level in attn_resolutions
+            for _ in range(num_blocks):
+                block, ch = [CFMResBlock(ch, mc * mult, emb, dropout)], mc * mult
+                self.input_blocks.append(nn.ModuleList(block + ([CFMAttention(ch)] if attn else [])))
+                chans.append(ch)
+            if level < len(channel_mult) - 1:
+                self.input_blocks.append(nn.ModuleList([CFMResample(ch, up=False)]))
+                chans.append(ch)
+        mid = [CFMResBlock(ch, ch, emb, dropout), CFMAttention(ch), CFMResBlock(ch, ch, emb, dropout)]
+        self.middle_block, self.output_blocks = nn.ModuleList(mid), nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            attn = img_resolution >> level in attn_resolutions
+            for i in range(num_blocks + 1):
+                block, ch = [CFMResBlock(ch + chans.pop(), mc * mult, emb, dropout)], mc * mult
+                block += [CFMAttention(ch)] if attn else []
+                block += [CFMResample(ch, up=True)] if level and i == num_blocks else []
+                self.output_blocks.append(nn.ModuleList(block))
+        conv = Conv2d(ch, out_channels, 3, gain=0.0, mode="kaiming")
+        self.out = nn.Sequential(_group_norm(ch, 1e-5, 32), nn.SiLU(), conv)
+
+    def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
+        arg = noise_labels.float().ger(_freqs(self.time_embed[0].weight.shape[1], x.device, cfm=True))
+        emb = self.time_embed(torch.cat([arg.cos(), arg.sin()], dim=1))
+        if self.label_emb is not None:
+            emb = emb + class_labels.to(emb.dtype) @ self.label_emb.weight.to(emb.dtype)
+        h, hs, n_in = x, [], len(self.input_blocks)
+        for i, layers in enumerate([*self.input_blocks, self.middle_block, *self.output_blocks]):
+            if i > n_in:  # output blocks take the input blocks' outputs, last first
+                h = torch.cat([h, hs.pop()], dim=1)
+            for layer in layers:
+                h = layer(h) if isinstance(layer, Conv2d) else layer(h, emb)
+            if i < n_in:
+                hs.append(h)
+        return self.out(h)
+
+
+ARCHS = {"ddpmpp": UNet, "ncsnpp": lambda *a, **k: UNet(*a, **k, kind="ncsnpp"), "adm": ADMUNet}
+ARCHS["adm-cfm"] = CFMUNet
 
 
 def make_unet(arch, *args, **kwargs):
-    """--arch ddpmpp (EDM's SongUNet, CIFAR-10 / FFHQ / AFHQ) | adm (EDM's DhariwalUNet, ImageNet-64)."""
+    """--arch ddpmpp (EDM's SongUNet: CIFAR-10, FFHQ, AFHQ) | ncsnpp (SongUNet: EDM's VE) | adm (EDM's
+    DhariwalUNet: ImageNet-64) | adm-cfm (torchcfm's and LOOM's guided-diffusion UNet)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown network architecture {arch!r}: use one of {sorted(ARCHS)}")
     return ARCHS[arch](*args, **kwargs)
 
 
-# --- end shared: UNet ---
+# --- end UNet ---
 
 
 # --- shared: runtime (identical in every method file) ---

@@ -113,15 +113,17 @@ def test_draws_follow_edms_cifar10_probabilities():
 
 
 def test_recipe_defaults_and_bad_flags():
-    for module in (E, A):
-        args = module.parse_args(["--data", "cifar10"])
-        assert args.augment == 0.12 and args.augment_dim == 9
-        args = module.parse_args(["--data", "shapes"])
-        assert args.augment == 0.0 and args.augment_dim == 0
-        assert module.parse_args(["--data", "shapes", "--augment-dim", "9"]).augment == 0.0
-        for bad in (["--augment", "0.2", "--augment-dim", "0"], ["--augment", "1.5"]):
-            with pytest.raises(SystemExit):
-                module.parse_args(["--data", "shapes", *bad])
+    for data in ("cifar10", "x.npy", "x.npz", "shapes"):  # EDM's train.py: p = 0.12 whatever the dataset
+        args = E.parse_args(["--data", data])
+        assert args.augment == 0.12 and args.augment_dim == 9, data
+    args = E.parse_args(["--data", "x.npy", "--augment", "0"])
+    assert args.augment == 0.0 and args.augment_dim == 0
+    assert E.parse_args(["--data", "x.npy", "--augment", "0", "--augment-dim", "9"]).augment_dim == 9
+    for bad in (["--augment", "0.2", "--augment-dim", "0"], ["--augment", "1.5"], ["--augment-dim", "4"]):
+        with pytest.raises(SystemExit):
+            E.parse_args(["--data", "shapes", *bad])
+    args = A.parse_args(["--data", "cifar10"])
+    assert args.augment == 0.12 and args.augment_dim == 9
 
 
 def test_net_with_augment_dim_gets_zero_labels_and_a_gradient_without_augmentation():

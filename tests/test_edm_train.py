@@ -26,12 +26,14 @@ def train_flags(data, outdir, steps, batch=8, extra=(), net=TINY_FLAGS):
         str(steps * batch / 1e6),
         "--lr-rampup",
         "0",
-        "--ema",
+        "--ema-halflife",
         "0.05",
+        "--augment",
+        "0",
         "--grid",
         "4",
-        "--grid-steps",
-        "2",
+        "--nfe",
+        "3",
         "--log-every",
         "1",
         *net,
@@ -167,6 +169,21 @@ def test_churn_noise_is_per_image_for_any_batch_split_and_window():
         assert (deterministic - whole[:3]).abs().max() > 0.1  # churn is on
 
 
+def test_churn_noise_is_drawn_at_every_step_as_edms_sampler():
+    """EDM's edm_sampler draws each step's churn noise whether or not the step lies in [S_min, S_max]: a window
+    that excludes every step gives the deterministic result, yet each image's generator has advanced by one
+    draw per step, so the stream matches EDM's for any window."""
+    torch.manual_seed(0)
+    net = E.build_net(dict(img_resolution=16, img_channels=3, dropout=0.0, **TINY_NET_KW)).eval()
+    noise, _, gens = E.noise_for_seeds([5, 6], (3, 16, 16), with_generators=True)
+    x, nfe = E.sample(net, noise, 7, generator=gens, S_churn=10.0, S_min=1e6)  # 4 steps, none in the window
+    assert nfe == 7 and torch.equal(x, E.sample(net, noise, 7)[0])
+    _, _, ref = E.noise_for_seeds([5, 6], (3, 16, 16), with_generators=True)
+    for g in ref:
+        torch.randn((4, 3, 16, 16), generator=g, dtype=torch.float64)  # 4 draws of the image's shape
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(gens, ref, strict=True))
+
+
 def one_line_error(excinfo, *words):
     msg = str(excinfo.value)
     assert msg.startswith("error: ") and "\n" not in msg
@@ -188,7 +205,7 @@ def test_bad_input_gives_one_line_errors(npz_data, tmp_path, monkeypatch):
     np.savez(bad, pixels=np.zeros((4, 16, 16, 3), dtype=np.uint8))
     with pytest.raises(SystemExit) as e:
         E.main(train_flags(str(bad), tmp_path / "o", 1))
-    one_line_error(e, "no 'images'", "pixels")
+    one_line_error(e, "images", "bad.npz")
 
     np.savez(bad, images=np.zeros((4, 16, 16, 3), dtype=np.uint8))
     with pytest.raises(SystemExit) as e:
@@ -199,9 +216,7 @@ def test_bad_input_gives_one_line_errors(npz_data, tmp_path, monkeypatch):
         E.main(train_flags(npz_data, tmp_path / "o", 1, extra=["--batch-gpu", "3"]))
     one_line_error(e, "--batch-gpu 3")
 
-    monkeypatch.setattr(
-        E, "dist_setup", lambda: (0, 3, torch.device("cpu"))
-    )  # as if under 3-process torchrun
+    monkeypatch.setattr(E, "setup", lambda: (False, 0, 3, torch.device("cpu")))  # as if 3 processes
     with pytest.raises(SystemExit) as e:
         E.main(train_flags(npz_data, tmp_path / "o", 1))
     one_line_error(e, "--batch 8", "divisible", "3 processes")
@@ -254,25 +269,30 @@ def test_sigterm_saves_a_checkpoint_that_resumes(npz_data, tmp_path):
     assert steps == list(range(1, ckpt["step"] + 2)), steps
 
 
-def test_image_folder_with_edm_dataset_json(tmp_path):
+def test_prepared_array_from_an_edm_folder_trains_conditionally(tmp_path):
+    """tools/prepare_data.py's memory-mapped array (labels from dataset.json) is --data; --xflip mirrors."""
     from PIL import Image
 
+    sys.path.insert(0, os.path.join(os.path.dirname(E.__file__), "tools"))
+    import prepare_data
+
     rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     os.makedirs(tmp_path / "imgs" / "sub")
-    names = ["sub/b.png", "a.png", "c.png"]
+    names = ["sub/b.png", "a.png", "c.png", "d.png"]
     for name, img in zip(names, images, strict=True):
         Image.fromarray(img).save(tmp_path / "imgs" / name)
     with open(tmp_path / "imgs" / "dataset.json", "w") as f:
-        json.dump({"labels": [[n, i] for i, n in enumerate(names)]}, f)
-    x, y = E.load_images(str(tmp_path / "imgs"))
-    order = [1, 2, 0]  # sorted paths: a.png, c.png, sub/b.png
-    assert torch.equal(x[:], torch.from_numpy(images[order]).permute(0, 3, 1, 2))  # read lazily
-    assert y.tolist() == order
-    idx = torch.tensor([0, 3])  # with --xflip, index 3 is image 0 mirrored
-    batch, _ = E.get_batch(x, None, idx, torch.device("cpu"))
-    torch.testing.assert_close(batch[1], batch[0].flip(2))
-    torch.testing.assert_close(batch[0], x[0].float() / 127.5 - 1)
+        json.dump({"labels": [[n, i % 3] for i, n in enumerate(names)]}, f)
+    prepare_data.main([str(tmp_path / "imgs"), str(tmp_path / "data.npy")])
+    x, y = E.load_data(str(tmp_path / "data.npy"))
+    order = [1, 2, 3, 0]  # sorted paths: a.png, c.png, d.png, sub/b.png
+    assert isinstance(x, np.memmap) and np.array_equal(x, images[order]) and y.tolist() == [1, 2, 0, 0]
+    batch, labels = E.get_batch(x, y, torch.tensor([0, 4]), torch.device("cpu"))  # 4: image 0 mirrored
+    assert torch.equal(batch[1], batch[0].flip(2)) and labels.tolist() == [1, 1]
+    assert torch.equal(batch[0], torch.from_numpy(images[1]).permute(2, 0, 1).float() / 127.5 - 1)
+    E.main(train_flags(str(tmp_path / "data.npy"), tmp_path / "run", 2, batch=4, extra=["--cond", "--xflip"]))
+    assert torch.load(tmp_path / "run" / "latest.pt", weights_only=True)["net_kwargs"]["label_dim"] == 3
 
 
 ADM_FLAGS = ["--arch", "adm", "--model-channels", "64", "--channel-mult", "1,2", "--num-blocks", "1"]

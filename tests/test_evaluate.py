@@ -206,6 +206,8 @@ def test_bad_input_gives_one_line_errors(tmp_path, npz_data, two_ckpts):
         ([str(tmp_path / "unknown.pt")], [], "unknown method"),
         ([str(tmp_path / "newer.pt")], [], "version 99"),
         ([two_ckpts[2]], ["--nfe", "40"], "1..18"),
+        ([str(tmp_path / "edm-cifar10-32x32-cond-vp.pkl")], [], "first with python tools/convert_edm.py"),
+        (["https://x.org/edm-cifar10-32x32-cond-vp.pkl"], [], "convert_edm.py https://x.org/edm-cifar10"),
     ]
     for ckpts, extra, match in cases:
         with pytest.raises(SystemExit, match=match) as e:

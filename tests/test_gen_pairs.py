@@ -241,6 +241,11 @@ def test_bad_input(teacher_ckpt, tmp_path):
     with pytest.raises(SystemExit) as e:
         G.main(pairs_flags(str(tmp_path / "corrupt.pt"), tmp_path / "o.npz"))
     one_line_error(e, "corrupt.pt")
+    pkl, url = str(tmp_path / "edm-cifar10-32x32-cond-vp.pkl"), "https://x.org/edm-cifar10-32x32-cond-vp.pkl"
+    for teacher, pt in ((pkl, pkl[:-4] + ".pt"), (url, "edm-cifar10-32x32-cond-vp.pt")):
+        with pytest.raises(SystemExit) as e:  # no unpickling or download here: tools/convert_edm.py first
+            G.main(pairs_flags(teacher, tmp_path / "o.npz"))
+        one_line_error(e, f"python tools/convert_edm.py {teacher} {pt} and pass {pt}")
     for num in ("0", "-5"):
         with pytest.raises(SystemExit) as e:
             G.main([*pairs_flags(teacher_ckpt, tmp_path / "o.npz"), "--num", num])  # the single-process alias

@@ -317,7 +317,7 @@ def write_pairs(path, n=32, res=16, labels=True, seed=0, classes=3, meta=None):
 
 
 def edm_format_teacher(path, label_dim=10, augment_dim=9, res=16):
-    """A tiny teacher as `edm_teacher.py --convert` writes an official EDM snapshot: EDM's net_kwargs with
+    """A tiny teacher as `tools/convert_edm.py` writes an official EDM snapshot: EDM's net_kwargs with
     augment_dim 9 and label_dim 10 (CIFAR-10 cond.), EMA weights, args.imported_from."""
     torch.manual_seed(0)
     kw = dict(
@@ -331,7 +331,7 @@ def edm_format_teacher(path, label_dim=10, augment_dim=9, res=16):
     sd = net.state_dict()
     ckpt = dict(method="edm_teacher", version=1, args=dict(imported_from="/x/edm-cifar10-32x32-cond-vp.pkl"))
     ckpt.update(net_kwargs=kw, net=sd, ema=sd, opt=None, step=0, kimg=0.0, state=dict(source="EDM snapshot"))
-    E.atomic_save(ckpt, str(path))
+    L.atomic_save(ckpt, str(path))
     return str(path)
 
 
@@ -606,7 +606,7 @@ def test_generate_is_per_image_seeded_and_matches_the_pairs_noise(tmp_path, one_
     monkeypatch.undo()
     os.makedirs(tmp_path / "edm")
     with pytest.raises(SystemExit, match="'edm_teacher' checkpoint"):
-        E.save_checkpoint({**E.load_checkpoint(ckpt), "method": "edm_teacher"}, str(tmp_path / "edm"), 1)
+        L.save_checkpoint({**E.load_checkpoint(ckpt), "method": "edm_teacher"}, str(tmp_path / "edm"), 1)
         L.main(["--generate", "2", "--ckpt", str(tmp_path / "edm"), "--out", str(tmp_path / "x.npz")])
 
 
@@ -645,15 +645,18 @@ def test_init_from_a_converted_official_edm_checkpoint_loads_every_key(tmp_path)
         with pytest.raises(SystemExit, match=match) as e:
             L.main(lmm_flags(tmp_path, "bad", 1, flags, bad))
         assert "\n" not in str(e.value)
-    with pytest.raises(SystemExit, match="--convert"):
-        L.main(lmm_flags(tmp_path, "bad", 1, flags[:-1] + ["edm-cifar10-32x32-cond-vp.pkl"], pairs))
+    for snapshot in ("edm-cifar10-32x32-cond-vp.pkl", "https://x.org/edm-cifar10-32x32-cond-vp.pkl"):
+        convert = f"python tools/convert_edm.py {snapshot} edm-cifar10-32x32-cond-vp.pt"
+        with pytest.raises(SystemExit, match=convert) as e:
+            L.main(lmm_flags(tmp_path, "bad", 1, flags[:-1] + [snapshot], pairs))
+        assert "\n" not in str(e.value)
 
 
 def test_pairs_from_a_teacher_trained_on_an_npz_need_no_data_flag(tmp_path, npz_data, capsys):
     import gen_pairs
 
     teacher = tmp_path / "teacher"
-    E.main(["--data", npz_data, "--outdir", str(teacher), "--batch", "8", "--duration", "8e-6", "--cond"]
+    E.main(["--data", npz_data, "--outdir", str(teacher), "--batch", "8", "--duration", "8e-6", "--cond", "--augment", "0"]
            + ["--grid", "0", "--log-every", "1", *TINY_FLAGS])  # fmt: skip
     out = tmp_path / "pairs.npz"
     gen_pairs.main(["--teacher", str(teacher), "--num-pairs", "16", "--out", str(out), "--batch", "8"]
@@ -731,7 +734,7 @@ def test_imagenet64_preset_is_table6s_adm_column():
 
 
 def test_adm_teacher_to_pairs_to_lmm(tmp_path):
-    """ImageNet-64's route at toy size: an ADM teacher (as --convert writes EDM's ImageNet snapshot), its
+    """ImageNet-64's route at toy size: an ADM teacher (as tools/convert_edm.py writes EDM's ImageNet snapshot), its
     class-labelled pairs through gen_pairs, and LMM from those pairs starting from the teacher."""
     import gen_pairs
 
@@ -740,7 +743,7 @@ def test_adm_teacher_to_pairs_to_lmm(tmp_path):
               channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.1)  # fmt: skip
     sd = E.build_net(kw).state_dict()
     teacher = dict(method="edm_teacher", version=1, args={}, net_kwargs=kw, net=sd, ema=sd, opt=None, step=0)
-    E.atomic_save(dict(teacher, kimg=0.0, state={}), str(tmp_path / "adm.pt"))
+    L.atomic_save(dict(teacher, kimg=0.0, state={}), str(tmp_path / "adm.pt"))
     pairs = str(tmp_path / "adm_pairs.npz")
     gen_pairs.main(
         ["--teacher", str(tmp_path / "adm.pt"), "--num-pairs", "8", "--out", pairs, "--nfe", "3", "--cond"]

@@ -12,6 +12,7 @@ import torch
 from test_edm_train import train_flags
 from test_gen_pairs import pairs_flags
 
+import aot_edm as A
 import cfm_couplings as C
 import edm_teacher as E
 import evaluate as V
@@ -42,7 +43,7 @@ def test_a_second_writer_stops_at_once_and_names_the_holder(npz_data, teacher_ck
         G.main(pairs_flags(teacher_ckpt, pairs))
     assert not os.path.exists(str(pairs) + ".shards")
     os.close(fd), os.close(fd2)  # the holder ends (or is killed): its stale lock file is taken over
-    E.claim_outdir(str(out))
+    E.claim_outdir(str(out), None, False)
     assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
 
 
@@ -103,8 +104,23 @@ def test_non_finite_or_unusable_pairs_are_refused_naming_the_pair(tmp_path):
     assert C.check_pairs(G.load_pairs(p), p, True)[1] == 3
 
 
+def test_a_non_finite_loss_stops_training_before_the_checkpoint(npz_data, tmp_path, monkeypatch):
+    loss, calls = E.edm_loss, []
+
+    def nan_at_step_2(*a, **k):
+        calls.append(1)
+        out = loss(*a, **k)
+        return out * float("nan") if len(calls) == 2 else out
+
+    monkeypatch.setattr(E, "edm_loss", nan_at_step_2)
+    with pytest.raises(SystemExit, match="non-finite loss at step 2: stopped before a checkpoint") as e:
+        E.main(train_flags(npz_data, tmp_path / "run", 3, extra=["--snap-every", "1"]))
+    assert "\n" not in str(e.value)
+    assert sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("ckpt")) == ["ckpt-0000001.pt"]
+
+
 def test_a_non_finite_loss_stops_every_rank_before_the_checkpoint():
-    stop = E.StopFlag()
+    stop = A.StopFlag()
     assert stop.any("cpu", torch.tensor(0.5), 7) is False
     for value in (float("nan"), torch.tensor([1.0, float("inf")])):
         with pytest.raises(SystemExit, match="non-finite loss or gradient at step 7: stopped without saving"):
@@ -132,7 +148,28 @@ def test_non_finite_samples_never_become_pairs_or_a_score(teacher_ckpt, tmp_path
         V.run_sampler(module, V.CountingNet(net), noise, 3, labels, gens)
 
 
+def flip_bytes(path):
+    data = bytearray(path.read_bytes())
+    for i in np.random.default_rng(0).integers(2000, len(data) - 4000, 2000):  # inside the tensor data
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_edm_teacher_refuses_a_corrupt_or_empty_checkpoint_in_one_line(tmp_path):
+    E.atomic_save(dict(step=1, w=torch.randn(20000)), str(tmp_path / "a.pt"))
+    assert E.load_checkpoint(str(tmp_path / "a.pt"))["step"] == 1
+    flip_bytes(tmp_path / "a.pt")
+    with pytest.raises(SystemExit, match=r"a.pt is corrupt: its member .* fails its CRC check") as e:
+        E.load_checkpoint(str(tmp_path / "a.pt"))
+    assert "\n" not in str(e.value)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="empty.pt is corrupt: not a complete torch checkpoint") as e:
+        E.load_checkpoint(str(tmp_path / "empty.pt"))
+    assert "\n" not in str(e.value)
+
+
 def test_a_corrupt_checkpoint_is_refused_naming_the_newest_intact_one(tmp_path):
+    E = A  # the runtime block that the other trainers still carry
     for step in (1, 2):
         E.save_checkpoint(dict(step=step, w=torch.randn(20000)), str(tmp_path), step)
     path = tmp_path / "ckpt-0000002.pt"
@@ -153,6 +190,7 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_newest_intact_one(tmp_path):
 
 
 def test_outputs_are_checked_before_the_work(teacher_ckpt, tmp_path, monkeypatch):
+    E = A  # check_out of the runtime block that the other trainers still carry
     (tmp_path / "file").write_text("")
     nowhere = str(tmp_path / "file" / "out.json")  # its folder is a file: not writable by anyone
     with pytest.raises(SystemExit, match="cannot write to"):
@@ -163,8 +201,6 @@ def test_outputs_are_checked_before_the_work(teacher_ckpt, tmp_path, monkeypatch
     monkeypatch.setattr(V, "run_sampler", lambda *a, **k: calls.append(1))
     with pytest.raises(SystemExit, match="cannot write to"):
         V.main(["--ckpt", teacher_ckpt, "--nfe", "3", "--metrics", "straightness", "--out", nowhere])
-    with pytest.raises(SystemExit, match="cannot write to"):
-        E.main(["--ckpt", teacher_ckpt, "--convert", nowhere])
     assert calls == []
 
 
@@ -185,12 +221,17 @@ def test_bad_numbers_and_shapes_are_one_line_errors(npz_data, tmp_path, capsys):
     args, said = argparse.Namespace(resume="r16", lr=2e-3, seed=0, batch=8), []
     log = argparse.Namespace(print=said.append)
     with pytest.raises(SystemExit, match=r"trained on .* \(3, 16, 0\) but the data gives \(3, 32, 0\)"):
-        E.resumed_net_kwargs(ckpt, dict(shape16, img_resolution=32), args, log)
+        A.resumed_net_kwargs(ckpt, dict(shape16, img_resolution=32), args, log)
     # a changed flag among the watched keys is named with (old, new); an unwatched or unchanged one is not
-    assert E.resumed_net_kwargs(ckpt, dict(shape16), args, log, ("lr", "seed")) is shape16
+    assert A.resumed_net_kwargs(ckpt, dict(shape16), args, log, ("lr", "seed")) is shape16
     assert len(said) == 1 and "{'lr': (0.001, 0.002)}" in said[0] and "seed" not in said[0]
-    E.resumed_net_kwargs(ckpt, dict(shape16), args, log, ("seed", "batch"))
+    A.resumed_net_kwargs(ckpt, dict(shape16), args, log, ("seed", "batch"))
     assert len(said) == 1
+    E.main(train_flags(npz_data, tmp_path / "e", 1, extra=["--grid", "0"]))  # edm_teacher: other data
+    np.savez(tmp_path / "d8.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(SystemExit, match="was trained on other data") as e:
+        E.main(train_flags(str(tmp_path / "d8.npz"), tmp_path / "e", 2, extra=["--resume", str(tmp_path / "e")]))
+    assert "\n" not in str(e.value)
 
 
 def test_resume_cleans_leftovers_and_cuts_the_log_back_to_the_checkpoint(tmp_path):
@@ -200,7 +241,7 @@ def test_resume_cleans_leftovers_and_cuts_the_log_back_to_the_checkpoint(tmp_pat
     (out / "latest.pt.tmp77").write_bytes(b"")
     lines = [json.dumps(dict(step=s, loss=1.0)) + "\n" for s in range(1, 6)]
     (out / "log.jsonl").write_text("".join(lines) + '{"step": 6, "lo')  # killed mid-line
-    E.claim_outdir(str(out), dict(step=3))
+    E.claim_outdir(str(out), dict(step=3), False)
     assert sorted(os.listdir(out)) == [".lock", "log.jsonl"]
     assert (out / "log.jsonl").read_text() == "".join(lines[:3])
 

@@ -1,44 +1,58 @@
-"""The shared runtime block: data order, EMA, seeding, checkpoints, the fenced blocks themselves."""
+"""The runtime helpers: data order, EMA, seeding, checkpoints, the fenced blocks themselves. The shared runtime
+block's helpers are tested in aot_edm (every method file but edm_teacher still holds it); edm_teacher's own
+small versions where it keeps the same guarantee (data order, atomic saves, the safe checkpoint loader)."""
 
 import glob
 import os
 import re
+import sys
 
 import pytest
 import torch
 
+import aot_edm as A
 import edm_teacher as E
 from conftest import ROOT
 
+MODULES = {"aot_edm": A, "edm_teacher": E}
 
+
+@pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("n,batch", [(12, 4), (10, 4), (5, 8)])
-def test_batch_stream_is_a_permutation_per_epoch(n, batch):
+def test_batch_stream_is_a_permutation_per_epoch(n, batch, module):
+    M = MODULES[module]
     steps = 7 * n // batch + 2
-    stream = torch.cat([E.batch_indices(n, batch, s, seed=3) for s in range(steps)])
+    stream = torch.cat([M.batch_indices(n, batch, s, seed=3) for s in range(steps)])
     for e in range(len(stream) // n):
         assert sorted(stream[e * n : (e + 1) * n].tolist()) == list(range(n))
     assert not torch.equal(stream[:n], stream[n : 2 * n])  # a new order each epoch
     assert torch.equal(
-        E.batch_indices(n, batch, 5, seed=3), stream[5 * batch : 6 * batch]
+        M.batch_indices(n, batch, 5, seed=3), stream[5 * batch : 6 * batch]
     )  # step-addressable
-    assert not torch.equal(E.batch_indices(n, batch, 0, seed=4), stream[:batch])  # the seed matters
+    assert not torch.equal(M.batch_indices(n, batch, 0, seed=4), stream[:batch])  # the seed matters
+
+
+def test_edm_teacher_keeps_the_shared_data_order():
+    """edm_teacher's own batch_indices is the shared block's: a run's data order did not change."""
+    for n, batch, step, seed in [(12, 4, 7, 3), (10, 4, 9, 0), (5, 8, 3, 1), (50000, 512, 300, 2)]:
+        assert torch.equal(E.batch_indices(n, batch, step, seed), A.batch_indices(n, batch, step, seed))
 
 
 def test_edm_ema_half_life():
-    assert E.edm_ema_beta(512, 0, 500, 0.05) == 0.0  # first step: EMA = weights
-    beta = E.edm_ema_beta(512, 10**9, 500, 0.05)  # past ramp-up: half-life 500 kimg
+    assert A.edm_ema_beta(512, 0, 500, 0.05) == 0.0  # first step: EMA = weights
+    beta = A.edm_ema_beta(512, 10**9, 500, 0.05)  # past ramp-up: half-life 500 kimg
     assert beta ** (500_000 / 512) == pytest.approx(0.5, rel=1e-9)
-    ramp = E.edm_ema_beta(512, 1_000_000, 500, 0.05)  # ramp-up: half-life = 0.05 * 1 Mimg = 50 kimg
+    ramp = A.edm_ema_beta(512, 1_000_000, 500, 0.05)  # ramp-up: half-life = 0.05 * 1 Mimg = 50 kimg
     assert ramp ** (50_000 / 512) == pytest.approx(0.5, rel=1e-9)
     net, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     w_net, w_ema = net.weight.detach().clone(), ema.weight.detach().clone()
-    E.ema_update(ema, net, 0.9)
+    A.ema_update(ema, net, 0.9)
     torch.testing.assert_close(ema.weight, 0.9 * w_ema + 0.1 * w_net)
 
 
 def test_seed_step_depends_on_seed_rank_and_step_only():
     def draw(*a):
-        E.seed_step(*a)
+        A.seed_step(*a)
         return torch.randn(3)
 
     assert torch.equal(draw(0, 0, 1, 5), draw(0, 0, 1, 5))
@@ -50,29 +64,72 @@ def test_seed_step_depends_on_seed_rank_and_step_only():
 
 
 def test_checkpoint_save_is_atomic_and_latest_points_at_newest(tmp_path):
-    E.save_checkpoint({"step": 1, "w": torch.ones(2)}, str(tmp_path), 1)
-    E.save_checkpoint({"step": 2, "w": torch.zeros(2)}, str(tmp_path), 2)
+    A.save_checkpoint({"step": 1, "w": torch.ones(2)}, str(tmp_path), 1)
+    A.save_checkpoint({"step": 2, "w": torch.zeros(2)}, str(tmp_path), 2)
     assert sorted(os.listdir(tmp_path)) == ["ckpt-0000001.pt", "ckpt-0000002.pt", "latest.pt"]
+    assert A.load_checkpoint(str(tmp_path))["step"] == 2
+    assert A.load_checkpoint(str(tmp_path / "ckpt-0000001.pt"))["step"] == 1
+    # edm_teacher's loader reads the same layout: a run folder means its latest.pt
     assert E.load_checkpoint(str(tmp_path))["step"] == 2
     assert E.load_checkpoint(str(tmp_path / "ckpt-0000001.pt"))["step"] == 1
 
 
+@pytest.mark.parametrize("module", MODULES)
+def test_a_failed_save_never_leaves_a_half_written_file_under_the_final_name(tmp_path, monkeypatch, module):
+    M, path = MODULES[module], str(tmp_path / "ckpt-0000001.pt")
+    M.atomic_save({"step": 1}, path)
+    assert os.listdir(tmp_path) == ["ckpt-0000001.pt"] and M.load_checkpoint(path)["step"] == 1
+    save = torch.save
+
+    def disk_full(obj, f, *a, **k):  # half a file, then the disk is full
+        save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:
+            fh.truncate(os.path.getsize(f) // 2)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        M.atomic_save({"step": 2}, path)
+    assert M.load_checkpoint(path)["step"] == 1  # the old file, whole
+    if module == "aot_edm":  # the shared block also removes its temporary file (edm_teacher: claim_outdir)
+        assert os.listdir(tmp_path) == ["ckpt-0000001.pt"]
+
+
 class Evil:
+    def __init__(self, path):
+        self.path = path
+
     def __reduce__(self):
-        return (open, ("/tmp/edm_teacher_pwned", "w"))
+        return (open, (self.path, "w"))
 
 
-def test_checkpoint_loader_never_executes_pickled_code(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"net": Evil()}, path)
-    if os.path.exists("/tmp/edm_teacher_pwned"):
-        os.remove("/tmp/edm_teacher_pwned")
+@pytest.mark.parametrize("module", MODULES)
+def test_checkpoint_loader_never_executes_pickled_code(tmp_path, module):
+    M, path, pwned = MODULES[module], tmp_path / "evil.pt", tmp_path / "pwned"
+    torch.save({"net": Evil(str(pwned))}, path)
     with pytest.raises(SystemExit, match="weights-only") as e:
-        E.load_checkpoint(str(path))
+        M.load_checkpoint(str(path))
     assert "\n" not in str(e.value)
-    assert not os.path.exists("/tmp/edm_teacher_pwned")
-    with pytest.raises(SystemExit, match="not found"):
-        E.load_checkpoint(str(tmp_path / "missing.pt"))
+    assert not os.path.exists(pwned)
+    with pytest.raises(SystemExit, match="not found") as e:
+        M.load_checkpoint(str(tmp_path / "missing.pt"))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_a_corrupt_or_truncated_checkpoint_is_one_line(tmp_path, module):
+    M, path = MODULES[module], tmp_path / "ckpt-0000001.pt"
+    torch.save({"step": 1, "w": torch.arange(20000.0)}, path)  # 80 kB: the middle is tensor data
+    data, mid = bytearray(path.read_bytes()), path.stat().st_size // 2
+    data[mid : mid + 4] = bytes(b ^ 0xFF for b in data[mid : mid + 4])
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))  # torch.load alone would read changed weights
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:mid])  # a killed write
+    for name, words in (("flipped.pt", "CRC"), ("cut.pt", "not a complete torch checkpoint")):
+        with pytest.raises(SystemExit, match=words) as e:
+            M.load_checkpoint(str(tmp_path / name))
+        msg = str(e.value)
+        assert msg.startswith("error: ") and "\n" not in msg and name in msg and "corrupt" in msg, msg
+    assert M.load_checkpoint(str(path))["step"] == 1
 
 
 FENCE = re.compile(r"^# --- shared: (.+) \(identical in (.+)\) ---$", re.M)
@@ -95,13 +152,39 @@ def shared_blocks(path):
     return out
 
 
-def test_fenced_shared_blocks_are_byte_identical_across_method_files():
+UNET_START = "# --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---\n"
+UNET_END = "# --- end UNet ---\n"
+
+
+def unet_block(path):
+    text = read(path)
+    assert text.count(UNET_START) == 1 and text.count(UNET_END) == 1, f"{path}: fences of the UNet block"
+    return text[text.index(UNET_START) : text.index(UNET_END) + len(UNET_END)]
+
+
+def method_files():
     files = {os.path.basename(p)[:-3]: p for p in sorted(glob.glob(os.path.join(ROOT, "*.py")))}
+    return {m: p for m, p in files.items() if re.search(r"^METHOD = ", read(p), re.M)}
+
+
+def test_the_unet_block_is_byte_identical_in_every_method_file_and_the_only_copy_in_edm_teacher():
+    methods = method_files()
+    assert {"edm_teacher", "aot_edm", "lmm", "cfm_couplings", "loom_cfm", "dansm"} <= set(methods)
+    ref = unet_block(methods["edm_teacher"])
+    assert 250 < len(ref.splitlines()) <= 320
+    for m, p in methods.items():
+        assert unet_block(p) == ref, f"{m}.py: the UNet block drifted from edm_teacher.py's"
+    edm = read(methods["edm_teacher"])
+    assert not FENCE.search(edm) and APPENDIX not in edm  # no other fenced or shared code
+
+
+def test_fenced_shared_blocks_are_byte_identical_across_method_files():
+    """The files not yet made minimal still carry the old appendix; its blocks stay identical among them."""
+    methods = [m for m, p in method_files().items() if APPENDIX in read(p)]
+    files = {m: os.path.join(ROOT, m + ".py") for m in methods}
     blocks = {m: shared_blocks(p) for m, p in files.items()}
-    methods = [m for m, p in files.items() if re.search(r"^METHOD = ", read(p), re.M)]
-    assert {"edm_teacher", "lmm"} <= set(methods)
     names = {name: scope for b in blocks.values() for name, (scope, _) in b.items()}
-    assert {"UNet", "runtime", "data", "EDM preconditioning", "pairs reader"} <= set(names)
+    assert {"runtime", "data", "EDM preconditioning"} <= set(names) and "UNet" not in names
     for name, scope in names.items():
         owners = methods if scope == EVERY else [m for m in scope.split(", ") if m in files]
         holders = [m for m in files if name in blocks[m]]
@@ -121,6 +204,8 @@ def script_flags(name):
     import argparse
     import importlib
 
+    if os.path.isfile(os.path.join(ROOT, "tools", name + ".py")) and os.path.join(ROOT, "tools") not in sys.path:
+        sys.path.append(os.path.join(ROOT, "tools"))
     module = importlib.import_module(name)
     original = argparse.ArgumentParser.parse_args
 
@@ -129,7 +214,7 @@ def script_flags(name):
 
     argparse.ArgumentParser.parse_args = grab
     try:
-        module.parse_args([])
+        (getattr(module, "parse_args", None) or module.main)([])  # tools/*.py build theirs in main
     except _Parser as e:
         return {o for action in e.args[0]._actions for o in action.option_strings}
     finally:
@@ -161,6 +246,20 @@ def test_docstring_commands_name_real_flags(name):
 
 
 APPENDIX = "# === shared below this line: identical in every file; the method is above ==="
+
+
+def test_a_minimal_file_opens_on_its_method_and_ends_on_the_unet_block():
+    import ast
+
+    for m, path in method_files().items():
+        text = read(path)
+        if APPENDIX in text:
+            continue  # not yet made minimal: the test below
+        tree = ast.parse(text)
+        first = next(n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef))
+        assert first.lineno <= 120, f"{m}: the method starts at line {first.lineno}"
+        tail = text[text.index(UNET_END) + len(UNET_END) :]
+        assert tail.strip() == 'if __name__ == "__main__":\n    main()', f"{m}: only the main guard after the UNet"
 
 
 def test_each_file_opens_on_its_method_and_ends_on_the_shared_appendix():

@@ -1,4 +1,6 @@
-"""The speed flags (shared precision block): --precision, --compile, --channels-last, --fused-adam."""
+"""The speed flags. The shared precision block (aot_edm and the other files that still hold it): --precision,
+--compile, --compile-backend, --channels-last, --fused-adam. edm_teacher's own: --precision and --compile
+only (bf16 = torch.autocast around the loss; fused Adam on CUDA, torch's default Adam on CPU)."""
 
 import argparse
 import importlib
@@ -8,11 +10,13 @@ import os
 import pytest
 import torch
 
+import aot_edm as A
 import cfm_couplings as C
 import edm_teacher as E
 from conftest import TINY_NET, read_log
 
 TRAINERS = ["edm_teacher", "aot_edm", "lmm", "cfm_couplings", "loom_cfm", "dansm"]
+SHARED = [t for t in TRAINERS if t != "edm_teacher"]  # edm_teacher has its own, smaller speed code
 
 
 @pytest.mark.parametrize("name", [*TRAINERS, "gen_pairs", "evaluate"])
@@ -20,39 +24,43 @@ def test_every_script_shows_precision_and_compile_in_its_help(name, capsys):
     with pytest.raises(SystemExit):
         importlib.import_module(name).parse_args(["--help"])
     out = capsys.readouterr().out
-    assert "--precision {fp32,tf32,bf16}" in out and "--compile " in out and "--channels-last" in out
+    assert "--precision {fp32,tf32,bf16}" in out and "--compile " in out
+    if name == "edm_teacher":  # its speed flags are these two only
+        assert not any(f in out for f in ("--channels-last", "--fused-adam", "--compile-backend"))
+        return
+    assert "--channels-last" in out
     assert ("--fused-adam" in out) == (name in TRAINERS)
 
 
 def speed_args(*argv):
     p = argparse.ArgumentParser()
-    E.add_speed_args(p)
+    A.add_speed_args(p)
     return p.parse_args(list(argv))
 
 
 def test_fp32_default_calls_the_net_itself_with_torchs_default_optimizer():
     net, cpu = torch.nn.Conv2d(3, 3, 1), torch.device("cpu")
-    for name in TRAINERS:
+    for name in SHARED:  # the files that still hold the shared precision block
         M = importlib.import_module(name)
         assert M.prepare_net(net, speed_args(), cpu) is net  # no wrapper, no autocast, no compile
         assert M.optimizer_kwargs(speed_args(), cpu) == {}
-    fast = E.prepare_net(
+    fast = A.prepare_net(
         net, speed_args("--precision", "bf16", "--compile", "--compile-backend", "eager"), cpu
     )
-    assert isinstance(fast, E.FastNet) and [n for n, _ in fast.named_children()] == [
+    assert isinstance(fast, A.FastNet) and [n for n, _ in fast.named_children()] == [
         "net"
     ]  # nothing compiled
     assert fast.weight is net.weight and set(fast.net.state_dict()) == set(net.state_dict())
-    assert E.optimizer_kwargs(speed_args("--fused-adam"), cpu) == dict(fused=True)
-    assert E.optimizer_kwargs(speed_args("--fused-adam"), cpu, torch.optim.RAdam) == dict(foreach=True)
+    assert A.optimizer_kwargs(speed_args("--fused-adam"), cpu) == dict(fused=True)
+    assert A.optimizer_kwargs(speed_args("--fused-adam"), cpu, torch.optim.RAdam) == dict(foreach=True)
 
 
-def edm_flags(data, outdir, steps, *extra):
+def edm_flags(data, outdir, steps, *extra, module="edm_teacher"):
+    ema = ["--ema-halflife", "0.05", "--augment", "0"] if module == "edm_teacher" else ["--ema", "0.05"]
     return ["--data", data, "--outdir", str(outdir), "--batch", "8", "--duration", str(steps * 8 / 1e6)] + [
         "--lr-rampup",
         "0",
-        "--ema",
-        "0.05",
+        *ema,
         "--grid",
         "0",
         "--log-every",
@@ -62,14 +70,24 @@ def edm_flags(data, outdir, steps, *extra):
     ]
 
 
-def test_fp32_training_never_enters_autocast(npz_data, tmp_path, monkeypatch, one_thread):
-    def no_autocast(*a, **k):
-        raise AssertionError("autocast entered in an fp32 run")
+def record_autocast(monkeypatch):
+    """Whether CPU autocast was on at each call of edm_teacher's network (a list that fills as it trains)."""
+    seen, forward = [], E.EDMPrecond.forward
 
-    monkeypatch.setattr(torch, "autocast", no_autocast)
+    def spy(self, *a, **k):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(E.EDMPrecond, "forward", spy)
+    return seen
+
+
+def test_fp32_training_never_enters_autocast(npz_data, tmp_path, monkeypatch, one_thread):
+    seen = record_autocast(monkeypatch)
     E.main(edm_flags(npz_data, tmp_path / "fp32", 1))
+    assert seen and not any(seen), "autocast entered in an fp32 run"
     group = torch.load(tmp_path / "fp32" / "latest.pt", weights_only=True)["opt"]["param_groups"][0]
-    assert group["fused"] is None and group["foreach"] is None  # torch's default Adam, as before
+    assert group["fused"] is None and group["foreach"] is None  # torch's default Adam on CPU, as before
 
 
 def assert_same_run(a, b):
@@ -82,9 +100,11 @@ def assert_same_run(a, b):
         )
 
 
-def test_bf16_edm_trains_and_resumes_bit_exactly(npz_data, tmp_path, one_thread):
-    bf16 = ["--precision", "bf16", "--channels-last", "--fused-adam"]
+def test_bf16_edm_trains_and_resumes_bit_exactly(npz_data, tmp_path, monkeypatch, one_thread):
+    seen = record_autocast(monkeypatch)
+    bf16 = ["--precision", "bf16"]
     E.main(edm_flags(npz_data, tmp_path / "a", 4, *bf16))
+    assert seen and all(seen)  # every training forward under autocast
     E.main(edm_flags(npz_data, tmp_path / "b", 2, *bf16))
     E.main(edm_flags(npz_data, tmp_path / "b", 4, *bf16, "--resume", str(tmp_path / "b")))
     a, b = (torch.load(tmp_path / r / "latest.pt", weights_only=True) for r in "ab")
@@ -92,6 +112,23 @@ def test_bf16_edm_trains_and_resumes_bit_exactly(npz_data, tmp_path, one_thread)
     assert_same_run(a, b)
     E.main(edm_flags(npz_data, tmp_path / "fp32", 1))  # same seed and batch in fp32: bf16 really ran
     loss_bf16, loss_fp32 = read_log(tmp_path / "a")[0]["loss"], read_log(tmp_path / "fp32")[0]["loss"]
+    assert loss_bf16 != loss_fp32 and abs(loss_bf16 - loss_fp32) < 0.05 * loss_fp32
+
+
+def test_bf16_channels_last_fused_adam_aot_edm_resumes_bit_exactly(npz_data, tmp_path, one_thread):
+    """The shared precision block's full set of training flags, on the EDM-based file that still has them."""
+    bf16 = ["--precision", "bf16", "--channels-last", "--fused-adam", "--aot-pairs", "8"]
+    A.main(edm_flags(npz_data, tmp_path / "a", 4, *bf16, module="aot_edm"))
+    A.main(edm_flags(npz_data, tmp_path / "b", 2, *bf16, module="aot_edm"))
+    A.main(edm_flags(npz_data, tmp_path / "b", 4, *bf16, "--resume", str(tmp_path / "b"), module="aot_edm"))
+    a, b = (torch.load(tmp_path / r / "latest.pt", weights_only=True) for r in "ab")
+    assert a["step"] == b["step"] == 4 and a["args"]["precision"] == "bf16" and a["args"]["channels_last"]
+    assert a["opt"]["param_groups"][0]["fused"] is True  # --fused-adam: fused Adam on the CPU too
+    assert_same_run(a, b)
+    # the same run in fp32: bf16 really ran. Step 1's loss can round to the same float32 (the tiny net's last
+    # conv starts near 0), so compare step 2's, after one bf16 gradient step
+    A.main(edm_flags(npz_data, tmp_path / "fp32", 2, "--aot-pairs", "8", module="aot_edm"))
+    loss_bf16, loss_fp32 = read_log(tmp_path / "a")[1]["loss"], read_log(tmp_path / "fp32")[1]["loss"]
     assert loss_bf16 != loss_fp32 and abs(loss_bf16 - loss_fp32) < 0.05 * loss_fp32
 
 

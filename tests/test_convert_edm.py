@@ -1,4 +1,5 @@
-"""Official EDM snapshots: a restricted unpickler that never runs code from the file, and faithful import.
+"""tools/convert_edm.py: a restricted unpickler that never runs code from the file, a faithful import of
+EDM's DDPM++, NCSN++ and ADM snapshots, and one-line errors.
 
 The snapshots here are synthetic: built by pickling objects whose __reduce__ points at a fake
 torch_utils.persistence._reconstruct_persistent_obj with EDM's meta layout (type, version, module_src,
@@ -6,6 +7,7 @@ class_name, state), as EDM's persistence module writes them.
 """
 
 import collections
+import importlib.util
 import os
 import pickle
 import sys
@@ -15,8 +17,12 @@ import pytest
 import torch
 
 import edm_teacher as E
-from conftest import TINY_NET
+from conftest import ROOT, TINY_NET, run_script
 
+TOOL = os.path.join(ROOT, "tools", "convert_edm.py")
+_spec = importlib.util.spec_from_file_location("convert_edm", TOOL)
+C = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(C)
 PWNED = "/tmp/edm_import_test_pwned"
 
 
@@ -111,15 +117,34 @@ def write_snapshot(path, net, init_kwargs):
         pickle.dump(snapshot, f)
 
 
-def test_edm_format_snapshot_imports_exactly(tmp_path, fake_persistence):
+# EDM's train.py --arch ncsnpp (its "-ve" snapshots), at the tests' tiny size
+NCSN_KWARGS = dict(
+    EDM_KWARGS,
+    embedding_type="fourier",
+    encoder_type="residual",
+    channel_mult_noise=2,
+    resample_filter=[1, 3, 3, 1],
+)
+
+
+def random_net(net_kwargs):
     torch.manual_seed(0)
-    net = E.build_net(dict(img_resolution=16, img_channels=3, label_dim=4, augment_dim=9, **TINY_NET)).eval()
+    net = E.build_net(net_kwargs).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
-    write_snapshot(tmp_path / "snap.pkl", net.requires_grad_(False), EDM_KWARGS)
-    ckpt = E.load_teacher(str(tmp_path / "snap.pkl"))
+    return net.requires_grad_(False)
+
+
+@pytest.mark.parametrize("arch, init_kwargs", [("ddpmpp", EDM_KWARGS), ("ncsnpp", NCSN_KWARGS)])
+def test_edm_format_snapshot_imports_exactly(tmp_path, fake_persistence, capsys, arch, init_kwargs):
+    net = random_net(
+        dict(arch=arch, img_resolution=16, img_channels=3, label_dim=4, augment_dim=9, **TINY_NET)
+    )
+    write_snapshot(tmp_path / "snap.pkl", net, init_kwargs)
+    ckpt = C.import_edm_pickle(str(tmp_path / "snap.pkl"))
     assert ckpt["method"] == "edm_teacher" and ckpt["net_kwargs"]["label_dim"] == 4
+    assert ckpt["net_kwargs"]["arch"] == arch
     assert ckpt["net_kwargs"]["dropout"] == 0.13 and ckpt["net_kwargs"]["augment_dim"] == 9
     ref = net.state_dict()
     assert list(ckpt["ema"]) == list(ref) and all(torch.equal(ckpt["ema"][k], v) for k, v in ref.items())
@@ -128,25 +153,64 @@ def test_edm_format_snapshot_imports_exactly(tmp_path, fake_persistence):
     x, sigma, labels = torch.randn(3, 3, 16, 16), torch.tensor([0.1, 1.0, 10.0]), torch.tensor([0, 1, 3])
     with torch.no_grad():
         assert torch.equal(imported(x, sigma, labels), net(x, sigma, labels))
-    # --convert writes it as our (weights-only) checkpoint format
-    E.main(["--convert", str(tmp_path / "conv.pt"), "--ckpt", str(tmp_path / "snap.pkl")])
+    # the command writes it as our (weights-only) checkpoint format, and never over an existing file
+    C.main([str(tmp_path / "snap.pkl"), str(tmp_path / "conv.pt")])
+    assert capsys.readouterr().out.count("\n") == 1
     conv = torch.load(tmp_path / "conv.pt", weights_only=True)
     assert conv["net_kwargs"] == ckpt["net_kwargs"] and torch.equal(
         conv["ema"]["model.map_label.weight"], ref["model.map_label.weight"]
     )
+    assert set(conv) == {
+        "method",
+        "version",
+        "args",
+        "net_kwargs",
+        "net",
+        "ema",
+        "opt",
+        "step",
+        "kimg",
+        "state",
+    }
+    assert conv["version"] == 1 and conv["opt"] is None and conv["step"] == 0 and conv["kimg"] == 0.0
+    with pytest.raises(SystemExit, match="exists; pass --overwrite") as e:
+        C.main([str(tmp_path / "snap.pkl"), str(tmp_path / "conv.pt")])
+    assert "\n" not in str(e.value)
+    C.main([str(tmp_path / "snap.pkl"), str(tmp_path / "conv.pt"), "--overwrite"])
+    assert sorted(os.listdir(tmp_path)) == ["conv.pt", "snap.pkl"]  # no temporary file left behind
+
+
+def test_ncsnpp_snapshot_maps_to_arch_ncsnpp(tmp_path, fake_persistence, monkeypatch):
+    # EDM's "-ve" snapshots are EDMPrecond(SongUNet) with NCSN++'s settings: arch "ncsnpp", EDM's keys as they are
+    # (the weights' check against the UNet is replaced here, so this runs before the UNet block has ncsnpp)
+    net = random_net(dict(img_resolution=16, img_channels=3, label_dim=4, augment_dim=9, **TINY_NET))
+    write_snapshot(tmp_path / "ve.pkl", net, NCSN_KWARGS)
+    built = []
+
+    class Checked:
+        def load_state_dict(self, state_dict, strict):
+            built.append((state_dict, strict))
+
+    monkeypatch.setattr(E, "build_net", lambda net_kwargs: built.append(net_kwargs) or Checked())
+    ckpt = C.import_edm_pickle(str(tmp_path / "ve.pkl"))
+    expected = dict(
+        arch="ncsnpp", img_resolution=16, img_channels=3, label_dim=4, sigma_data=0.5, augment_dim=9
+    )
+    expected.update(TINY_NET, dropout=0.13)
+    assert ckpt["net_kwargs"] == expected and built[0] == expected
+    assert built[1][0] is ckpt["ema"] and built[1][1] is True
+    ref = net.state_dict()
+    assert list(ckpt["ema"]) == list(ref) and all(torch.equal(ckpt["ema"][k], v) for k, v in ref.items())
+    assert ckpt["state"]["edm_init_kwargs"]["resample_filter"] == [1, 3, 3, 1]
 
 
 def test_adm_snapshot_imports_exactly(tmp_path, fake_persistence):
     # EDM's ImageNet-64 snapshot is EDMPrecond(model_type="DhariwalUNet"): same pickle format, ADM weights
     kw = dict(model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
-    torch.manual_seed(0)
-    net = E.build_net(dict(arch="adm", img_resolution=16, img_channels=3, label_dim=4, **kw)).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
+    net = random_net(dict(arch="adm", img_resolution=16, img_channels=3, label_dim=4, **kw))
     init_kwargs = dict(img_resolution=16, img_channels=3, label_dim=4, model_type="DhariwalUNet", **kw)
-    write_snapshot(tmp_path / "adm.pkl", net.requires_grad_(False), init_kwargs)
-    ckpt = E.load_teacher(str(tmp_path / "adm.pkl"))
+    write_snapshot(tmp_path / "adm.pkl", net, init_kwargs)
+    ckpt = C.import_edm_pickle(str(tmp_path / "adm.pkl"))
     assert ckpt["net_kwargs"]["arch"] == "adm" and ckpt["net_kwargs"]["dropout"] == 0.10  # EDM's default
     ref = net.state_dict()
     assert list(ckpt["ema"]) == list(ref) and all(torch.equal(ckpt["ema"][k], v) for k, v in ref.items())
@@ -164,11 +228,13 @@ def test_other_variants_are_refused_clearly(tmp_path, fake_persistence):
         (dict(model_type="NCSNpp"), "not supported"),
         (dict(model_type="DhariwalUNet"), "do not match the adm network"),  # DDPM++ weights, ADM class
         (dict(embedding_type="fourier"), "fourier"),
+        (dict(NCSN_KWARGS, decoder_type="skip"), "'skip'.*not supported"),  # NCSN++ but for one setting
+        (dict(channel_mult_emb=2), "not supported"),
         (dict(num_blocks=2), "do not match"),
     ]:
         write_snapshot(tmp_path / "s.pkl", net, dict(EDM_KWARGS, **change))
         with pytest.raises(SystemExit, match=words) as e:
-            E.load_teacher(str(tmp_path / "s.pkl"))
+            C.import_edm_pickle(str(tmp_path / "s.pkl"))
         assert "\n" not in str(e.value)
 
 
@@ -183,28 +249,43 @@ def test_restricted_unpickler_refuses_non_allow_listed_globals(tmp_path, payload
     with open(path, "wb") as f:
         pickle.dump(payload, f)
     with pytest.raises(SystemExit, match="refusing to load global") as e:
-        E.load_teacher(str(path))
+        C.import_edm_pickle(str(path))
     assert "\n" not in str(e.value)
 
 
 def test_missing_or_corrupt_snapshot(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
-        E.load_teacher(str(tmp_path / "edm-cifar10-32x32-uncond-vp.pkl"))
+        C.import_edm_pickle(str(tmp_path / "edm-cifar10-32x32-uncond-vp.pkl"))
     (tmp_path / "bad.pkl").write_bytes(b"not a pickle at all")
     with pytest.raises(SystemExit, match="not a loadable EDM snapshot"):
-        E.load_teacher(str(tmp_path / "bad.pkl"))
+        C.import_edm_pickle(str(tmp_path / "bad.pkl"))
 
 
-def test_url_teacher_offline_names_the_cache_path(tmp_path, monkeypatch):
+def test_url_snapshot_offline_names_the_cache_path(tmp_path, monkeypatch):
     import urllib.request
 
     def offline(*a, **k):
         raise OSError("Temporary failure in name resolution")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
+    url = C.EDM_URL + "edm-cifar10-32x32-uncond-vp.pkl"
     with pytest.raises(SystemExit) as e:
-        E.load_teacher(E.EDM_URL + "edm-cifar10-32x32-uncond-vp.pkl", cache_dir=str(tmp_path))
-    assert str(tmp_path / "edm-cifar10-32x32-uncond-vp.pkl") in str(e.value)
+        C.main([url, str(tmp_path / "out.pt"), "--cache-dir", str(tmp_path)])
+    assert str(tmp_path / "edm-cifar10-32x32-uncond-vp.pkl") in str(e.value) and url in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "out.pt").exists()
+
+
+def test_command_line_converts_without_running_the_snapshot(tmp_path, fake_persistence):
+    net = random_net(dict(img_resolution=16, img_channels=3, label_dim=4, augment_dim=9, **TINY_NET))
+    write_snapshot(tmp_path / "snap.pkl", net, EDM_KWARGS)
+    r = run_script([sys.executable, TOOL, str(tmp_path / "snap.pkl"), str(tmp_path / "out.pt")])
+    n = sum(t.numel() for t in net.state_dict().values())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{tmp_path / 'out.pt'}: ddpmpp at 16px, label_dim 4, {n:,} weights\n"
+    assert torch.load(tmp_path / "out.pt", weights_only=True)["net_kwargs"]["arch"] == "ddpmpp"
+    r = run_script([sys.executable, TOOL, str(tmp_path / "missing.pkl"), str(tmp_path / "x.pt")])
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    assert str(tmp_path / "missing.pkl") in r.stderr and not (tmp_path / "x.pt").exists()
 
 
 def _deep_modules(depth):
@@ -241,7 +322,7 @@ def test_every_import_failure_is_one_line(tmp_path, fake_persistence, name, snap
     else:
         path.write_bytes(snapshot if isinstance(snapshot, bytes) else pickle.dumps(snapshot))
     with pytest.raises(SystemExit) as e:
-        E.load_teacher(str(path))
+        C.import_edm_pickle(str(path))
     msg = str(e.value)
     assert msg.startswith("error: ") and "\n" not in msg and str(path) in msg, (name, msg)
     assert not os.path.exists(PWNED)

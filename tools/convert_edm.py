@@ -1,0 +1,219 @@
+"""Official EDM snapshots (.pkl) -> our checkpoint (.pt), which loads with torch.load(weights_only=True).
+
+EDM's snapshots are pickles in which every layer is rebuilt by
+torch_utils.persistence._reconstruct_persistent_obj(meta), which EXECUTES meta["module_src"]. We never do:
+this is the project's only unpickler of foreign files. It resolves only an allow-list of globals, keeps
+persistent objects as inert metadata, and loads the EMA weights by key into edm_teacher's UNet (EDM's keys).
+Supported: EDMPrecond over SongUNet DDPM++ (EDM's "-vp" snapshots -> arch ddpmpp), SongUNet NCSN++ ("-ve"
+-> ncsnpp) and DhariwalUNet (ImageNet-64's "-adm" -> adm). The .pt is a student's --init or a --ckpt of
+gen_pairs.py / evaluate.py.
+
+Commands
+  python tools/convert_edm.py edm-cifar10-32x32-cond-vp.pkl checkpoints/edm-cifar10-cond.pt
+  python tools/convert_edm.py edm-cifar10-32x32-cond-ve.pkl checkpoints/edm-cifar10-cond-ve.pt --overwrite
+  A URL is downloaded once into --cache-dir (offline: the error names the file and where to put it):
+  python tools/convert_edm.py \
+    https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl checkpoints/edm-in64.pt
+"""
+
+import argparse
+import collections
+import io
+import json
+import os
+import pickle
+import shutil
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
+# EDM's train.py --arch settings of SongUNet (DDPM++ are SongUNet's own defaults); anything else is refused
+SONGUNET_KEYS = "embedding_type encoder_type decoder_type channel_mult_noise resample_filter channel_mult_emb"
+SONGUNET = {
+    "ddpmpp": ("positional", "standard", "standard", 1, [1, 1], 4),
+    "ncsnpp": ("fourier", "residual", "standard", 2, [1, 3, 3, 1], 4),
+}
+# model_channels, channel_mult, num_blocks, attn_resolutions: each class's defaults in EDM's networks.py
+WIDTHS = {"SongUNet": (128, [1, 2, 2, 2], 4, [16]), "DhariwalUNet": (192, [1, 2, 3, 4], 3, [32, 16, 8])}
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+class _Persistent:
+    """Stands in for an EDM persistent object: only its metadata (class name, state) is kept."""
+
+    def __init__(self, meta):
+        self.meta = meta
+
+
+class _Container:
+    """Stands in for torch.nn.ModuleDict/ModuleList/Sequential: keeps the pickled __dict__."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+def _load_storage(blob):
+    return torch.load(io.BytesIO(blob), weights_only=True)  # a legacy torch.save blob of one storage
+
+
+def _numpy_scalar(dtype, data):
+    if dtype.hasobject:  # an object scalar would be built from raw pointer bytes
+        raise pickle.UnpicklingError("refusing a numpy object scalar")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+class EDMUnpickler(pickle.Unpickler):
+    """Resolves only the globals an EDM snapshot needs; refuses everything else (os.system, eval, ...)."""
+
+    SAFE = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("numpy", "dtype"): np.dtype,
+        ("builtins", "set"): set,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+        ("torch.storage", "_load_from_bytes"): _load_storage,
+        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+        ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
+        ("dnnlib.util", "EasyDict"): dict,
+    }
+
+    def find_class(self, module, name):
+        if module == "torch.nn.modules.container" and name in ("ModuleDict", "ModuleList", "Sequential"):
+            return _Container
+        if (module, name) in self.SAFE:
+            return self.SAFE[(module, name)]
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (not on the allow-list)")
+
+
+def _edm_state_dict(obj, prefix="", out=None):
+    """Walk the pickled module tree: parameters and persistent buffers by key, as nn.Module.state_dict()."""
+    out = {} if out is None else out
+    state = obj.meta["state"] if isinstance(obj, _Persistent) else obj.__dict__
+    skip = state.get("_non_persistent_buffers_set", set())
+    for key, t in [*state.get("_parameters", {}).items(), *state.get("_buffers", {}).items()]:
+        if t is not None and key not in skip:
+            out[prefix + key] = t.detach().clone() if isinstance(t, torch.Tensor) else t
+    for key, child in state.get("_modules", {}).items():
+        if child is not None:
+            _edm_state_dict(child, f"{prefix}{key}.", out)
+    return out
+
+
+def fetch_file(url, cache_dir):
+    """Download url once into cache_dir (atomic) and return the local path."""
+    dest = os.path.join(cache_dir, os.path.basename(url))
+    if os.path.isfile(dest):
+        return dest
+    import urllib.request
+
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{dest}.tmp{os.getpid()}"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except OSError as e:
+        fail(f"cannot download {url} ({type(e).__name__}: {e}); fetch it elsewhere and put it at {dest}")
+    os.replace(tmp, dest)
+    return dest
+
+
+def import_edm_pickle(path):
+    """An official EDM snapshot (.pkl) -> a checkpoint dict in our format, with the EMA weights.
+    Every failure (a bad opcode, a missing key, a recursion bomb, ...) ends in one line naming the file."""
+    if not os.path.isfile(path):
+        example = EDM_URL + "edm-cifar10-32x32-cond-vp.pkl"
+        fail(f"EDM snapshot not found: {path} (official ones are named like {example})")
+    try:
+        return _import_edm_pickle(path)
+    except Exception as e:  # fail() raises SystemExit, which passes through with its own message
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        fail(f"{path} is not a loadable EDM snapshot ({type(e).__name__}{': ' + msg if msg else ''})")
+
+
+def _import_edm_pickle(path):
+    with open(path, "rb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # TypedStorage deprecation inside torch's rebuild
+        snapshot = EDMUnpickler(f).load()
+    ema = snapshot.get("ema") if isinstance(snapshot, dict) else None
+    if not isinstance(ema, _Persistent) or ema.meta.get("type") != "class":
+        fail(f"{path} has no EDM network under 'ema' (is it an EDM training snapshot?)")
+    name, kw = ema.meta.get("class_name"), dict(ema.meta["state"].get("_init_kwargs", {}))
+    if name != "EDMPrecond":
+        fail(f"{path}: preconditioning {name!r} is not supported (only EDMPrecond)")
+    model_type = kw.get("model_type", "DhariwalUNet")  # EDMPrecond's default is ADM's DhariwalUNet
+    if model_type == "SongUNet":
+        config = tuple(kw.get(k, v) for k, v in zip(SONGUNET_KEYS.split(), SONGUNET["ddpmpp"], strict=True))
+        arch = next((a for a, c in SONGUNET.items() if c == config), None)
+        if arch is None:
+            variant = dict(zip(SONGUNET_KEYS.split(), config, strict=True))
+            fail(f"{path}: SongUNet variant {variant} is not supported (only EDM's ddpmpp and ncsnpp)")
+    elif model_type == "DhariwalUNet":
+        arch = "adm"
+        if kw.get("channel_mult_emb", 4) != 4:
+            fail(f"{path}: DhariwalUNet variant channel_mult_emb={kw['channel_mult_emb']} is not supported")
+    else:
+        fail(f"{path}: network {model_type!r} is not supported (only SongUNet and DhariwalUNet)")
+    widths = WIDTHS[model_type]
+    net_kwargs = dict(
+        arch=arch,
+        img_resolution=kw["img_resolution"],
+        img_channels=kw["img_channels"],
+        label_dim=kw.get("label_dim", 0),
+        sigma_data=kw.get("sigma_data", 0.5),
+        augment_dim=kw.get("augment_dim", 0),
+        model_channels=kw.get("model_channels", widths[0]),
+        channel_mult=list(kw.get("channel_mult", widths[1])),
+        num_blocks=kw.get("num_blocks", widths[2]),
+        attn_resolutions=list(kw.get("attn_resolutions", widths[3])),
+        dropout=kw.get("dropout", 0.10),
+    )
+    state_dict = _edm_state_dict(ema)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    import edm_teacher
+
+    try:
+        edm_teacher.build_net(net_kwargs).load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        fail(f"{path}: weights do not match the {arch} network: {str(e).splitlines()[0]}")
+    except ValueError as e:  # an arch this edm_teacher.py does not build
+        fail(f"{path}: {e}")
+    ckpt = dict(method="edm_teacher", version=1, args=dict(imported_from=os.path.abspath(path)))
+    state = dict(source="EDM snapshot", edm_init_kwargs=json.loads(json.dumps(kw)))
+    return dict(
+        ckpt, net_kwargs=net_kwargs, net=state_dict, ema=state_dict, opt=None, step=0, kimg=0.0, state=state
+    )
+
+
+def main(argv=None):
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "edm")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("snapshot", help="EDM snapshot .pkl, or its URL (downloaded once into --cache-dir)")
+    p.add_argument("out", help="our checkpoint .pt to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--cache-dir", default=cache, help="where a URL's file is kept (default: %(default)s)")
+    args = p.parse_args(argv)
+    if os.path.exists(args.out) and not args.overwrite:
+        fail(f"{args.out} exists; pass --overwrite to replace it")
+    path = args.snapshot
+    if path.startswith(("http://", "https://")):
+        path = fetch_file(path, args.cache_dir)
+    ckpt = import_edm_pickle(path)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = f"{args.out}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, args.out)
+    kw, n = ckpt["net_kwargs"], sum(t.numel() for t in ckpt["ema"].values())
+    print(f"{args.out}: {kw['arch']} at {kw['img_resolution']}px, label_dim {kw['label_dim']}, {n:,} weights")
+
+
+if __name__ == "__main__":
+    main()

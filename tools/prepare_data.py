@@ -1,0 +1,212 @@
+"""Image folders, EDM dataset zips and ImageNet-64 -> one uint8 [N, H, W, C] array (.npy), made once.
+
+The method files memory-map the result (`np.load(OUT.npy, mmap_mode="r")`), so training holds only its
+batches in memory. Beside OUT.npy it writes OUT.labels.npy (int64 [N] class indices from 0; only when the
+source has labels) and OUT.json (source, kind, n, resolution, channels, labelled, classes).
+
+Sources
+  a folder or .zip of .png/.jpg images, taken in the order of their sorted relative paths, with EDM's
+    optional dataset.json labels ({"labels": [[file, label], ...]}, as EDM's dataset_tool.py writes them);
+    palette and alpha images become RGB, grayscale stays one channel;
+  downsampled ImageNet (Imagenet64_train_npz: train_data_batch_*.npz, 'data' [N, 3*64*64] uint8 CHW
+    flattened, 'labels' from 1): a folder of those files (in natural order: 1, 2, ..., 10) or one of them.
+Images must be square and, unless --resolution resizes them all (PIL's LANCZOS filter, no crop), of one size.
+
+Commands
+  python tools/prepare_data.py datasets/cifar10-32x32.zip datasets/cifar10.npy
+  python tools/prepare_data.py datasets/Imagenet64_train_npz datasets/imagenet64.npy
+  python tools/prepare_data.py my_images/ datasets/my64.npy --resolution 64 --overwrite
+"""
+
+import argparse
+import io
+import json
+import os
+import re
+import zipfile
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def fit(x, res):
+    """uint8 [H, W, C] -> [res, res, C] with PIL's LANCZOS filter (x is square; res None: unchanged)."""
+    if not res or x.shape[0] == res:
+        return x
+    img = Image.fromarray(x[..., 0] if x.shape[2] == 1 else x)
+    return np.atleast_3d(np.asarray(img.resize((res, res), Image.Resampling.LANCZOS)))
+
+
+def decode(data, name):
+    """One image file's bytes -> uint8 [H, W, C]; palette and alpha images become RGB, never index values."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        x = np.atleast_3d(np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB")))
+    except Exception as e:
+        fail(f"cannot read image {name} ({type(e).__name__}: {e})")
+    if x.shape[0] != x.shape[1]:
+        fail(f"{name} is {x.shape[1]}x{x.shape[0]}: images must be square (crop them first)")
+    return x
+
+
+def dataset_json(data, files, src):
+    """EDM's dataset.json -> int64 labels of `files` in order, or None where it says "labels": null."""
+    try:
+        table = json.loads(data)["labels"]
+        table = None if table is None else {name: label for name, label in table}
+    except (ValueError, TypeError, KeyError) as e:
+        fail(f"{src}/dataset.json is not EDM's {{'labels': [[file, label], ...]}} ({type(e).__name__}: {e})")
+    if table is None:
+        return None
+    missing = [f for f in files if f not in table]
+    if missing:
+        fail(f"{src}/dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}")
+    bad = [table[f] for f in files if type(table[f]) is not int or table[f] < 0]
+    if bad:
+        fail(f"{src}/dataset.json: labels must be class indices 0, 1, ...; found {bad[0]!r}")
+    return np.asarray([table[f] for f in files], np.int64)
+
+
+def image_source(src, res):
+    """A folder or zip of images -> (n, hwc, chunks: an iterator of uint8 [1, H, W, C], labels or None)."""
+    if os.path.isdir(src):
+        names = sorted(
+            os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
+            for d, _, fs in os.walk(src)
+            for f in fs
+        )
+
+        def read(name):
+            with open(os.path.join(src, name), "rb") as f:
+                return f.read()
+    else:
+        z = zipfile.ZipFile(src)
+        names, read = sorted(z.namelist()), z.read
+    files = [f for f in names if f.lower().endswith((".png", ".jpg", ".jpeg"))]
+    if not files:
+        fail(f"no .png/.jpg images found in {src}")
+    labels = dataset_json(read("dataset.json"), files, src) if "dataset.json" in names else None
+    hwc = fit(decode(read(files[0]), f"{src}/{files[0]}"), res).shape
+
+    def chunks():
+        for name in files:
+            x = fit(decode(read(name), f"{src}/{name}"), res)
+            if x.shape != hwc:
+                fail(
+                    f"{src}/{name} has shape {x.shape} (H, W, C) but {files[0]} has {hwc}: images must share "
+                    "one size and colour mode (--resolution R resizes them all)"
+                )
+            yield x[None]
+
+    return len(files), hwc, chunks(), labels
+
+
+def npy_header(f):
+    """(shape, fortran_order, dtype) of the .npy stream f, which is left at the first byte of the data."""
+    version = np.lib.format.read_magic(f)
+    return (
+        np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    )(f)
+
+
+def imagenet_source(src, res, chunk=1024):
+    """Downsampled-ImageNet .npz batches -> (n, hwc, chunks of uint8 [b, H, W, C], 0-based labels). The
+    'data' arrays are streamed out of the zip containers: memory O(chunk), not O(file)."""
+    paths = [src]
+    if os.path.isdir(src):
+        natural = lambda f: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", f)]  # noqa: E731
+        paths = [os.path.join(src, f) for f in sorted(os.listdir(src), key=natural) if f.endswith(".npz")]
+    sizes, labels = [], []
+    for path in paths:
+        try:
+            with np.load(path) as f:
+                y = f["labels"].reshape(-1)
+            with zipfile.ZipFile(path) as z, z.open("data.npy") as f:
+                shape, fortran, dtype = npy_header(f)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            fail(f"{path} is not an ImageNet-64 batch with 'data' and 'labels' ({type(e).__name__}: {e})")
+        side = int(round((shape[-1] / 3) ** 0.5)) if len(shape) == 2 else 0
+        if dtype != np.uint8 or fortran or len(shape) != 2 or 3 * side * side != shape[1]:
+            fail(f"{path}: 'data' must be C-ordered uint8 [N, 3*S*S] (CHW flattened); got {dtype} {shape}")
+        if sizes and side != sizes[0][1]:
+            fail(f"{path} holds {side}x{side} images but {paths[0]} holds {sizes[0][1]}x{sizes[0][1]}")
+        if len(y) != shape[0] or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 1):
+            fail(f"{path}: 'labels' must be {shape[0]} integer classes counted from 1 (ImageNet's)")
+        sizes.append((shape[0], side))
+        labels.append(y.astype(np.int64) - 1)
+
+    def chunks():
+        for path, (n, side) in zip(paths, sizes, strict=True):
+            with zipfile.ZipFile(path) as z, z.open("data.npy") as f:
+                npy_header(f)
+                for i in range(0, n, chunk):
+                    b = min(chunk, n - i)
+                    x = np.frombuffer(f.read(b * 3 * side * side), np.uint8).reshape(b, 3, side, side)
+                    yield np.stack([fit(im, res) for im in x.transpose(0, 2, 3, 1)])
+
+    side = res or sizes[0][1]
+    return sum(n for n, _ in sizes), (side, side, 3), chunks(), np.concatenate(labels)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("source", help="image folder, EDM dataset .zip, or downsampled-ImageNet .npz batch(es)")
+    p.add_argument("out", help="OUT.npy to write; OUT.labels.npy and OUT.json go beside it")
+    p.add_argument("--resolution", type=int, metavar="R", help="resize all to R x R (PIL LANCZOS, no crop)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.npy")
+    args = p.parse_args(argv)
+    src, out, res = args.source, args.out, args.resolution
+    if not out.endswith(".npy"):
+        p.error(f"OUT must end in .npy: {out}")
+    if res is not None and res < 1:
+        p.error(f"--resolution must be positive: {res}")
+    if not os.path.exists(src):
+        fail(f"source not found: {src} (an image folder, an EDM dataset .zip or ImageNet-64 .npz batches)")
+    if os.path.exists(out) and not args.overwrite:
+        fail(f"{out} exists; pass --overwrite to replace it")
+    npz_dir = os.path.isdir(src) and any(f.endswith(".npz") for f in os.listdir(src))
+    if src.endswith(".npz") or npz_dir:
+        kind, (n, hwc, chunks, labels) = "imagenet64", imagenet_source(src, res)
+    elif os.path.isdir(src) or zipfile.is_zipfile(src):
+        kind, (n, hwc, chunks, labels) = "images", image_source(src, res)
+    else:
+        fail(f"{src} is neither a folder, a .zip of images nor an .npz of downsampled ImageNet")
+    if n == 0:
+        fail(f"{src} holds no images")
+
+    stem, tmp = out[:-4], f"{out}.tmp{os.getpid()}"
+    try:  # open_memmap writes the header and sizes the file; the pixels go in by plain writes, so that
+        # memory stays O(chunk) (written pages of a live mapping would stay resident)
+        offset = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *hwc)).offset
+        with open(tmp, "r+b") as f, tqdm(total=n, unit="img", desc=os.path.basename(out)) as bar:
+            f.seek(offset)
+            for x in chunks:
+                f.write(np.ascontiguousarray(x, np.uint8).tobytes())
+                bar.update(len(x))
+        if labels is not None:
+            with open(f"{stem}.labels.npy.tmp{os.getpid()}", "wb") as f:
+                np.save(f, labels)
+            os.replace(f.name, f"{stem}.labels.npy")
+        elif os.path.exists(f"{stem}.labels.npy"):  # an overwritten labelled array's labels
+            os.remove(f"{stem}.labels.npy")
+        classes = int(labels.max()) + 1 if labels is not None else 0
+        meta = dict(source=os.path.abspath(src), kind=kind, n=n, resolution=hwc[0], channels=hwc[2])
+        meta.update(labelled=labels is not None, classes=classes)
+        with open(f"{stem}.json.tmp{os.getpid()}", "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(f.name, f"{stem}.json")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    lab = f", {len(labels)} labels of {classes} classes" if labels is not None else ""
+    print(f"{out}: {n} images {hwc[0]}x{hwc[1]}x{hwc[2]}{lab}")
+
+
+if __name__ == "__main__":
+    main()
