@@ -11,7 +11,7 @@ floats in [-1, 1], quantised as EDM: (x * 127.5 + 128).clip(0, 255) -> uint8.
 Commands: a CPU smoke run on a 16x16 "shapes" set made in-process (minutes on 2 cores); EDM's CIFAR-10 run
 (DDPM++, batch 512, lr 1e-3, 200 Mimg, augmentation p = 0.12; --cond: conditional, --arch ncsnpp: VE net);
 50,000 images, image i from seed i for any number of GPUs (--S-churn: Alg. 2):
-    python edm_teacher.py --data shapes --outdir runs/edm-shapes --tiny --duration 0.1 --batch 64
+    python edm_teacher.py --data shapes --outdir runs/edm-shapes --tiny --duration 0.1 --lr-rampup 0
     torchrun --standalone --nproc_per_node=8 edm_teacher.py --data cifar10 --outdir runs/edm-cifar10
     python edm_teacher.py --generate 50000 --ckpt runs/edm-cifar10 --nfe 35 --out samples.npz
 tools/convert_edm.py makes official EDM snapshots checkpoints of this file; tools/prepare_data.py makes image
@@ -475,13 +475,13 @@ def train(args):
             torch.distributed.all_reduce(loss) if ddp else None
             eta = round((time.time() - t0) / (step - step0) * (total_steps - step))
             rec = dict(step=step, kimg=nimg / 1000, loss=loss.item() / world, lr=opt.param_groups[0]["lr"],
-                       sec_per_step=(time.time() - t_log) / (step - step_log), eta_s=eta)  # fmt: skip
+                       sec_per_step=(time.time() - t_log) / (step - step_log))  # fmt: skip
             if rank == 0:
                 text = " ".join(f"{k}={v:.5g}" if type(v) is float else f"{k}={v}" for k, v in rec.items())
-                eta = f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta > 3599 else f"{eta // 60}m{eta % 60:02d}s"
-                print(text.replace(f"step={step}", f"step={step}/{total_steps}", 1), f"eta={eta}", flush=True)
+                hms = f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta > 3599 else f"{eta // 60}m{eta % 60:02d}s"
+                print(text.replace(f"step={step}", f"step={step}/{total_steps}", 1), f"eta={hms}", flush=True)
                 with open(os.path.join(args.outdir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                    f.write(json.dumps(dict(rec, eta_s=eta)) + "\n")
             loss_sum, t_log, step_log = loss_sum.zero_(), time.time(), step
         if rank == 0 and (step % args.snap_every == 0 or done or stopping):  # all a bit-exact resume needs
             name = f"ckpt-{step:07d}.pt"
