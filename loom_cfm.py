@@ -851,21 +851,17 @@ def predict_x1(x, t, v):
 
 
 # --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---
-# ddpmpp | ncsnpp | adm: EDM's SongUNet / DhariwalUNet with EDM's state_dict keys (EDM snapshots load by key);
-# adm-cfm: the guided-diffusion UNet as torchcfm's UNetModelWrapper builds it (LOOM's), with torchcfm's keys.
 
 
 def _init(shape, fan_in, fan_out, gain=1.0, mode="xavier", bias=False):
     """EDM's inits: xavier_uniform, biases 0 (DDPM++); kaiming_uniform * sqrt(1/3) (ADM; PyTorch default)."""
     if bias and mode != "kaiming":
         return torch.zeros(shape)
-    if mode == "normal":
-        return torch.randn(shape) * gain
     bound = math.sqrt(1 / fan_in) if mode == "kaiming" else math.sqrt(6 / (fan_in + fan_out))
-    return (torch.rand(shape) * 2 - 1) * bound * gain
+    return torch.randn(shape) * gain if mode == "normal" else (torch.rand(shape) * 2 - 1) * bound * gain
 
 
-class Linear(nn.Module):
+class Linear(nn.Module):  # EDM's Linear
     def __init__(self, cin, cout, bias=True, gain=1.0, mode="xavier"):
         super().__init__()
         self.weight = nn.Parameter(_init([cout, cin], cin, cout, gain, mode))
@@ -875,14 +871,11 @@ class Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
-class Conv2d(nn.Module):
-    """A conv after optional x2 up/down-sampling by EDM's FIR filter (a buffer; [1, 1]: nearest up, box down),
-    fused: down-sampling after the conv; kernel 0: resampling only; dims 1: a Conv1d-shaped weight."""
-
+class Conv2d(nn.Module):  # EDM's Conv2d: x2 up/down-sampling by a FIR filter first ([1, 1]: nearest, box)
     def __init__(self, cin, cout, kernel, up=False, down=False, gain=1.0, mode="xavier", filt=(1, 1),
                  fused=False, dims=2):  # fmt: skip
         super().__init__()
-        self.up, self.down, self.fused = up, down, fused
+        self.up, self.down, self.fused, self.pad = up, down, fused, (len(filt) - 1) // 2
         fan_in, fan_out, shape = cin * kernel * kernel, cout * kernel * kernel, [cout, cin] + [kernel] * dims
         self.weight = nn.Parameter(_init(shape, fan_in, fan_out, gain, mode)) if kernel else None
         self.bias = nn.Parameter(_init([cout], fan_in, cout, gain, mode, True)) if kernel else None
@@ -891,63 +884,54 @@ class Conv2d(nn.Module):
         self.register_buffer("resample_filter", f if up or down else None)
 
     def forward(self, x):
-        f, c = self.resample_filter, x.shape[1]
-        if f is not None:
-            f, pad = f.to(x.dtype), (f.shape[-1] - 1) // 2
+        f, c, pad = self.resample_filter, x.shape[1], self.pad
+        f = None if f is None else f.to(x.dtype)
         if self.up:
             x = F.conv_transpose2d(x, f.mul(4).tile(c, 1, 1, 1), None, 2, pad, groups=c)
         if self.down and not self.fused:
             x = F.conv2d(x, f.tile(c, 1, 1, 1), None, 2, pad, groups=c)
-        if self.weight is None:
+        if self.weight is None:  # kernel 0: resampling only
             return x
         w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
-        w = w if w.ndim == 4 else w[..., None]
-        if self.fused:  # conv, down-sampling, then the bias, as EDM
+        w = w if w.ndim == 4 else w[..., None]  # dims 1: a Conv1d-shaped weight
+        if self.fused:  # conv, down-sampling, then the bias, as EDM (for NCSN++'s aux_residual)
             x = F.conv2d(x, w, padding=w.shape[-1] // 2 + pad)
             return F.conv2d(x, f.tile(x.shape[1], 1, 1, 1), None, 2, groups=x.shape[1]).add_(b[:, None, None])
         return F.conv2d(x, w, b, padding=w.shape[-1] // 2)
 
 
-def _group_norm(c, eps=1e-6, groups=None):
-    return nn.GroupNorm(groups or min(32, c // 4), c, eps=eps)
-
-
 def _attention(qkv, heads, cfm=False):
     """qkv [N, 3C, H, W], channels (head, c, 3) as EDM / (head, 3, c) as guided-diffusion -> [N, C, H, W]."""
     n, c, h, w = qkv.shape[0], qkv.shape[1] // 3, qkv.shape[2], qkv.shape[3]
-    if cfm:
-        q, k, v = qkv.reshape(n * heads, 3, c // heads, h * w).unbind(1)
-    else:
-        q, k, v = qkv.reshape(n * heads, c // heads, 3, h * w).unbind(2)
+    shape = (n * heads, 3, c // heads, h * w) if cfm else (n * heads, c // heads, 3, h * w)
+    q, k, v = qkv.reshape(shape).unbind(1 if cfm else 2)
     a = torch.einsum("ncq,nck->nqk", q.float(), k.float() / math.sqrt(c // heads)).softmax(dim=2)
     return torch.einsum("nqk,nck->ncq", a.to(v.dtype), v).reshape(n, c, h, w)
 
 
-def _freqs(n, device, endpoint=False, cfm=False):
-    """Positional embedding frequencies, as EDM or (cfm) guided-diffusion computes them."""
+def _freqs(n, device, endpoint=False, cfm=False):  # sinusoid frequencies: EDM's, guided-diffusion's
     i = torch.arange(n // 2, device=device, dtype=torch.float32)
     return torch.exp(-math.log(10000) * i / (n // 2)) if cfm else (1 / 10000) ** (i / (n // 2 - endpoint))
 
 
 class UNetBlock(nn.Module):
-    """EDM's residual block with optional self-attention: DDPM++ / NCSN++ (additive embedding, skips scaled by
-    sqrt(1/2), one head) or ADM (adaptive scale-shift norm, unscaled skips, heads of 64 channels)."""
+    """EDM's UNetBlock: DDPM++ / NCSN++ (skips * sqrt(1/2), 1 head) or ADM (scale-shift norm, 64-ch heads)."""
 
     def __init__(self, cin, cout, emb, up=False, down=False, attn=False, dropout=0.0, adm=False, filt=(1, 1)):
         super().__init__()
         self.in_channels, self.out_channels, self.dropout, self.adm = cin, cout, dropout, adm
         eps, mode, zero = (1e-5, "kaiming", 0.0) if adm else (1e-6, "xavier", 1e-5)
-        self.norm0 = _group_norm(cin, eps)
+        self.norm0 = nn.GroupNorm(min(32, cin // 4), cin, eps)
         self.conv0 = Conv2d(cin, cout, 3, up, down, mode=mode, filt=filt)
         self.affine = Linear(emb, cout * (2 if adm else 1), mode=mode)
-        self.norm1 = _group_norm(cout, eps)
+        self.norm1 = nn.GroupNorm(min(32, cout // 4), cout, eps)
         self.conv1 = Conv2d(cout, cout, 3, gain=zero, mode=mode)
         k = 0 if adm and cin == cout else 1  # ADM's skip of a resampling block keeping its width: no weights
         has_skip = cin != cout or up or down
         self.skip = Conv2d(cin, cout, k, up, down, mode=mode, filt=filt) if has_skip else None
         self.heads = (cout // 64 if adm else 1) if attn else 0  # ADM below 64 channels: none, as EDM
         if self.heads:
-            self.norm2 = _group_norm(cout, eps)
+            self.norm2 = nn.GroupNorm(min(32, cout // 4), cout, eps)
             self.qkv = Conv2d(cout, cout * 3, 1, gain=1.0 if adm else math.sqrt(0.2), mode=mode)
             self.proj = Conv2d(cout, cout, 1, gain=zero, mode=mode)
 
@@ -968,8 +952,7 @@ class UNetBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """EDM's SongUNet as DDPM++ or NCSN++ (Fourier noise features, [1, 3, 3, 1] resampling, residual encoder
-    path), or EDM's DhariwalUNet (kind adm). Defaults: EDM's CIFAR-10 DDPM++ (56M parameters)."""
+    """EDM's SongUNet (DDPM++, NCSN++) or DhariwalUNet (kind adm); defaults: EDM's CIFAR-10 DDPM++ (56M)."""
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
                  model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
@@ -990,7 +973,7 @@ class UNet(nn.Module):
         self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
         cout, caux, skips, c0 = in_channels, in_channels, [], mc * channel_mult[0] if adm else mc
         for level, mult in enumerate(channel_mult):
-            r = img_resolution >> level
+            r, c = img_resolution >> level, mc * mult
             if level == 0:
                 self.enc[f"{r}x{r}_conv"], cout = Conv2d(cout, c0, 3, mode=mode), c0
             else:
@@ -1000,11 +983,10 @@ class UNet(nn.Module):
                     self.enc[f"{r}x{r}_aux_residual"], caux = aux, cout
             skips.append(cout)
             for i in range(num_blocks):
-                self.enc[f"{r}x{r}_block{i}"] = UNetBlock(cout, mc * mult, attn=r in attn_resolutions, **blk)
-                cout = mc * mult
+                self.enc[f"{r}x{r}_block{i}"], cout = UNetBlock(cout, c, attn=r in attn_resolutions, **blk), c
                 skips.append(cout)
         for level, mult in reversed(list(enumerate(channel_mult))):
-            r = img_resolution >> level
+            r, c = img_resolution >> level, mc * mult
             if level == len(channel_mult) - 1:
                 self.dec[f"{r}x{r}_in0"] = UNetBlock(cout, cout, attn=True, **blk)
                 self.dec[f"{r}x{r}_in1"] = UNetBlock(cout, cout, **blk)
@@ -1012,14 +994,13 @@ class UNet(nn.Module):
                 self.dec[f"{r}x{r}_up"] = UNetBlock(cout, cout, up=True, **blk)
             for i in range(num_blocks + 1):
                 a = r in attn_resolutions and (adm or i == num_blocks)
-                self.dec[f"{r}x{r}_block{i}"] = UNetBlock(cout + skips.pop(), mc * mult, attn=a, **blk)
-                cout = mc * mult
+                self.dec[f"{r}x{r}_block{i}"], cout = UNetBlock(cout + skips.pop(), c, attn=a, **blk), c
         if adm:
-            self.out_norm = _group_norm(cout, 1e-5)
+            self.out_norm = nn.GroupNorm(min(32, cout // 4), cout)
             self.out_conv = Conv2d(cout, out_channels, 3, gain=0.0, mode=mode)
         else:
-            self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = _group_norm(cout)
-            self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
+            self.dec[f"{r}x{r}_aux_norm"] = nn.GroupNorm(min(32, cout // 4), cout, 1e-6)  # r: img_resolution
+            self.dec[f"{r}x{r}_aux_conv"] = Conv2d(cout, out_channels, 3, gain=1e-5)
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
         # Noise embedding: SongUNet [sin, cos] (positional with endpoint=True, or Fourier), ADM [cos, sin]
@@ -1063,9 +1044,9 @@ class CFMResBlock(nn.Module):  # guided-diffusion's ResBlock without scale-shift
     def __init__(self, cin, cout, emb, dropout):
         super().__init__()
         conv0, conv1 = Conv2d(cin, cout, 3, mode="kaiming"), Conv2d(cout, cout, 3, gain=0.0, mode="kaiming")
-        self.in_layers = nn.Sequential(_group_norm(cin, 1e-5, 32), nn.SiLU(), conv0)
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, cin), nn.SiLU(), conv0)
         self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb, cout, mode="kaiming"))
-        self.out_layers = nn.Sequential(_group_norm(cout, 1e-5, 32), nn.SiLU(), nn.Dropout(dropout), conv1)
+        self.out_layers = nn.Sequential(nn.GroupNorm(32, cout), nn.SiLU(), nn.Dropout(dropout), conv1)
         self.skip_connection = nn.Identity() if cin == cout else Conv2d(cin, cout, 1, mode="kaiming")
 
     def forward(self, x, emb):
@@ -1076,7 +1057,7 @@ class CFMResBlock(nn.Module):  # guided-diffusion's ResBlock without scale-shift
 class CFMAttention(nn.Module):  # guided-diffusion's AttentionBlock: heads of 64 channels, zero-init proj_out
     def __init__(self, c):
         super().__init__()
-        self.heads, self.norm = max(c // 64, 1), _group_norm(c, 1e-5, 32)
+        self.heads, self.norm = max(c // 64, 1), nn.GroupNorm(32, c)
         self.qkv = Conv2d(c, c * 3, 1, mode="kaiming", dims=1)
         self.proj_out = Conv2d(c, c, 1, gain=0.0, mode="kaiming", dims=1)
 
@@ -1084,22 +1065,18 @@ class CFMAttention(nn.Module):  # guided-diffusion's AttentionBlock: heads of 64
         return x + self.proj_out(_attention(self.qkv(self.norm(x)), self.heads, cfm=True))
 
 
-class CFMResample(nn.Module):  # guided-diffusion's Upsample (nearest x2, conv) or Downsample (stride-2 conv)
+class CFMResample(nn.ModuleDict):  # guided-diffusion's Upsample (nearest, conv) / Downsample (stride 2)
     def __init__(self, c, up):
-        super().__init__()
-        self.up = up
-        setattr(self, "conv" if up else "op", Conv2d(c, c, 3, mode="kaiming"))
+        super().__init__({"conv" if up else "op": Conv2d(c, c, 3, mode="kaiming")})
 
     def forward(self, x, emb):
-        if self.up:
+        if "conv" in self:
             return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         return F.conv2d(x, self.op.weight.to(x.dtype), self.op.bias.to(x.dtype), stride=2, padding=1)
 
 
 class CFMUNet(nn.Module):
-    """guided-diffusion's UNet as torchcfm's UNetModelWrapper(dim, num_channels, num_res_blocks, channel_mult,
-    attention_resolutions, num_head_channels=64, dropout) builds it; defaults: its CIFAR-10 net (35.7M
-    parameters). noise_labels: its t; one-hot class labels times label_emb.weight (its lookup, exactly)."""
+    """guided-diffusion's UNet as torchcfm's UNetModelWrapper builds it; defaults: its CIFAR-10 net (36M)."""
 
     def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
                  model_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(16,),
@@ -1132,12 +1109,12 @@ class CFMUNet(nn.Module):
                 block += [CFMResample(ch, up=True)] if level and i == num_blocks else []
                 self.output_blocks.append(nn.ModuleList(block))
         conv = Conv2d(ch, out_channels, 3, gain=0.0, mode="kaiming")
-        self.out = nn.Sequential(_group_norm(ch, 1e-5, 32), nn.SiLU(), conv)
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), conv)
 
     def forward(self, x, noise_labels, class_labels=None, augment_labels=None):
         arg = noise_labels.float().ger(_freqs(self.time_embed[0].weight.shape[1], x.device, cfm=True))
         emb = self.time_embed(torch.cat([arg.cos(), arg.sin()], dim=1))
-        if self.label_emb is not None:
+        if self.label_emb is not None:  # one-hot labels times label_emb.weight: its lookup, exactly
             emb = emb + class_labels.to(emb.dtype) @ self.label_emb.weight.to(emb.dtype)
         h, hs, n_in = x, [], len(self.input_blocks)
         for i, layers in enumerate([*self.input_blocks, self.middle_block, *self.output_blocks]):
@@ -1155,8 +1132,7 @@ ARCHS["adm-cfm"] = CFMUNet
 
 
 def make_unet(arch, *args, **kwargs):
-    """--arch ddpmpp (EDM's SongUNet: CIFAR-10, FFHQ, AFHQ) | ncsnpp (SongUNet: EDM's VE) | adm (EDM's
-    DhariwalUNet: ImageNet-64) | adm-cfm (torchcfm's and LOOM's guided-diffusion UNet)."""
+    """ddpmpp | ncsnpp | adm: EDM's nets and state_dict keys; adm-cfm: torchcfm's (LOOM's) UNet and keys."""
     if arch not in ARCHS:
         raise ValueError(f"unknown network architecture {arch!r}: use one of {sorted(ARCHS)}")
     return ARCHS[arch](*args, **kwargs)
