@@ -497,7 +497,8 @@ def train(args):
                 path, nrow = os.path.join(args.outdir, f"grid-{step:07d}.png"), math.ceil(math.sqrt(len(x)))
                 save_image((x.cpu() + 1) / 2, path, nrow=nrow, padding=0)
         if stopping:
-            print(f"stopped by signal at step {step}: resume with --resume {args.outdir}") if rank == 0 else 0
+            if rank == 0:
+                print(f"stopped by signal at step {step}: resume with --resume {args.outdir}")
             break
     if ddp:
         torch.distributed.barrier(), torch.distributed.destroy_process_group()
