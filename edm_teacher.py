@@ -362,7 +362,10 @@ def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held f
             os.remove(os.path.join(outdir, name))
     if ckpt is not None and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):
         with open(log) as f:
-            keep = [s for s in f if s.endswith("}\n") and json.loads(s)["step"] <= ckpt["step"]]
+            keep = []
+            for s in f:  # lines cut off by a kill or not ours are dropped, and steps after the checkpoint
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    keep += [s] if s.endswith("\n") and json.loads(s)["step"] <= ckpt["step"] else []
         with open(log + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(log + ".tmp", log)
@@ -531,6 +534,7 @@ def generate(args):
     k = ckpt["net_kwargs"]
     net = build_net(k).eval().requires_grad_(False)
     net.load_state_dict(ckpt["ema"])
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
     model = torch.compile(net.to(device)) if args.compile else net.to(device)
     seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
     shape += (k["img_resolution"],) * 2

@@ -79,3 +79,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def write_edm_dataset(root, images, labels, zipped):
+    """EDM's dataset format (its dataset_tool.py): img<idx>.png files in 1000-image folders + dataset.json."""
+    import io
+    import json
+    import zipfile
+
+    from PIL import Image
+
+    names = [f"{i // 1000:05d}/img{i:08d}.png" for i in range(len(images))]
+    meta = json.dumps({"labels": [[name, int(y)] for name, y in zip(names, labels, strict=True)]})
+    if zipped:
+        with zipfile.ZipFile(root, "w") as z:
+            for name, img in zip(names, images, strict=True):
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="png")
+                z.writestr(name, buf.getvalue())
+            z.writestr("dataset.json", meta)
+    else:
+        for name, img in zip(names, images, strict=True):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / name)
+        (root / "dataset.json").write_text(meta)

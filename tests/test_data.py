@@ -4,8 +4,6 @@ that is not what it claims to be. edm_teacher's own reader (load_data, get_batch
 
 import contextlib
 import ctypes
-import json
-import zipfile
 
 import numpy as np
 import pytest
@@ -14,6 +12,7 @@ from PIL import Image
 
 import aot_edm as A
 import edm_teacher as E
+from conftest import write_edm_dataset
 
 
 def rss_mb():
@@ -78,26 +77,6 @@ def test_npz_stored_is_lazy_and_compressed_is_read_whole(tmp_path):
     ref = torch.from_numpy(images).permute(0, 3, 1, 2)
     assert torch.equal(a[torch.tensor([3, 0, 3])], ref[[3, 0, 3]]) and torch.equal(b, ref)
     assert torch.equal(a[2:5], ref[2:5]) and torch.equal(la, lb) and la.dtype == torch.int64
-
-
-def write_edm_dataset(root, images, labels, zipped):
-    """EDM's dataset format (its dataset_tool.py): img<idx>.png files in 1000-image folders + dataset.json."""
-    names = [f"{i // 1000:05d}/img{i:08d}.png" for i in range(len(images))]
-    meta = json.dumps({"labels": [[name, int(y)] for name, y in zip(names, labels, strict=True)]})
-    if zipped:
-        with zipfile.ZipFile(root, "w") as z:
-            for name, img in zip(names, images, strict=True):
-                import io
-
-                buf = io.BytesIO()
-                Image.fromarray(img).save(buf, format="png")
-                z.writestr(name, buf.getvalue())
-            z.writestr("dataset.json", meta)
-    else:
-        for name, img in zip(names, images, strict=True):
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(root / name)
-        (root / "dataset.json").write_text(meta)
 
 
 @pytest.mark.parametrize("zipped", [False, True])

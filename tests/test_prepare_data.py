@@ -2,17 +2,15 @@
 (+ int64 labels) that np.load(mmap_mode="r") reads back as exactly the source pixels; one-line errors."""
 
 import importlib.util
-import io
 import json
 import os
 import sys
-import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, write_edm_dataset
 
 TOOL = os.path.join(ROOT, "tools", "prepare_data.py")
 _spec = importlib.util.spec_from_file_location("prepare_data", TOOL)
@@ -26,24 +24,6 @@ def read_back(out):
     labels_path = str(out)[:-4] + ".labels.npy"
     labels = np.load(labels_path) if os.path.exists(labels_path) else None
     return images, labels
-
-
-def write_edm_dataset(root, images, labels, zipped):
-    """EDM's dataset format (its dataset_tool.py): img<idx>.png files in 1000-image folders + dataset.json."""
-    names = [f"{i // 1000:05d}/img{i:08d}.png" for i in range(len(images))]
-    meta = json.dumps({"labels": [[name, int(y)] for name, y in zip(names, labels, strict=True)]})
-    if zipped:
-        with zipfile.ZipFile(root, "w") as z:
-            for name, img in zip(names, images, strict=True):
-                buf = io.BytesIO()
-                Image.fromarray(img).save(buf, format="png")
-                z.writestr(name, buf.getvalue())
-            z.writestr("dataset.json", meta)
-    else:
-        for name, img in zip(names, images, strict=True):
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(root / name)
-        (root / "dataset.json").write_text(meta)
 
 
 def write_imagenet_batch(path, images, labels):

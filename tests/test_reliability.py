@@ -230,7 +230,9 @@ def test_bad_numbers_and_shapes_are_one_line_errors(npz_data, tmp_path, capsys):
     E.main(train_flags(npz_data, tmp_path / "e", 1, extra=["--grid", "0"]))  # edm_teacher: other data
     np.savez(tmp_path / "d8.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(SystemExit, match="was trained on other data") as e:
-        E.main(train_flags(str(tmp_path / "d8.npz"), tmp_path / "e", 2, extra=["--resume", str(tmp_path / "e")]))
+        E.main(
+            train_flags(str(tmp_path / "d8.npz"), tmp_path / "e", 2, extra=["--resume", str(tmp_path / "e")])
+        )
     assert "\n" not in str(e.value)
 
 
@@ -241,6 +243,14 @@ def test_resume_cleans_leftovers_and_cuts_the_log_back_to_the_checkpoint(tmp_pat
     (out / "latest.pt.tmp77").write_bytes(b"")
     lines = [json.dumps(dict(step=s, loss=1.0)) + "\n" for s in range(1, 6)]
     (out / "log.jsonl").write_text("".join(lines) + '{"step": 6, "lo')  # killed mid-line
+    A.claim_outdir(str(out), dict(step=3))
+    assert sorted(os.listdir(out)) == [".lock", "log.jsonl"]
+    assert (out / "log.jsonl").read_text() == "".join(lines[:3])
+    out = tmp_path / "edm"  # and edm_teacher's own claim_outdir, with lines that are not its records
+    out.mkdir()
+    (out / "ckpt-0000009.pt.tmp123").write_bytes(b"half")
+    junk = '["not", "ours"]\n{"no": "step"}\n{"step": "x"}\n'
+    (out / "log.jsonl").write_text("".join(lines[:2]) + junk + "".join(lines[2:]) + '{"step": 6, "lo')
     E.claim_outdir(str(out), dict(step=3), False)
     assert sorted(os.listdir(out)) == [".lock", "log.jsonl"]
     assert (out / "log.jsonl").read_text() == "".join(lines[:3])

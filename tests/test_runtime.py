@@ -152,7 +152,9 @@ def shared_blocks(path):
     return out
 
 
-UNET_START = "# --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---\n"
+UNET_START = (
+    "# --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---\n"
+)
 UNET_END = "# --- end UNet ---\n"
 
 
@@ -204,7 +206,10 @@ def script_flags(name):
     import argparse
     import importlib
 
-    if os.path.isfile(os.path.join(ROOT, "tools", name + ".py")) and os.path.join(ROOT, "tools") not in sys.path:
+    if (
+        os.path.isfile(os.path.join(ROOT, "tools", name + ".py"))
+        and os.path.join(ROOT, "tools") not in sys.path
+    ):
         sys.path.append(os.path.join(ROOT, "tools"))
     module = importlib.import_module(name)
     original = argparse.ArgumentParser.parse_args
@@ -259,7 +264,9 @@ def test_a_minimal_file_opens_on_its_method_and_ends_on_the_unet_block():
         first = next(n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef))
         assert first.lineno <= 120, f"{m}: the method starts at line {first.lineno}"
         tail = text[text.index(UNET_END) + len(UNET_END) :]
-        assert tail.strip() == 'if __name__ == "__main__":\n    main()', f"{m}: only the main guard after the UNet"
+        assert tail.strip() == 'if __name__ == "__main__":\n    main()', (
+            f"{m}: only the main guard after the UNet"
+        )
 
 
 def test_each_file_opens_on_its_method_and_ends_on_the_shared_appendix():
