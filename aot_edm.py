@@ -1,981 +1,251 @@
 """AOT: EDM trained with Approximated Optimal Transport (Kim et al., "Improving Diffusion-Based Generative
 Models via Approximated Optimal Transport", 2024).
 
-EDM (edm_teacher.py) pairs every training image with independent noise. AOT instead draws a round of N images
-and N standard-normal noises, solves the assignment problem between them (Eq. 8, the Hungarian algorithm on
-the L2 cost between image and noise), and trains EDM's denoiser on the assigned pairs: the noisy input is
-x = y + sigma * eps' with eps' the noise chosen for y. The N pairs are consumed as minibatches until each has
-been used once, then the next round is drawn (Alg. 1). For class-conditional data the assignment is solved
-within each class (Alg. 2), so every class keeps exactly the noises it drew: the noise marginal stays N(0, I)
-and labels stay independent of the noise. Everything else (network, preconditioning, loss, sigma law, EMA,
-learning rate, Heun sampler) is EDM's, in the same code as edm_teacher.py (a fenced shared block).
+AOT draws a round of N images and N standard-normal noises, solves the assignment problem between them (Eq. 8:
+Hungarian algorithm, L2 cost between image and noise) and trains EDM's denoiser on the assigned pairs, x =
+y + sigma eps' with eps' the noise assigned to y, batch after batch until every pair was used once (Alg. 1).
+With classes the assignment is solved within each class (Alg. 2): the noise stays N(0, I) and independent of
+the label. The rest is EDM's (edm_teacher.py): preconditioning, loss, sigma law, augmentation, EMA, Heun.
 
-Convention (EDM): sigma in [0.002, 80]; sampling starts at x = 80 * noise and ends at sigma = 0. The paper
-sweeps the schedule exponent rho (3..421) and the number of Heun steps (8..18): `sample(..., rho=...)`.
+Convention (EDM): sigma in [0.002, 80]; sampling starts at x = 80 noise and ends at sigma = 0 (data). Every
+process solves its own rounds of --aot-pairs pairs (the paper's policy): the pairs depend on the number of
+processes. --overlap on solves round r + 1 in a background thread while round r trains: the same numbers.
 
-Distributed policy (the paper's): every process draws its own rounds of --aot-pairs N pairs and solves them
-alone; rank k takes images k*N..(k+1)*N-1 of the global round's slice of the epoch stream, so every image is
-still used once per epoch. Pairs therefore depend on the number of processes (as in the paper); the rest of
-the run is seeded as edm_teacher.py.
-
---overlap on (the default): round r + 1's Hungarian solve runs in a background thread while round r trains
-and is joined when round r + 1 starts, so the device does not wait for scipy; the assignments, and the run,
-are the serial ones (--overlap off) exactly.
-
-Commands
-  CPU smoke run on a synthetic dataset (tiny net, pools of 128 pairs):
-    python aot_edm.py --data shapes --outdir runs/aot-shapes --tiny --duration 0.05 --batch 64 --aot-pairs 128
-  The paper's unconditional CIFAR-10 run (Sec. 5.1: batch 256 on 4 GPUs, N = 512 pairs per GPU):
+Commands: a CPU smoke run on a 16x16 "shapes" set made in-process; the paper's CIFAR-10 run (Sec. 5.1:
+NCSN++, batch 256 on 4 GPUs, N = 512 per GPU, augmentation p = 0.12; --cond: batch 128, N = 2048); its best
+sampler (rho 90, 14 Heun steps = 27 NFE); Table 4: FID over rho x Heun steps, through evaluate.py:
+    python aot_edm.py --data shapes --outdir runs/aot-shapes --tiny --duration 0.05 --lr-rampup 0
     torchrun --standalone --nproc_per_node=4 aot_edm.py --data cifar10 --outdir runs/aot-cifar10
-  (EDM's augmentation, p = 0.12 with its 9-dim label, is on by default for cifar10: each round is augmented,
-  then its noise is assigned, as in the public EDM-AOT code; --augment 0 turns it off.)
-  Conditional (batch 128, N = 2048): add --cond (the defaults of --batch and --aot-pairs follow it)
-  Sample with the paper's best schedule, and sweep rho x steps (Table 4) with evaluate.py's FID:
-    python aot_edm.py --generate 50000 --ckpt runs/aot-cifar10 --steps 14 --rho 90 --out aot.npz
-    python aot_edm.py --sweep-rho --ckpt runs/aot-cifar10 --rhos 3,7,27,90 --sweep-steps 8,14,18 \\
-        --num-images 50000 --out-json sweep.json
+    python aot_edm.py --generate 50000 --ckpt runs/aot-cifar10 --nfe 27 --rho 90 --out aot.npz
+    python aot_edm.py --sweep-rho 3,7,27,90 --sweep-steps 8,14,18 --ckpt runs/aot-cifar10
 """
 
 import argparse
 import contextlib
 import copy
-import inspect
 import json
 import math
 import os
-import shutil
+import re
 import signal
-import threading
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.utils import save_image
 
-# --- method: EDM with Approximated Optimal Transport (Kim et al.) ---
-# AOT changes only which noise goes with which image (Alg. 1-2, below). EDM's preconditioning, loss, sampler
-# and augmentation are the first blocks of the shared appendix at the end of this file (as in edm_teacher).
-METHOD = "aot_edm"
+METHOD = "aot_edm"  # equals the file name
 VERSION = 1
 
 
-# --- AOT: the assignment of one round (Alg. 1-2, Eq. 8) ---
+# --- AOT: the rounds of assigned pairs (Alg. 1-2, Eq. 8) ---
 
 
 def aot_cost(eps, y, cost="l2"):
-    """W[i, j] = ||y_i - eps_j|| (AOT Sec. 4: L2 between the i-th image and the j-th noise), or its square
-    (--cost sqeuclidean), float64 [N, N]."""
+    """AOT Sec. 4: W[i, j] = ||y_i - eps_j||, the L2 distance between the i-th image and the j-th noise (its
+    square with cost="sqeuclidean"), float64 [N, N]."""
     w = torch.cdist(y.flatten(1).double(), eps.flatten(1).double())
     return w.square() if cost == "sqeuclidean" else w
 
 
 def aot_assign(eps, y, labels=None, cost="l2"):
-    """AOT Eq. 8 -> perm: image i trains with noise eps[perm[i]], a permutation of the round's noises.
-    With labels, Alg. 2: solved within each class on that class's positions, so the noises of a class's
-    positions are only permuted among themselves (the multiset per class is unchanged)."""
+    """AOT Eq. 8 -> perm: image i trains with noise eps[perm[i]]. With labels, Alg. 2: solved within each
+    class on that class's positions, so the noises of a class are only permuted among themselves."""
     from scipy.optimize import linear_sum_assignment
 
-    n = len(y)
-    perm = torch.arange(n)
-    groups = (
-        [perm.clone()]
-        if labels is None
-        else [torch.nonzero(labels.cpu() == k).flatten() for k in labels.cpu().unique()]
-    )
-    for g in groups:
-        gd = g.to(y.device)
-        _, cols = linear_sum_assignment(aot_cost(eps[gd], y[gd], cost).cpu().numpy())
+    perm, labels = torch.arange(len(y)), None if labels is None else labels.cpu()
+    for g in [perm.clone()] if labels is None else [(labels == k).nonzero()[:, 0] for k in labels.unique()]:
+        _, cols = linear_sum_assignment(aot_cost(eps[g.to(y.device)], y[g.to(y.device)], cost).cpu().numpy())
         perm[g] = g[torch.as_tensor(cols, dtype=torch.long)]
     return perm
 
 
 def pair_cost(eps, y, cost="l2"):
-    """c(eps_i, y_i) per pair [N], float64."""
+    """c(eps_i, y_i) of each pair [N], float64."""
     d = (y.double() - eps.double()).flatten(1).square().sum(1)
     return d if cost == "sqeuclidean" else d.sqrt()
 
 
-def draw_sigma(n, P_mean, P_std, device):
-    """EDM's training noise levels, ln(sigma) ~ N(P_mean, P_std^2), drawn exactly as edm_loss draws them."""
-    return (torch.randn(n, 1, 1, 1, device=device) * P_std + P_mean).exp()
+def seed_step(seed, rank, world, step):
+    """Seed torch's RNGs from (seed, rank, step) alone: a resumed run needs no stored RNG state."""
+    s0, s1 = np.random.SeedSequence([seed * world + rank, step]).generate_state(2)
+    torch.manual_seed(int(s0) << 32 | int(s1))
 
 
-class Rounds:
-    """This process's rounds of N pairs (Alg. 1). Round r takes images r*N*world + rank*N ... of the epoch
-    stream (batch_indices with batch N * world) and N noises; step s uses rows (s mod N/B) * B ... of round
-    s // (N/B). A round's noise is drawn from the global generator right after the round's first step is
-    seeded and its sigmas drawn, so that with N = B and no assignment every draw is edm_teacher.py's.
-
-    --overlap on: as soon as round r is built, round r + 1's inputs (a function of (seed, world, rank, r + 1)
-    only, drawn under a forked RNG) go to a background thread that solves their assignment while round r
-    trains (scipy's solver releases the GIL); round r + 1 joins it. The assignments are the serial ones
-    exactly, and nothing of the thread is in a checkpoint: a resumed run rebuilds its round and restarts the
-    thread."""
-
-    def __init__(self, args, images, labels, n_data, shape, device, rank, world):
-        self.args, self.images, self.labels, self.n_data = args, images, labels, n_data
-        self.shape, self.device, self.rank, self.world = shape, device, rank, world
-        self.B = args.batch // world
-        self.per_round = args.aot_pairs // self.B
-        self.cached = self.pending = None
-        self.end_step = None  # no prefetch of a round that starts at or after this step
-        self.cuda = [device.index or 0] if device.type == "cuda" else []
-
-    def inputs(self, r):
-        """Round r's (augmented images, labels, augment labels, noise), drawn as edm_teacher's first step of
-        the round draws its noise (seed_step, the step's sigmas, then the noise from the global RNG)."""
-        a = self.args
-        idx = batch_indices(self.n_data, a.aot_pairs * self.world, r, a.seed)
-        idx = idx[self.rank * a.aot_pairs : (self.rank + 1) * a.aot_pairs]
-        y, lab = get_batch(self.images, self.labels, idx, self.device)
-        aug = None
-        if a.augment > 0:  # as EDM-AOT: the round is augmented first, then the noise is assigned to it
-            g = torch.Generator().manual_seed(
-                int(np.random.SeedSequence([a.seed, self.world, self.rank, r]).generate_state(1)[0])
-            )
-            y, aug = edm_augment(y, a.augment, generator=g)
-        seed_step(a.seed, self.rank, self.world, r * self.per_round)
-        draw_sigma(self.B, a.P_mean, a.P_std, self.device)  # the first step's sigmas come first
-        eps = torch.randn([a.aot_pairs, *self.shape], device=self.device)
-        return y, lab, aug, eps
-
-    def solve(self, eps, y, lab):
-        """(perm, seconds) of AOT Eq. 8 for one round (the identity with --assign 0)."""
-        t0 = time.time()
-        perm = aot_assign(eps, y, lab, self.args.cost) if self.args.assign else torch.arange(len(y))
-        return perm, time.time() - t0
-
-    def prefetch(self, r):
-        """Start solving round r in a background thread, from inputs drawn without touching the RNGs."""
-        with torch.random.fork_rng(devices=self.cuda):
-            y, lab, _, eps = self.inputs(r)
-        out = {}
-
-        def work():
-            try:
-                out["perm"], out["solve_s"] = self.solve(eps, y, lab)
-            except BaseException as e:  # handed to the training thread, which stops with one line
-                out["error"] = e
-
-        thread = threading.Thread(target=work, name=f"aot-solve-round-{r}", daemon=True)
-        thread.start()
-        self.pending = (r, thread, out)
-
-    def take(self, r, eps, y, lab):
-        """Round r's (perm, solve seconds): the background thread's when it holds round r, else solved now."""
-        pending, self.pending = self.pending, None
-        if pending is None or pending[0] != r:
-            if pending is not None:
-                pending[1].join()  # a stale round (resumed elsewhere): let it finish, drop its answer
-            return self.solve(eps, y, lab)
-        _, thread, out = pending
-        thread.join()
-        if "error" in out:
-            e = out["error"]
-            fail(
-                f"the background assignment solve of round {r} failed: {type(e).__name__}: {e} "
-                "(run with --overlap off to solve in the training thread)"
-            )
-        return out["perm"], out["solve_s"]
-
-    def close(self):
-        """Wait for a background solve still running (the end of training)."""
-        if self.pending is not None:
-            self.pending[1].join()
-            self.pending = None
-
-    def make(self, r):
-        y, lab, aug, eps = self.inputs(r)
-        t0 = time.time()
-        perm, solve_s = self.take(r, eps, y, lab)
-        wait_s = time.time() - t0
-        if self.args.overlap and (self.end_step is None or (r + 1) * self.per_round < self.end_step):
-            self.prefetch(r + 1)
-        perm = perm.to(self.device)
-        stats = dict(
-            solve_s=solve_s / self.per_round,  # per training step, as the round is used
-            wait_s=wait_s / self.per_round,  # what training waited for it (--overlap on: only a late solve)
-            cost_before=pair_cost(eps, y, self.args.cost).mean().item(),
-            cost_after=pair_cost(eps[perm], y, self.args.cost).mean().item(),
-        )
-        self.cached = (r, y, lab, aug, eps[perm], stats)
-
-    def step(self, step):
-        """(images, labels, assigned noise, round stats, augment labels) of this process for one step."""
-        r = step // self.per_round
-        if self.cached is None or self.cached[0] != r:
-            if step % self.per_round == 0:
-                self.make(r)  # leaves the generator where edm_teacher's step would be after its noise
-            else:  # resumed inside a round: rebuild it without disturbing this step's random state
-                with torch.random.fork_rng(devices=self.cuda):
-                    self.make(r)
-        _, y, lab, aug, eps, stats = self.cached
-        rows = slice((step % self.per_round) * self.B, (step % self.per_round + 1) * self.B)
-        lab, aug = (None if v is None else v[rows] for v in (lab, aug))
-        return y[rows], lab, eps[rows], stats, aug
+def aot_round(args, images, labels, n_data, r, rank, world, device):
+    """AOT Alg. 1 lines 3-5: this process's round r -> (augmented images y', labels, augment labels, noise).
+    Rank k takes images kN ... (k + 1)N - 1 of the r-th slice of N * world of the epoch stream, so every image
+    is used once per epoch. The noise is drawn as edm_teacher draws its step's noise (seeded as the round's
+    first step, after that step's sigmas): with N = batch and no assignment every draw is edm_teacher's."""
+    N, batch_rank = args.aot_pairs, args.batch // world
+    idx = batch_indices(n_data, N * world, r, args.seed)[rank * N : (rank + 1) * N]
+    y, lab = get_batch(images, labels, idx, device)
+    aug = None
+    if args.augment > 0:  # as EDM-AOT: the round is augmented, then its noise is assigned to it
+        s = np.random.SeedSequence([args.seed, world, rank, r]).generate_state(1)[0]
+        y, aug = edm_augment(y, args.augment, generator=torch.Generator().manual_seed(int(s)))
+    seed_step(args.seed, rank, world, r * (N // batch_rank))
+    torch.randn(batch_rank, 1, 1, 1, device=device)  # the first step's sigmas come first
+    return y, lab, aug, torch.randn([N, *y.shape[1:]], device=device)
 
 
-# --- training ---
+def aot_solve(eps, y, labels, args):
+    """(perm, seconds) of a round's assignment (the identity with --assign 0)."""
+    t0 = time.time()
+    perm = aot_assign(eps, y, labels, args.cost) if args.assign else torch.arange(len(y))
+    return perm, time.time() - t0
 
 
-def training_step(ddp, net, opt, pairs, batch_gpu, args, world):
-    """One optimiser step on this rank's assigned pairs (y, labels, noise, augment labels, sigma) -> its mean
-    loss: EDM's step, accumulated over --batch-gpu chunks, on the pairs of AOT Alg. 1 line 13."""
-    y, lab, eps, aug, sigma = pairs
-    opt.zero_grad(set_to_none=True)
-    loss_sum, chunks = 0.0, list(range(0, len(y), batch_gpu))
-    for j, lo in enumerate(chunks):
-        sl = slice(lo, lo + batch_gpu)
-        sync = j == len(chunks) - 1 or world == 1
-        with contextlib.nullcontext() if sync else ddp.no_sync():
-            lab_sl, aug_sl = (None if a is None else a[sl] for a in (lab, aug))
-            loss = edm_loss(ddp, y[sl], lab_sl, args.P_mean, args.P_std, sigma=sigma[sl], n=eps[sl],
-                            augment_labels=aug_sl)  # fmt: skip
-            loss.sum().mul(1 / len(y)).backward()  # EDM: sum over the batch / per-rank batch
-        loss_sum += loss.detach().mean().item() * batch_gpu / len(y)
-    for p in net.parameters():  # EDM: non-finite gradient entries are replaced, not propagated
-        if p.grad is not None:
-            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-    opt.step()
-    return loss_sum
-
-
-def save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_labels, device):
-    """Rank 0: the checkpoint (the round is rebuilt from its seed on resume) and a grid of EMA samples."""
-    ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, net=net.state_dict(),
-                ema=ema.state_dict(), opt=opt.state_dict(), step=step, kimg=nimg / 1000,
-                state=dict(nimg=nimg))  # fmt: skip
-    save_checkpoint(ckpt, args.outdir, step)
-    if args.grid:
-        labels = None if grid_labels is None else grid_labels.to(device)
-        x, _ = sample(ema, grid_noise.to(device), 2 * args.grid_steps - 1, labels)
-        save_image_grid(x, os.path.join(args.outdir, f"grid-{step:07d}.png"))
-
-
-def run_net_kwargs(args, shape, label_dim, ckpt, log):
-    """The network this run trains -> net_kwargs: EDM's from the flags, or the resumed run's."""
-    res, levels = shape[-1], len(args.channel_mult)
-    if res % 2 ** (levels - 1):
-        fail(f"image size {res} is not divisible by 2^{levels - 1} (--channel-mult has {levels} levels)")
-    net_kwargs = dict(img_resolution=res, img_channels=shape[0], label_dim=label_dim,
-                      augment_dim=args.augment_dim, model_channels=args.model_channels,
-                      channel_mult=list(args.channel_mult), num_blocks=args.num_blocks,
-                      attn_resolutions=list(args.attn_res), arch=args.arch, dropout=args.dropout)  # fmt: skip
-    if ckpt is not None:
-        keys = ("data", "batch", "seed", "xflip", "cond", "lr", "aot_pairs", "assign", "cost", "augment")
-        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args, log, keys)
-    return net_kwargs
-
-
-def train(args):
-    rank, world, device = dist_setup()
-    log = Logger(args.outdir, rank)
-    torch.backends.cudnn.benchmark = True  # as EDM: fastest kernels for training, tf32 off (full fp32)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    batch_rank, batch_gpu = split_batch(args, world)
-    if args.aot_pairs % batch_rank:
-        fail(
-            f"--aot-pairs {args.aot_pairs} (pairs per process and round) must be a multiple of the "
-            f"per-process batch {batch_rank} (= --batch / processes): rounds are used in whole batches"
-        )
-    ckpt = resume_checkpoint(args, METHOD)
-    images, labels = load_images(args.data, args.data_dir)
-    if args.cond and labels is None:
-        fail(f"--cond needs class labels, but {args.data} has none (npz key 'labels' or dataset.json)")
-    n_data = len(images) * (2 if args.xflip else 1)
-    label_dim = int(labels.max()) + 1 if args.cond else 0
-    if args.cond and args.aot_pairs < label_dim:
-        fail(f"--aot-pairs {args.aot_pairs} is smaller than the {label_dim} classes: Alg. 2 solves per class")
-    if args.aot_pairs * world > n_data:
-        fail(f"a round of {args.aot_pairs} pairs x {world} processes exceeds the {n_data} training images")
-    net_kwargs = run_net_kwargs(args, tuple(images.shape[1:]), label_dim, ckpt, log)
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    net = build_net(net_kwargs).to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(
-        net.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, **optimizer_kwargs(args, device)
-    )
-    step, nimg = 0, 0
-    if ckpt is not None:
-        net.load_state_dict(ckpt["net"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        step, nimg = ckpt["step"], ckpt["state"]["nimg"]
-        log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg)")
-    ddp = prepare_net(net, args, device)  # the call under the speed flags; net and ema are what is stored
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            ddp, device_ids=[device] if device.type == "cuda" else None
-        )
-    if rank == 0:
-        claim_outdir(args.outdir, ckpt, args.overwrite)
-        with open(os.path.join(args.outdir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        log.print(json.dumps(vars(args)))
-        log.print(
-            f"{len(images)} images {tuple(images.shape[1:])}, {sum(p.numel() for p in net.parameters())} "
-            f"parameters, {world} process(es) on {device}; rounds of {args.aot_pairs} pairs per process "
-            f"({args.aot_pairs // batch_rank} steps each), assignment {'on' if args.assign else 'off'}"
-        )
-    images = images.to(device)
-    labels = None if labels is None or not args.cond else labels.to(device)
-    shape = tuple(images.shape[1:])
-    rounds = Rounds(args, images, labels, n_data, shape, device, rank, world)
-    rounds.end_step = math.ceil(round(args.duration * 1e6) / args.batch)
-    grid_noise, grid_labels = noise_for_seeds(range(args.grid), shape, label_dim)
-    stop, total = StopFlag(), round(args.duration * 1e6)
-    sums, t_last, step_last = {}, time.time(), step
-    log.start(step, math.ceil(total / args.batch))
-    while nimg < total:
-        seed_step(args.seed, rank, world, step)
-        sigma = draw_sigma(batch_rank, args.P_mean, args.P_std, device)
-        y, lab, eps, stats, aug = rounds.step(step)  # AOT Alg. 1: this step's slice of the assigned pairs
-        for g in opt.param_groups:  # EDM's linear learning-rate ramp-up over --lr-rampup Mimg (0: none)
-            g["lr"] = args.lr * (min(nimg / (args.lr_rampup * 1e6), 1) if args.lr_rampup > 0 else 1)
-        loss_sum = training_step(ddp, net, opt, (y, lab, eps, aug, sigma), batch_gpu, args, world)
-        ema_update(ema, net, edm_ema_beta(args.batch, nimg, args.ema, args.ema_rampup))
-        rec = dict(loss=loss_sum, **stats)
-        for k, v in rec.items():
-            sums[k] = sums.get(k, 0.0) + v
-        nimg, step = nimg + args.batch, step + 1
-        done, stop_now = nimg >= total, stop.any(device, loss_sum, step)
-        if step % args.log_every == 0 or done or stop_now:
-            n = max(step - step_last, 1)
-            metrics = {k: all_mean(v / n, device) for k, v in sums.items()}
-            log.log(step=step, kimg=nimg / 1000, **metrics, lr=opt.param_groups[0]["lr"],
-                    sec_per_step=(time.time() - t_last) / n)  # fmt: skip
-            sums, t_last, step_last = {}, time.time(), step
-        if step % args.snap_every == 0 or done or stop_now:
-            if rank == 0:
-                save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_labels, device)
-            barrier()
-        if stop_now:
-            log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
-            break
-    rounds.close()
-    dist_teardown()
-    stop.exit()  # 143 after SIGTERM: the scheduler requeues the job
-
-
-# --- generation and the rho sweep ---
-
-
-def generate(args):
-    """Write --generate N images (uint8 NHWC npz with seeds and labels, plus a PNG grid of the first 64).
-    Image i's noise and label come from seed --seed + i: identical for any number of processes."""
-    check_out(args.out, args.overwrite)
-    from tqdm import tqdm
-
-    rank, world, device = dist_setup()
-    ckpt = load_checkpoint(args.ckpt)
-    if ckpt.get("method") != METHOD:
-        fail(
-            f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; use that method's file to sample it"
-        )
-    net = build_net(ckpt["net_kwargs"]).eval().requires_grad_(False)
-    net.load_state_dict(ckpt["ema"])
-    net = prepare_net(net.to(device), args, device)  # --precision, --compile
-    k = ckpt["net_kwargs"]
-    shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k["label_dim"]
-    seeds = list(range(args.seed, args.seed + args.generate))[rank::world]
-    out_x, out_y, nfe = [], [], 0
-    for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
-        noise, lab, gens = noise_for_seeds(
-            seeds[i : i + args.gen_batch], shape, label_dim, with_generators=True
-        )
-        churn = dict(S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
-        lab = None if lab is None else lab.to(device)
-        x, nfe = sample(net, noise.to(device), 2 * args.steps - 1, lab, rho=args.rho, generator=gens, **churn)
-        out_x.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        out_y.append(lab if lab is not None else torch.zeros(len(x), dtype=torch.long))
-    mine = (seeds, torch.cat(out_x).numpy() if out_x else None, torch.cat(out_y).numpy() if out_y else None)
-    parts = [mine]
-    if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, mine)
-    if rank == 0:
-        parts = [p for p in parts if p[0]]
-        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
-        images = np.concatenate([p[1] for p in parts])[order]
-        arrays = dict(images=images, seeds=np.arange(args.seed, args.seed + args.generate))
-        if label_dim:
-            arrays["labels"] = np.concatenate([p[2] for p in parts])[order]
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, args.out)
-        grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        save_image_grid(grid, os.path.splitext(args.out)[0] + ".png")
-        print(
-            f"wrote {len(images)} images to {args.out} ({args.steps} Heun steps, rho {args.rho:g}, NFE {nfe})"
-        )
-    dist_teardown()
-
-
-def sweep_rho(args):
-    """AOT Table 4: a metric over rho x Heun steps for one checkpoint, through evaluate.py (same protocol,
-    same noise for every cell). One evaluate run per rho, the step counts as its NFE list (NFE = 2 steps - 1).
-    evaluate.py's own flags (--metrics fid, --ref-stats, --feature-extractor, ...) follow --eval-args."""
-    import evaluate  # a tool, not a method file: imported only here
-
-    grid = {}
-    nfes = [2 * s - 1 for s in args.sweep_steps]
-    for rho in args.rhos:
-        argv = ["--ckpt", args.ckpt, "--nfe", ",".join(map(str, nfes)), "--sampler-kw", f"rho={rho:g}"]
-        argv += ["--num-images", str(args.num_images), "--seed", str(args.seed)]
-        if "--fid-seeds" not in args.eval_args:  # AOT Sec. 5.1 / EDM: the lowest of three measurements
-            argv += ["--fid-seeds", str(args.fid_seeds)]
-        argv += args.eval_args
-        for row in evaluate.main(argv):  # one row per NFE (= per step count) at this rho
-            if "nfe_requested" in row and args.metric in row:
-                grid[(rho, (row["nfe_requested"] + 1) // 2)] = row[args.metric]
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(
-            f"\n{args.metric} by rho (rows) and Heun steps (columns), {args.num_images} images each"
-            f" (the lowest of {args.fid_seeds} seed ranges for fid)"
-        )
-        print("rho    " + "".join(f"{s:>10d}" for s in args.sweep_steps))
-        for rho in args.rhos:
-            print(
-                f"{rho:<7g}" + "".join(f"{grid.get((rho, s), float('nan')):>10.4g}" for s in args.sweep_steps)
-            )
-        if args.out_json:
-            out = dict(ckpt=args.ckpt, metric=args.metric, rhos=args.rhos, steps=args.sweep_steps,
-                       table=[[grid.get((r, s)) for s in args.sweep_steps] for r in args.rhos])  # fmt: skip
-            tmp = f"{args.out_json}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(out, f, indent=2)
-            os.replace(tmp, args.out_json)
-
-
-# --- command line ---
-
-
-ARCH_WIDTHS = {
-    "ddpmpp": dict(model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_res=[16]),
-    "adm": dict(model_channels=192, channel_mult=[1, 2, 3, 4], num_blocks=3, attn_res=[32, 16, 8]),
-}
-
-
-def _ints(s):
-    return [int(v) for v in s.split(",") if v]
-
-
-def _floats(s):
-    return [float(v) for v in s.split(",") if v]
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="EDM with Approximated Optimal Transport (Kim et al.): train, generate, sweep rho.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "--data", help="cifar10 | shapes | FILE.npz (uint8 NHWC 'images', optional 'labels') | DIR"
-    )
-    p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
-    p.add_argument("--outdir", default="runs/aot", help="checkpoints, grids, log.jsonl, args.json")
-    p.add_argument("--cond", action="store_true", help="class-conditional: Alg. 2, solved within each class")
-    p.add_argument("--xflip", action="store_true", help="mirrored copies of every image (the augmentation)")
-    p.add_argument(
-        "--aot-pairs", type=int, default=None, help="N pairs per process and round (512; 2048 --cond)"
-    )
-    p.add_argument("--cost", default="l2", choices=["l2", "sqeuclidean"], help="assignment cost (paper: L2)")
-    p.add_argument("--assign", type=int, default=1, choices=[0, 1], help="0: rounds without the assignment")
-    p.add_argument(
-        "--overlap",
-        default="on",
-        choices=["on", "off"],
-        help="on: round r + 1's solve runs in a background thread while round r trains (same assignments)",
-    )
-    p.add_argument("--batch", type=int, default=None, help="global batch (Sec. 5.1: 256; 128 with --cond)")
-    p.add_argument(
-        "--batch-gpu", type=int, default=None, help="images per forward pass (accumulate the rest)"
-    )
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (EDM CIFAR-10: 1e-3)")
-    p.add_argument("--lr-rampup", type=float, default=10, help="linear lr warm-up, Mimg (EDM: 10)")
-    p.add_argument("--duration", type=float, default=200, help="training length, Mimg (EDM CIFAR-10: 200)")
-    p.add_argument("--ema", type=float, default=500, help="EMA half-life, kimg (EDM: 500)")
-    p.add_argument("--ema-rampup", type=float, default=0.05, help="EMA ramp-up ratio (EDM: 0.05)")
-    p.add_argument("--dropout", type=float, default=0.13, help="dropout (EDM CIFAR-10: 0.13)")
-    p.add_argument("--P-mean", type=float, default=-1.2, help="mean of ln(sigma) in training (EDM: -1.2)")
-    p.add_argument("--P-std", type=float, default=1.2, help="std of ln(sigma) in training (EDM: 1.2)")
-    p.add_argument(
-        "--arch", default="ddpmpp", choices=sorted(ARCH_WIDTHS), help="DDPM++ or ADM (EDM's ImageNet)"
-    )
-    p.add_argument("--model-channels", type=int, default=None, help="UNet base width (DDPM++ 128, ADM 192)")
-    p.add_argument(
-        "--channel-mult", type=_ints, default=None, help="per-resolution widths (2,2,2; ADM 1,2,3,4)"
-    )
-    p.add_argument("--num-blocks", type=int, default=None, help="residual blocks per resolution (4; ADM 3)")
-    p.add_argument(
-        "--attn-res", type=_ints, default=None, help="self-attention resolutions (16; ADM 32,16,8)"
-    )
-    p.add_argument(
-        "--augment",
-        type=float,
-        default=None,
-        metavar="P",
-        help="EDM's geometric augmentation probability (0: off; default: 0.12 for cifar10 as EDM, else 0)",
-    )
-    p.add_argument(
-        "--augment-dim",
-        type=int,
-        default=None,
-        help="augment-label width of the network (default 9 when --augment > 0, else 0)",
-    )
-    p.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (CPU smoke runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, data order, rounds, sigmas, dropout")
-    p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
-    p.add_argument("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
-    p.add_argument("--grid", type=int, default=64, help="images in each snapshot grid; 0: none")
-    p.add_argument("--grid-steps", type=int, default=18, help="Heun steps for the snapshot grids")
-    p.add_argument("--resume", default=None, help="checkpoint file or run folder (its latest.pt) to continue")
-    p.add_argument("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
-    p.add_argument(
-        "--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt instead"
-    )
-    p.add_argument(
-        "--ckpt", default=None, help="aot_edm checkpoint (or run folder) for --generate / --sweep-rho"
-    )
-    p.add_argument("--out", default="samples.npz", help="output .npz of --generate (a .png grid beside it)")
-    p.add_argument("--steps", type=int, default=18, help="--generate: Heun steps (NFE = 2 steps - 1)")
-    p.add_argument("--rho", type=float, default=7.0, help="--generate: schedule exponent (EDM: 7)")
-    p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
-    p.add_argument("--sweep-rho", action="store_true", help="Table 4: --metric over --rhos x --sweep-steps")
-    p.add_argument("--rhos", type=_floats, default=[3, 5, 9, 16, 27, 47, 81, 140, 243, 421], help="Table 4")
-    p.add_argument("--sweep-steps", type=_ints, default=[8, 14, 18], help="Heun steps of the sweep")
-    p.add_argument("--metric", default="fid", help="the evaluate.py metric of the sweep table (fid, kid)")
-    p.add_argument("--num-images", type=int, default=50000, help="images per sweep cell")
-    p.add_argument(
-        "--fid-seeds",
-        type=int,
-        default=3,
-        help="--sweep-rho: seed ranges per cell, the lowest FID reported (AOT Sec. 5.1, as EDM: 3)",
-    )
-    p.add_argument(
-        "--eval-args", type=str.split, default=[], help="more evaluate.py flags, e.g. '--ref-stats s.npz'"
-    )
-    p.add_argument("--out-json", default=None, help="--sweep-rho: write the table as JSON here")
-    p.add_argument("--S-churn", type=float, default=0.0, help="--generate: EDM Alg. 2 stochasticity (0: ODE)")
-    p.add_argument("--S-min", type=float, default=0.0, help="--generate: churn only for sigma >= S_min")
-    p.add_argument(
-        "--S-max", type=float, default=float("inf"), help="--generate: churn only for sigma <= S_max"
-    )
-    p.add_argument("--S-noise", type=float, default=1.0, help="--generate: churn noise scale (EDM: S_noise)")
-    add_speed_args(p)
-    args = p.parse_args(argv)
-    check_numbers(p, args, ("batch", "batch_gpu", "duration", "atol", "rtol"), ("lr",))
-    args.overlap = args.overlap == "on"
-    augment_defaults(p, args)
-    if args.generate or args.sweep_rho:
-        if not args.ckpt:
-            p.error("--generate and --sweep-rho need --ckpt")
-    elif not args.data:
-        p.error("--data is required for training (or use --generate N / --sweep-rho with --ckpt)")
-    if args.aot_pairs is None:
-        args.aot_pairs = 2048 if args.cond else 512  # AOT Sec. 5.1
-    if args.batch is None:
-        args.batch = 128 if args.cond else 256
-    for k, v in ARCH_WIDTHS[args.arch].items():  # EDM's CIFAR-10 DDPM++ / ImageNet-64 ADM widths
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    if args.tiny:
-        args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
-    for name in (
-        "batch",
-        "aot_pairs",
-        "duration",
-        "log_every",
-        "snap_every",
-        "steps",
-        "gen_batch",
-        "num_images",
-        "fid_seeds",
-    ):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.sweep_rho and "--metrics" not in args.eval_args:
-        args.eval_args += ["--metrics", args.metric]
-    return args
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.sweep_rho:
-        sweep_rho(args)
-    elif args.generate:
-        generate(args)
-    else:
-        train(args)
-
-
-# === shared below this line: identical in every file; the method is above ===
-
-
-# --- shared: precision (identical in every method file) ---
-# Speed flags. The default (--precision fp32, no --compile) calls the network itself and builds the optimizer
-# as before: the papers' fp32 computation, bit for bit. Nothing compiled or wrapped is ever stored.
-
-
-def add_speed_args(p, train=True):
-    """The speed flags of a trainer (train=True) or of a sampling script (gen_pairs.py, evaluate.py)."""
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "tf32", "bf16"],
-        help="fp32 (the papers'); tf32: TF32 matmuls/convs (Ampere+ GPUs); bf16: torch.autocast around the "
-        "network (losses, EDM preconditioning, EMA and optimizer state stay fp32)",
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the network's forward")
-    p.add_argument(
-        "--compile-backend",
-        default="inductor",
-        help="torch.compile backend (eager, aot_eager: quick checks without inductor's C++ build)",
-    )
-    p.add_argument(
-        "--channels-last", action="store_true", help="feed the network channels-last (NHWC) images"
-    )
-    if train:
-        p.add_argument(
-            "--fused-adam", action="store_true", help="fused optimizer step where supported, else foreach"
-        )
-
-
-def optimizer_kwargs(args, device, cls=torch.optim.Adam):
-    """{} (torch's default implementation) unless --fused-adam: fused where cls and device have it."""
-    if not args.fused_adam:
-        return {}
-    fused = "fused" in inspect.signature(cls).parameters and device.type in ("cuda", "cpu")
-    return dict(fused=True) if fused else dict(foreach=True)
-
-
-class FastNet(nn.Module):
-    """net as the training step or a sampler calls it under the speed flags: same parameters, same call
-    signature, float32 output. Autocast wraps the whole forward, not only the UNet: the preconditioning
-    (EDM's c_skip, c_out, c_in, c_noise; the flow nets' time scaling) is elementwise arithmetic on float32
-    inputs, which autocast leaves in float32; convolutions, linears and attention matmuls run in bfloat16."""
-
-    def __init__(self, net, args):
-        super().__init__()
-        self.net, self.precision, self.channels_last = net, args.precision, args.channels_last
-        # the bound forward, compiled or not: no second (compiled) module is registered in this one
-        self.fn = torch.compile(net.forward, backend=args.compile_backend) if args.compile else net.forward
-
-    def __getattr__(self, name):  # the wrapped net's attributes (lmm's schedule, dansm's objective, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "net":
-                raise
-            return getattr(self.net, name)
-
-    def forward(self, x, *a, **kw):
-        if self.channels_last and x.dim() == 4:  # activations NHWC from the first conv on; weights stay
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.fn(x, *a, **kw)
-        return out.float()
-
-
-def prepare_net(net, args, device):
-    """The module to call for --precision/--compile/--channels-last: net itself for plain fp32 (so today's
-    computation exactly), else a FastNet around it. tf32 is a global switch of the CUDA backends."""
-    if args.precision == "tf32" and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.precision != "bf16" and not args.compile and not args.channels_last:
-        return net
-    return FastNet(net, args)
-
-
-# --- end shared: precision ---
-
-
-# --- shared: EDM preconditioning (identical in edm_teacher, aot_edm, lmm) ---
+# --- EDM: preconditioning, loss, sampler ---
 
 
 def edm_precond(sigma, sigma_data=0.5):
-    """EDM Table 1 ("Ours" column): the preconditioning coefficients (c_skip, c_out, c_in, c_noise)."""
+    """EDM Table 1 ("Ours"): c_skip, c_out, c_in, c_noise."""
     c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
     c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
-    c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
-    c_noise = sigma.log() / 4
-    return c_skip, c_out, c_in, c_noise
+    return c_skip, c_out, 1 / (sigma_data**2 + sigma**2).sqrt(), sigma.log() / 4
 
 
 class EDMPrecond(nn.Module):
-    """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM Eq. 7), computed in float32, with F the DDPM++
-    (arch="ddpmpp") or ADM (arch="adm") UNet. class_labels: int64 indices [N] or one-hot [N, label_dim]."""
+    """EDM Eq. 7, in float32: D(x; sigma) = c_skip x + c_out F(c_in x, c_noise), F the UNet of `arch`.
+    class_labels: int64 indices [N] or one-hot [N, label_dim]."""
 
-    def __init__(
-        self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, arch="ddpmpp", **unet_kwargs
-    ):
+    def __init__(self, img_resolution, img_channels, label_dim=0, sigma_data=0.5, arch="ddpmpp", **unet):
         super().__init__()
-        self.img_resolution, self.img_channels = img_resolution, img_channels
-        self.label_dim, self.sigma_data = label_dim, sigma_data
-        self.model = make_unet(
-            arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet_kwargs
-        )
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.sigma_data = sigma_data
+        self.model = make_unet(arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet)
 
     def forward(self, x, sigma, class_labels=None, augment_labels=None):
         x = x.float()
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        sigma = sigma.expand(x.shape[0], 1, 1, 1)
-        c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.sigma_data)
-        f_x = self.model(c_in * x, c_noise.flatten(), self.one_hot(class_labels), augment_labels)
-        return c_skip * x + c_out * f_x.float()
-
-    def one_hot(self, labels):
-        if not self.label_dim:
-            return None
-        if labels is None:
-            raise ValueError(
-                "this network is class-conditional: pass class labels (int64 [N] or one-hot);"
-                " train it on labelled data with --cond and sample it with labels"
-            )
-        if not labels.is_floating_point():
-            return F.one_hot(labels.long(), self.label_dim).float()
-        return labels.float().reshape(-1, self.label_dim)
+        c_skip, c_out, c_in, c_noise = edm_precond(sigma.expand(len(x), 1, 1, 1), self.sigma_data)
+        labels, dim = class_labels, self.label_dim
+        if dim and labels is None:
+            raise ValueError("this network is class-conditional: pass class labels (int64 [N] or one-hot)")
+        if dim:  # one-hot, as EDM's class labels
+            labels = labels if labels.is_floating_point() else F.one_hot(labels.long(), dim)
+        labels = labels.reshape(-1, dim).float() if dim else None
+        F_x = self.model(c_in * x, c_noise.flatten(), labels, augment_labels)
+        return c_skip * x + c_out * F_x.float()
 
 
-# --- end shared: EDM preconditioning ---
-
-
-# --- shared: EDM loss and sampler (identical in edm_teacher, aot_edm) ---
-
-
-def edm_loss(
-    net, y, labels=None, P_mean=-1.2, P_std=1.2, sigma_data=0.5, sigma=None, n=None, augment_labels=None
-):
-    """EDM Eq. 2 with Table 1's training choices, per element [N, C, H, W]:
-    ln(sigma) ~ N(P_mean, P_std^2), weight lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2.
-    sigma [N, 1, 1, 1] and n (standard normal, like y) may be given; otherwise drawn here. augment_labels
-    [N, 9]: what edm_augment applied to y (EDM conditions the network on it; None = nothing applied)."""
-    if sigma is None:
-        sigma = (torch.randn(y.shape[0], 1, 1, 1, device=y.device) * P_std + P_mean).exp()
-    if n is None:
-        n = torch.randn_like(y)
+def edm_loss(net, y, sigma, n, labels=None, augment_labels=None, sigma_data=0.5):
+    """EDM Eq. 2 with Table 1's weight, per element, for given sigma [N, 1, 1, 1] and standard normal n (AOT
+    Alg. 1 line 13: the assigned noise): lambda(sigma) (D(y + sigma n; sigma) - y)^2, lambda(sigma) =
+    (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
     weight = (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
-    aug = {} if augment_labels is None else dict(augment_labels=augment_labels)  # plain denoisers take none
-    denoised = net(y + sigma * n, sigma.flatten(), class_labels=labels, **aug)
-    return weight * (denoised - y) ** 2
+    D_yn = net(y + n * sigma, sigma.flatten(), class_labels=labels, augment_labels=augment_labels)
+    return weight * (D_yn - y) ** 2
 
 
 def karras_sigmas(N, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """EDM Eq. 5: N noise levels from sigma_max to sigma_min, then sigma_N = 0. Float64, as in EDM:
-    the last non-zero level must be 0.002000000000000003, not a float32 rounding of it."""
-    if N < 1:
-        raise ValueError(f"need at least one sampling step, got N={N}")
-    i = torch.arange(N, dtype=torch.float64)
-    t = (
-        sigma_max ** (1 / rho) + i / max(N - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
-    ) ** rho
+    """EDM Eq. 5: N levels from sigma_max to sigma_min in float64 (the last 0.002000000000000003), then 0."""
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    t = (a + torch.arange(N, dtype=torch.float64) / max(N - 1, 1) * (b - a)) ** rho
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 
 @torch.no_grad()
-def edm_sampler(
-    net, noise, sigmas, labels=None, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0, generator=None
-):
-    """EDM Algorithm 2 (Algorithm 1, deterministic Heun, when S_churn = 0). sigmas: float64 [N+1], last 0.
-    generator: the churn noise's source, one torch.Generator or a list of one per image (then image i does not
-    depend on the batch it is in or on the number of processes, with or without an S_min/S_max window).
-    Heun correction on every step but the last, which is Euler (sigma_N = 0): 2N - 1 network calls.
-    Returns (x float32, number of network calls)."""
-    N = len(sigmas) - 1
-    x = noise.double() * sigmas[0]  # x_0 ~ N(0, sigma_0^2 I)
-    nfe = 0
+def sample(net, noise, nfe, labels=None, rho=7.0, sigma_min=0.002, sigma_max=80.0):
+    """EDM Alg. 1, deterministic Heun on Eq. 5's levels (AOT sweeps rho, Table 4): noise [N, C, H, W] standard
+    normal -> (images in [-1, 1], true NFE). nfe asks for (nfe + 1) // 2 steps, 2 steps - 1 network calls:
+    the last step is Euler."""
+    sigmas = karras_sigmas(max(1, (nfe + 1) // 2), sigma_min, sigma_max, rho).to(noise.device)
+    N, nfe, x = len(sigmas) - 1, 0, noise.double() * sigmas[0]
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
-        gamma = min(S_churn / N, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0.0
-        t_hat = t_cur + gamma * t_cur  # Alg. 2 line 5: temporarily raise the noise level
-        if gamma > 0:
-            if isinstance(generator, (list, tuple)):  # one stream per image (EDM's per-seed generators)
-                eps = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator])
-            else:
-                eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu")
-            x = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * eps.to(x.device)
-        d = (x - net(x, t_hat, class_labels=labels).double()) / t_hat  # dx/dsigma (Eq. 4 with sigma(t) = t)
-        x_next = x + (t_next - t_hat) * d  # Euler step
-        nfe += 1
-        if i < N - 1:  # 2nd-order correction (Alg. 1 lines 9-11), skipped when sigma_{i+1} = 0
+        d = (x - net(x, t_cur, class_labels=labels).double()) / t_cur  # Eq. 4 with sigma(t) = t
+        x_next, nfe = x + (t_next - t_cur) * d, nfe + 1
+        if i < N - 1:  # Alg. 1 lines 9-11: the 2nd-order correction, except at sigma = 0
             d_next = (x_next - net(x_next, t_next, class_labels=labels).double()) / t_next
-            x_next = x + (t_next - t_hat) * (0.5 * d + 0.5 * d_next)
-            nfe += 1
+            x_next, nfe = x + (t_next - t_cur) * (0.5 * d + 0.5 * d_next), nfe + 1
         x = x_next
     return x.float(), nfe
 
 
-def build_net(net_kwargs):
-    """The trained network: an EDM denoiser net(x, sigma, class_labels=None) -> D(x; sigma)."""
-    return EDMPrecond(**net_kwargs)
-
-
-def sample(
-    net,
-    noise,
-    nfe,
-    labels=None,
-    steps=None,
-    sigma_min=0.002,
-    sigma_max=80.0,
-    rho=7.0,
-    sigmas=None,
-    generator=None,
-    **churn,
-):
-    """Interface: noise [N, C, H, W] standard normal -> (images in [-1, 1], true NFE).
-    nfe asks for N = (nfe + 1) // 2 Heun steps, which use 2N - 1 evaluations (35 -> 18 steps); `steps` or an
-    explicit float64 `sigmas` schedule override it. churn: S_churn, S_min, S_max, S_noise (EDM Alg. 2), drawn
-    from `generator` (per image: a list of generators, e.g. noise_for_seeds' third output)."""
-    if sigmas is None:
-        sigmas = karras_sigmas(steps or max(1, (nfe + 1) // 2), sigma_min, sigma_max, rho)
-    return edm_sampler(net, noise, sigmas.to(noise.device), labels, generator=generator, **churn)
-
-
-def ode_start(net, noise):
-    """x at t = 0 of the common clock: sigma_max * noise."""
-    return noise * 80.0
-
-
-def ode_velocity(net, x, t, labels=None, sigma_min=0.002, sigma_max=80.0):
-    """The probability-flow ODE (EDM Eq. 4, dx/dsigma = (x - D(x; sigma)) / sigma) on the common clock t in
-    [0, 1] with sigma(t) = sigma_max (1 - t), noise at t = 0: dx/dt = sigma_max (D(x; sigma) - x) / sigma."""
-    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
-    sigma = (sigma_max * (1 - t)).clamp(min=sigma_min)
-    return (net(x, sigma, class_labels=labels) - x) * (sigma_max / sigma).reshape(-1, 1, 1, 1)
-
-
-def noise_for_seeds(seeds, shape, label_dim=0, with_generators=False):
-    """EDM's per-image seeds: image i's noise (and uniform class label, drawn after it) come from a generator
-    seeded with seeds[i], so a generated set does not depend on the number of processes or the batch.
-    with_generators: also return the generators, which then give each image's churn noise (as EDM's)."""
-    noise, labels, gens = [], [], []
-    for s in seeds:
-        gens.append(torch.Generator().manual_seed(int(s)))
-        noise.append(torch.randn(shape, generator=gens[-1]))
-        if label_dim:
-            labels.append(torch.randint(label_dim, [], generator=gens[-1]))
-    noise = torch.stack(noise) if noise else torch.empty(0, *shape)
-    out = noise, (torch.tensor(labels, dtype=torch.long) if label_dim else None)
-    return (*out, gens) if with_generators else out
-
-
-# --- end shared: EDM loss and sampler ---
-
-
-# --- shared: EDM augmentation (identical in edm_teacher, aot_edm) ---
-# EDM's non-leaking geometric augmentation (EDM App. F.2, Table 7: p = 0.12 on CIFAR-10), the ADA pipeline
-# (Karras et al. 2020) in the configuration EDM trains CIFAR-10 with: x-flip on a random half of the images
-# (EDM's multiplier 1e8 makes it always draw), and y-flip, isotropic scaling, arbitrary rotation, anisotropic
-# scaling and fractional translation each with probability p. The parameters of what was applied form a
-# 9-dim augment label (zero where nothing was) that conditions the network, so that at sampling time (zero
-# label) it produces un-augmented images: the augmentation does not leak into the samples.
-# Pixel coordinates are centred; G_inv maps an output pixel to the input position it samples.
-
-SYM6 = (  # Symlet-6 low-pass filter: ADA's anti-aliasing filter for the 2x supersampled resampling
-    0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
-    0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
-    -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148,
-)  # fmt: skip
+# --- EDM's augmentation (App. F.2): ADA's non-leaking geometric pipeline ---
+# x-flip on a random half (EDM's multiplier 1e8); y-flip, isotropic scaling, rotation, anisotropy and
+# fractional translation each with probability p. What was applied is a 9-dim augment label that conditions
+# the network; sampling passes the zero label, so nothing leaks into samples. G_inv: output -> input pixel.
+SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.048311742585633,
+        0.4910559419267466, 0.787641141030194, 0.3379294217276218, -0.07263752278646252,
+        -0.021060292512300564, 0.04472490177066578, 0.0017677118642428036, -0.007800708325034148)  # fmt: skip
 
 
 def augment_draw(n, p, generator=None):
     """EDM's draws for n images, in EDM's order -> dict of float32 [n] parameters, zero where not applied."""
-
-    def rand(*s):
-        return torch.rand(s, generator=generator)
-
-    def randn(*s):
-        return torch.randn(s, generator=generator)
-
-    def pick(prob, w):  # keep w where the transform is drawn (probability prob), else 0
-        return torch.where(rand(*w.shape[-1:]) < prob, w, torch.zeros_like(w))
-
-    a = {}
-    a["xflip"] = pick(1e8 * p, torch.randint(2, (n,), generator=generator).float())
+    rand = lambda *s: torch.rand(s, generator=generator)  # noqa: E731
+    randn = lambda *s: torch.randn(s, generator=generator)  # noqa: E731
+    pick = lambda prob, w: torch.where(rand(*w.shape[-1:]) < prob, w, torch.zeros_like(w))  # noqa: E731
+    a = dict(xflip=pick(1e8 * p, torch.randint(2, (n,), generator=generator).float()))
     a["yflip"] = pick(p, torch.randint(2, (n,), generator=generator).float())
     a["scale"] = pick(p, randn(n))  # log2 scale / 0.2
-    a["rotate"] = pick(p, (rand(n) * 2 - 1) * math.pi)  # angle in [-pi, pi)
+    a["rotate"] = pick(p, (rand(n) * 2 - 1) * math.pi)
     a["aniso"], r = randn(n), (rand(n) * 2 - 1) * math.pi
-    a["aniso"] = pick(p, a["aniso"])  # log2 x-stretch / 0.2 ...
-    a["aniso_angle"] = pick(0.5, r)  # ... along an axis rotated by this angle half of the time
+    a["aniso"], a["aniso_angle"] = pick(p, a["aniso"]), pick(0.5, r)  # log2 stretch / 0.2, on a turned axis
     t = randn(2, n)
-    a["tx"], a["ty"] = torch.where(rand(1, n) < p, t, torch.zeros_like(t))  # in units of 0.125 image size
+    a["tx"], a["ty"] = torch.where(rand(1, n) < p, t, torch.zeros_like(t))  # units of 0.125 image size
     return a
 
 
 def augment_labels(a):
-    """The 9-dim augment label of EDM's SongUNet (augment_dim = 9), [n, 9]."""
+    """The 9-dim augment label of EDM's networks (augment_dim = 9), [n, 9]."""
     rot, an, r = a["rotate"], a["aniso"], a["aniso_angle"]
     cols = [a["xflip"], a["yflip"], a["scale"], rot.cos() - 1, rot.sin(), an * r.cos(), an * r.sin()]
     return torch.stack([*cols, a["tx"], a["ty"]], dim=1)
 
 
 def augment_matrix(a, H, W):
-    """G_inv [n, 3, 3] of the geometric part, composed as EDM: scale, rotation, anisotropy, translation."""
-
-    def mat(rows):  # rows of [n] tensors or numbers -> [n, 3, 3]
-        return torch.stack(
-            [torch.stack([torch.as_tensor(v).float().expand(n) for v in r], 1) for r in rows], 1
-        )
-
-    def rot(t):
-        return mat([[t.cos(), -t.sin(), 0], [t.sin(), t.cos(), 0], [0, 0, 1]])
-
-    def scale(sx, sy):
-        return mat([[sx, 0, 0], [0, sy, 0], [0, 0, 1]])
-
+    """G_inv [n, 3, 3], composed as EDM: scaling, rotation, anisotropy, translation."""
     n = len(a["scale"])
+    row = lambda x: torch.stack([torch.as_tensor(v).float().expand(n) for v in x], 1)  # noqa: E731
+    mat = lambda *rows: torch.stack([row(x) for x in rows], 1)  # noqa: E731
+    rot = lambda t: mat([t.cos(), -t.sin(), 0], [t.sin(), t.cos(), 0], [0, 0, 1])  # noqa: E731
+    scale = lambda sx, sy: mat([sx, 0, 0], [0, sy, 0], [0, 0, 1])  # noqa: E731
     s, sa, r = (a["scale"] * 0.2).exp2(), (a["aniso"] * 0.2).exp2(), a["aniso_angle"]
-    G = scale(1 / s, 1 / s) @ rot(a["rotate"])  # inverse of: scale by s, then rotate by -angle
-    G = G @ rot(-r) @ scale(1 / sa, sa) @ rot(r)
-    return G @ mat([[1, 0, -a["tx"] * W * 0.125], [0, 1, -a["ty"] * H * 0.125], [0, 0, 1]])
+    G = scale(1 / s, 1 / s) @ rot(a["rotate"]) @ rot(-r) @ scale(1 / sa, sa) @ rot(r)
+    return G @ mat([1, 0, -a["tx"] * W * 0.125], [0, 1, -a["ty"] * H * 0.125], [0, 0, 1])
 
 
 def augment_resample(x, G_inv):
-    """Apply G_inv to images x [n, C, H, W]: reflect padding, 2x supersampling with the Symlet-6 filter,
-    bilinear resampling, filtered 2x downsampling (ADA's geometric execution)."""
-    n, c, H, W = x.shape
-    hz = torch.tensor(SYM6, dtype=x.dtype, device=x.device)
-    hpad, cx, cy = len(SYM6) // 4, (W - 1) / 2, (H - 1) / 2
-    G_inv = G_inv.to(x.device)
-    corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], device=x.device).T
-    m = (G_inv @ corners)[:, :2, :].permute(1, 0, 2).flatten(1)  # [xy, n * 4] input positions of the corners
-    m = torch.cat([-m, m]).amax(1) + torch.tensor([2 * hpad - cx, 2 * hpad - cy] * 2, device=x.device)
-    m = torch.minimum(m.clamp(min=0), torch.tensor([W - 1, H - 1] * 2, device=x.device))
+    """Apply G_inv to x [n, C, H, W] as ADA: reflect padding, 2x upsampling with the Symlet-6 filter,
+    bilinear sampling, filtered 2x downsampling."""
+    (n, c, H, W), dev, k = x.shape, x.device, len(SYM6)
+    hz, hpad, cx, cy = torch.tensor(SYM6, dtype=x.dtype, device=dev), k // 4, (W - 1) / 2, (H - 1) / 2
+    G_inv = G_inv.to(dev)
+    corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], device=dev).T
+    m = (G_inv @ corners)[:, :2, :].permute(1, 0, 2).flatten(1)  # input positions of the corners
+    m = torch.cat([-m, m]).amax(1) + torch.tensor([2 * hpad - cx, 2 * hpad - cy] * 2, device=dev)
+    m = torch.minimum(m.clamp(min=0), torch.tensor([W - 1, H - 1] * 2, device=dev))
     mx0, my0, mx1, my1 = m.ceil().int().tolist()
     x = F.pad(x, [mx0, mx1, my0, my1], mode="reflect")
-
-    def shift(tx, ty):
-        return torch.tensor([[1, 0, tx], [0, 1, ty], [0, 0, 1]], dtype=torch.float32, device=x.device)
-
-    def scale(sx, sy):
-        return torch.diag(torch.tensor([sx, sy, 1.0], device=x.device))
-
-    G_inv = shift((mx0 - mx1) / 2, (my0 - my1) / 2) @ G_inv
-    up = hz.flip(0).reshape(1, 1, 1, -1).repeat(c, 1, 1, 1)  # upsample: zeros between samples, then filter
+    shift = lambda tx, ty: torch.tensor([[1, 0, tx], [0, 1, ty], [0, 0, 1.0]], device=dev)  # noqa: E731
+    scale = lambda sx, sy: torch.diag(torch.tensor([sx, sy, 1.0], device=dev))  # noqa: E731
+    up = hz.flip(0).reshape(1, 1, 1, -1).repeat(c, 1, 1, 1)  # zeros between samples, then the filter
     x = torch.stack([x, torch.zeros_like(x)], 4).flatten(3)[..., :-1]
-    x = F.conv2d(x, up, groups=c, padding=(0, (len(SYM6) + 1) // 2))
+    x = F.conv2d(x, up, groups=c, padding=(0, (k + 1) // 2))
     x = torch.stack([x, torch.zeros_like(x)], 3).flatten(2, 3)[:, :, :-1]
-    x = F.conv2d(x, up.transpose(2, 3), groups=c, padding=((len(SYM6) + 1) // 2, 0))
-    G_inv = scale(2, 2) @ G_inv @ scale(0.5, 0.5)
+    x = F.conv2d(x, up.transpose(2, 3), groups=c, padding=((k + 1) // 2, 0))
+    G_inv = scale(2, 2) @ (shift((mx0 - mx1) / 2, (my0 - my1) / 2) @ G_inv) @ scale(0.5, 0.5)
     G_inv = shift(-0.5, -0.5) @ G_inv @ shift(0.5, 0.5)
     size = [n, c, (H + 2 * hpad) * 2, (W + 2 * hpad) * 2]
     G_inv = scale(2 / x.shape[3], 2 / x.shape[2]) @ G_inv @ scale(size[3] / 2, size[2] / 2)
     grid = F.affine_grid(G_inv[:, :2, :], size, align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     down = hz.reshape(1, 1, 1, -1).repeat(c, 1, 1, 1)  # filter, keep every other sample, crop the margin
-    x = F.conv2d(x, down, groups=c, stride=(1, 2), padding=(0, (len(SYM6) - 1) // 2))[..., hpad:-hpad]
-    x = F.conv2d(x, down.transpose(2, 3), groups=c, stride=(2, 1), padding=((len(SYM6) - 1) // 2, 0))
+    x = F.conv2d(x, down, groups=c, stride=(1, 2), padding=(0, (k - 1) // 2))[..., hpad:-hpad]
+    x = F.conv2d(x, down.transpose(2, 3), groups=c, stride=(2, 1), padding=((k - 1) // 2, 0))
     return x[:, :, hpad:-hpad]
 
 
-def edm_augment(y, p, generator=None, a=None):
-    """EDM's augmentation of a batch y [n, C, H, W] in [-1, 1] -> (augmented y, augment labels [n, 9]).
-    p = 0 is the identity with zero labels. `a` (augment_draw's dict) forces the parameters."""
-    a = augment_draw(len(y), p, generator) if a is None else {k: v.float().cpu() for k, v in a.items()}
-    G_inv = augment_matrix(a, y.shape[2], y.shape[3])  # on the CPU: [n, 3, 3] is tiny
+def edm_augment(y, p, generator=None):
+    """EDM's augmentation of y [n, C, H, W] in [-1, 1] -> (augmented y, augment labels [n, 9])."""
+    a = augment_draw(len(y), p, generator)
+    G_inv = augment_matrix(a, y.shape[2], y.shape[3])
     y = torch.where(a["xflip"].bool().to(y.device)[:, None, None, None], y.flip(3), y)
     y = torch.where(a["yflip"].bool().to(y.device)[:, None, None, None], y.flip(2), y)
     moved = torch.stack([a[k] != 0 for k in ("scale", "rotate", "aniso", "tx", "ty")]).any(0)
@@ -985,21 +255,482 @@ def edm_augment(y, p, generator=None, a=None):
     return y, augment_labels(a).to(y.device)
 
 
-def augment_defaults(p, args):
-    """--augment: 0.12 on CIFAR-10 (EDM's Table 7), else 0; --augment-dim: 9 with augmentation, else 0."""
-    if args.augment is None:
-        args.augment = 0.12 if args.data == "cifar10" else 0.0
+# --- the interface of every method file ---
+
+
+def build_net(net_kwargs):
+    """The trained network: an EDM denoiser net(x, sigma, class_labels=None) -> D(x; sigma)."""
+    return EDMPrecond(**net_kwargs)
+
+
+def ode_start(net, noise):
+    """x at t = 0 of the common clock: sigma_max noise."""
+    return noise * 80.0
+
+
+def ode_velocity(net, x, t, labels=None, sigma_min=0.002, sigma_max=80.0):
+    """EDM Eq. 4 on the common clock t in [0, 1], sigma = sigma_max (1 - t): dx/dt = 80 (D - x) / sigma."""
+    t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+    sigma = (sigma_max * (1 - t)).clamp(min=sigma_min)
+    return (net(x, sigma, class_labels=labels) - x) * (sigma_max / sigma).reshape(-1, 1, 1, 1)
+
+
+def noise_for_seeds(seeds, shape, label_dim=0):
+    """EDM's per-image seeds: image i's noise, then its uniform class label, from a generator seeded with
+    seeds[i] (image i does not depend on its batch or the number of processes)."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]) if gens else torch.empty(0, *shape)
+    labels = torch.tensor([torch.randint(label_dim, [], generator=g) for g in gens]) if label_dim else None
+    return noise, labels
+
+
+# --- data and checkpoints ---
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
+
+
+def make_shapes(n=4096, res=16, seed=0):
+    """The smoke-test set: a disc (label 0) or a square (1) of random colour, size and place on a random
+    background -> uint8 [n, res, res, 3], int64 labels [n]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+    cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
+    r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
+    labels, fg, bg = rng.integers(0, 2, n), *rng.integers(0, 256, (2, n, 1, 1, 3))
+    disc, square = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2, np.maximum(abs(yy - cy), abs(xx - cx)) <= r
+    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
+    return np.where(mask, fg, bg).astype(np.uint8), labels
+
+
+def load_data(spec, data_dir="datasets"):
+    """--data cifar10 | shapes | FILE.npy (tools/prepare_data.py's array, memory-mapped so RSS is O(batch);
+    labels in FILE.labels.npy) | FILE.npz ('images', 'labels') -> uint8 [N, H, W, C], int64 labels or None."""
+    labels = None
+    if spec == "cifar10":
+        import torchvision
+
+        try:
+            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+        except Exception as e:
+            fail(f"CIFAR-10 is not in {data_dir}/ and cannot be downloaded ({type(e).__name__}): put "
+                 f"cifar-10-python.tar.gz in {data_dir}/")  # fmt: skip
+        images, labels = ds.data, np.asarray(ds.targets)
+    elif spec == "shapes":
+        images, labels = make_shapes()
+    elif spec.endswith((".npy", ".npz")) and os.path.isfile(spec):
+        try:
+            if spec.endswith(".npy"):
+                images, lab = np.load(spec, mmap_mode="r"), spec[:-4] + ".labels.npy"
+                labels = np.load(lab) if os.path.isfile(lab) else None
+            else:
+                with np.load(spec) as f:
+                    images, labels = f["images"], f.get("labels")
+        except (ValueError, KeyError, OSError) as e:
+            fail(f"cannot read {spec} ({e}): expected uint8 images [N, H, W, C] (.npz: 'images', 'labels')")
+    else:
+        fail(f"--data {spec!r} not found: use cifar10, shapes, an .npy of tools/prepare_data.py or an .npz")
+    n, *hwc = images.shape
+    if images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
+        fail(f"{spec}: images must be square uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
+    if labels is not None and (labels.shape != (n,) or labels.min() < 0):
+        fail(f"{spec}: labels must be class indices 0, 1, ... of shape [{n}]; got {labels.shape}")
+    return images, None if labels is None else torch.from_numpy(labels.astype(np.int64))
+
+
+def get_batch(images, labels, idx, device):
+    """Data index i >= N is the mirror image of i - N (--xflip) -> floats in [-1, 1], labels. A memory-mapped
+    array is read row by row (pread): mapped pages would stay resident, RSS would grow to the file's size."""
+    i, row = (idx % len(images)).numpy(), images[0].nbytes
+    if isinstance(images, np.memmap):
+        with open(images.filename, "rb") as f:
+            x = b"".join(os.pread(f.fileno(), row, images.offset + int(j) * row) for j in i)
+        x = np.frombuffer(x, np.uint8).reshape(len(i), *images.shape[1:])
+    else:
+        x = images[i]
+    y = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device).float() / 127.5 - 1
+    y = torch.where((idx >= len(images)).to(device)[:, None, None, None], y.flip(3), y)
+    return y, None if labels is None else labels[i].to(device)
+
+
+def load_checkpoint(path):
+    """One of our checkpoints (a run folder: its latest.pt), CRC-checked, loaded without executing code."""
+    path = os.path.join(path, "latest.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            bad = bad and f"its member {bad} fails its CRC check"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        bad = f"not a complete torch checkpoint ({str(e) or type(e).__name__})"
+    if bad:
+        fail(f"{path} is corrupt: {bad}; resume from an intact ckpt-*.pt beside it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign file: never unpickled unsafely
+        why = (str(e).strip() or type(e).__name__).splitlines()[0]
+        fail(f"cannot read {path} as a weights-only torch checkpoint: {why}")
+
+
+def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held for the process's life)
+    """Rank 0: lock --outdir (a second job stops at once); never write over a run unless it is resumed or
+    --overwrite; remove a killed run's temporary files; on resume cut log.jsonl back to the resumed step."""
+    import fcntl
+
+    os.makedirs(outdir, exist_ok=True)
+    if (lock := os.path.abspath(os.path.join(outdir, ".lock"))) not in _held:
+        f = _held[lock] = open(lock, "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0), _held.pop(lock)
+            fail(f"{outdir} is locked by a running job ({f.read()}); wait for it or use another --outdir")
+        f.truncate(0), f.write(f"pid {os.getpid()} on {os.uname().nodename}"), f.flush()
+    runs = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
+    if runs and ckpt is None and not overwrite:
+        fail(f"{outdir} holds a run at step {int(runs[-1][5:-3])}: pass --resume {outdir} to continue it, "
+             "--overwrite to replace it, or choose another --outdir")  # fmt: skip
+    for name in os.listdir(outdir):
+        if ".tmp" in name or (ckpt is None and (name in runs or name in ("latest.pt", "log.jsonl"))):
+            os.remove(os.path.join(outdir, name))
+    if ckpt is not None and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):
+        with open(log) as f:
+            keep = []
+            for s in f:  # lines cut off by a kill or not ours are dropped, and steps after the checkpoint
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    keep += [s] if s.endswith("\n") and json.loads(s)["step"] <= ckpt["step"] else []
+        with open(log + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log + ".tmp", log)
+
+
+def atomic_save(obj, path):  # a kill or a full disk never leaves a half-written file under the final name
+    torch.save(obj, f"{path}.tmp{os.getpid()}")
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
+def setup():
+    """(ddp, rank, world size, device): under torchrun one process per GPU (NCCL) or CPU process (gloo)."""
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if ddp:
+        torch.cuda.set_device(device) if cuda else None
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
+    return ddp, rank, world, device
+
+
+# --- training: EDM's training loop on AOT's rounds (Alg. 1), nanoGPT-style ---
+# The log's solve_s is a round's solve per step; wait_s what training waited for it (with --overlap on, only
+# a solve that outlasts a round); cost_before/after: the mean pair cost before and after the assignment.
+LOG_KEYS = ("loss", "solve_s", "wait_s", "cost_before", "cost_after")
+
+
+def train(args):
+    ddp, rank, world, device = setup()
+    batch_rank = args.batch // world
+    batch_gpu = args.batch_gpu or batch_rank
+    if args.batch % world:
+        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
+    if batch_rank % batch_gpu:
+        fail(f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank}")
+    if args.aot_pairs % batch_rank:
+        fail(f"--aot-pairs {args.aot_pairs} (pairs per process and round) must be a multiple of the "
+             f"per-process batch {batch_rank}: a round is used in whole batches")  # fmt: skip
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and ckpt.get("method") != METHOD:
+        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+    images, labels = load_data(args.data, args.data_dir)
+    if args.cond and labels is None:
+        fail(f"--cond needs class labels, but {args.data} has none")
+    res, C, label_dim = images.shape[1], images.shape[3], int(labels.max()) + 1 if args.cond else 0
+    labels, n_data = labels if args.cond else None, len(images) * (2 if args.xflip else 1)
+    if args.aot_pairs < label_dim:
+        fail(f"--aot-pairs {args.aot_pairs} is smaller than the {label_dim} classes: Alg. 2 solves per class")
+    if args.aot_pairs * world > n_data:
+        fail(f"a round of {args.aot_pairs} pairs x {world} processes exceeds the {n_data} training images")
+    if res % 2 ** (len(args.channel_mult) - 1):
+        fail(f"image size {res} is not divisible by 2^(levels - 1) of --channel-mult {args.channel_mult}")
+    net_kwargs = dict(img_resolution=res, img_channels=C, label_dim=label_dim, augment_dim=args.augment_dim,
+                      model_channels=args.model_channels, channel_mult=args.channel_mult, arch=args.arch,
+                      num_blocks=args.num_blocks, attn_resolutions=args.attn_res,
+                      dropout=args.dropout)  # fmt: skip
+    if ckpt is not None:  # the run's own network, on data of its shape and classes
+        net_kwargs = ckpt["net_kwargs"]
+        if [net_kwargs[k] for k in ("img_resolution", "img_channels", "label_dim")] != [res, C, label_dim]:
+            fail(f"--resume {args.resume} was trained on other data: resume it with the data it had")
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    net = build_net(net_kwargs).to(device).train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), args.lr, betas=(0.9, 0.999), fused=device.type == "cuda" or None)
+    step = nimg = 0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
+        step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+    per_round = args.aot_pairs // batch_rank
+    if rank == 0:
+        claim_outdir(args.outdir, ckpt, args.overwrite)
+        with open(os.path.join(args.outdir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+        n_par = sum(p.numel() for p in net.parameters())
+        print(f"{len(images)} images {images.shape[1:]}, {n_par} parameters, {world} process(es) on "
+              f"{device}, from step {step}; rounds of {args.aot_pairs} pairs per process ({per_round} steps)",
+              flush=True)  # fmt: skip
+    torch.backends.cudnn.benchmark = True  # as EDM; full fp32 unless --precision tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    model = torch.compile(net) if args.compile else net  # what is called; net and ema are what is stored
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+    stop = []  # SIGINT/SIGTERM: a checkpoint at the end of the step, then exit 128 + signal (a requeue)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: stop.append(signum))
+    total = round(args.duration * 1e6)
+    total_steps, cuda = math.ceil(total / args.batch), [device.index or 0] if device.type == "cuda" else []
+    pool = ThreadPoolExecutor(1) if args.overlap else None  # --overlap on: the next round's solve
+    rnd = ahead = None
+    make = lambda r: aot_round(args, images, labels, n_data, r, rank, world, device)  # noqa: E731
+    grid_noise, grid_labels = noise_for_seeds(range(args.grid), (C, res, res), label_dim)
+    sums, t_log, step_log = torch.zeros(5, dtype=torch.float64, device=device), time.time(), step
+    t0, step0 = t_log, step
+    while nimg < total:
+        seed_step(args.seed, rank, world, step)  # the step's draws from (seed, rank, step): no RNG state
+        # AOT Alg. 1 line 11, EDM Table 1: ln(sigma) ~ N(P_mean, P_std^2), drawn for the step as edm_loss does
+        sigma = (torch.randn(batch_rank, 1, 1, 1, device=device) * args.P_std + args.P_mean).exp()
+        r, j = divmod(step, per_round)
+        if rnd is None or rnd[0] != r:  # AOT Alg. 1 lines 3-8: a new round (resumed mid-round: forked RNG)
+            with torch.random.fork_rng(devices=cuda) if j else contextlib.nullcontext():
+                y, lab, aug, eps = make(r)
+            t_wait = time.time()
+            perm, solve_s = ahead.result() if ahead else aot_solve(eps, y, lab, args)
+            wait_s, ahead = time.time() - t_wait, None
+            if pool and (r + 1) * per_round < total_steps:  # --overlap on: round r + 1 solved while r trains
+                with torch.random.fork_rng(devices=cuda):
+                    y_, lab_, _, eps_ = make(r + 1)
+                ahead = pool.submit(aot_solve, eps_, y_, lab_, args)
+            eps_perm = eps[perm.to(device)]
+            cost = [pair_cost(e, y, args.cost).mean().item() for e in (eps, eps_perm)]  # before, after
+            stats = [solve_s / per_round, wait_s / per_round, *cost]  # the solve per step of the round
+            rnd = (r, y, lab, aug, eps_perm, torch.tensor(stats, dtype=torch.float64, device=device))
+        for g in opt.param_groups:  # EDM: linear lr ramp-up over --lr-rampup Mimg
+            g["lr"] = args.lr * (min(nimg / (args.lr_rampup * 1e6), 1) if args.lr_rampup > 0 else 1)
+        opt.zero_grad(set_to_none=True)
+        n_chunks = batch_rank // batch_gpu
+        for c in range(n_chunks):  # AOT Alg. 1 lines 10-13: the step's assigned pairs, --batch-gpu at a time
+            rows = slice(j * batch_rank + c * batch_gpu, j * batch_rank + (c + 1) * batch_gpu)
+            y, lab, aug, eps = (None if v is None else v[rows] for v in rnd[1:5])
+            sync = contextlib.nullcontext() if c == n_chunks - 1 or not ddp else model.no_sync()
+            with sync, torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = edm_loss(model, y, sigma[c * batch_gpu : (c + 1) * batch_gpu], eps, lab, aug)
+                loss.sum().mul(1 / batch_rank).backward()  # EDM: the sum over the batch / the per-rank batch
+            sums[0] += loss.detach().mean() / n_chunks
+        for p in (p for p in net.parameters() if p.grad is not None):  # EDM: non-finite entries replaced
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        opt.step()
+        beta = 0.5 ** (args.batch / max(min(args.ema_halflife * 1000, nimg * args.ema_rampup), 1e-8))  # EDM
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+                p_ema.copy_(p.detach().lerp(p_ema, beta))
+            for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
+                b_ema.copy_(b)
+        sums[1:] += rnd[5]
+        nimg, step = nimg + args.batch, step + 1
+        flags = torch.stack([torch.tensor(float(bool(stop)), device=device), (~sums[0].isfinite()).float()])
+        torch.distributed.all_reduce(flags) if ddp else None  # every rank stops together
+        if flags[1]:
+            fail(f"non-finite loss at step {step}: stopped before a checkpoint; lower --lr or check the data")
+        done, stopping = nimg >= total, bool(flags[0])
+        if step % args.log_every == 0 or done or stopping:
+            torch.distributed.all_reduce(sums) if ddp else None
+            eta = round((time.time() - t0) / (step - step0) * (total_steps - step))
+            mean = dict(zip(LOG_KEYS, (sums / (step - step_log) / world).tolist(), strict=True))
+            rec = dict(step=step, kimg=nimg / 1000, **mean, lr=opt.param_groups[0]["lr"],
+                       sec_per_step=(time.time() - t_log) / (step - step_log))  # fmt: skip
+            if rank == 0:
+                text = " ".join(f"{k}={v:.5g}" if type(v) is float else f"{k}={v}" for k, v in rec.items())
+                hms = f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta > 3599 else f"{eta // 60}m{eta % 60:02d}s"
+                print(text.replace(f"step={step}", f"step={step}/{total_steps}", 1), f"eta={hms}", flush=True)
+                with open(os.path.join(args.outdir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(dict(rec, eta_s=eta)) + "\n")
+            sums, t_log, step_log = sums.zero_(), time.time(), step
+        if rank == 0 and (step % args.snap_every == 0 or done or stopping):  # all a bit-exact resume needs
+            name = f"ckpt-{step:07d}.pt"
+            ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
+                        net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
+                        state=dict(nimg=nimg))  # fmt: skip
+            atomic_save(ckpt, os.path.join(args.outdir, name))
+            os.symlink(name, os.path.join(args.outdir, "latest.tmp"))
+            os.replace(os.path.join(args.outdir, "latest.tmp"), os.path.join(args.outdir, "latest.pt"))
+            if args.grid:  # EMA samples of the grid seeds
+                lab = None if grid_labels is None else grid_labels.to(device)
+                x, _ = sample(ema, grid_noise.to(device), args.nfe, lab, rho=args.rho)
+                path, nrow = os.path.join(args.outdir, f"grid-{step:07d}.png"), math.ceil(math.sqrt(len(x)))
+                save_image((x.cpu() + 1) / 2, path, nrow=nrow, padding=0)
+        if stopping:
+            if rank == 0:
+                print(f"stopped by signal at step {step}: resume with --resume {args.outdir}")
+            break
+    pool.shutdown() if pool else None
+    if ddp:
+        torch.distributed.barrier(), torch.distributed.destroy_process_group()
+    if stop:
+        raise SystemExit(128 + stop[0])
+
+
+def batch_indices(n, batch, step, seed):
+    """Step `step`'s global data indices: consecutive slices of a stream of per-epoch permutations, each from
+    (seed, epoch) alone, so that the order does not depend on the number of processes."""
+    pos, out = step * batch + torch.arange(batch), torch.empty(batch, dtype=torch.long)
+    for e in (pos // n).unique().tolist():
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        out[pos // n == e] = order[pos[pos // n == e] % n]
+    return out
+
+
+@torch.no_grad()
+def generate(args):
+    """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA -> an .npz ('images'
+    uint8 NHWC, 'seeds', 'labels') written atomically, and a PNG grid of the first 64 beside it."""
+    from tqdm import tqdm
+
+    if os.path.exists(args.out) and not args.overwrite:
+        fail(f"{args.out} exists; pass --overwrite to replace it")
+    ddp, rank, world, device = setup()
+    ckpt = load_checkpoint(args.ckpt)
+    if ckpt.get("method") != METHOD:
+        fail(f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; sample it with that method's file")
+    k = ckpt["net_kwargs"]
+    net = build_net(k).eval().requires_grad_(False)
+    net.load_state_dict(ckpt["ema"])
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    model = torch.compile(net.to(device)) if args.compile else net.to(device)
+    seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
+    shape += (k["img_resolution"],) * 2
+    xs, ys = [torch.empty(0, *shape[1:], shape[0], dtype=torch.uint8)], [torch.empty(0, dtype=torch.long)]
+    for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
+        noise, lab = noise_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"])
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+            lab = lab if lab is None else lab.to(device)
+            x, _ = sample(model, noise.to(device), args.nfe, lab, rho=args.rho)
+        xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        ys.append(torch.zeros(len(x), dtype=torch.long) if lab is None else lab)
+    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy())] * world
+    torch.distributed.all_gather_object(parts, parts[0]) if ddp else None
+    if rank == 0:
+        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+        seeds = np.arange(args.seed, args.seed + len(order))
+        out = dict(images=np.concatenate([p[1] for p in parts])[order], seeds=seeds)
+        if k["label_dim"]:
+            out["labels"] = np.concatenate([p[2] for p in parts])[order]
+        with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
+            np.savez(f, **out)
+        os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
+        grid = torch.from_numpy(out["images"][:64]).permute(0, 3, 1, 2).float() / 255
+        save_image(grid, args.out[:-4] + ".png", nrow=math.ceil(math.sqrt(len(grid))), padding=0)
+        nfe = 2 * ((args.nfe + 1) // 2) - 1
+        print(f"wrote {len(order)} images to {args.out} (NFE {nfe} per image, rho {args.rho:g})")
+    torch.distributed.destroy_process_group() if ddp else None
+
+
+def sweep_rho(args):
+    """AOT Table 4: FID over --sweep-rho x --sweep-steps for --ckpt through evaluate.py (the lowest of 3 seed
+    ranges, AOT Sec. 5.1 as EDM), one run per rho, NFE 2 steps - 1; --eval-args override these flags."""
+    import evaluate  # a tool, not a method file
+
+    table, nfes = {}, ",".join(str(2 * s - 1) for s in args.sweep_steps)
+    for rho in args.sweep_rho:
+        argv = ["--ckpt", args.ckpt, "--nfe", nfes, "--sampler-kw", f"rho={rho:g}", "--metrics", "fid",
+                "--fid-seeds", "3", *args.eval_args]  # fmt: skip
+        table |= {(rho, (r["nfe_requested"] + 1) // 2): r["fid"] for r in evaluate.main(argv) if "fid" in r}
+    rows = [[table.get((rho, s)) for s in args.sweep_steps] for rho in args.sweep_rho]
+    if int(os.environ.get("RANK", 0)) == 0:
+        for rho, row in zip(["FID: rho \\ steps", *args.sweep_rho], [args.sweep_steps, *rows], strict=True):
+            print(f"{rho:<18}" + "".join(f"{math.nan if v is None else v:>10.4g}" for v in row))
+        if args.out_json:
+            with open(f"{args.out_json}.tmp{os.getpid()}", "w") as f:
+                json.dump(dict(ckpt=args.ckpt, rhos=args.sweep_rho, steps=args.sweep_steps, fid=rows), f)
+            os.replace(f"{args.out_json}.tmp{os.getpid()}", args.out_json)
+
+
+# --- command line ---
+
+ARCH_WIDTHS = {"ddpmpp": (128, [2, 2, 2], 4, [16]), "ncsnpp": (128, [2, 2, 2], 4, [16]),  # EDM CIFAR-10
+               "adm": (192, [1, 2, 3, 4], 3, [32, 16, 8])}  # EDM ImageNet-64  # fmt: skip
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="EDM-AOT: train, generate images, sweep rho.", allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    add, ints = p.add_argument, lambda s: [int(v) for v in s.split(",") if v]
+    floats = lambda s: [float(v) for v in s.split(",") if v]  # noqa: E731
+    add("--data", help="cifar10 | shapes (synthetic) | FILE.npy (tools/prepare_data.py) | FILE.npz")
+    add("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
+    add("--outdir", default="runs/aot", help="checkpoints, grids, log.jsonl, args.json")
+    add("--cond", action="store_true", help="class-conditional: Alg. 2, the assignment within each class")
+    add("--xflip", action="store_true", help="add a mirrored copy of every image to the data")
+    add("--aot-pairs", type=int, help="N pairs per process and round (Sec. 5.1: 512; 2048 with --cond)")
+    add("--cost", default="l2", choices=["l2", "sqeuclidean"], help="assignment cost (the paper's: L2)")
+    add("--assign", type=int, default=1, choices=[0, 1], help="0: rounds without the assignment (EDM)")
+    add("--overlap", default="on", choices=["on", "off"], help="solve round r + 1 while round r trains")
+    add("--batch", type=int, help="global batch per optimizer step (Sec. 5.1: 256; 128 with --cond)")
+    add("--batch-gpu", type=int, help="images per forward pass (accumulating to the per-process batch)")
+    add("--lr", type=float, default=1e-3, help="Adam learning rate (EDM CIFAR-10: 1e-3)")
+    add("--lr-rampup", type=float, default=10, help="linear lr warm-up, Mimg (EDM: 10)")
+    add("--duration", type=float, default=200, help="training length, Mimg (EDM CIFAR-10: 200)")
+    add("--ema-halflife", type=float, default=500, help="EMA half-life, kimg (EDM: 500)")
+    add("--ema-rampup", type=float, default=0.05, help="EMA half-life at most this ratio of the images seen")
+    add("--dropout", type=float, default=0.13, help="dropout (EDM CIFAR-10: 0.13)")
+    add("--P-mean", type=float, default=-1.2, help="mean of ln(sigma) in training (EDM: -1.2)")
+    add("--P-std", type=float, default=1.2, help="std of ln(sigma) in training (EDM: 1.2)")
+    add("--augment", type=float, default=0.12, metavar="P", help="EDM's augmentation probability (0: off)")
+    add("--arch", choices=list(ARCH_WIDTHS), help="NCSN++ (EDM-AOT's; cifar10's default), DDPM++ (else), ADM")
+    add("--model-channels", type=int, help="UNet base width (DDPM++/NCSN++ 128, ADM 192)")
+    add("--channel-mult", type=ints, help="width multiplier per resolution (2,2,2; ADM 1,2,3,4)")
+    add("--num-blocks", type=int, help="residual blocks per resolution (4; ADM 3)")
+    add("--attn-res", type=ints, help="self-attention resolutions (16; ADM 32,16,8)")
+    add("--tiny", action="store_true", help="a tiny UNet for CPU smoke runs")
+    add("--seed", type=int, default=0, help="init, data order, rounds, sigmas, dropout; the first image seed")
+    add("--log-every", type=int, default=100, help="steps between log lines")
+    add("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
+    add("--grid", type=int, default=64, help="images in each snapshot grid (seeds 0..N-1); 0: none")
+    add("--resume", help="run folder (its latest.pt) or checkpoint to continue")
+    add("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
+    add("--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt")
+    add("--ckpt", help="--generate / --sweep-rho: a checkpoint of this file, or its run folder")
+    add("--out", default="samples.npz", help="--generate's .npz (a .png grid beside it)")
+    add("--nfe", type=int, default=35, help="network evaluations per image, grids too (35 = 18 Heun steps)")
+    add("--rho", type=float, default=7.0, help="the sampler's schedule exponent (EDM: 7; AOT's best: 90)")
+    add("--gen-batch", type=int, default=256, help="images per sampling batch")
+    add("--sweep-rho", type=floats, nargs="?", const=[3, 5, 9, 16, 27, 47, 81, 140, 243, 421], metavar="RHOS",
+        help="Table 4 for --ckpt: FID over these rho (default Table 4's) x --sweep-steps")  # fmt: skip
+    add("--sweep-steps", type=ints, default=[8, 14, 18], help="Heun steps of the sweep (Table 4)")
+    add("--eval-args", type=str.split, default=[], help="more evaluate.py flags, e.g. '--ref-stats s.npz'")
+    add("--out-json", help="--sweep-rho: the table as JSON")
+    add("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="fp32 (EDM's), TF32, bf16")
+    add("--compile", action="store_true", help="torch.compile the network")
+    args = p.parse_args(argv)
+    positive = ("batch", "batch_gpu", "aot_pairs", "duration", "log_every", "snap_every", "nfe", "gen_batch")
+    for name in (*positive, "generate", "grid", "lr"):
+        if (v := getattr(args, name)) is not None and (v <= 0 if name in positive else v < 0):
+            p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'}, got {v}")
     if not 0 <= args.augment <= 1:
         p.error(f"--augment is a probability in [0, 1], got {args.augment}")
-    if args.augment_dim is None:
-        args.augment_dim = 9 if args.augment > 0 else 0
-    if args.augment > 0 and args.augment_dim != 9:
-        p.error(f"--augment {args.augment} conditions the network on a 9-dim label: pass --augment-dim 9")
-    if args.augment_dim < 0:
-        p.error(f"--augment-dim must be 0 or 9, got {args.augment_dim}")
+    args.augment_dim = 9 if args.augment > 0 else 0  # the network's augment label (EDM's 9 dimensions)
+    if not (args.ckpt if (sampling := args.generate or args.sweep_rho) else args.data):
+        p.error("--generate and --sweep-rho need --ckpt" if sampling else "--data is required for training")
+    args.overlap, args.batch = args.overlap == "on", args.batch or (128 if args.cond else 256)  # AOT Sec. 5.1
+    args.aot_pairs = args.aot_pairs or (2048 if args.cond else 512)
+    args.arch = args.arch or ("ncsnpp" if args.data == "cifar10" else "ddpmpp")  # EDM-AOT trains NCSN++
+    widths = [16, [1, 2], 1, [8]] if args.tiny else ARCH_WIDTHS[args.arch]
+    for name, v in zip(("model_channels", "channel_mult", "num_blocks", "attn_res"), widths, strict=True):
+        setattr(args, name, v if getattr(args, name) is None or args.tiny else getattr(args, name))
+    return args
 
 
-# --- end shared: EDM augmentation ---
+def main(argv=None):
+    args = parse_args(argv)
+    sweep_rho(args) if args.sweep_rho else generate(args) if args.generate else train(args)
 
 
 # --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---
@@ -1291,553 +1022,6 @@ def make_unet(arch, *args, **kwargs):
 
 
 # --- end UNet ---
-
-
-# --- shared: runtime (identical in every method file) ---
-# Distributed setup, per-step seeding, EMA, atomic checkpoints, data order and rank-0 logging.
-
-
-def fail(msg):
-    """Stop with a one-line message for the user (exit code 1), not a traceback."""
-    raise SystemExit(f"error: {msg}")
-
-
-def dist_setup():
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise a single process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-
-
-def dist_teardown():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def all_mean(value, device):
-    """Mean of a float over ranks."""
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return t.item()
-
-
-def seed_step(seed, rank, world_size, step):
-    """Seed torch's global RNGs from (seed * world_size + rank, step): resume needs no stored RNG state."""
-    state = np.random.SeedSequence([seed * world_size + rank, step]).generate_state(2)
-    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def epoch_order(n, seed, epoch):
-    """The data order of one epoch: a permutation of range(n) that depends only on (seed, epoch)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def batch_indices(n, batch, step, seed):
-    """Global data indices of training step `step`: consecutive slices of a stream of epoch permutations.
-    Independent of the world size; rank r takes the r-th slice of the per-rank batch."""
-    pos = step * batch + torch.arange(batch)
-    epochs = pos // n
-    out = torch.empty(batch, dtype=torch.long)
-    for e in epochs.unique().tolist():
-        sel = epochs == e
-        out[sel] = epoch_order(n, seed, e)[pos[sel] % n]
-    return out
-
-
-def edm_ema_beta(batch, nimg, halflife_kimg, rampup_ratio):
-    """EDM's EMA decay: half-life in images, ramped up as min(halflife, rampup_ratio * images seen)."""
-    halflife = halflife_kimg * 1000
-    if rampup_ratio is not None:
-        halflife = min(halflife, nimg * rampup_ratio)
-    return 0.5 ** (batch / max(halflife, 1e-8))
-
-
-@torch.no_grad()
-def ema_update(ema, net, beta):
-    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
-        p_ema.copy_(p.detach().lerp(p_ema, beta))
-    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
-        b_ema.copy_(b)
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash or a full disk never leaves a half-written file
-    (the temporary file is removed; a kill's leftover is removed by the next claim_outdir)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def save_checkpoint(ckpt, outdir, step):
-    """Write <outdir>/ckpt-<step>.pt and point <outdir>/latest.pt at it (both atomic)."""
-    name = f"ckpt-{step:07d}.pt"
-    atomic_save(ckpt, os.path.join(outdir, name))
-    tmp = os.path.join(outdir, f"latest.pt.tmp{os.getpid()}")
-    os.symlink(name, tmp)
-    os.replace(tmp, os.path.join(outdir, "latest.pt"))
-
-
-def intact(path):
-    """None if `path` is a zip whose every member matches its CRC-32 (torch.save writes them), else why not.
-    torch.load itself does not check them: flipped bytes would load as changed weights."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        return f"not a complete torch checkpoint ({str(e) or type(e).__name__})"
-    return f"its member {bad} fails its CRC check (the file is corrupt)" if bad else None
-
-
-def load_checkpoint(path):
-    """Load one of our checkpoints safely (tensors and plain containers only), after checking its integrity.
-    A directory means its latest.pt."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "latest.pt")
-    if not os.path.isfile(path):
-        fail(f"checkpoint not found: {path}")
-    problem = intact(path)
-    if problem:
-        folder = os.path.dirname(os.path.abspath(path))
-        names = sorted(
-            (n for n in os.listdir(folder) if n.startswith("ckpt-") and n.endswith(".pt")), reverse=True
-        )
-        good = next((os.path.join(folder, n) for n in names if intact(os.path.join(folder, n)) is None), None)
-        fail(
-            f"{path}: {problem}; "
-            + (f"the newest intact checkpoint is {good}" if good else "no intact one here")
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign file: say which, do not unpickle it unsafely
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"cannot read {path} as a weights-only torch checkpoint: {why}")
-
-
-_LOCKS = {}  # path -> open file descriptor: the locks this process holds until it exits
-
-
-def hold_lock(path):
-    """An exclusive lock on `path` for the life of the process. A second run stops at once and names the
-    holder; the kernel drops a killed run's lock (flock), so a stale lock file is simply taken over."""
-    import fcntl
-    import socket
-
-    path = os.path.abspath(path)
-    if path in _LOCKS:
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        fail(f"{path} is locked by a running job ({holder}); wait for it or choose another output")
-    info = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, info.encode(), 0)
-    _LOCKS[path] = fd
-
-
-def claim_outdir(outdir, ckpt=None, overwrite=False):
-    """Rank 0, before the run writes anything: create and lock --outdir, remove temporary files a killed run
-    left, refuse to write over an existing run unless it is resumed (ckpt) or --overwrite is given, and on
-    resume cut log.jsonl back to the resumed step (no cut-off line, no repeated steps)."""
-    import re
-
-    os.makedirs(outdir, exist_ok=True)
-    hold_lock(os.path.join(outdir, ".lock"))
-    for name in os.listdir(outdir):
-        if re.search(r"\.tmp\d+$", name):  # ours, from a killed run: we hold the lock
-            os.remove(os.path.join(outdir, name))
-    ckpts = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
-    log_path = os.path.join(outdir, "log.jsonl")
-    if ckpt is None and ckpts:
-        if not overwrite:
-            fail(
-                f"{outdir} holds a run at step {int(ckpts[-1][5:-3])}: pass --resume {outdir} to continue "
-                "it, --overwrite to replace it, or choose another --outdir"
-            )
-        for name in [*ckpts, "latest.pt", "log.jsonl"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(outdir, name))
-    if ckpt is not None and os.path.isfile(log_path):
-        keep = []
-        with open(log_path) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):  # a line cut off by a kill does not parse
-                    if line.endswith("\n") and json.loads(line).get("step", 0) <= ckpt["step"]:
-                        keep.append(line)
-        with open(log_path + f".tmp{os.getpid()}", "w") as f:
-            f.writelines(keep)
-        os.replace(log_path + f".tmp{os.getpid()}", log_path)
-
-
-def check_out(path, overwrite=False, nbytes=0):
-    """Before the work: an output file must be new (or --overwrite), its folder writable, with room for it."""
-    import tempfile
-
-    if os.path.exists(path) and not overwrite:
-        fail(f"{path} exists; pass --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        fail(f"cannot write to {folder} ({e.strerror}): the folder is missing or not writable; create it")
-    free = shutil.disk_usage(folder).free
-    if nbytes > free:
-        fail(f"{path} needs about {nbytes / 2**30:.2f} GiB but {folder} has {free / 2**30:.2f} GiB free")
-
-
-def split_batch(args, world):
-    """--batch (global) over `world` processes, run in forward chunks of --batch-gpu -> (per-process batch,
-    chunk size); a one-line error where they do not divide."""
-    if args.batch % world:
-        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
-    batch_rank = args.batch // world
-    batch_gpu = args.batch_gpu or batch_rank
-    if batch_rank % batch_gpu:
-        fail(
-            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
-        )
-    return batch_rank, batch_gpu
-
-
-def resume_checkpoint(args, method):
-    """--resume's checkpoint (None without it); another method's checkpoint is a one-line error."""
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt.get("method") != method:
-        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {method!r}")
-    return ckpt
-
-
-def resumed_net_kwargs(ckpt, net_kwargs, args, log, keys=()):
-    """The checkpoint's net_kwargs, after checking that today's data has the shape and classes it had; a
-    warning names the flags among `keys` that differ from the checkpoint's (the run will then not equal an
-    unbroken one)."""
-    shape_keys = ("img_channels", "img_resolution", "label_dim")
-    theirs, ours = [ckpt["net_kwargs"].get(k) for k in shape_keys], [net_kwargs.get(k) for k in shape_keys]
-    if theirs != ours:
-        fail(
-            f"--resume {args.resume} was trained on (channels, resolution, classes) = {tuple(theirs)} but "
-            f"the data gives {tuple(ours)}: resume with the data it was trained on"
-        )
-    changed = {
-        k: (ckpt["args"].get(k), v) for k, v in vars(args).items() if k in keys and ckpt["args"].get(k) != v
-    }
-    if changed:
-        log.print(
-            f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
-        )
-    return ckpt["net_kwargs"]
-
-
-def check_numbers(parser, args, positive=(), nonnegative=()):
-    """Flags that must be > 0 (batch sizes, durations, tolerances) or >= 0 (learning rates), when given."""
-    for names, ok, what in ((positive, lambda v: v > 0, "positive"), (nonnegative, lambda v: v >= 0, ">= 0")):
-        for name in names:
-            value = getattr(args, name, None)
-            if value is not None and not ok(value):
-                parser.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
-    if getattr(args, "generate", 0) < 0:
-        parser.error(f"--generate N takes a number of images N > 0, got {args.generate}")
-
-
-class Logger:
-    """Rank 0 prints `k=v` lines, flushed, and appends the same record as JSON to <outdir>/log.jsonl. After
-    start(step, total_steps), lines read `step=N/TOTAL ... eta=1h02m` (at this run's pace since start)."""
-
-    def __init__(self, outdir, rank):
-        self.rank, self.path = rank, os.path.join(outdir, "log.jsonl") if outdir else None
-        self.total_steps, self._start = None, None
-
-    def start(self, step, total_steps):
-        self.total_steps, self._start = total_steps, (step, time.time())
-
-    def print(self, *a):
-        if self.rank == 0:
-            print(*a, flush=True)
-
-    def log(self, **rec):
-        if self.rank != 0:
-            return
-        text = {k: f"{v:.5g}" if isinstance(v, float) else str(v) for k, v in rec.items()}
-        if self.total_steps and "step" in rec:
-            done, elapsed = rec["step"] - self._start[0], time.time() - self._start[1]
-            if done > 0:
-                eta = round(elapsed / done * max(self.total_steps - rec["step"], 0))
-                rec["eta_s"] = eta
-                text["eta"] = (
-                    f"{eta // 3600}h{eta % 3600 // 60:02d}m"
-                    if eta >= 3600
-                    else f"{eta // 60}m{eta % 60:02d}s"
-                )
-            text["step"] = f"{rec['step']}/{self.total_steps}"
-        print(" ".join(f"{k}={v}" for k, v in text.items()), flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-
-class StopFlag:
-    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step (agreed on by all ranks); after it,
-    exit() ends the process with 128 + the signal (143 for SIGTERM) so that a scheduler requeues the job."""
-
-    def __init__(self):
-        self.requested, self.signum = False, 0
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested, self.signum = True, signum
-
-    def any(self, device, loss=0.0, step=None):
-        """True when any rank got a signal. Stops every rank (exit 1) when any rank's `loss` (a float or
-        tensor: the step's loss, plus the gradient norm where there is one) is not finite: before the
-        weights reach a checkpoint, so the newest checkpoint is the last good one."""
-        bad = ~torch.isfinite(torch.as_tensor(loss, dtype=torch.float32, device=device)).all()
-        t = torch.stack([torch.tensor(int(self.requested), device=device), bad.long()])
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(t)
-        if t[1]:
-            fail(
-                f"non-finite loss or gradient at step {step}: stopped without saving it, so the newest "
-                "checkpoint is the last good one; look for NaN/inf in the data or pairs, or lower --lr"
-            )
-        return bool(t[0])
-
-    def exit(self):
-        if self.signum:
-            raise SystemExit(128 + self.signum)
-
-
-def save_image_grid(images, path):
-    """images: [N, C, H, W] floats in [-1, 1] -> a PNG grid. torchvision rounds (x + 1) / 2 * 255 + 0.5, which
-    is EDM's quantisation x * 127.5 + 128."""
-    from torchvision.utils import save_image
-
-    save_image(
-        (images.detach().float().cpu() + 1) / 2, path, nrow=math.ceil(math.sqrt(len(images))), padding=0
-    )
-
-
-# --- end shared: runtime ---
-
-
-# --- shared: data (identical in every method file) ---
-# --data cifar10 | shapes | FILE.npz | FILE.npy | DIR | FILE.zip -> uint8 images; --xflip as extra indices.
-# CIFAR-10 and the synthetic set are held in memory (on the device while training); .npy, uncompressed .npz,
-# image folders and zips (EDM's dataset format, ImageNet-64) are read per batch: memory O(batch).
-
-
-def make_shapes(n=4096, res=16, seed=0):
-    """A synthetic dataset for CPU smoke runs: one disc (label 0) or square (label 1) of random colour,
-    size and position on a random background. Returns uint8 [n, res, res, 3] and int64 labels [n]."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
-    cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
-    r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
-    labels = rng.integers(0, 2, n)
-    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-    square = np.maximum(np.abs(yy - cy), np.abs(xx - cx)) <= r
-    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
-    fg, bg = rng.integers(0, 256, (2, n, 1, 1, 3))
-    return np.where(mask, fg, bg).astype(np.uint8), labels.astype(np.int64)
-
-
-class LazyImages:
-    """uint8 images [N, C, H, W] read on demand: `images[idx]` (a tensor, list, slice or int of indices) reads
-    just those images from the file. It stays on the host (`.to` is a no-op); get_batch moves each batch."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, source, n, hwc, read):
-        self.source, self.n, self.hwc, self._read = source, n, hwc, read
-        self.shape = torch.Size([n, hwc[2], hwc[0], hwc[1]])
-
-    def __len__(self):
-        return self.n
-
-    def to(self, device):
-        return self
-
-    def __getitem__(self, idx):
-        if isinstance(idx, int):
-            return self[[idx]][0]
-        idx = range(self.n)[idx] if isinstance(idx, slice) else idx
-        x = np.empty((len(idx), *self.hwc), np.uint8)
-        for j, i in enumerate(torch.as_tensor(idx, dtype=torch.long).reshape(-1).tolist()):
-            img = self._read(i)
-            if img.shape != self.hwc:
-                fail(f"{self.source}: image {i} has shape {img.shape} among images of shape {self.hwc}")
-            x[j] = img
-        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # NCHW memory, as the in-memory sets
-
-
-def _array_reader(path, member=None):
-    """A uint8 [N, H, W, C] array in a .npy file (or stored uncompressed in an .npz) -> (n, hwc, read(i))."""
-    offset = 0
-    if member is not None:  # the member's data offset inside the zip container of the .npz
-        with zipfile.ZipFile(path) as z:
-            info = z.getinfo(member)
-        with open(path, "rb") as f:
-            f.seek(info.header_offset + 26)
-            name_len, extra_len = np.frombuffer(f.read(4), "<u2")
-        offset = info.header_offset + 30 + int(name_len) + int(extra_len)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        version = np.lib.format.read_magic(f)
-        header = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = header(f)
-        offset = f.tell()
-    if dtype != np.uint8 or len(shape) != 4 or fortran:
-        fail(f"{path}: images must be a C-ordered uint8 [N, H, W, C] array; got {dtype} {shape}")
-    size = int(np.prod(shape[1:]))
-    fd = os.open(path, os.O_RDONLY)
-
-    def read(i):  # one positioned read per image: nothing of the file is mapped or cached by us
-        return np.frombuffer(os.pread(fd, size, offset + i * size), np.uint8).reshape(shape[1:])
-
-    return shape[0], tuple(shape[1:]), read
-
-
-def _decode(data, name):
-    """One image file's bytes -> uint8 [H, W, C]; palette and alpha images become RGB, never index values."""
-    import io
-
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        img = img if img.mode in ("L", "RGB") else img.convert("RGB")
-        return np.atleast_3d(np.asarray(img))
-    except Exception as e:
-        fail(f"cannot read image {name} ({type(e).__name__}: {e})")
-
-
-def _folder_reader(path):
-    """An image folder or zip (png/jpg, sorted by relative path) with EDM's optional dataset.json labels."""
-    is_zip = zipfile.is_zipfile(path) if os.path.isfile(path) else False
-    if is_zip:
-        with zipfile.ZipFile(path) as z:
-            names = sorted(z.namelist())
-    else:
-        names = sorted(
-            os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/")
-            for d, _, fs in os.walk(path)
-            for f in fs
-        )
-    files = [f for f in names if f.lower().endswith((".png", ".jpg", ".jpeg"))]
-    if not files:
-        fail(f"no .png/.jpg images found in {path}")
-    zf = zipfile.ZipFile(path) if is_zip else None
-
-    def raw(name):
-        if zf is not None:
-            return zf.read(name)
-        with open(os.path.join(path, name), "rb") as f:
-            return f.read()
-
-    labels = None
-    if "dataset.json" in names:
-        try:
-            table = dict(json.loads(raw("dataset.json")).get("labels") or [])
-        except (ValueError, TypeError, AttributeError) as e:
-            fail(f"{path}/dataset.json is not EDM's {{'labels': [[file, label], ...]}} format: {e}")
-        missing = [f for f in files if f not in table]
-        if missing:
-            fail(f"{path}/dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}")
-        labels = np.asarray([table[f] for f in files], dtype=np.int64)
-    hwc = _decode(raw(files[0]), files[0]).shape
-    return len(files), hwc, lambda i: _decode(raw(files[i]), files[i]), labels
-
-
-def load_images(spec, data_dir="datasets"):
-    """--data -> (uint8 [N, C, H, W] images, a tensor or LazyImages read per batch; int64 labels or None)."""
-    labels, lazy = None, None
-    if spec == "cifar10":
-        import torchvision
-
-        try:
-            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
-        except Exception as e:
-            fail(
-                f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
-                f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/ or pass --data FILE.npz"
-            )
-        images, labels = ds.data, np.asarray(ds.targets, dtype=np.int64)
-    elif spec == "shapes":
-        images, labels = make_shapes()
-    elif spec.endswith((".npz", ".npy")):
-        if not os.path.isfile(spec):
-            fail(f"data file not found: {spec} (expected uint8 'images' [N, H, W, C] in an .npz, or an .npy)")
-        if spec.endswith(".npy"):
-            lazy = _array_reader(spec)
-        else:
-            with np.load(spec) as f:
-                if "images" not in f:
-                    fail(f"{spec} has no 'images' array (found {sorted(f.keys())}); expected uint8 NHWC")
-                labels = f["labels"].astype(np.int64) if "labels" in f else None
-                stored = f.zip.getinfo("images.npy").compress_type == zipfile.ZIP_STORED
-                images = None if stored else f["images"]  # a compressed array is read whole
-            if stored:
-                lazy = _array_reader(spec, "images.npy")
-    elif os.path.isdir(spec) or spec.endswith(".zip"):
-        if not os.path.exists(spec):
-            fail(f"data file not found: {spec} (expected a zip of png/jpg images, EDM's dataset format)")
-        *lazy, labels = _folder_reader(spec)
-    else:
-        fail(f"--data {spec!r} is neither cifar10, shapes, an .npz/.npy file, a .zip nor a folder of images")
-    shape = lazy[1] if lazy else images.shape[1:]
-    n = lazy[0] if lazy else len(images)
-    if (lazy is None and images.dtype != np.uint8) or len(shape) != 3 or shape[-1] not in (1, 3):
-        fail(f"images in {spec} must be uint8 [N, H, W, C] with C in (1, 3); got shape {(n, *shape)}")
-    if shape[0] != shape[1]:
-        fail(f"images in {spec} must be square; got {shape[0]}x{shape[1]}")
-    if n == 0:
-        fail(f"{spec} holds no images")
-    if labels is not None and labels.shape != (n,):
-        fail(f"labels in {spec} must have shape [{n}]; got {labels.shape}")
-    if labels is not None and labels.min() < 0:
-        fail(f"labels in {spec} must be class indices 0, 1, ...; found {labels.min()}")
-    if lazy:
-        images = LazyImages(spec, lazy[0], lazy[1], lazy[2])
-    else:
-        images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    return images, None if labels is None else torch.from_numpy(labels)
-
-
-def get_batch(images, labels, idx, device):
-    """Data index i >= len(images) is the mirror image of i - len(images) (--xflip). -> floats in [-1, 1]."""
-    n, idx = len(images), idx.to(images.device)
-    y = images[idx % n].to(device).float() / 127.5 - 1
-    flip = (idx >= n).to(device)
-    y = torch.where(flip[:, None, None, None], y.flip(3), y)
-    return y, None if labels is None else labels[idx % n].to(device)
-
-
-# --- end shared: data ---
 
 
 if __name__ == "__main__":

@@ -1,63 +1,40 @@
 """CFM couplings: conditional flow matching with independent, minibatch-OT, Sinkhorn and reflow couplings.
 
-Flow matching (Lipman et al. 2023; Tong et al. 2024, "Improving and generalizing flow-based generative models
-with minibatch optimal transport") learns a velocity field v_theta(x, t) whose ODE carries noise x0 to data
-x1. Each training pair (x0, x1) defines a straight path x_t = t x1 + (1 - t) x0 (+ sigma_min eps) with the
-constant velocity x1 - x0, and v_theta regresses it. *Which* x0 goes with which x1 is the coupling, and it is
-the only thing this file varies:
-  - independent: I-CFM, x0 and x1 drawn independently (the baseline of every coupling paper).
-  - ot: BatchOT / OT-CFM with the exact minibatch plan, returned as a permutation of the noise (scipy's
-    Hungarian solver): every noise and every image used exactly once. --ot-replace draws the step's pairs
-    i.i.d. from that plan instead, with replacement, as torchcfm does. --ot-batch M solves over M samples and
-    consumes them over M / batch steps.
-  - sinkhorn: the entropic plan (log-domain Sinkhorn, regularisation relative to the mean cost); pairs are
-    sampled from it, by default without replacement. A plan that fails to converge raises SinkhornError;
-    training then saves a checkpoint and stops with one line. Never a silent fallback to independent pairs.
-  - pairs: fixed (noise, image) pairs from gen_pairs.py: reflow (Rectified Flow; 2-Rect-Flow when the pairs
-    come from a 1-RF model; --preset loom-reflow for LOOM-CFM's reflow) or LMM's "globally straight lines"
-    baseline when they come from the EDM teacher.
-Unconditional by default, as the papers' CIFAR-10 tables; --cond trains on the labels and solves the coupling
-within each class (AOT Alg. 2): labels move with their images.
+Flow matching (Lipman et al. 2023; Tong et al. 2024) regresses a velocity field v_theta(x, t) on the constant
+velocity x1 - x0 of the straight path x_t = t x1 + (1 - t) x0 from a noise x0 to an image x1 (LOOM Eq. 3).
+Which x0 goes with which x1 is the coupling, the one thing this file varies (--coupling):
+  independent  I-CFM: x0 and x1 drawn independently.
+  ot           OT-CFM / BatchOT: the exact minibatch plan, a permutation of the noise (scipy's Hungarian);
+               --ot-replace draws the pairs i.i.d. from it as torchcfm does; --ot-batch M solves on M.
+  sinkhorn     the entropic plan (log-domain Sinkhorn), pairs drawn from it; a failed solve saves and stops.
+  pairs        the fixed (noise, image) pairs of gen_pairs.py: reflow (Rectified Flow; LOOM's + reflow).
+--cond gives the labels to the net and couples within each class (AOT Alg. 2). Block b of the sample stream
+(data order, flips, noise) depends only on (seed, b); rank 0 solves its coupling and broadcasts it.
 
-Convention (Lipman/Tong): t = 0 is the noise x0 ~ N(0, I), t = 1 the data x1 in [-1, 1]; the network sees
-(x_t, time_scale * t) through the shared UNet, time_scale = 1 as torchcfm and the LOOM code. Samplers
-integrate t from 0 to 1: euler (1 NFE per step), midpoint (2 NFE per step) and dopri5 (torchdiffeq, atol =
-rtol = 1e-5; its function evaluations are the NFE, its attempted steps are reported beside them).
+Convention: x_t = t x1 + (1 - t) x0, t = 0 the noise x0 ~ N(0, I), t = 1 the data in [-1, 1]; the net sees
+(x_t, --time-scale x t). Samplers from t = 0 to 1: euler, midpoint, dopri5 (torchdiffeq, atol = rtol = 1e-5).
 
-Distributed policy: every global block of --ot-batch samples (data indices, flips and noise) is a function of
-(seed, block) only, so rank 0 solves the coupling of the whole global block once and broadcasts it; each
-rank trains on its slice. Pairs and costs are therefore identical for any number of processes.
-
-Commands
-  CPU smoke run on a synthetic dataset (tiny net, exact OT):
+Commands: a CPU smoke run; LOOM Table 1's I-CFM, OT-CFM and LOOM-CFM + reflow rows on torchcfm's 35.7M UNet
+(--arch adm-cfm, the cifar10 default; docs/cfm_couplings.md has the paper's figures); 50,000 samples:
     python cfm_couplings.py --data shapes --coupling ot --tiny --batch 64 --duration 0.02 --outdir runs/ot
-  torchcfm's CIFAR-10 recipe (Adam 2e-4, 5k warm-up, clip 1, EMA 0.9999, batch 128, 400k steps, random
-  x-flips), I-CFM and OT-CFM as torchcfm draws it (pairs from the plan with replacement):
-    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --data cifar10 --xflip --coupling independent \
-        --outdir runs/icfm
-    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --data cifar10 --xflip --coupling ot \
-        --ot-replace --outdir runs/otcfm
-  Reflow (2-Rect-Flow) from a 1-RF model's pairs, starting from its weights:
-    python gen_pairs.py --teacher runs/icfm --num-pairs 1000000 --sampler-kw solver=dopri5 --out pairs_1rf.npz
-    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --coupling pairs --pairs pairs_1rf.npz \
-        --init runs/icfm --outdir runs/2rf
-  LOOM-CFM + reflow (the official reflow config: lr 2e-5, batch 1024, sigma 1e-7, 200 epochs of 1M pairs):
-    python gen_pairs.py --teacher runs/loom-cifar10 --num-pairs 1000000 --sampler-kw solver=dopri5 \
-        --out pairs_loom.npz
-    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --preset loom-reflow --pairs pairs_loom.npz \
-        --init runs/loom-cifar10 --outdir runs/loom-reflow
-  Generate 50,000 images (image i from seed i, any number of GPUs):
-    python cfm_couplings.py --generate 50000 --ckpt runs/otcfm --solver dopri5 --out ot-dopri5.npz
+    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --data cifar10 --coupling independent \
+        --xflip random --outdir runs/icfm
+    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --data cifar10 --coupling ot --ot-replace \
+        --xflip random --outdir runs/otcfm
+    python gen_pairs.py --ckpt runs/loom --num-pairs 1000000 --sampler-kw solver=dopri5 --out pairs.npz
+    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --preset loom-reflow --pairs pairs.npz \
+        --init runs/loom --outdir runs/loom-reflow
+    python cfm_couplings.py --generate 50000 --ckpt runs/otcfm --solver dopri5 --out samples.npz
 """
 
 import argparse
 import contextlib
 import copy
-import inspect
+import fcntl
 import json
 import math
 import os
-import shutil
+import re
 import signal
 import struct
 import time
@@ -66,48 +43,135 @@ import zipfile
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-# --- method: conditional flow matching and its couplings ---
-# The CFM loss (LOOM Eq. 3) and the ODE samplers are the flow matching block, first in the shared appendix
-# at the end of this file (identical in loom_cfm); the couplings are below.
-METHOD = "cfm_couplings"
+METHOD = "cfm_couplings"  # equals the file name
 VERSION = 1
 COUPLINGS = ("independent", "ot", "sinkhorn", "pairs")
+SINKHORN_REG = 1e-3  # eps / mean cost: ~0.7 of the plan's mass on the optimal permutation at CIFAR-10 scale
 
 
-# --- couplings beyond exact OT ---
+# --- CFM: the path, the loss, the ODE samplers ---
+
+
+def cfm_loss(net, x0, x1, t, labels=None, sigma_min=0.0, eps=None):
+    """LOOM Eq. 3 per sample [N]: v_theta at x_t = t x1 + (1 - t) x0 + sigma_min eps regresses x1 - x0."""
+    tb = t.reshape(-1, *[1] * (x1.ndim - 1))  # any data shape (images, toy vectors)
+    xt = tb * x1 + (1 - tb) * x0
+    if sigma_min:
+        xt = xt + sigma_min * eps
+    return (net(xt, t, labels) - (x1 - x0)).square().flatten(1).mean(1)
+
+
+class VelocityNet(nn.Module):
+    """v_theta(x, t, class_labels=None): the UNet of `arch` on (x, time_scale * t); int64/one-hot labels."""
+
+    def __init__(self, img_resolution, img_channels, label_dim=0, time_scale=1000.0, arch="ddpmpp", **unet):
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.time_scale = time_scale
+        self.model = make_unet(arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet)
+
+    def forward(self, x, t, class_labels=None):
+        x, dim, y = x.float(), self.label_dim, class_labels
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        if dim and y is None:
+            raise ValueError("this network is class-conditional: pass class labels (int64 [N] or one-hot)")
+        if dim:  # one-hot, as the UNet takes class labels
+            y = (y if y.is_floating_point() else F.one_hot(y.long(), dim)).float().reshape(-1, dim)
+        return self.model(x, self.time_scale * t, y if dim else None).float()
+
+
+@torch.no_grad()
+def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, stats=None):
+    """LOOM Eq. 1-2: integrate dx/dt = v(x, t) from t = 0 (noise [N, C, H, W]) to 1 -> (images, NFE used).
+    euler: nfe steps x <- x + h v(x, t); midpoint: nfe / 2 steps x <- x + h v(x + h/2 v(x, t), t + h/2);
+    dopri5: torchdiffeq's odeint as torchcfm's compute_fid.py and the LOOM code call it, nfe ignored: its
+    function evaluations are returned (the batch is one ODE, so the batch size changes them) and `stats` gets
+    the attempted steps (6 evaluations each, FSAL; the LOOM code logs them as num_steps)."""
+    if solver == "dopri5":
+        from torchdiffeq import odeint
+
+        if not (atol > 0 and rtol > 0):  # zero tolerances never accept a step
+            raise ValueError(f"dopri5 needs atol > 0 and rtol > 0, got atol={atol}, rtol={rtol}")
+        n = dict(nfe_torchdiffeq=0, solver_steps=0, accepted_steps=0)
+
+        class F_:  # f(t, x), counted, with torchdiffeq's per-step callbacks
+            def __call__(self, t, x):
+                n["nfe_torchdiffeq"] += 1
+                return net(x, t, labels).to(x.dtype)
+
+            def callback_step(self, t0, y0, dt):
+                n["solver_steps"] += 1
+
+            def callback_accept_step(self, t0, y0, dt):
+                n["accepted_steps"] += 1
+
+        x = noise if noise.dtype == torch.float64 else noise.float()
+        x = odeint(F_(), x, torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device), method="dopri5",
+                   atol=atol, rtol=rtol)[-1]  # fmt: skip
+        stats.update(n, rejected_steps=n["solver_steps"] - n["accepted_steps"]) if stats is not None else None
+        return x, n["nfe_torchdiffeq"]
+    if solver not in ("euler", "midpoint"):
+        raise ValueError(f"unknown solver {solver!r}; expected euler, midpoint or dopri5")
+    if nfe < 1 or (solver == "midpoint" and nfe % 2):
+        raise ValueError(
+            f"{solver} needs {'an even NFE >= 2' if solver == 'midpoint' else 'NFE >= 1'}, got {nfe}"
+        )
+    steps, x = nfe if solver == "euler" else nfe // 2, noise
+    stats.update(solver_steps=steps) if stats is not None else None
+    for i in range(steps):
+        h, t = 1.0 / steps, i * (1.0 / steps)
+        x_mid = x if solver == "euler" else x + 0.5 * h * net(x, t, labels)
+        x = x + h * net(x_mid, t if solver == "euler" else t + 0.5 * h, labels)
+    return x, nfe
+
+
+# --- the couplings of one block of noises x0 and images x1 ---
+
+
+def pair_cost(x0, x1, cost="sqeuclidean", dtype=torch.float64):
+    """LOOM Eq. 7's c(x, z): C[j, i] = ||x1_j - x0_i||^2 (sqeuclidean, the command line's default) or
+    ||x1_j - x0_i|| (l2), [n1, n0]: rows images, columns noises."""
+    c = torch.cdist(x1.flatten(1).to(dtype), x0.flatten(1).to(dtype))
+    return c if cost == "l2" else c.square()
+
+
+def ot_permutation(x0, x1, cost="sqeuclidean"):
+    """Exact minibatch OT (BatchOT; LOOM Eq. 7 on one minibatch) -> perm, x0[perm[j]] the noise of x1[j]: the
+    images keep their place and labels, every noise is used once (uniform marginals: the plan is a
+    permutation). A float32 cost as torchcfm's: float64 made the solve 2-3x slower than torchcfm's."""
+    _, cols = linear_sum_assignment(pair_cost(x0, x1, cost, torch.float32).cpu().numpy())
+    return torch.as_tensor(cols, dtype=torch.long, device=x0.device)
+
+
+def path_cost(x0, x1, cost="sqeuclidean"):
+    """c(x1_j, x0_j) per pair [N] (the diagonal of pair_cost), float64."""
+    d = (x1.double() - x0.double()).flatten(1).square().sum(1)
+    return d.sqrt() if cost == "l2" else d
 
 
 class SinkhornError(RuntimeError):
     """The entropic plan degenerated or did not converge (raised; never replaced by independent pairs)."""
 
 
-# Measured at CIFAR-10 scale (docs/cfm_couplings.md): ~0.7 of the plan's mass on the optimal permutation.
-SINKHORN_REG = 1e-3
-
-
 def sinkhorn_log_plan(c, reg=SINKHORN_REG, max_iter=2000, tol=1e-4):
-    """log P of the entropic OT plan between uniform marginals (OT-CFM's plan; Cuturi 2013): P minimises
-    <P, C> - eps H(P) with eps = reg * mean(C). Log-domain Sinkhorn on potentials f (rows), g (columns), so
-    log P = (f_j + g_i - C_ji) / eps never underflows; eps is annealed down from the mean cost (eps-scaling)
-    so that a small reg converges in few iterations. A relative eps gives the same sharpness at any image
-    size: an absolute 0.05 on CIFAR-10's costs of ~3.7e3 underflows exp(-C / eps) in the plain domain."""
-    n, m = c.shape
-    eps = reg * c.mean().item()
+    """log P of the entropic plan (Cuturi 2013) between uniform marginals: P minimises <P, C> - eps H(P),
+    eps = reg * mean(C) (one sharpness at any image size). Log-domain potentials f (rows), g (columns), eps
+    annealed from the mean cost (eps-scaling), so that a sharp plan converges in a few hundred iterations
+    where POT's ot.sinkhorn(method="sinkhorn_log"), without the annealing, needs thousands."""
+    (n, m), scale = c.shape, c.mean().item()
+    eps, f, g, err = reg * scale, c.new_zeros(n), c.new_zeros(m), math.nan
     if not (eps > 0 and math.isfinite(eps)):
-        raise SinkhornError(
-            f"Sinkhorn eps = reg {reg:g} x mean cost {c.mean().item():.4g} = {eps:g}: use reg > 0"
-        )
+        raise SinkhornError(f"Sinkhorn eps = reg {reg:g} x mean cost {scale:.4g} = {eps:g}: use reg > 0")
     if not torch.isfinite(c / eps).all():
         raise SinkhornError(f"C / eps overflows at eps = {eps:g} (underflow of eps): use a larger reg")
-    log_a, log_b = -math.log(n), -math.log(m)
-    f, g = torch.zeros(n, dtype=c.dtype, device=c.device), torch.zeros(m, dtype=c.dtype, device=c.device)
-    err, scale = float("nan"), c.mean().item()
     for it in range(max_iter):
-        e = max(eps, scale * 0.5 ** (it // 10))  # eps-scaling: anneal from eps = mean cost, warm-started
-        f = e * (log_a - torch.logsumexp((g[None, :] - c) / e, dim=1))
-        g = e * (log_b - torch.logsumexp((f[:, None] - c) / e, dim=0))  # columns now sum to 1/m exactly
+        e = max(eps, scale * 0.5 ** (it // 10))  # halve eps every 10 iterations, warm-started
+        f = e * (-math.log(n) - torch.logsumexp((g[None, :] - c) / e, dim=1))
+        g = e * (-math.log(m) - torch.logsumexp((f[:, None] - c) / e, dim=0))  # columns sum to 1/m exactly
         if e == eps and (it % 10 == 9 or it == max_iter - 1):
             log_p = (f[:, None] + g[None, :] - c) / eps
             err = (torch.logsumexp(log_p, dim=1).exp() - 1 / n).abs().sum().item()  # row-marginal L1 error
@@ -115,18 +179,14 @@ def sinkhorn_log_plan(c, reg=SINKHORN_REG, max_iter=2000, tol=1e-4):
                 raise SinkhornError(f"Sinkhorn potentials are not finite at eps = {eps:g} (underflow)")
             if err < tol:
                 return log_p
-    raise SinkhornError(
-        f"Sinkhorn did not converge: row-marginal error {err:.3g} > {tol:g} after {max_iter} iterations at "
-        f"reg {reg:g}; raise --sinkhorn-reg or --sinkhorn-iters"
-    )
+    raise SinkhornError(f"Sinkhorn did not converge: row-marginal error {err:.3g} > {tol:g} after {max_iter} "
+                        f"iterations at reg {reg:g}; raise --sinkhorn-reg or --sinkhorn-iters")  # fmt: skip
 
 
 def sinkhorn_pairs(log_p, replace=False, generator=None):
-    """Pairs drawn from a plan -> (i0 noise indices, i1 image indices), one pair per image.
-    replace=False: every image once, in random order; its noise drawn from its row of the plan among the
-    noises not yet taken (Gumbel-max), so every noise is used once too and the noise marginal stays exact.
-    replace=True: torchcfm's OT-CFM, n (image, noise) pairs i.i.d. from the plan: duplicates both sides (about
-    81 of 128 pairs unique at a sharp plan)."""
+    """Pairs drawn from a plan -> (i0 noises, i1 images). replace=False: every image once in random order, its
+    noise drawn from its row among the noises not yet taken (Gumbel-max): both marginals exact, but not the
+    plan's law (TV 0.123 from it at CIFAR-10 scale). replace=True: torchcfm's n i.i.d. draws (TV 0.016)."""
     log_p = log_p.cpu()
     n, m = log_p.shape
     if replace:
@@ -141,872 +201,553 @@ def sinkhorn_pairs(log_p, replace=False, generator=None):
     return i0, torch.arange(n)
 
 
-def ot_pairs_with_replacement(perm, generator=None):
-    """torchcfm's OT-CFM draw (--ot-replace): n (image, noise) pairs i.i.d. from the exact plan P = perm / n,
-    i.e. n of the n optimal pairs drawn uniformly with replacement: some images and noises repeat, others drop
-    out of the step (about 63% distinct at any n). -> (i0 noise indices, i1 image indices)."""
-    i1 = torch.randint(len(perm), (len(perm),), generator=generator)
-    return perm.cpu()[i1], i1
-
-
 def couple(x0, x1, labels, coupling, cost="sqeuclidean", reg=SINKHORN_REG, replace=False, iters=2000,
            generator=None):  # fmt: skip
-    """The coupling of one block of noises x0 and images x1 -> (i0, i1): train on (x0[i0], x1[i1], y[i1]).
-    independent / pairs: the identity. replace: pairs drawn i.i.d. from the plan (torchcfm), else every sample
-    once. With labels the problem is solved within each class (AOT Alg. 2): noise moves only between images of
-    one class, and a class's noise set is unchanged (labels stay independent of the noise marginal)."""
-    n = len(x1)
-    i0, i1 = torch.arange(n), torch.arange(n)
+    """The coupling of one block -> (i0, i1): train on (x0[i0], x1[i1], labels[i1]). With labels it is solved
+    within each class (AOT Alg. 2): each class keeps its own noises. independent / pairs: the identity.
+    ot with replace: torchcfm's draw, n of the optimal pairs uniformly with replacement (~63% distinct)."""
+    i0, i1 = torch.arange(len(x1)), torch.arange(len(x1))
     if coupling in ("independent", "pairs"):
         return i0, i1
-    labels = None if labels is None else labels.cpu()
-    groups = (
-        [torch.arange(n)]
-        if labels is None
-        else [torch.nonzero(labels == k).flatten() for k in labels.unique()]
-    )
-    for g in groups:
+    y = None if labels is None else labels.cpu()
+    for g in [torch.arange(len(x1))] if y is None else [torch.nonzero(y == k).flatten() for k in y.unique()]:
         gd = g.to(x0.device)
         if coupling == "ot":
-            perm = ot_permutation(x0[gd], x1[gd], cost).cpu()
-            if replace:
-                a, b = ot_pairs_with_replacement(perm, generator)
-                i0[g], i1[g] = g[a], g[b]
-            else:
-                i0[g] = g[perm]
+            perm, n = ot_permutation(x0[gd], x1[gd], cost).cpu(), len(g)
+            b = torch.randint(n, (n,), generator=generator) if replace else torch.arange(n)
+            a = perm[b]
         elif coupling == "sinkhorn":
-            log_p = sinkhorn_log_plan(pair_cost(x0[gd], x1[gd], cost), reg, iters)
-            a, b = sinkhorn_pairs(log_p, replace, generator)
-            i0[g], i1[g] = g[a], g[b]
+            a, b = sinkhorn_pairs(sinkhorn_log_plan(pair_cost(x0[gd], x1[gd], cost), reg, iters), replace,
+                                  generator)  # fmt: skip
         else:
             raise ValueError(f"unknown coupling {coupling!r}; expected one of {COUPLINGS}")
+        i0[g], i1[g] = g[a], g[b]
     return i0, i1
 
 
-def check_pairs(pairs, path, cond):
-    """Validate a pairs file at start-up; -> (shape [C, H, W], label_dim or 0)."""
-    missing = [k for k in ("noise", "data") if k not in pairs]
-    if missing:
-        fail(f"{path} has no {missing} array(s) (found {sorted(pairs)}); make pairs with gen_pairs.py")
-    x0, x1 = pairs["noise"], pairs["data"]
-    if x0.ndim != 4 or x0.shape != x1.shape or x0.shape[1] not in (1, 3) or x0.shape[2] != x0.shape[3]:
-        fail(
-            f"{path}: 'noise' and 'data' must both be [N, C, H, W] with C in (1, 3) and H = W; got "
-            f"{tuple(x0.shape)} and {tuple(x1.shape)}"
+# --- the interface of every method file ---
+
+
+def build_net(net_kwargs):
+    """The trained network: a velocity field net(x, t, class_labels=None), t = 0 noise, t = 1 data."""
+    return VelocityNet(**net_kwargs)
+
+
+def ode_start(net, noise):  # x at t = 0 of the common clock: the noise itself
+    return noise
+
+
+def ode_velocity(net, x, t, labels=None):  # dx/dt on the common clock: this file's own, v_theta
+    return net(x, t, labels)
+
+
+def predict_x1(x, t, v):  # the image the velocity points at: x + (1 - t) v, the end of the straight path
+    return x + (1 - torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))) * v
+
+
+def noise_for_seeds(seeds, shape, label_dim=0):
+    """Image i's noise, then its label, from a generator seeded with seeds[i] (as every method file)."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]) if gens else torch.empty(0, *shape)
+    labels = torch.tensor([torch.randint(label_dim, [], generator=g) for g in gens]) if label_dim else None
+    return noise, labels
+
+
+# --- data, pairs and checkpoints ---
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
+
+
+def load_data(spec, data_dir="datasets"):
+    """--data cifar10 | shapes | FILE.npy (tools/prepare_data.py's array, memory-mapped so RSS is O(batch);
+    labels in FILE.labels.npy) | FILE.npz ('images', 'labels') -> uint8 [N, H, W, C], int64 labels or None."""
+    labels = None
+    if spec == "shapes":  # the smoke-test set: a disc (label 0) or a square (1) of random colour, size, place
+        n, res, rng = 4096, 16, np.random.default_rng(0)
+        yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+        cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
+        r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
+        labels, fg, bg = rng.integers(0, 2, n), *rng.integers(0, 256, (2, n, 1, 1, 3))
+        disc, square = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2, np.maximum(abs(yy - cy), abs(xx - cx)) <= r
+        images = np.where(np.where(labels[:, None, None] == 0, disc, square)[..., None], fg, bg).astype(
+            np.uint8
         )
-    problem = scan_pairs(pairs, path)
-    if problem:
-        fail(problem)
-    has_label = "label" in pairs
-    if has_label and pairs["label"].shape != (len(x0),):
-        fail(f"{path}: 'label' must have shape [{len(x0)}], got {tuple(pairs['label'].shape)}")
-    if cond and not has_label:
+    try:
+        if spec == "cifar10":
+            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+            images, labels = ds.data, np.asarray(ds.targets)
+        elif spec.endswith(".npy"):
+            images, lab = np.load(spec, mmap_mode="r"), spec[:-4] + ".labels.npy"
+            labels = np.load(lab) if os.path.isfile(lab) else None
+        elif spec != "shapes":
+            with np.load(spec) as f:
+                images, labels = f["images"], f.get("labels")
+    except Exception as e:
+        fail(f"--data {spec}: {type(e).__name__} {e}; use cifar10 (cifar-10-python.tar.gz in {data_dir}/), "
+             "shapes, an .npy of tools/prepare_data.py or an .npz of 'images' (and 'labels')")  # fmt: skip
+    n, *hwc = images.shape
+    if images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
+        fail(f"{spec}: images must be square uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
+    if labels is not None and (labels.shape != (n,) or labels.min() < 0):
+        fail(f"{spec}: labels must be class indices 0, 1, ... of shape [{n}]; got {labels.shape}")
+    return images, None if labels is None else torch.from_numpy(labels.astype(np.int64))
+
+
+def get_batch(images, labels, idx, device):
+    """Data index i >= N is the mirror image of i - N (--xflip) -> floats in [-1, 1], labels. A memory-mapped
+    array is read row by row (pread): mapped pages would stay resident, RSS would grow to the file's size."""
+    i, row = (idx % len(images)).numpy(), images[0].nbytes
+    if isinstance(images, np.memmap):
+        with open(images.filename, "rb") as f:
+            x = b"".join(os.pread(f.fileno(), row, images.offset + int(j) * row) for j in i)
+        x = np.frombuffer(x, np.uint8).reshape(len(i), *images.shape[1:])
+    else:
+        x = images[i]
+    y = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device).float() / 127.5 - 1
+    y = torch.where((idx >= len(images)).to(device)[:, None, None, None], y.flip(3), y)
+    return y, None if labels is None else labels[i].to(device)
+
+
+def load_pairs(path):
+    """gen_pairs.py's uncompressed .npz -> its arrays memory-mapped (RAM O(batch)), 'meta' decoded (JSON)."""
+    out = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for info in (i for i in z.infolist() if i.filename.endswith(".npy")):
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{info.filename} is compressed; pairs files must be uncompressed")
+            f.seek(info.header_offset + 26)  # past the zip local header: its name and extra field lengths
+            f.seek(info.header_offset + 30 + sum(struct.unpack("<HH", f.read(4))))
+            read = [0, np.lib.format.read_array_header_1_0, np.lib.format.read_array_header_2_0]
+            shape, fortran, dtype = read[np.lib.format.read_magic(f)[0]](f)
+            if dtype.hasobject:
+                raise ValueError(f"{info.filename} holds Python objects")
+            key, order = info.filename[:-4], "F" if fortran else "C"
+            if shape == ():  # 'meta': JSON text
+                out[key] = np.frombuffer(f.read(dtype.itemsize), dtype)[0]
+            else:
+                out[key] = np.memmap(path, dtype, "r", f.tell(), shape, order)
+    return dict(out, meta=json.loads(str(out["meta"]))) if "meta" in out else out
+
+
+def check_pairs(pairs, path, cond):
+    """A pairs file's problem as one line before training (non-finite values stop it at the first step)
+    -> (shape [C, H, W], label_dim)."""
+    if [k for k in ("noise", "data") if k not in pairs]:
+        fail(f"{path} has no 'noise' and 'data' arrays (found {sorted(pairs)}); make pairs with gen_pairs.py")
+    x0, x1, lab = pairs["noise"], pairs["data"], pairs.get("label")
+    if x0.ndim != 4 or x0.shape != x1.shape or x0.shape[1] not in (1, 3) or x0.shape[2] != x0.shape[3]:
+        fail(f"{path}: 'noise' and 'data' must both be [N, C, H, W] with C in (1, 3) and H = W; got "
+             f"{tuple(x0.shape)} and {tuple(x1.shape)}")  # fmt: skip
+    if not len(x0) or x0.dtype.kind != "f" or x1.dtype.kind != "f":
+        fail(f"{path}: 'noise' and 'data' must be float16/32/64 with at least one pair")
+    if lab is not None and (lab.shape != (len(x0),) or lab.dtype.kind not in "iu" or lab.min() < 0):
+        fail(f"{path}: 'label' must be class indices >= 0 of shape [{len(x0)}], got {lab.dtype} {lab.shape}")
+    if cond and lab is None:
         fail(f"--cond, but {path} has no 'label' array (its generator was unconditional)")
-    label_dim = 0
-    if has_label and cond:
-        label_dim = int(pairs.get("meta", {}).get("label_dim") or int(np.max(pairs["label"])) + 1)
-        if int(np.max(pairs["label"])) >= label_dim:
-            fail(f"{path}: labels reach {int(np.max(pairs['label']))}, beyond its {label_dim} classes")
+    label_dim = int(pairs.get("meta", {}).get("label_dim") or int(np.max(lab)) + 1) if cond else 0
+    if cond and int(np.max(lab)) >= label_dim:
+        fail(f"{path}: labels reach {int(np.max(lab))}, beyond its {label_dim} classes")
     return tuple(x0.shape[1:]), label_dim
 
 
-def get_pairs(pairs, idx, device, cond):
-    """Rows idx of the memory-mapped pairs -> float32 (x0, x1) and labels (or None) on the device."""
-    i = idx.numpy()
-    x0 = torch.from_numpy(np.asarray(pairs["noise"][i], dtype=np.float32)).to(device)
-    x1 = torch.from_numpy(np.asarray(pairs["data"][i], dtype=np.float32)).to(device)
-    y = torch.from_numpy(np.asarray(pairs["label"][i], dtype=np.int64)).to(device) if cond else None
-    return x0, x1, y
+def load_checkpoint(path):
+    """One of our checkpoints (a run folder: its latest.pt), CRC-checked, loaded without executing code."""
+    path = os.path.join(path, "latest.pt") if os.path.isdir(path) else path
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # torch.load checks no CRC: flipped bytes would load as changed weights
+        if bad:
+            raise ValueError(f"its member {bad} fails its CRC check")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, cut off, corrupt or foreign (never unpickled unsafely): one line
+        fail(f"cannot load {path}: {e!r:.300}; use an intact ckpt-*.pt beside it")
 
 
-def generator_for(seed, *keys):
-    """A CPU generator that depends only on (seed, keys): the same stream on every rank and device."""
-    state = np.random.SeedSequence([seed, *keys]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held for the process's life)
+    """Rank 0: lock --outdir; write over a run only if resumed or --overwrite; clean up after a kill."""
+    os.makedirs(outdir, exist_ok=True)
+    if (lock := os.path.abspath(os.path.join(outdir, ".lock"))) not in _held:
+        try:
+            fcntl.flock(_held.setdefault(lock, open(lock, "a")), fcntl.LOCK_EX | fcntl.LOCK_NB)  # noqa: SIM115
+        except OSError:
+            _held.pop(lock)
+            fail(f"{outdir} is locked by a running job; wait for it or use another --outdir")
+    runs = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
+    if runs and ckpt is None and not overwrite:
+        fail(f"{outdir} holds a run at step {int(runs[-1][5:-3])}: pass --resume {outdir} to continue it, "
+             "--overwrite to replace it, or choose another --outdir")  # fmt: skip
+    for name in os.listdir(outdir):
+        if ".tmp" in name or (ckpt is None and (name in runs or name in ("latest.pt", "log.jsonl"))):
+            os.remove(os.path.join(outdir, name))
+    if ckpt is not None and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):  # cut back to the ckpt
+        with open(log) as f:  # lines cut off by a kill are dropped
+            keep = [s for s in f if (m := re.match(r'{"step": (\d+),.*}\n', s)) and int(m[1]) <= ckpt["step"]]
+        with open(log + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log + ".tmp", log)
 
 
-# --- training ---
+def setup():
+    """(ddp, rank, world size, device): under torchrun one process per GPU (NCCL) or CPU process (gloo)."""
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if ddp:
+        torch.cuda.set_device(device) if cuda else None
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
+    return ddp, rank, world, device
 
 
-class Source:
-    """The training stream in global blocks of `block` samples: block b holds images from the epoch stream
-    (batch_indices with batch = block) and fresh noise, both functions of (seed, b) only, coupled once; step s
-    trains on rows [(s mod steps_per_block) * batch, + batch) of block s // steps_per_block.
-    --xflip random mirrors each visited image with probability 1/2 (torchcfm's RandomHorizontalFlip), the coin
-    also a function of (seed, b); --xflip copies adds the mirrored images as extra data indices instead."""
-
-    def __init__(self, args, images, labels, pairs, shape, label_dim, device, rank, world):
-        self.args, self.images, self.labels, self.pairs = args, images, labels, pairs
-        self.shape, self.cond, self.device, self.rank, self.world = shape, label_dim > 0, device, rank, world
-        self.block = args.ot_batch or args.batch
-        copies = args.xflip == "copies"
-        self.n = len(pairs["noise"]) if pairs is not None else len(images) * (2 if copies else 1)
-        self.cached = None
-
-    def solve(self, b):
-        a = self.args
-        idx = batch_indices(self.n, self.block, b, a.seed)
-        if a.xflip == "random" and self.pairs is None:  # index i + n is the mirror of image i (get_batch)
-            idx = idx + self.n * (torch.rand(self.block, generator=generator_for(a.seed, b, 5)) < 0.5)
-        if self.pairs is not None:  # reflow: the generator's own pairs, never re-coupled
-            x0, x1, y = get_pairs(self.pairs, idx, self.device, self.cond)
-        else:
-            x1, y = get_batch(self.images, self.labels, idx, self.device)
-            y = y if self.cond else None
-            x0 = torch.randn([self.block, *self.shape], generator=generator_for(a.seed, b, 1)).to(self.device)
-        t0 = time.time()
-        i0 = i1 = torch.full((self.block,), -1, dtype=torch.long)  # -1: rank 0's solve raised
-        error = None
-        if self.rank == 0:
-            try:
-                i0, i1 = couple(
-                    x0, x1, y, a.coupling, a.cost, a.sinkhorn_reg, a.ot_replace, a.sinkhorn_iters,
-                    generator_for(a.seed, b, 2),
-                )  # fmt: skip
-            except SinkhornError as e:
-                error = e
-        if self.world > 1:  # rank 0's solution (or its failure) for everyone: one solver's answer
-            both = torch.cat([i0, i1]).to(self.device)
-            torch.distributed.broadcast(both, 0)
-            i0, i1 = both.cpu().chunk(2)
-        if error is not None or i0[0] < 0:
-            raise error or SinkhornError(f"rank 0's Sinkhorn solve of block {b} failed")
-        solve_s = time.time() - t0
-        stats = dict(
-            cost_before=path_cost(x0, x1, a.cost).mean().item(),
-            cost_after=path_cost(x0[i0.to(x0.device)], x1[i1.to(x1.device)], a.cost).mean().item(),
-            changed=(i0 != i1).float().mean().item(),
-            solve_s=solve_s / (self.block // self.args.batch),  # per training step
-        )
-        i0, i1 = i0.to(self.device), i1.to(self.device)
-        self.cached = (b, x0[i0], x1[i1], None if y is None else y[i1], stats)
-
-    def step(self, step):
-        """This rank's (x0, x1, labels) of a training step, and the block's coupling statistics."""
-        spb = self.block // self.args.batch
-        b = step // spb
-        if self.cached is None or self.cached[0] != b:
-            self.solve(b)
-        _, x0, x1, y, stats = self.cached
-        br = self.args.batch // self.world
-        rows = slice(
-            (step % spb) * self.args.batch + self.rank * br,
-            (step % spb) * self.args.batch + (self.rank + 1) * br,
-        )
-        return x0[rows], x1[rows], None if y is None else y[rows], stats
+def generator_for(seed, *keys):  # a CPU generator from (seed, keys) alone: the same on every rank and device
+    s0, s1 = np.random.SeedSequence([seed, *keys]).generate_state(2)
+    return torch.Generator().manual_seed(int(s0) << 32 | int(s1))
 
 
-def load_training_set(args, device):
-    """The images to couple with fresh noise, or (--coupling pairs) the generator's pairs, memory-mapped
-    -> (images, labels, pairs, shape, label_dim, n_data); images and labels are on the device."""
+def batch_indices(n, batch, step, seed):
+    """Step `step`'s global data indices: consecutive slices of a stream of per-epoch permutations, each from
+    (seed, epoch) alone, so that the order does not depend on the number of processes."""
+    pos, out = step * batch + torch.arange(batch), torch.empty(batch, dtype=torch.long)
+    for e in (pos // n).unique().tolist():
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        out[pos // n == e] = order[pos[pos // n == e] % n]
+    return out
+
+
+def coupled_block(args, b, images, labels, pairs, n, shape, device, rank=0, world=1):
+    """Block b (--ot-batch or --batch samples), coupled -> (x0, x1, labels, stats). Its data indices, --xflip
+    random coins (index i + N: image i mirrored) and noise depend on (seed, b) alone; rank 0 solves the
+    coupling and broadcasts it (or its failure). Reflow pairs are used as made."""
+    block = args.ot_batch or args.batch
+    idx = batch_indices(n, block, b, args.seed)
+    if args.xflip == "random" and pairs is None:  # torchcfm's RandomHorizontalFlip on each visit
+        idx = idx + n * (torch.rand(block, generator=generator_for(args.seed, b, 5)) < 0.5)
+    if pairs is not None:
+        i = idx.numpy()
+        x0, x1 = (torch.from_numpy(np.asarray(pairs[k][i], np.float32)).to(device) for k in ("noise", "data"))
+        y = torch.from_numpy(np.asarray(pairs["label"][i], np.int64)).to(device) if args.cond else None
+    else:
+        x1, y = get_batch(images, labels, idx, device)
+        x0 = torch.randn([block, *shape], generator=generator_for(args.seed, b, 1)).to(device)
+    t0, error, i0, i1 = time.time(), None, *torch.full((2, block), -1)  # -1: rank 0's solve raised
+    if rank == 0:
+        try:
+            i0, i1 = couple(x0, x1, y, args.coupling, args.cost, args.sinkhorn_reg, args.ot_replace,
+                            args.sinkhorn_iters, generator_for(args.seed, b, 2))  # fmt: skip
+        except SinkhornError as e:
+            error = e
+    if world > 1:
+        both = torch.cat([i0, i1]).to(device)
+        torch.distributed.broadcast(both, 0)
+        i0, i1 = both.cpu().chunk(2)
+    if error is not None or i0[0] < 0:
+        raise error or SinkhornError(f"rank 0's Sinkhorn solve of block {b} failed")
+    i0, i1 = i0.to(device), i1.to(device)
+    stats = dict(cost_before=path_cost(x0, x1, args.cost).mean().item(),
+                 changed=(i0 != i1).float().mean().item(),
+                 cost_after=path_cost(x0[i0], x1[i1], args.cost).mean().item(),
+                 solve_s=(time.time() - t0) / (block // args.batch))  # per training step  # fmt: skip
+    return x0[i0], x1[i1], None if y is None else y[i1], stats
+
+
+# --- training: torchcfm's and LOOM's loop, nanoGPT-style ---
+
+
+def train(args):
+    ddp, rank, world, device = setup()
+    batch_rank = args.batch // world
+    batch_gpu = args.batch_gpu or batch_rank
+    if args.batch % world or batch_rank % batch_gpu or args.ot_batch % args.batch:
+        fail(f"--batch {args.batch} must divide among the {world} processes in chunks of --batch-gpu "
+             f"{batch_gpu}, and --ot-batch {args.ot_batch} must be a multiple of --batch")  # fmt: skip
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and ckpt.get("method") != METHOD:
+        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
     images = labels = pairs = None
-    if args.coupling == "pairs":
+    if args.coupling == "pairs":  # reflow: the generator's (noise, image, label) rows
         if not os.path.isfile(args.pairs):
             fail(f"pairs file not found: {args.pairs} (make it with gen_pairs.py)")
         try:
             pairs = load_pairs(args.pairs)
-        except Exception as e:
-            fail(
-                f"cannot read {args.pairs} as an uncompressed .npz of pairs: {str(e).strip().splitlines()[0]}"
-            )
-        shape, label_dim = check_pairs(pairs, args.pairs, args.cond)
-        return images, labels, pairs, shape, label_dim, len(pairs["noise"])
-    images, labels = load_images(args.data, args.data_dir)
-    if args.cond and labels is None:
-        fail(f"--cond, but {args.data} has no labels")
-    label_dim = int(labels.max()) + 1 if labels is not None and args.cond else 0
-    shape, n_data = tuple(images.shape[1:]), len(images) * (2 if args.xflip == "copies" else 1)
-    images = images.to(device)
-    labels = labels.to(device) if label_dim else None
-    return images, labels, pairs, shape, label_dim, n_data
-
-
-def run_net_kwargs(args, shape, label_dim, ckpt, log):
-    """The network this run trains -> (net_kwargs, the --init checkpoint or None): from the flags, from
-    --init (its architecture and time scale, e.g. 2-Rect-Flow from the 1-RF weights), or the resumed run's."""
-    res = shape[-1]
-    if res % 2 ** (len(args.channel_mult) - 1):
-        fail(f"image size {res} is not divisible by 2^{len(args.channel_mult) - 1} (--channel-mult)")
-    net_kwargs = dict(
-        img_resolution=res,
-        img_channels=shape[0],
-        label_dim=label_dim,
-        time_scale=args.time_scale,
-        arch=args.arch,
-        model_channels=args.model_channels,
-        channel_mult=list(args.channel_mult),
-        num_blocks=args.num_blocks,
-        attn_resolutions=list(args.attn_res),
-        dropout=args.dropout,
-    )
-    init = None
-    if args.init and ckpt is None:
-        init = load_checkpoint(args.init)
-        if init.get("method") not in ("cfm_couplings", "loom_cfm"):
-            fail(f"--init {args.init} is a {init.get('method')!r} checkpoint; it needs a flow checkpoint")
-        k = init["net_kwargs"]
-        if (k["img_channels"], k["img_resolution"], k["img_resolution"], k["label_dim"]) != (
-            *shape,
-            label_dim,
-        ):
-            fail(
-                f"--init {args.init} is a {k['img_channels']}x{k['img_resolution']}^2 network with "
-                f"{k['label_dim']} classes; this data is {shape} with {label_dim} (--cond)"
-            )
-        net_kwargs = dict(k, dropout=args.dropout)
-        log.print(f"--init {args.init}: its architecture and time scale {net_kwargs} replace the flags'")
-    if ckpt is not None:
-        keys = ("data", "pairs", "coupling", "batch", "ot_batch", "seed", "lr", "cost", "sinkhorn_reg")
-        keys += ("xflip", "ot_replace", "cond")
-        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args, log, keys)
-    return net_kwargs, init
-
-
-def _sync(module, sync):
-    """DDP: skip the gradient all-reduce on accumulation chunks that are not the last."""
-    return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
-
-
-def training_step(ddp, net, opt, batch, batch_gpu, args):
-    """One optimiser step on this rank's coupled (x0, x1, t, labels, eps), accumulated over --batch-gpu
-    chunks -> (its mean CFM loss of LOOM Eq. 3, the gradient norm before clipping)."""
-    x0, x1, t, y, eps = batch
-    opt.zero_grad(set_to_none=True)
-    loss_sum, chunks = 0.0, list(range(0, len(t), batch_gpu))
-    for j, lo in enumerate(chunks):
-        sl = slice(lo, lo + batch_gpu)
-        with _sync(ddp, j == len(chunks) - 1):
-            loss = cfm_loss(ddp, x0[sl], x1[sl], t[sl], None if y is None else y[sl], args.sigma_min,
-                            None if eps is None else eps[sl]).mean()  # LOOM Eq. 3  # fmt: skip
-            (loss * batch_gpu / len(t)).backward()
-        loss_sum += loss.item() * batch_gpu / len(t)
-    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf)
-    opt.step()
-    return loss_sum, grad_norm.item()
-
-
-def save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_labels, device, grids=True):
-    """Rank 0: the checkpoint (the coupling blocks are recomputed from their seeds on resume) and, with
-    `grids`, one grid of EMA samples per --grid-nfe."""
-    ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, net=net.state_dict(),
-                ema=ema.state_dict(), opt=opt.state_dict(), step=step, kimg=nimg / 1000,
-                state=dict(nimg=nimg))  # fmt: skip
-    save_checkpoint(ckpt, args.outdir, step)
-    for nfe in args.grid_nfe if args.grid and grids else ():
-        labels = None if grid_labels is None else grid_labels.to(device)
-        x, _ = sample(ema, grid_noise.to(device), nfe, labels)
-        save_image_grid(x, os.path.join(args.outdir, f"grid-euler{nfe}-{step:07d}.png"))
-
-
-def train(args):
-    rank, world, device = dist_setup()
-    log = Logger(args.outdir, rank)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    batch_rank, batch_gpu = split_batch(args, world)
-    if args.ot_batch and (args.ot_batch % args.batch or args.coupling == "pairs"):
-        fail(
-            f"--ot-batch {args.ot_batch} must be a multiple of --batch {args.batch}"
-            if args.coupling != "pairs"
-            else "--ot-batch has no meaning with --coupling pairs (the pairs are fixed)"
-        )
-    ckpt = resume_checkpoint(args, METHOD)
-    images, labels, pairs, shape, label_dim, n_data = load_training_set(args, device)
-    block = args.ot_batch or args.batch
-    if block > n_data:
+        except (ValueError, OSError, zipfile.BadZipFile) as e:
+            fail(f"cannot read {args.pairs} as an uncompressed .npz of pairs: {e}")
+        (C, res, _), label_dim = check_pairs(pairs, args.pairs, args.cond)
+        n_data = len(pairs["noise"])
+    else:
+        images, labels = load_data(args.data, args.data_dir)
+        if args.cond and labels is None:
+            fail(f"--cond needs class labels, but {args.data} has none")
+        res, C, label_dim = images.shape[1], images.shape[3], int(labels.max()) + 1 if args.cond else 0
+        labels, n_data = labels if args.cond else None, len(images) * (2 if args.xflip == "copies" else 1)
+    if (block := args.ot_batch or args.batch) > n_data:
         fail(f"the coupling block ({block} = --ot-batch or --batch) exceeds the {n_data} training samples")
-    net_kwargs, init = run_net_kwargs(args, shape, label_dim, ckpt, log)
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    if res % 2 ** (len(args.channel_mult) - 1):
+        fail(f"image size {res} is not divisible by 2^(levels - 1) of --channel-mult {args.channel_mult}")
+    net_kwargs = dict(img_resolution=res, img_channels=C, label_dim=label_dim, time_scale=args.time_scale,
+                      arch=args.arch, model_channels=args.model_channels, channel_mult=args.channel_mult,
+                      num_blocks=args.num_blocks, attn_resolutions=args.attn_res,
+                      dropout=args.dropout)  # fmt: skip
+    init = load_checkpoint(args.init) if args.init and ckpt is None else None
+    if init is not None and init.get("method") not in ("cfm_couplings", "loom_cfm"):
+        fail(f"--init {args.init} is a {init.get('method')!r} checkpoint; it needs a flow checkpoint")
+    if init is not None:  # e.g. 2-Rect-Flow from the 1-RF weights: their architecture, this run's dropout
+        net_kwargs = dict(init["net_kwargs"], dropout=args.dropout)
+    k = net_kwargs = ckpt["net_kwargs"] if ckpt is not None else net_kwargs
+    if (k["img_resolution"], k["img_channels"], k["label_dim"]) != (res, C, label_dim):
+        fail(f"{args.resume or args.init} was trained on other data ({k['img_resolution']}^2 x "
+             f"{k['img_channels']}, {k['label_dim']} classes): use data of its shape, --cond")  # fmt: skip
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     net = build_net(net_kwargs).to(device).train()
     if init is not None:
         net.load_state_dict(init["ema"] if init.get("ema") is not None else init["net"])
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr, **optimizer_kwargs(args, device))
-    step, nimg = 0, 0
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    step = nimg = 0
     if ckpt is not None:
-        net.load_state_dict(ckpt["net"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
+        net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
         step, nimg = ckpt["step"], ckpt["state"]["nimg"]
-        log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg)")
-    ddp = prepare_net(net, args, device)  # the call under the speed flags; net and ema are what is stored
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            ddp, device_ids=[device] if device.type == "cuda" else None
-        )
     if rank == 0:
         claim_outdir(args.outdir, ckpt, args.overwrite)
         with open(os.path.join(args.outdir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-        log.print(json.dumps(vars(args)))
-        log.print(
-            f"{n_data} training {'pairs' if pairs is not None else 'images'} {shape}"
-            f"{f', {label_dim} classes (coupled within each class)' if label_dim else ''}, "
-            f"{sum(p.numel() for p in net.parameters())} parameters, {world} process(es) on {device}; "
-            f"coupling {args.coupling} over blocks of {block} (solved on rank 0, broadcast)"
-        )
-    source = Source(args, images, labels, pairs, shape, label_dim, device, rank, world)
-    total_steps = math.ceil(args.duration * 1e6 / args.batch)
-    grid_noise = torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0))
-    grid_labels = torch.arange(args.grid) % label_dim if label_dim else None
-    snapshot_args = (args, net_kwargs, net, ema, opt)
-    stop = StopFlag()
-    sums, t_last, step_last = {}, time.time(), step
-    log.start(step, total_steps)
+        print(f"{n_data} training {'pairs' if pairs else 'images'} {(C, res, res)}, {label_dim} classes, "
+              f"{sum(p.numel() for p in net.parameters())} parameters ({net_kwargs['arch']}), {world} "
+              f"process(es) on {device}, coupling {args.coupling} over blocks of {block}, from step {step}",
+              flush=True)  # fmt: skip
+    torch.backends.cudnn.benchmark = True  # full fp32 unless --precision tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    model = torch.compile(net) if args.compile else net  # what is called; net and ema are what is stored
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+    stop = []  # SIGINT/SIGTERM: a checkpoint at the end of the step, then exit 128 + signal (a requeue)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: stop.append(signum))
+    total_steps, spb, cached = math.ceil(args.duration * 1e6 / args.batch), block // args.batch, None
+    grid_noise, grid_labels = noise_for_seeds(range(args.grid), (C, res, res), label_dim)
+    sums, t_log, step_log, t0, step0 = {}, time.time(), step, time.time(), step
+
+    def checkpoint(grid):  # rank 0: all a bit-exact resume needs (blocks are re-drawn from their seeds)
+        name, path = f"ckpt-{step:07d}.pt", os.path.join(args.outdir, f"ckpt-{step:07d}.pt")
+        torch.save(dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
+                        net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
+                        state=dict(nimg=nimg)), path + ".tmp")  # fmt: skip
+        os.replace(path + ".tmp", path)  # atomic: a kill never leaves a half-written checkpoint
+        os.symlink(name, os.path.join(args.outdir, "latest.tmp"))
+        os.replace(os.path.join(args.outdir, "latest.tmp"), os.path.join(args.outdir, "latest.pt"))
+        if grid and args.grid:  # EMA samples of the grid seeds
+            lab = None if grid_labels is None else grid_labels.to(device)
+            x, _ = sample(ema, grid_noise.to(device), args.nfe, lab, args.solver, args.atol, args.rtol)
+            path, nrow = os.path.join(args.outdir, f"grid-{step:07d}.png"), math.ceil(math.sqrt(len(x)))
+            torchvision.utils.save_image((x.cpu() + 1) / 2, path, nrow=nrow, padding=0)
+
     while step < total_steps:
-        seed_step(args.seed, rank, world, step)  # dropout
-        try:
-            x0, x1, y, stats = source.step(step)  # the coupled block's rows of this step
-        except SinkhornError as e:  # keep what was trained, then stop with one line
+        s0, s1 = np.random.SeedSequence([args.seed * world + rank, step]).generate_state(2)
+        torch.manual_seed(int(s0) << 32 | int(s1))  # dropout from (seed, rank, step): no RNG state to store
+        if cached is None or cached[0] != step // spb:  # a new block: draw it and couple it
+            try:
+                block_args = (images, labels, pairs, n_data, (C, res, res), device, rank, world)
+                cached = (step // spb, *coupled_block(args, step // spb, *block_args))
+            except SinkhornError as e:  # keep what was trained, then stop with one line
+                checkpoint(False) if rank == 0 else None
+                torch.distributed.barrier() if ddp else None
+                fail(f"{e} (step {step}); checkpoint saved, continue with --resume {args.outdir}")
+        lo = (step % spb) * args.batch + rank * batch_rank  # this rank's rows of the step in the block
+        x0, x1, y = (None if v is None else v[lo : lo + batch_rank] for v in cached[1:4])
+        g, mine = generator_for(args.seed, step, 3), slice(rank * batch_rank, (rank + 1) * batch_rank)
+        t = torch.rand(args.batch, generator=g)[mine].to(device)  # t, eps of the global batch: any world size
+        eps = torch.randn([args.batch, C, res, res], generator=g)[mine].to(device) if args.sigma_min else None
+        ramp = round(args.lr_rampup * 1e6)  # lr x min(images, ramp) / ramp from 0: torchcfm's, LOOM's warm-up
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, nimg / ramp) if ramp else args.lr
+        opt.zero_grad(set_to_none=True)
+        loss_sum, chunks = 0.0, list(range(0, batch_rank, batch_gpu))
+        for j, lo in enumerate(chunks):  # --batch-gpu samples per forward pass
+            sl = slice(lo, lo + batch_gpu)
+            sync = contextlib.nullcontext() if j == len(chunks) - 1 or not ddp else model.no_sync()
+            with sync, torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = cfm_loss(model, x0[sl], x1[sl], t[sl], None if y is None else y[sl], args.sigma_min,
+                                None if eps is None else eps[sl]).mean()  # LOOM Eq. 3  # fmt: skip
+                (loss * batch_gpu / batch_rank).backward()
+            loss_sum += loss.item() * batch_gpu / batch_rank
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf).item()
+        opt.step()
+        with torch.no_grad():  # EMA, a fixed decay per step (torchcfm, LOOM)
+            for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+                p_ema.copy_(p.detach().lerp(p_ema, args.ema_decay))
+            for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
+                b_ema.copy_(b)
+        rec = dict(loss=loss_sum, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"], **cached[4])
+        sums, nimg, step = {k: sums.get(k, 0.0) + v for k, v in rec.items()}, nimg + args.batch, step + 1
+        flags = torch.tensor([bool(stop), not math.isfinite(loss_sum + grad_norm)], device=device).float()
+        torch.distributed.all_reduce(flags) if ddp else None  # every rank stops together
+        if flags[1]:
+            fail(f"non-finite loss or gradient at step {step}: stopped before a checkpoint; lower --lr or "
+                 "look for NaN/inf in the data or pairs")  # fmt: skip
+        done, stopping = step >= total_steps, bool(flags[0])
+        if step % args.log_every == 0 or done or stopping:
+            mean = torch.tensor(list(sums.values()), dtype=torch.float64, device=device) / (step - step_log)
+            torch.distributed.all_reduce(mean) if ddp else None  # the mean over ranks
+            rec = dict(step=step, kimg=nimg / 1000, **dict(zip(sums, (mean / world).tolist(), strict=True)),
+                       sec_per_step=(time.time() - t_log) / (step - step_log))  # fmt: skip
             if rank == 0:
-                save_snapshot(*snapshot_args, step, nimg, grid_noise, grid_labels, device, grids=False)
-            barrier()
-            fail(f"{e} (step {step}); checkpoint saved, continue with --resume {args.outdir}")
-        g = generator_for(args.seed, step, 3)  # t and eps of the global batch: independent of the world size
-        rows = slice(rank * batch_rank, (rank + 1) * batch_rank)
-        t = torch.rand(args.batch, generator=g)[rows].to(device)
-        eps = torch.randn([args.batch, *shape], generator=g)[rows].to(device) if args.sigma_min else None
-        for group in opt.param_groups:  # lr min(step, W) / W, then constant: torchcfm's and LOOM's schedules
-            group["lr"] = args.lr * min(1.0, step / args.warmup) if args.warmup else args.lr
-        loss_sum, grad_norm = training_step(ddp, net, opt, (x0, x1, t, y, eps), batch_gpu, args)
-        ema_update(ema, net, args.ema)
-        rec = dict(loss=loss_sum, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"], **stats)
-        for k, v in rec.items():
-            sums[k] = sums.get(k, 0.0) + v
-        nimg, step = nimg + args.batch, step + 1
-        done, stop_now = step >= total_steps, stop.any(device, rec["loss"] + rec["grad_norm"], step)
-        if step % args.log_every == 0 or done or stop_now:
-            n = max(step - step_last, 1)
-            metrics = {k: all_mean(v / n, device) for k, v in sums.items()}
-            log.log(step=step, kimg=nimg / 1000, **metrics, sec_per_step=(time.time() - t_last) / n)
-            sums, t_last, step_last = {}, time.time(), step
-        if step % args.snap_every == 0 or done or stop_now:
+                text = " ".join(f"{k}={v:.5g}" if type(v) is float else f"{k}={v}" for k, v in rec.items())
+                eta = round((time.time() - t0) / (step - step0) * (total_steps - step))
+                text = text.replace(f"step={step}", f"step={step}/{total_steps}", 1)
+                print(text, f"eta={eta // 60}m{eta % 60:02d}s", flush=True)
+                with open(os.path.join(args.outdir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            sums, t_log, step_log = {}, time.time(), step
+        if step % args.snap_every == 0 or done or stopping:
+            checkpoint(True) if rank == 0 else None
+            torch.distributed.barrier() if ddp else None
+        if stopping:
             if rank == 0:
-                save_snapshot(*snapshot_args, step, nimg, grid_noise, grid_labels, device)
-            barrier()
-        if stop_now:
-            log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
+                print(f"stopped by a signal at step {step}: continue with --resume {args.outdir}", flush=True)
             break
-    dist_teardown()
-    stop.exit()  # 143 after SIGTERM: the scheduler requeues the job
+    if ddp:
+        torch.distributed.barrier(), torch.distributed.destroy_process_group()
+    if stop:
+        raise SystemExit(128 + stop[0])
 
 
-# --- generation ---
-
-
+@torch.no_grad()
 def generate(args):
-    """--generate N images from --ckpt: uint8 NHWC npz (images, seeds, labels) and a PNG grid of the first 64.
-    Image i uses seed --seed + i for its noise and label: identical for any number of processes."""
-    check_out(args.out, args.overwrite)
+    """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA -> an .npz ('images'
+    uint8 NHWC, 'seeds', 'labels') written atomically, and a PNG grid of the first 64 beside it."""
     from tqdm import tqdm
 
-    rank, world, device = dist_setup()
+    if os.path.exists(args.out) and not args.overwrite:
+        fail(f"{args.out} exists; pass --overwrite to replace it")
+    ddp, rank, world, device = setup()
     ckpt = load_checkpoint(args.ckpt)
     if ckpt.get("method") != METHOD:
-        fail(
-            f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; use that method's file to sample it"
-        )
-    net = build_net(ckpt["net_kwargs"]).eval().requires_grad_(False)
-    net.load_state_dict(ckpt["ema"])
-    net = prepare_net(net.to(device), args, device)  # --precision, --compile
+        fail(f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; sample it with that method's file")
     k = ckpt["net_kwargs"]
-    shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k["label_dim"]
-    seeds = list(range(args.seed, args.seed + args.generate))[rank::world]
-    out_x, out_y, nfes = [], [], []
+    net = build_net(k).eval().requires_grad_(False)
+    net.load_state_dict(ckpt["ema"])
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    model = torch.compile(net.to(device)) if args.compile else net.to(device)
+    seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
+    shape += (k["img_resolution"],) * 2
+    xs, ys, nfes = [torch.empty(0, *shape[1:], shape[0], dtype=torch.uint8)], [torch.empty(0).long()], []
     for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
-        noise, lab = inputs_for_seeds(seeds[i : i + args.gen_batch], shape, label_dim)
-        lab = None if lab is None else lab.to(device)
-        try:
-            st = {}
-            x, nfe = sample(net, noise.to(device), args.nfe, lab, args.solver, args.atol, args.rtol, st)
-        except ValueError as e:
-            fail(str(e))
-        nfes.append((nfe, st.get("solver_steps", 0)))
-        out_x.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        out_y.append(lab.cpu() if lab is not None else torch.zeros(len(x), dtype=torch.long))
-    mine = (
-        seeds,
-        torch.cat(out_x).numpy() if out_x else None,
-        torch.cat(out_y).numpy() if out_y else None,
-        nfes,
-    )
-    parts = [mine]
-    if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, mine)
+        noise, lab = noise_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"])
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+            lab, st = lab if lab is None else lab.to(device), {}
+            x, nfe = sample(model, noise.to(device), args.nfe, lab, args.solver, args.atol, args.rtol, st)
+        nfes.append((nfe, st["solver_steps"]))
+        xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        ys.append(torch.zeros(len(x), dtype=torch.long) if lab is None else lab.cpu())
+    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy(), nfes)] * world
+    torch.distributed.all_gather_object(parts, parts[0]) if ddp else None
     if rank == 0:
-        nfes = [v for p in parts for v in p[3]]
-        parts = [p for p in parts if p[0]]
         order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
-        images = np.concatenate([p[1] for p in parts])[order]
-        arrays = dict(images=images, seeds=np.arange(args.seed, args.seed + args.generate))
-        if label_dim:
-            arrays["labels"] = np.concatenate([p[2] for p in parts])[order]
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, args.out)
-        grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        save_image_grid(grid, os.path.splitext(args.out)[0] + ".png")
-        print(
-            f"wrote {len(images)} images to {args.out} ({args.solver}: mean NFE {np.mean(nfes, 0)[0]:.1f} "
-            f"network calls = solver function evaluations, {np.mean(nfes, 0)[1]:.1f} solver steps)",
-            flush=True,
+        seeds = np.arange(args.seed, args.seed + len(order))
+        out = dict(images=np.concatenate([p[1] for p in parts])[order], seeds=seeds)
+        if k["label_dim"]:
+            out["labels"] = np.concatenate([p[2] for p in parts])[order]
+        with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
+            np.savez(f, **out)
+        os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
+        grid = torch.from_numpy(out["images"][:64]).permute(0, 3, 1, 2).float() / 255
+        torchvision.utils.save_image(
+            grid, args.out[:-4] + ".png", nrow=math.ceil(math.sqrt(len(grid))), padding=0
         )
-    dist_teardown()
+        nfe, steps = np.mean([v for p in parts for v in p[3]], 0)
+        print(f"wrote {len(order)} images to {args.out} ({args.solver}: mean NFE {nfe:.1f} = network calls, "
+              f"{steps:.1f} solver steps per batch of {args.gen_batch})")  # fmt: skip
+    torch.distributed.destroy_process_group() if ddp else None
 
 
 # --- command line ---
 
-
-def _ints(s):
-    return [int(v) for v in s.split(",") if v]
-
-
-# --preset loom-reflow: the official LOOM reflow config (configs/cifar10_ot_cached_reflow.yaml): pairs from a
-# LOOM checkpoint, its weights as the start, Adam 2e-5 with 5k warm-up, global batch 1024 (256 x 4 GPUs),
-# sigma 1e-7, EMA 0.9999, clip 1, no flips, 200 epochs of the 1M pairs (the paper's "1M noise-data pairs").
-PRESETS = {
-    "loom-reflow": dict(coupling="pairs", lr=2e-5, warmup=5000, batch=1024, sigma_min=1e-7, ema=0.9999,
-                        grad_clip=1.0, xflip="off", duration=200.0, dropout=0.1),
-}  # fmt: skip
+# LOOM's official reflow config (cifar10_ot_cached_reflow.yaml): Adam 2e-5, 5k warm-up steps, batch 1024 (256
+# x 4 GPUs), sigma 1e-7, EMA 0.9999, clip 1, no flips, 200 epochs of the 1M pairs.
+PRESETS = {"loom-reflow": dict(coupling="pairs", lr=2e-5, lr_rampup=5.12, batch=1024, sigma_min=1e-7,
+                               ema_decay=0.9999, grad_clip=1.0, xflip="off", duration=200.0)}  # fmt: skip
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Flow matching with independent / minibatch-OT / Sinkhorn / reflow couplings.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser(description="Flow matching: independent / OT / Sinkhorn / reflow couplings.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                allow_abbrev=False)  # fmt: skip
+    add, ints = p.add_argument, lambda s: [int(v) for v in s.split(",") if v]
+    add("--preset", choices=sorted(PRESETS), help="a paper's settings as defaults (flags given win)")
+    add("--coupling", default="ot", choices=COUPLINGS, help="how noise is paired with data")
+    add("--data", help="cifar10 | shapes (synthetic) | FILE.npy (tools/prepare_data.py) | FILE.npz")
+    add("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
+    add("--pairs", help="--coupling pairs: a gen_pairs.py .npz (noise, data, label)")
+    add("--outdir", default="runs/cfm", help="checkpoints, grids, log.jsonl, args.json")
+    add("--cond", action="store_true", help="class-conditional: labels to the net, coupled within each class")
+    add("--xflip", default="off", choices=["off", "random", "copies"], help="random: each visit (torchcfm)")
+    add("--cost", default="sqeuclidean", choices=["sqeuclidean", "l2"], help="transport cost (torchcfm's)")
+    add("--ot-batch", type=int, default=0, help="samples per coupling problem (k x --batch; 0: --batch)")
+    add("--ot-replace", action="store_true", help="draw the block's pairs i.i.d. from the plan (torchcfm)")
+    add("--sinkhorn-reg", type=float, default=SINKHORN_REG, help="entropic eps / mean cost. Without --ot-"
+        "replace both marginals stay exact, but the pairs leave the plan (TV 0.123, not 0.016)")  # fmt: skip
+    add("--sinkhorn-iters", type=int, default=2000, help="Sinkhorn iterations before it raises")
+    add("--sigma-min", type=float, default=0.0, help="path noise sigma of LOOM Eq. 3 (torchcfm: 0)")
+    add("--arch", choices=["ddpmpp", "adm", "adm-cfm"], help="UNet (adm-cfm: torchcfm's; cifar10's default)")
+    add("--time-scale", type=float, default=1.0, help="the UNet sees time_scale * t (torchcfm, LOOM: 1)")
+    add("--batch", type=int, default=128, help="global batch per optimizer step (torchcfm, LOOM: 128)")
+    add("--batch-gpu", type=int, help="samples per forward pass (accumulating to the per-process batch)")
+    add("--lr", type=float, default=2e-4, help="Adam learning rate (torchcfm: 2e-4)")
+    add("--lr-rampup", type=float, default=0.64, help="lr warm-up from 0, Mimg (torchcfm: 5k steps x 128)")
+    add("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
+    add("--ema-decay", type=float, default=0.9999, help="EMA decay per step (torchcfm, LOOM: 0.9999)")
+    add("--duration", type=float, default=51.2, help="training length, Mimg (torchcfm: 400k steps x 128)")
+    add("--init", help="start from this flow checkpoint's EMA weights, in its architecture (reflow)")
+    add("--model-channels", type=int, default=128, help="UNet base width (torchcfm: 128)")
+    add("--channel-mult", type=ints, default=[1, 2, 2, 2], help="width multipliers (torchcfm: 1,2,2,2)")
+    add("--num-blocks", type=int, default=2, help="residual blocks per resolution (torchcfm: 2)")
+    add("--attn-res", type=ints, default=[16], help="resolutions with self-attention (torchcfm: 16)")
+    add("--dropout", type=float, default=0.1, help="dropout (torchcfm: 0.1)")
+    add("--tiny", action="store_true", help="a tiny UNet for CPU smoke runs")
+    add("--seed", type=int, default=0, help="init, data order, noise, t; the first --generate seed")
+    add("--log-every", type=int, default=100, help="steps between log lines")
+    add("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
+    add("--grid", type=int, default=64, help="images in each snapshot grid (seeds 0..N-1); 0: none")
+    add("--resume", help="run folder (its latest.pt) or checkpoint to continue")
+    add("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
+    add("--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt")
+    add("--ckpt", help="--generate: a checkpoint of this file, or its run folder")
+    add("--out", default="samples.npz", help="--generate's .npz (a .png grid beside it)")
+    add("--solver", default="euler", choices=["euler", "midpoint", "dopri5"], help="ODE solver (grids too)")
+    add("--nfe", type=int, default=100, help="network evaluations of euler / midpoint (grids too)")
+    add("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (torchcfm, LOOM)")
+    add("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (torchcfm, LOOM)")
+    add("--gen-batch", type=int, default=256, help="images per sampling batch (one dopri5 ODE: its NFE)")
+    add(
+        "--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="fp32 (the papers'), TF32, bf16"
     )
-    p.add_argument(
-        "--preset", default=None, choices=sorted(PRESETS), help="a paper's settings as defaults (flags win)"
-    )
-    p.add_argument("--coupling", default="ot", choices=COUPLINGS, help="how noise is paired with data")
-    p.add_argument("--data", default=None, help="training images: cifar10 | shapes | FILE.npz | DIR")
-    p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
-    p.add_argument(
-        "--xflip", nargs="?", const="random", default="off", choices=["off", "random", "copies"],
-        help="mirror: random = each visit with prob. 1/2 (torchcfm, bare --xflip); copies = extra images",
-    )  # fmt: skip
-    p.add_argument("--pairs", default=None, help="--coupling pairs: a gen_pairs.py .npz (noise, data, label)")
-    p.add_argument("--outdir", default="runs/cfm", help="checkpoints, grids, log.jsonl, args.json")
-    p.add_argument(
-        "--cond", action="store_true", help="class-conditional: labels to the net, coupled within each class"
-    )
-    p.add_argument(
-        "--cost", default="sqeuclidean", choices=["sqeuclidean", "l2"], help="transport cost (torchcfm's)"
-    )
-    p.add_argument(
-        "--ot-batch",
-        type=int,
-        default=0,
-        help="samples per coupling problem (a multiple of --batch; 0: --batch)",
-    )
-    p.add_argument(
-        "--ot-replace", "--sinkhorn-replace", dest="ot_replace", action="store_true",
-        help="ot / sinkhorn: draw the block's pairs i.i.d. from the plan, with replacement (torchcfm)",
-    )  # fmt: skip
-    p.add_argument(
-        "--sinkhorn-reg", type=float, default=SINKHORN_REG, help="entropic eps as a fraction of the mean cost"
-    )
-    p.add_argument("--sinkhorn-iters", type=int, default=2000, help="Sinkhorn iterations before it raises")
-    p.add_argument(
-        "--sigma-min", type=float, default=0.0, help="path noise sigma of LOOM Eq. 3 (torchcfm: 0)"
-    )
-    p.add_argument(
-        "--arch",
-        default="ddpmpp",
-        choices=["ddpmpp", "adm"],
-        help="the UNet: the shared DDPM++ or ADM (the papers' ADM-style net: --arch adm --channel-mult "
-        "1,2,2,2 --num-blocks 2: 4 heads of 64 channels at 16x16)",
-    )
-    p.add_argument(
-        "--time-scale", type=float, default=1.0, help="the UNet sees time_scale * t (torchcfm, LOOM: 1)"
-    )
-    p.add_argument("--batch", type=int, default=128, help="global batch size (torchcfm/LOOM: 128)")
-    p.add_argument(
-        "--batch-gpu", type=int, default=None, help="samples per forward pass (accumulate the rest)"
-    )
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
-    p.add_argument(
-        "--warmup", type=int, default=5000, help="warm-up steps: lr x min(step, W) / W (torchcfm: 5000)"
-    )
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay per step")
-    p.add_argument("--duration", type=float, default=51.2, help="training length, Mimg (400k steps at 128)")
-    p.add_argument("--init", default=None, help="start from this flow checkpoint's weights and architecture")
-    p.add_argument("--model-channels", type=int, default=128, help="UNet base width (DDPM++: 128)")
-    p.add_argument("--channel-mult", type=_ints, default=[1, 2, 2, 2], help="width multipliers (torchcfm)")
-    p.add_argument("--num-blocks", type=int, default=2, help="residual blocks per resolution (torchcfm)")
-    p.add_argument("--attn-res", type=_ints, default=[16], help="resolutions with self-attention")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout (torchcfm CIFAR-10: 0.1)")
-    p.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (CPU smoke runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, data order, noise, t")
-    p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
-    p.add_argument("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
-    p.add_argument("--grid", type=int, default=64, help="images per snapshot grid; 0: none")
-    p.add_argument("--grid-nfe", type=_ints, default=[1, 20], help="Euler NFEs of the snapshot grids")
-    p.add_argument("--resume", default=None, help="checkpoint file or run folder (its latest.pt) to continue")
-    p.add_argument("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
-    p.add_argument(
-        "--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt instead"
-    )
-    p.add_argument("--ckpt", default=None, help="cfm_couplings checkpoint (or run folder) for --generate")
-    p.add_argument("--out", default="samples.npz", help="output .npz of --generate (a .png grid beside it)")
-    p.add_argument(
-        "--solver", default="euler", choices=["euler", "midpoint", "dopri5"], help="--generate ODE solver"
-    )
-    p.add_argument("--nfe", type=int, default=100, help="--generate: evaluations for euler / midpoint")
-    p.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (torchcfm, LOOM)")
-    p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (torchcfm, LOOM)")
-    p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
-    add_speed_args(p)
-    preset, _ = p.parse_known_args(argv)
-    if preset.preset:
-        p.set_defaults(**PRESETS[preset.preset])
+    add("--compile", action="store_true", help="torch.compile the network")
+    if (preset := p.parse_known_args(argv)[0].preset) is not None:
+        p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
-    check_numbers(p, args, ("batch", "batch_gpu", "duration", "atol", "rtol"), ("lr",))
-    if args.generate:
-        if not args.ckpt:
-            p.error("--generate needs --ckpt")
-    elif args.coupling == "pairs" and not args.pairs:
-        p.error("--coupling pairs needs --pairs FILE.npz (from gen_pairs.py)")
-    elif args.coupling != "pairs" and not args.data:
-        p.error(f"--coupling {args.coupling} needs --data (cifar10 | shapes | FILE.npz | DIR)")
-    elif args.coupling != "pairs" and args.pairs:
-        p.error("--pairs is only read by --coupling pairs")
-    elif args.coupling == "pairs" and args.xflip != "off":
-        p.error("--xflip would mirror a pair's image away from its noise: reflow pairs are used as made")
+    positive = ("batch", "batch_gpu", "duration", "log_every", "snap_every", "nfe", "gen_batch", "atol")
+    positive += ("rtol", "sinkhorn_iters", "sinkhorn_reg", "time_scale")
+    for name in (*positive, "generate", "grid", "lr", "lr_rampup", "ot_batch", "sigma_min", "grad_clip"):
+        if (v := getattr(args, name)) is not None and (v <= 0 if name in positive else v < 0):
+            p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'}, got {v}")
+    pairs = args.coupling == "pairs"
+    if args.generate and not args.ckpt:
+        p.error("--generate N needs --ckpt")
+    if not args.generate and (not args.pairs if pairs else not args.data):
+        p.error(
+            "--coupling pairs needs --pairs FILE.npz" if pairs else f"--coupling {args.coupling} needs --data"
+        )
+    if not args.generate and (pairs and (args.xflip != "off" or args.ot_batch) or not pairs and args.pairs):
+        p.error("--xflip, --ot-batch: no meaning for reflow pairs; --pairs is only read by --coupling pairs")
+    args.arch = args.arch or ("adm-cfm" if args.data == "cifar10" else "ddpmpp")
     if args.tiny:
         args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
-    for name in ("batch", "duration", "log_every", "snap_every", "gen_batch", "sinkhorn_iters", "time_scale"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.ot_batch < 0 or args.warmup < 0 or args.sinkhorn_reg <= 0 or args.sigma_min < 0:
-        p.error("--ot-batch, --warmup, --sigma-min must be >= 0 and --sinkhorn-reg > 0")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     generate(args) if args.generate else train(args)
-
-
-# === shared below this line: identical in every file; the method is above ===
-
-
-# --- shared: precision (identical in every method file) ---
-# Speed flags. The default (--precision fp32, no --compile) calls the network itself and builds the optimizer
-# as before: the papers' fp32 computation, bit for bit. Nothing compiled or wrapped is ever stored.
-
-
-def add_speed_args(p, train=True):
-    """The speed flags of a trainer (train=True) or of a sampling script (gen_pairs.py, evaluate.py)."""
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "tf32", "bf16"],
-        help="fp32 (the papers'); tf32: TF32 matmuls/convs (Ampere+ GPUs); bf16: torch.autocast around the "
-        "network (losses, EDM preconditioning, EMA and optimizer state stay fp32)",
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the network's forward")
-    p.add_argument(
-        "--compile-backend",
-        default="inductor",
-        help="torch.compile backend (eager, aot_eager: quick checks without inductor's C++ build)",
-    )
-    p.add_argument(
-        "--channels-last", action="store_true", help="feed the network channels-last (NHWC) images"
-    )
-    if train:
-        p.add_argument(
-            "--fused-adam", action="store_true", help="fused optimizer step where supported, else foreach"
-        )
-
-
-def optimizer_kwargs(args, device, cls=torch.optim.Adam):
-    """{} (torch's default implementation) unless --fused-adam: fused where cls and device have it."""
-    if not args.fused_adam:
-        return {}
-    fused = "fused" in inspect.signature(cls).parameters and device.type in ("cuda", "cpu")
-    return dict(fused=True) if fused else dict(foreach=True)
-
-
-class FastNet(nn.Module):
-    """net as the training step or a sampler calls it under the speed flags: same parameters, same call
-    signature, float32 output. Autocast wraps the whole forward, not only the UNet: the preconditioning
-    (EDM's c_skip, c_out, c_in, c_noise; the flow nets' time scaling) is elementwise arithmetic on float32
-    inputs, which autocast leaves in float32; convolutions, linears and attention matmuls run in bfloat16."""
-
-    def __init__(self, net, args):
-        super().__init__()
-        self.net, self.precision, self.channels_last = net, args.precision, args.channels_last
-        # the bound forward, compiled or not: no second (compiled) module is registered in this one
-        self.fn = torch.compile(net.forward, backend=args.compile_backend) if args.compile else net.forward
-
-    def __getattr__(self, name):  # the wrapped net's attributes (lmm's schedule, dansm's objective, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "net":
-                raise
-            return getattr(self.net, name)
-
-    def forward(self, x, *a, **kw):
-        if self.channels_last and x.dim() == 4:  # activations NHWC from the first conv on; weights stay
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.fn(x, *a, **kw)
-        return out.float()
-
-
-def prepare_net(net, args, device):
-    """The module to call for --precision/--compile/--channels-last: net itself for plain fp32 (so today's
-    computation exactly), else a FastNet around it. tf32 is a global switch of the CUDA backends."""
-    if args.precision == "tf32" and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.precision != "bf16" and not args.compile and not args.channels_last:
-        return net
-    return FastNet(net, args)
-
-
-# --- end shared: precision ---
-
-
-# --- shared: flow matching (identical in cfm_couplings, loom_cfm) ---
-# The velocity network, the CFM loss, the exact minibatch OT permutation and the ODE samplers.
-
-
-class VelocityNet(nn.Module):
-    """v_theta(x, t, class_labels=None) -> dx/dt: the shared UNet (arch ddpmpp | adm) on (x, time_scale * t),
-    t in [0, 1]. class_labels: int64 class indices [N] or one-hot floats [N, label_dim]."""
-
-    def __init__(self, img_resolution, img_channels, label_dim=0, time_scale=1000.0, arch="ddpmpp", **unet):
-        super().__init__()
-        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.time_scale = time_scale
-        self.model = make_unet(arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet)
-
-    def forward(self, x, t, class_labels=None):
-        x = x.float()
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
-        onehot = None
-        if self.label_dim:
-            if class_labels is None:
-                raise ValueError(
-                    "this network is class-conditional: pass class labels (int64 [N] or one-hot);"
-                    " train it on labelled data with --cond and sample it with labels"
-                )
-            onehot = (
-                class_labels.float().reshape(-1, self.label_dim)
-                if class_labels.is_floating_point()
-                else F.one_hot(class_labels.long(), self.label_dim).float()
-            )
-        return self.model(x, self.time_scale * t, onehot).float()
-
-
-def cfm_loss(net, x0, x1, t, labels=None, sigma_min=0.0, eps=None):
-    """Per-sample CFM loss [N] (LOOM Eq. 3 with x = x1 data, z = x0 noise): the network at
-    x_t = t x1 + (1 - t) x0 + sigma_min eps regresses the path's constant velocity x1 - x0."""
-    tb = t.reshape(-1, *[1] * (x1.ndim - 1))  # broadcast over any data shape (images, toy vectors)
-    xt = tb * x1 + (1 - tb) * x0
-    if sigma_min:
-        xt = xt + sigma_min * eps
-    return (net(xt, t, labels) - (x1 - x0)).square().flatten(1).mean(1)
-
-
-def pair_cost(x0, x1, cost="sqeuclidean"):
-    """C[j, i] = ||x1_j - x0_i||^2 (cost sqeuclidean) or ||x1_j - x0_i|| (cost l2), float64 [n1, n0]:
-    rows are images, columns noises (the transport cost c(x, z) of LOOM Eq. 7)."""
-    c = torch.cdist(x1.flatten(1).double(), x0.flatten(1).double())
-    return c if cost == "l2" else c.square()
-
-
-def ot_permutation(x0, x1, cost="sqeuclidean"):
-    """Exact minibatch OT (BatchOT; LOOM Eq. 7 on one minibatch) -> perm with x0[perm[j]] the noise of x1[j].
-    The images stay where they are and the noise moves: permuting x1 instead would detach images from their
-    labels and indices (the classic bug). With uniform marginals the optimal plan is a permutation matrix, so
-    every noise and every image is used exactly once (no sampling from the plan with replacement)."""
-    from scipy.optimize import linear_sum_assignment
-
-    _, cols = linear_sum_assignment(pair_cost(x0, x1, cost).cpu().numpy())  # rows come back as 0..n-1
-    return torch.as_tensor(cols, dtype=torch.long, device=x0.device)
-
-
-def path_cost(x0, x1, cost="sqeuclidean"):
-    """c(x1_j, x0_j) per pair [N] (the diagonal of pair_cost)."""
-    d = (x1.double() - x0.double()).flatten(1).square().sum(1)
-    return d.sqrt() if cost == "l2" else d
-
-
-# --- sampling: integrate dx/dt = v(x, t) from t = 0 (noise) to t = 1 (data) (LOOM Eq. 1-2) ---
-
-
-@torch.no_grad()
-def euler_sample(net, x, steps, labels=None):
-    """Euler: x <- x + h v(x, t), h = 1 / steps; steps NFE."""
-    h = 1.0 / steps
-    for i in range(steps):
-        x = x + h * net(x, i * h, labels)
-    return x
-
-
-@torch.no_grad()
-def midpoint_sample(net, x, steps, labels=None):
-    """Explicit midpoint (RK2): x <- x + h v(x + h/2 v(x, t), t + h/2); 2 NFE per step."""
-    h = 1.0 / steps
-    for i in range(steps):
-        t = i * h
-        x_mid = x + 0.5 * h * net(x, t, labels)
-        x = x + h * net(x_mid, t + 0.5 * h, labels)
-    return x
-
-
-class _ODEFunc:
-    """dx/dt = net(x, t) as torchdiffeq calls it, f(t, x), counting what the papers count: every call is one
-    function evaluation (torchcfm's NFE), every attempted step one callback (what the official LOOM code logs
-    as num_steps; an attempted step of dopri5 costs 6 evaluations, FSAL)."""
-
-    def __init__(self, net, labels):
-        self.net, self.labels, self.nfe, self.steps, self.accepted = net, labels, 0, 0, 0
-
-    def __call__(self, t, x):
-        self.nfe += 1
-        return self.net(x, t, self.labels).to(x.dtype)
-
-    def callback_step(self, t0, y0, dt):
-        self.steps += 1
-
-    def callback_accept_step(self, t0, y0, dt):
-        self.accepted += 1
-
-
-@torch.no_grad()
-def dopri5_sample(net, x, labels=None, atol=1e-5, rtol=1e-5, stats=None):
-    """Adaptive Dormand-Prince 5(4) from t = 0 to 1 with torchdiffeq's `odeint(method="dopri5")`, the solver
-    of torchcfm's compute_fid.py and the LOOM code (both atol = rtol = 1e-5) -> (x, function evaluations).
-    The batch is one ODE system (RMS error norm over all its elements), so every image gets the same steps.
-    `stats` (a dict) receives nfe_torchdiffeq, solver_steps (attempted), accepted_steps, rejected_steps."""
-    from torchdiffeq import odeint
-
-    if not (atol > 0 and rtol > 0):  # zero tolerances never accept a step: the solve would not end
-        raise ValueError(f"dopri5 needs atol > 0 and rtol > 0, got atol={atol}, rtol={rtol}")
-
-    f = _ODEFunc(net, labels)
-    x = x if x.dtype == torch.float64 else x.float()
-    t = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
-    x = odeint(f, x, t, method="dopri5", atol=atol, rtol=rtol)[-1]
-    if stats is not None:
-        stats.update(nfe_torchdiffeq=f.nfe, solver_steps=f.steps, accepted_steps=f.accepted,
-                     rejected_steps=f.steps - f.accepted)  # fmt: skip
-    return x, f.nfe
-
-
-def build_net(net_kwargs):
-    """The trained network: a velocity field net(x, t, class_labels=None) with t = 0 noise, t = 1 data."""
-    return VelocityNet(**net_kwargs)
-
-
-def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, stats=None):
-    """noise [N, C, H, W] standard normal -> (images, NFE used). euler: nfe steps; midpoint: nfe / 2
-    steps (nfe even); dopri5: torchdiffeq with atol/rtol, nfe ignored, its function evaluations returned.
-    `stats` (a dict, optional) receives the solver's step counts (see dopri5_sample)."""
-    if solver == "dopri5":
-        return dopri5_sample(net, noise, labels, atol, rtol, stats)
-    if solver not in ("euler", "midpoint"):
-        raise ValueError(f"unknown solver {solver!r}; expected euler, midpoint or dopri5")
-    if nfe < 1 or (solver == "midpoint" and nfe % 2):
-        raise ValueError(
-            f"{solver} needs {'an even NFE >= 2' if solver == 'midpoint' else 'NFE >= 1'}, got {nfe}"
-        )
-    if stats is not None:
-        stats.update(solver_steps=nfe if solver == "euler" else nfe // 2)
-    if solver == "euler":
-        return euler_sample(net, noise, nfe, labels), nfe
-    return midpoint_sample(net, noise, nfe // 2, labels), nfe
-
-
-def inputs_for_seeds(seeds, shape, label_dim=0):
-    """Image i's noise, then its class label, from a generator seeded with seeds[i] (the same noise and label
-    as every other method file and gen_pairs.py use for that seed)."""
-    noise, labels = [], []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        noise.append(torch.randn(shape, generator=g))
-        if label_dim:
-            labels.append(torch.randint(label_dim, [], generator=g))
-    return torch.stack(noise), (torch.tensor(labels, dtype=torch.long) if label_dim else None)
-
-
-def ode_velocity(net, x, t, labels=None):
-    """dx/dt on the common clock (t = 0 noise, t = 1 data): this file's own convention, so v_theta itself."""
-    return net(x, t, labels)
-
-
-def predict_x1(x, t, v):
-    """The image the current velocity points at: x + (1 - t) v (the end of the straight path through x)."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
-    return x + (1 - t) * v
-
-
-# --- end shared: flow matching ---
-
-
-# --- shared: pairs reader (identical in gen_pairs, lmm, cfm_couplings) ---
-
-
-def load_pairs(path):
-    """Memory-map the arrays of an uncompressed .npz (noise, data, label): nothing is read into RAM until
-    indexed. Returns a dict of np.memmap, with 'meta' decoded from JSON."""
-    out = {}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-        for info in zf.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise ValueError(f"{path}: {info.filename} is compressed; pairs files must be uncompressed")
-            f.seek(info.header_offset)
-            name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # zip local file header
-            f.seek(info.header_offset + 30 + name_len + extra_len)
-            major, _ = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(f)
-            if dtype.hasobject:
-                raise ValueError(f"{path}: {info.filename} holds Python objects; refusing to load it")
-            key = info.filename[:-4]
-            if shape == ():
-                out[key] = np.frombuffer(f.read(dtype.itemsize), dtype)[0]
-            else:
-                order = "F" if fortran else "C"
-                out[key] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape, order=order)
-    if "meta" in out:
-        out["meta"] = json.loads(str(out["meta"]))
-    return out
-
-
-def scan_pairs(pairs, path, rows=1 << 14):
-    """None if the arrays are usable, else what is wrong: noise/data floating point, at least one pair, every
-    value finite, labels non-negative integers. Reads the memory map in chunks of `rows` (RAM O(chunk))."""
-    if len(pairs["noise"]) == 0:
-        return f"{path} holds zero pairs"
-    for key in ("noise", "data"):
-        if pairs[key].dtype not in (np.float16, np.float32, np.float64):
-            return f"{path}: '{key}' is {pairs[key].dtype}, not float16/32/64 (make pairs with gen_pairs.py)"
-    lab = pairs.get("label")
-    if lab is not None and not np.issubdtype(lab.dtype, np.integer):
-        return f"{path}: 'label' is {lab.dtype}, not an integer class index"
-    for lo in range(0, len(pairs["noise"]), rows):
-        for key in ("noise", "data"):
-            ok = np.isfinite(pairs[key][lo : lo + rows]).reshape(-1, pairs[key][0].size).all(1)
-            if not ok.all():
-                return f"{path}: '{key}' is not finite (NaN/inf) in pair {lo + int(np.argmin(ok))}"
-        if lab is not None and (lab[lo : lo + rows] < 0).any():
-            return f"{path}: negative labels near pair {lo}"
-    return None
-
-
-# --- end shared: pairs reader ---
 
 
 # --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---
@@ -1298,553 +1039,6 @@ def make_unet(arch, *args, **kwargs):
 
 
 # --- end UNet ---
-
-
-# --- shared: runtime (identical in every method file) ---
-# Distributed setup, per-step seeding, EMA, atomic checkpoints, data order and rank-0 logging.
-
-
-def fail(msg):
-    """Stop with a one-line message for the user (exit code 1), not a traceback."""
-    raise SystemExit(f"error: {msg}")
-
-
-def dist_setup():
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise a single process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-
-
-def dist_teardown():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def all_mean(value, device):
-    """Mean of a float over ranks."""
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return t.item()
-
-
-def seed_step(seed, rank, world_size, step):
-    """Seed torch's global RNGs from (seed * world_size + rank, step): resume needs no stored RNG state."""
-    state = np.random.SeedSequence([seed * world_size + rank, step]).generate_state(2)
-    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def epoch_order(n, seed, epoch):
-    """The data order of one epoch: a permutation of range(n) that depends only on (seed, epoch)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def batch_indices(n, batch, step, seed):
-    """Global data indices of training step `step`: consecutive slices of a stream of epoch permutations.
-    Independent of the world size; rank r takes the r-th slice of the per-rank batch."""
-    pos = step * batch + torch.arange(batch)
-    epochs = pos // n
-    out = torch.empty(batch, dtype=torch.long)
-    for e in epochs.unique().tolist():
-        sel = epochs == e
-        out[sel] = epoch_order(n, seed, e)[pos[sel] % n]
-    return out
-
-
-def edm_ema_beta(batch, nimg, halflife_kimg, rampup_ratio):
-    """EDM's EMA decay: half-life in images, ramped up as min(halflife, rampup_ratio * images seen)."""
-    halflife = halflife_kimg * 1000
-    if rampup_ratio is not None:
-        halflife = min(halflife, nimg * rampup_ratio)
-    return 0.5 ** (batch / max(halflife, 1e-8))
-
-
-@torch.no_grad()
-def ema_update(ema, net, beta):
-    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
-        p_ema.copy_(p.detach().lerp(p_ema, beta))
-    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
-        b_ema.copy_(b)
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash or a full disk never leaves a half-written file
-    (the temporary file is removed; a kill's leftover is removed by the next claim_outdir)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def save_checkpoint(ckpt, outdir, step):
-    """Write <outdir>/ckpt-<step>.pt and point <outdir>/latest.pt at it (both atomic)."""
-    name = f"ckpt-{step:07d}.pt"
-    atomic_save(ckpt, os.path.join(outdir, name))
-    tmp = os.path.join(outdir, f"latest.pt.tmp{os.getpid()}")
-    os.symlink(name, tmp)
-    os.replace(tmp, os.path.join(outdir, "latest.pt"))
-
-
-def intact(path):
-    """None if `path` is a zip whose every member matches its CRC-32 (torch.save writes them), else why not.
-    torch.load itself does not check them: flipped bytes would load as changed weights."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        return f"not a complete torch checkpoint ({str(e) or type(e).__name__})"
-    return f"its member {bad} fails its CRC check (the file is corrupt)" if bad else None
-
-
-def load_checkpoint(path):
-    """Load one of our checkpoints safely (tensors and plain containers only), after checking its integrity.
-    A directory means its latest.pt."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "latest.pt")
-    if not os.path.isfile(path):
-        fail(f"checkpoint not found: {path}")
-    problem = intact(path)
-    if problem:
-        folder = os.path.dirname(os.path.abspath(path))
-        names = sorted(
-            (n for n in os.listdir(folder) if n.startswith("ckpt-") and n.endswith(".pt")), reverse=True
-        )
-        good = next((os.path.join(folder, n) for n in names if intact(os.path.join(folder, n)) is None), None)
-        fail(
-            f"{path}: {problem}; "
-            + (f"the newest intact checkpoint is {good}" if good else "no intact one here")
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign file: say which, do not unpickle it unsafely
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"cannot read {path} as a weights-only torch checkpoint: {why}")
-
-
-_LOCKS = {}  # path -> open file descriptor: the locks this process holds until it exits
-
-
-def hold_lock(path):
-    """An exclusive lock on `path` for the life of the process. A second run stops at once and names the
-    holder; the kernel drops a killed run's lock (flock), so a stale lock file is simply taken over."""
-    import fcntl
-    import socket
-
-    path = os.path.abspath(path)
-    if path in _LOCKS:
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        fail(f"{path} is locked by a running job ({holder}); wait for it or choose another output")
-    info = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, info.encode(), 0)
-    _LOCKS[path] = fd
-
-
-def claim_outdir(outdir, ckpt=None, overwrite=False):
-    """Rank 0, before the run writes anything: create and lock --outdir, remove temporary files a killed run
-    left, refuse to write over an existing run unless it is resumed (ckpt) or --overwrite is given, and on
-    resume cut log.jsonl back to the resumed step (no cut-off line, no repeated steps)."""
-    import re
-
-    os.makedirs(outdir, exist_ok=True)
-    hold_lock(os.path.join(outdir, ".lock"))
-    for name in os.listdir(outdir):
-        if re.search(r"\.tmp\d+$", name):  # ours, from a killed run: we hold the lock
-            os.remove(os.path.join(outdir, name))
-    ckpts = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
-    log_path = os.path.join(outdir, "log.jsonl")
-    if ckpt is None and ckpts:
-        if not overwrite:
-            fail(
-                f"{outdir} holds a run at step {int(ckpts[-1][5:-3])}: pass --resume {outdir} to continue "
-                "it, --overwrite to replace it, or choose another --outdir"
-            )
-        for name in [*ckpts, "latest.pt", "log.jsonl"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(outdir, name))
-    if ckpt is not None and os.path.isfile(log_path):
-        keep = []
-        with open(log_path) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):  # a line cut off by a kill does not parse
-                    if line.endswith("\n") and json.loads(line).get("step", 0) <= ckpt["step"]:
-                        keep.append(line)
-        with open(log_path + f".tmp{os.getpid()}", "w") as f:
-            f.writelines(keep)
-        os.replace(log_path + f".tmp{os.getpid()}", log_path)
-
-
-def check_out(path, overwrite=False, nbytes=0):
-    """Before the work: an output file must be new (or --overwrite), its folder writable, with room for it."""
-    import tempfile
-
-    if os.path.exists(path) and not overwrite:
-        fail(f"{path} exists; pass --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        fail(f"cannot write to {folder} ({e.strerror}): the folder is missing or not writable; create it")
-    free = shutil.disk_usage(folder).free
-    if nbytes > free:
-        fail(f"{path} needs about {nbytes / 2**30:.2f} GiB but {folder} has {free / 2**30:.2f} GiB free")
-
-
-def split_batch(args, world):
-    """--batch (global) over `world` processes, run in forward chunks of --batch-gpu -> (per-process batch,
-    chunk size); a one-line error where they do not divide."""
-    if args.batch % world:
-        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
-    batch_rank = args.batch // world
-    batch_gpu = args.batch_gpu or batch_rank
-    if batch_rank % batch_gpu:
-        fail(
-            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
-        )
-    return batch_rank, batch_gpu
-
-
-def resume_checkpoint(args, method):
-    """--resume's checkpoint (None without it); another method's checkpoint is a one-line error."""
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt.get("method") != method:
-        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {method!r}")
-    return ckpt
-
-
-def resumed_net_kwargs(ckpt, net_kwargs, args, log, keys=()):
-    """The checkpoint's net_kwargs, after checking that today's data has the shape and classes it had; a
-    warning names the flags among `keys` that differ from the checkpoint's (the run will then not equal an
-    unbroken one)."""
-    shape_keys = ("img_channels", "img_resolution", "label_dim")
-    theirs, ours = [ckpt["net_kwargs"].get(k) for k in shape_keys], [net_kwargs.get(k) for k in shape_keys]
-    if theirs != ours:
-        fail(
-            f"--resume {args.resume} was trained on (channels, resolution, classes) = {tuple(theirs)} but "
-            f"the data gives {tuple(ours)}: resume with the data it was trained on"
-        )
-    changed = {
-        k: (ckpt["args"].get(k), v) for k, v in vars(args).items() if k in keys and ckpt["args"].get(k) != v
-    }
-    if changed:
-        log.print(
-            f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
-        )
-    return ckpt["net_kwargs"]
-
-
-def check_numbers(parser, args, positive=(), nonnegative=()):
-    """Flags that must be > 0 (batch sizes, durations, tolerances) or >= 0 (learning rates), when given."""
-    for names, ok, what in ((positive, lambda v: v > 0, "positive"), (nonnegative, lambda v: v >= 0, ">= 0")):
-        for name in names:
-            value = getattr(args, name, None)
-            if value is not None and not ok(value):
-                parser.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
-    if getattr(args, "generate", 0) < 0:
-        parser.error(f"--generate N takes a number of images N > 0, got {args.generate}")
-
-
-class Logger:
-    """Rank 0 prints `k=v` lines, flushed, and appends the same record as JSON to <outdir>/log.jsonl. After
-    start(step, total_steps), lines read `step=N/TOTAL ... eta=1h02m` (at this run's pace since start)."""
-
-    def __init__(self, outdir, rank):
-        self.rank, self.path = rank, os.path.join(outdir, "log.jsonl") if outdir else None
-        self.total_steps, self._start = None, None
-
-    def start(self, step, total_steps):
-        self.total_steps, self._start = total_steps, (step, time.time())
-
-    def print(self, *a):
-        if self.rank == 0:
-            print(*a, flush=True)
-
-    def log(self, **rec):
-        if self.rank != 0:
-            return
-        text = {k: f"{v:.5g}" if isinstance(v, float) else str(v) for k, v in rec.items()}
-        if self.total_steps and "step" in rec:
-            done, elapsed = rec["step"] - self._start[0], time.time() - self._start[1]
-            if done > 0:
-                eta = round(elapsed / done * max(self.total_steps - rec["step"], 0))
-                rec["eta_s"] = eta
-                text["eta"] = (
-                    f"{eta // 3600}h{eta % 3600 // 60:02d}m"
-                    if eta >= 3600
-                    else f"{eta // 60}m{eta % 60:02d}s"
-                )
-            text["step"] = f"{rec['step']}/{self.total_steps}"
-        print(" ".join(f"{k}={v}" for k, v in text.items()), flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-
-class StopFlag:
-    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step (agreed on by all ranks); after it,
-    exit() ends the process with 128 + the signal (143 for SIGTERM) so that a scheduler requeues the job."""
-
-    def __init__(self):
-        self.requested, self.signum = False, 0
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested, self.signum = True, signum
-
-    def any(self, device, loss=0.0, step=None):
-        """True when any rank got a signal. Stops every rank (exit 1) when any rank's `loss` (a float or
-        tensor: the step's loss, plus the gradient norm where there is one) is not finite: before the
-        weights reach a checkpoint, so the newest checkpoint is the last good one."""
-        bad = ~torch.isfinite(torch.as_tensor(loss, dtype=torch.float32, device=device)).all()
-        t = torch.stack([torch.tensor(int(self.requested), device=device), bad.long()])
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(t)
-        if t[1]:
-            fail(
-                f"non-finite loss or gradient at step {step}: stopped without saving it, so the newest "
-                "checkpoint is the last good one; look for NaN/inf in the data or pairs, or lower --lr"
-            )
-        return bool(t[0])
-
-    def exit(self):
-        if self.signum:
-            raise SystemExit(128 + self.signum)
-
-
-def save_image_grid(images, path):
-    """images: [N, C, H, W] floats in [-1, 1] -> a PNG grid. torchvision rounds (x + 1) / 2 * 255 + 0.5, which
-    is EDM's quantisation x * 127.5 + 128."""
-    from torchvision.utils import save_image
-
-    save_image(
-        (images.detach().float().cpu() + 1) / 2, path, nrow=math.ceil(math.sqrt(len(images))), padding=0
-    )
-
-
-# --- end shared: runtime ---
-
-
-# --- shared: data (identical in every method file) ---
-# --data cifar10 | shapes | FILE.npz | FILE.npy | DIR | FILE.zip -> uint8 images; --xflip as extra indices.
-# CIFAR-10 and the synthetic set are held in memory (on the device while training); .npy, uncompressed .npz,
-# image folders and zips (EDM's dataset format, ImageNet-64) are read per batch: memory O(batch).
-
-
-def make_shapes(n=4096, res=16, seed=0):
-    """A synthetic dataset for CPU smoke runs: one disc (label 0) or square (label 1) of random colour,
-    size and position on a random background. Returns uint8 [n, res, res, 3] and int64 labels [n]."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
-    cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
-    r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
-    labels = rng.integers(0, 2, n)
-    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-    square = np.maximum(np.abs(yy - cy), np.abs(xx - cx)) <= r
-    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
-    fg, bg = rng.integers(0, 256, (2, n, 1, 1, 3))
-    return np.where(mask, fg, bg).astype(np.uint8), labels.astype(np.int64)
-
-
-class LazyImages:
-    """uint8 images [N, C, H, W] read on demand: `images[idx]` (a tensor, list, slice or int of indices) reads
-    just those images from the file. It stays on the host (`.to` is a no-op); get_batch moves each batch."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, source, n, hwc, read):
-        self.source, self.n, self.hwc, self._read = source, n, hwc, read
-        self.shape = torch.Size([n, hwc[2], hwc[0], hwc[1]])
-
-    def __len__(self):
-        return self.n
-
-    def to(self, device):
-        return self
-
-    def __getitem__(self, idx):
-        if isinstance(idx, int):
-            return self[[idx]][0]
-        idx = range(self.n)[idx] if isinstance(idx, slice) else idx
-        x = np.empty((len(idx), *self.hwc), np.uint8)
-        for j, i in enumerate(torch.as_tensor(idx, dtype=torch.long).reshape(-1).tolist()):
-            img = self._read(i)
-            if img.shape != self.hwc:
-                fail(f"{self.source}: image {i} has shape {img.shape} among images of shape {self.hwc}")
-            x[j] = img
-        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # NCHW memory, as the in-memory sets
-
-
-def _array_reader(path, member=None):
-    """A uint8 [N, H, W, C] array in a .npy file (or stored uncompressed in an .npz) -> (n, hwc, read(i))."""
-    offset = 0
-    if member is not None:  # the member's data offset inside the zip container of the .npz
-        with zipfile.ZipFile(path) as z:
-            info = z.getinfo(member)
-        with open(path, "rb") as f:
-            f.seek(info.header_offset + 26)
-            name_len, extra_len = np.frombuffer(f.read(4), "<u2")
-        offset = info.header_offset + 30 + int(name_len) + int(extra_len)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        version = np.lib.format.read_magic(f)
-        header = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = header(f)
-        offset = f.tell()
-    if dtype != np.uint8 or len(shape) != 4 or fortran:
-        fail(f"{path}: images must be a C-ordered uint8 [N, H, W, C] array; got {dtype} {shape}")
-    size = int(np.prod(shape[1:]))
-    fd = os.open(path, os.O_RDONLY)
-
-    def read(i):  # one positioned read per image: nothing of the file is mapped or cached by us
-        return np.frombuffer(os.pread(fd, size, offset + i * size), np.uint8).reshape(shape[1:])
-
-    return shape[0], tuple(shape[1:]), read
-
-
-def _decode(data, name):
-    """One image file's bytes -> uint8 [H, W, C]; palette and alpha images become RGB, never index values."""
-    import io
-
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        img = img if img.mode in ("L", "RGB") else img.convert("RGB")
-        return np.atleast_3d(np.asarray(img))
-    except Exception as e:
-        fail(f"cannot read image {name} ({type(e).__name__}: {e})")
-
-
-def _folder_reader(path):
-    """An image folder or zip (png/jpg, sorted by relative path) with EDM's optional dataset.json labels."""
-    is_zip = zipfile.is_zipfile(path) if os.path.isfile(path) else False
-    if is_zip:
-        with zipfile.ZipFile(path) as z:
-            names = sorted(z.namelist())
-    else:
-        names = sorted(
-            os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/")
-            for d, _, fs in os.walk(path)
-            for f in fs
-        )
-    files = [f for f in names if f.lower().endswith((".png", ".jpg", ".jpeg"))]
-    if not files:
-        fail(f"no .png/.jpg images found in {path}")
-    zf = zipfile.ZipFile(path) if is_zip else None
-
-    def raw(name):
-        if zf is not None:
-            return zf.read(name)
-        with open(os.path.join(path, name), "rb") as f:
-            return f.read()
-
-    labels = None
-    if "dataset.json" in names:
-        try:
-            table = dict(json.loads(raw("dataset.json")).get("labels") or [])
-        except (ValueError, TypeError, AttributeError) as e:
-            fail(f"{path}/dataset.json is not EDM's {{'labels': [[file, label], ...]}} format: {e}")
-        missing = [f for f in files if f not in table]
-        if missing:
-            fail(f"{path}/dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}")
-        labels = np.asarray([table[f] for f in files], dtype=np.int64)
-    hwc = _decode(raw(files[0]), files[0]).shape
-    return len(files), hwc, lambda i: _decode(raw(files[i]), files[i]), labels
-
-
-def load_images(spec, data_dir="datasets"):
-    """--data -> (uint8 [N, C, H, W] images, a tensor or LazyImages read per batch; int64 labels or None)."""
-    labels, lazy = None, None
-    if spec == "cifar10":
-        import torchvision
-
-        try:
-            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
-        except Exception as e:
-            fail(
-                f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
-                f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/ or pass --data FILE.npz"
-            )
-        images, labels = ds.data, np.asarray(ds.targets, dtype=np.int64)
-    elif spec == "shapes":
-        images, labels = make_shapes()
-    elif spec.endswith((".npz", ".npy")):
-        if not os.path.isfile(spec):
-            fail(f"data file not found: {spec} (expected uint8 'images' [N, H, W, C] in an .npz, or an .npy)")
-        if spec.endswith(".npy"):
-            lazy = _array_reader(spec)
-        else:
-            with np.load(spec) as f:
-                if "images" not in f:
-                    fail(f"{spec} has no 'images' array (found {sorted(f.keys())}); expected uint8 NHWC")
-                labels = f["labels"].astype(np.int64) if "labels" in f else None
-                stored = f.zip.getinfo("images.npy").compress_type == zipfile.ZIP_STORED
-                images = None if stored else f["images"]  # a compressed array is read whole
-            if stored:
-                lazy = _array_reader(spec, "images.npy")
-    elif os.path.isdir(spec) or spec.endswith(".zip"):
-        if not os.path.exists(spec):
-            fail(f"data file not found: {spec} (expected a zip of png/jpg images, EDM's dataset format)")
-        *lazy, labels = _folder_reader(spec)
-    else:
-        fail(f"--data {spec!r} is neither cifar10, shapes, an .npz/.npy file, a .zip nor a folder of images")
-    shape = lazy[1] if lazy else images.shape[1:]
-    n = lazy[0] if lazy else len(images)
-    if (lazy is None and images.dtype != np.uint8) or len(shape) != 3 or shape[-1] not in (1, 3):
-        fail(f"images in {spec} must be uint8 [N, H, W, C] with C in (1, 3); got shape {(n, *shape)}")
-    if shape[0] != shape[1]:
-        fail(f"images in {spec} must be square; got {shape[0]}x{shape[1]}")
-    if n == 0:
-        fail(f"{spec} holds no images")
-    if labels is not None and labels.shape != (n,):
-        fail(f"labels in {spec} must have shape [{n}]; got {labels.shape}")
-    if labels is not None and labels.min() < 0:
-        fail(f"labels in {spec} must be class indices 0, 1, ...; found {labels.min()}")
-    if lazy:
-        images = LazyImages(spec, lazy[0], lazy[1], lazy[2])
-    else:
-        images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    return images, None if labels is None else torch.from_numpy(labels)
-
-
-def get_batch(images, labels, idx, device):
-    """Data index i >= len(images) is the mirror image of i - len(images) (--xflip). -> floats in [-1, 1]."""
-    n, idx = len(images), idx.to(images.device)
-    y = images[idx % n].to(device).float() / 127.5 - 1
-    flip = (idx >= n).to(device)
-    y = torch.where(flip[:, None, None, None], y.flip(3), y)
-    return y, None if labels is None else labels[idx % n].to(device)
-
-
-# --- end shared: data ---
 
 
 if __name__ == "__main__":

@@ -1,48 +1,36 @@
-"""DANSM: distance-aware noise-sample matching for rectified flow ("Lengthening Inter-Path Distance").
+"""DANSM: distance-aware noise-sample matching for rectified flow (Xu et al., "Easing Training Process of
+Rectified Flow Models via Lengthening Inter-Path Distance", ICLR 2025).
 
-Rectified flow (RFM) regresses the straight velocity z - x of paths x_t = (1 - t) x + t z between a training
-image x and a noise z (Eq. 1-2). Where two paths pass close to each other their targets conflict and training
-slows down. DANSM lengthens the inter-path distances (Eq. 3-5, the closest approach of two paths over t) by a
-surrogate (Eq. 11, Alg. 1): shorten the paths. Before training, a pool of --match-size images and as many
-fresh noises is matched greedily: for each image in order, the nearest unused noise. Every noise of the pool
-is used exactly once, so the noise marginal stays exactly N(0, I). The matched pool is then consumed by the
-training batches (the pool may be larger or smaller than a batch). --matcher hungarian is Immiscible
-Diffusion's optimal assignment on the same pool, --matcher none the RFM baseline. --objective dm applies the
-same matching to epsilon-prediction diffusion with DDIM sampling (Sec. 5.8).
+Rectified flow (RFM) regresses the velocity z - x of the straight paths x_t = (1 - t) x + t z between images x
+and noises z (Eq. 1-2). Where two paths pass close (Eq. 3-5) their targets conflict and training slows down;
+DANSM lengthens these inter-path distances by shortening the paths (Eq. 11): a pool of --match-size images and
+as many fresh noises is matched greedily, each image in order taking the nearest unused noise (Alg. 1), so the
+noise marginal stays N(0, I). The batches consume the matched pools (a pool may outlast a batch or an epoch).
+--matcher hungarian is Immiscible Diffusion's optimal assignment of the same pool, --matcher none plain RFM;
+--objective dm is Sec. 5.8's epsilon-prediction diffusion model with DDIM. --report prints Table 2 (length,
+d_avg, d_min, t*_avg, t*_min of random and matched paths) and with --ckpt Table 3's preferable paths.
 
-Convention (the paper's Eq. 1): t = 0 is the data x, t = 1 the noise z; x_t = (1 - t) x + t z, the network
-sees (x_t, 1000 t) and predicts z - x; sampling integrates Euler from t = 1 down to t = 0. `ode_velocity`
-converts to the project's common clock (noise at 0).
+Convention (Eq. 1): t = 0 is the data, t = 1 the noise; the network sees (x_t, 999 t) and predicts z - x;
+Euler runs from t = 1 down to 0. The public code's clock is s = 1 - t: its t ~ U[1e-3, 1) and sampling grid
+s_i = 1e-3 + i (1 - 1e-3) / steps are ours at t = 1 - s (--t-min). docs/dansm.md gives each default's source.
 
-Inter-path metrics (Sec. 3.1, App. A.1): `inter_path_distance` (Eq. 4-5, closed-form t* clipped to [0, 1])
-and `path_stats` (length, d_avg, d_min, t*_avg, t*_min of Tables 2-3), computed for all pairs of a set of
-paths from Gram matrices. `--report` prints Table 2 for a dataset, and with --ckpt Table 3's "preferable
-paths" (each image's noise found by running the model's ODE from the image to t = 1).
-
-Distributed policy: pool p (its image indices and noise) is a function of (seed, p); rank 0 matches it and
-broadcasts the assignment; each rank trains on its slice of the global batch: the pairs are the same for any
-number of processes.
-
-Commands
-  CPU smoke run on a synthetic dataset (tiny net, pools of 256):
+Commands: a CPU smoke run on a 16x16 "shapes" set made in-process; the paper's CIFAR-10 RFM run (Table 1:
+batch 250, match-size 10,000, 500 epochs = 25 Mimg); Tables 2 and 3 with 50K paths per row (no flips, as the
+paper); 50,000 images with 10 Euler steps, image i from seed i for any number of GPUs:
     python dansm.py --data shapes --tiny --batch 64 --match-size 256 --duration 0.02 --outdir runs/dansm
-  The paper's CIFAR-10 RFM run (batch 250, match-size 10,000) on 4 GPUs:
     torchrun --standalone --nproc_per_node=4 dansm.py --data cifar10 --outdir runs/dansm-cifar10
-  Table 2 for a dataset, then Table 3 with a trained model:
-    python dansm.py --report --data cifar10 --match-sizes 10,100,1000,10000,100000 --paths 2000
-    python dansm.py --report --data cifar10 --paths 2000 --ckpt runs/dansm-cifar10
-  Generate 50,000 images with 10 Euler steps:
+    python dansm.py --report --data cifar10 --xflip off --match-sizes 10,100,1000,10000,100000 --paths 2000
+    python dansm.py --report --data cifar10 --xflip off --paths 2000 --ckpt runs/dansm-cifar10
     python dansm.py --generate 50000 --ckpt runs/dansm-cifar10 --nfe 10 --out dansm10.npz
 """
 
 import argparse
 import contextlib
 import copy
-import inspect
 import json
 import math
 import os
-import shutil
+import re
 import signal
 import time
 import zipfile
@@ -51,40 +39,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.utils import save_image
 
-# --- method: DANSM (rectified flow with distance-aware noise-sample matching) ---
-METHOD = "dansm"
+METHOD = "dansm"  # equals the file name
 VERSION = 1
 MATCHERS = ("greedy", "hungarian", "none")
 
 
-class FlowNet(nn.Module):
-    """The shared UNet as v(x_t, t) (rfm: predicts z - x, sees 1000 t) or eps(x_t, t) (dm: predicts z, sees
-    the integer timestep). class_labels: int64 [N] or one-hot [N, label_dim]."""
-
-    def __init__(self, img_resolution, img_channels, label_dim=0, objective="rfm", time_scale=1000.0,
-                 arch="ddpmpp", **unet):  # fmt: skip
-        super().__init__()
-        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.objective, self.time_scale = objective, time_scale
-        self.model = make_unet(arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet)
-
-    def forward(self, x, t, class_labels=None):
-        x = x.float()
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
-        onehot = None
-        if self.label_dim:
-            if class_labels is None:
-                raise ValueError(
-                    "this network is class-conditional: pass class labels (int64 [N] or one-hot);"
-                    " train it on labelled data with --cond and sample it with labels"
-                )
-            onehot = (
-                class_labels.float().reshape(-1, self.label_dim)
-                if class_labels.is_floating_point()
-                else F.one_hot(class_labels.long(), self.label_dim).float()
-            )
-        return self.model(x, self.time_scale * t, onehot).float()
+# --- DANSM: the flow, the matching, the inter-path metrics, the samplers ---
 
 
 def rfm_loss(net, x, z, t, labels=None):
@@ -93,73 +55,58 @@ def rfm_loss(net, x, z, t, labels=None):
     return ((z - x) - net((1 - tb) * x + tb * z, t, labels)).square().flatten(1).mean(1)
 
 
-DM_STEPS = 1000  # DDPM's linear beta schedule (Ho et al.), beta from 1e-4 to 0.02 over 1000 steps
-
-
-def dm_alpha_bar(device=None):
-    return torch.cumprod(1 - torch.linspace(1e-4, 0.02, DM_STEPS, dtype=torch.float64, device=device), 0)
+def dm_alpha_bar(device=None):  # Sec. 5.8: DDPM's linear beta schedule, 1e-4 to 0.02 over 1000 steps
+    return torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64, device=device), 0)
 
 
 def dm_loss(net, x, z, t_index, labels=None):
-    """Epsilon prediction (Sec. 5.8): ||z - eps(sqrt(ab) x + sqrt(1 - ab) z, t)||^2 per sample [N]."""
+    """Sec. 5.8's epsilon prediction per sample [N]: ||z - eps(sqrt(ab) x + sqrt(1 - ab) z, t)||^2."""
     ab = dm_alpha_bar(x.device)[t_index].float().reshape(-1, *[1] * (x.ndim - 1))
     return (z - net(ab.sqrt() * x + (1 - ab).sqrt() * z, t_index.float(), labels)).square().flatten(1).mean(1)
 
 
-# --- matching (Alg. 1, Eq. 11) ---
-
-
 def greedy_match(x, z, chunk=1024):
-    """DANSM Alg. 1 -> perm: image i takes noise z[perm[i]]. For each image in order, the nearest noise not
-    yet taken (squared L2, the same argmin as the path length). Vectorised and exact: a chunk of images takes
-    its argmins at once up to the first image whose choice an earlier image of the chunk already took; the
-    rest retry against the updated set. Distances are built chunk by chunk ([chunk, n] at a time), so a pool
-    of 100,000 CIFAR-10 images needs its two tensors (2 x 1.2 GB) plus 0.4 GB."""
-    n = len(x)
-    xf, zf = x.flatten(1), z.flatten(1)
-    z2 = zf.square().sum(1)
-    used = torch.zeros(n, dtype=torch.bool, device=x.device)
+    """DANSM Alg. 1 -> perm: image i takes z[perm[i]], for each image in order the nearest noise not yet
+    taken. Exact and vectorised: a chunk of images takes its argmins at once up to the first image whose
+    noise an earlier one took; the rest retry. [chunk, n] distances at a time (memory)."""
+    n, xf, zf = len(x), x.flatten(1), z.flatten(1)
+    z2, used = zf.square().sum(1), torch.zeros(n, dtype=torch.bool, device=x.device)
     perm = torch.empty(n, dtype=torch.long, device=x.device)
     for lo in range(0, n, chunk):
-        d = z2[None, :] - 2 * xf[lo : lo + chunk] @ zf.T  # ||x - z||^2 - ||x||^2: same argmin per row
+        d = z2[None, :] - 2 * xf[lo : lo + chunk] @ zf.T  # ||x - z||^2 - ||x||^2: the same argmin per row
         rows = torch.arange(lo, min(lo + chunk, n), device=x.device)
         while len(rows):
             pick = d[rows - lo].masked_fill(used[None, :], math.inf).argmin(1)
             _, inverse = torch.unique(pick, return_inverse=True)
             pos = torch.arange(len(pick), device=x.device)
-            first = torch.full((len(pick),), len(pick), device=x.device).scatter_reduce(
-                0, inverse, pos, "amin"
-            )
+            first = torch.full_like(pos, len(pick)).scatter_reduce(0, inverse, pos, "amin")
             clash = pos[first[inverse] < pos]  # images whose noise an earlier image of this round took
             k = int(clash.min()) if len(clash) else len(pick)
-            perm[rows[:k]], used[pick[:k]] = pick[:k], True
-            rows = rows[k:]
+            perm[rows[:k]], used[pick[:k]], rows = pick[:k], True, rows[k:]
     return perm
 
 
-def hungarian_match(x, z):
-    """Immiscible Diffusion's matcher: the optimal assignment for Eq. 11 (sum of path lengths) by scipy's
-    Hungarian solver on the whole pool, on the CPU, O(n^3)."""
+def hungarian_match(x, z, cost="mse"):
+    """Immiscible Diffusion's matcher (Sec. 5.6): scipy's optimal assignment of the pool (CPU, O(n^3)); cost
+    mse: the mean squared distance, as the public code's hungarian_algo_manager.py; l2: Eq. 11's lengths."""
     from scipy.optimize import linear_sum_assignment
 
-    c = torch.cdist(x.flatten(1).double(), z.flatten(1).double()).cpu().numpy()
-    return torch.as_tensor(linear_sum_assignment(c)[1], dtype=torch.long, device=x.device)
+    c = torch.cdist(x.flatten(1).double(), z.flatten(1).double())
+    c = c.square() / x[0].numel() if cost == "mse" else c
+    return torch.as_tensor(linear_sum_assignment(c.cpu().numpy())[1], dtype=torch.long, device=x.device)
 
 
-def match(x, z, matcher, chunk=1024, labels=None):
-    """perm for a pool: image i trains with z[perm[i]]. With labels (class-conditional training) each class is
-    matched among the noises at its own positions, so labels stay independent of the noise (as AOT's Alg. 2;
-    the paper is unconditional)."""
+def match(x, z, matcher, chunk=1024, labels=None, cost="mse"):
+    """perm for a pool: image i trains with z[perm[i]]. With labels each class is matched among the noises
+    at its own positions: labels stay independent of the noise (as AOT's Alg. 2; the paper: unconditional)."""
     if matcher not in MATCHERS:
         raise ValueError(f"unknown matcher {matcher!r}; expected one of {MATCHERS}")
     perm = torch.arange(len(x), device=x.device)
-    if matcher == "none":
-        return perm
     groups = (
         [perm.clone()] if labels is None else [torch.nonzero(labels == k).flatten() for k in labels.unique()]
     )
-    for g in groups:
-        sub = greedy_match(x[g], z[g], chunk) if matcher == "greedy" else hungarian_match(x[g], z[g])
+    for g in groups if matcher != "none" else []:
+        sub = greedy_match(x[g], z[g], chunk) if matcher == "greedy" else hungarian_match(x[g], z[g], cost)
         perm[g] = g[sub]
     return perm
 
@@ -169,91 +116,67 @@ def path_length(x, z):
     return (z.double() - x.double()).flatten(1).norm(dim=1)
 
 
-# --- inter-path metrics (Sec. 3.1, App. A.1) ---
-
-
 def inter_path_distance(x1, z1, x2, z2):
-    """DANSM Eq. 3-5 for paths r_k = (1 - t) x_k + t z_k, batched over the leading dim -> (dist, t*).
-    V = x2 - x1, U = z2 - z1: the gap (1 - t) V + t U is closest at t_hat = V.(V - U) / |V - U|^2, clipped
-    to [0, 1] (Eq. 4); parallel paths (U = V) are equally far everywhere (t* = 0)."""
+    """DANSM Eq. 3-5, batched -> (dist, t*): with V = x2 - x1, U = z2 - z1 the gap (1 - t) V + t U is closest
+    at t = V.(V - U) / |V - U|^2 clipped to [0, 1] (Eq. 4); parallel paths (U = V): t* = 0."""
     v, u = (x2 - x1).flatten(1).double(), (z2 - z1).flatten(1).double()
     w = v - u
     denom = w.square().sum(1)
-    t_hat = torch.where(denom > 0, (v * w).sum(1) / denom.clamp_min(1e-300), torch.zeros_like(denom))
-    t = t_hat.clamp(0, 1)
+    t = torch.where(denom > 0, (v * w).sum(1) / denom.clamp_min(1e-300), torch.zeros_like(denom)).clamp(0, 1)
     return ((1 - t)[:, None] * v + t[:, None] * u).norm(dim=1), t
 
 
 def path_rows(x, z, rows, chunk=1024):
-    """Per-path terms of Tables 2-3 for the paths `rows` of a set of n paths (x, z), each against all n - 1
-    others: length; the mean inter-path distance and its t* (d_avg, t_avg); the distance to the nearest other
-    path and its t* (d_min, t_min). From the Gram matrices of x and z (float64), in row chunks. -> dict of
-    float64 [len(rows)]."""
+    """Per-path terms of Tables 2-3 for the paths `rows` of a set (x, z), each against all others: length,
+    d_avg and t_avg (the mean inter-path distance and its t*), d_min and t_min (the nearest other path's, Sec.
+    3.2's minimal distance). From Gram matrices in float64 -> dict of float64 [len(rows)]."""
     xf, zf = x.flatten(1).double(), z.flatten(1).double()
-    n = len(xf)
-    xx, zz, xz = xf.square().sum(1), zf.square().sum(1), (xf * zf).sum(1)
+    n, xx, zz, xz = len(xf), xf.square().sum(1), zf.square().sum(1), (xf * zf).sum(1)
     out = {k: [] for k in ("d_avg", "t_avg", "d_min", "t_min")}
     for lo in range(0, len(rows), chunk):
         r = rows[lo : lo + chunk].to(xf.device)
-        gxx, gzz = xf[r] @ xf.T, zf[r] @ zf.T
-        gxz, gzx = xf[r] @ zf.T, zf[r] @ xf.T  # x_i.z_j and z_i.x_j
-        vv = xx[r, None] + xx[None] - 2 * gxx  # |x_j - x_i|^2
-        uu = zz[r, None] + zz[None] - 2 * gzz
-        vu = xz[None] - gzx - gxz + xz[r, None]  # (x_j - x_i).(z_j - z_i)
+        vv = xx[r, None] + xx[None] - 2 * xf[r] @ xf.T  # |x_j - x_i|^2
+        uu = zz[r, None] + zz[None] - 2 * zf[r] @ zf.T
+        vu = xz[None] - zf[r] @ xf.T - xf[r] @ zf.T + xz[r, None]  # (x_j - x_i).(z_j - z_i)
         ww = (vv - 2 * vu + uu).clamp_min(0)
         t = torch.where(ww > 0, (vv - vu) / ww.clamp_min(1e-300), torch.zeros_like(ww)).clamp(0, 1)  # Eq. 4
         d = ((1 - t) ** 2 * vv + 2 * t * (1 - t) * vu + t**2 * uu).clamp_min(0).sqrt()  # Eq. 5
-        self_pair = torch.arange(len(r)), r
-        d[self_pair], t[self_pair] = 0.0, 0.0
-        out["d_avg"].append(d.sum(1) / (n - 1))
-        out["t_avg"].append(t.sum(1) / (n - 1))
-        d[self_pair] = math.inf
-        k = d.argmin(1)
-        out["d_min"].append(d.gather(1, k[:, None])[:, 0])
-        out["t_min"].append(t.gather(1, k[:, None])[:, 0])
-    rows_dev = rows.to(xf.device)
-    return dict(length=path_length(x[rows_dev], z[rows_dev]), **{k: torch.cat(v) for k, v in out.items()})
+        me = torch.arange(len(r)), r
+        d[me], t[me] = 0.0, 0.0
+        out["d_avg"].append(d.sum(1) / (n - 1)), out["t_avg"].append(t.sum(1) / (n - 1))
+        d[me] = math.inf
+        k = d.argmin(1)[:, None]
+        out["d_min"].append(d.gather(1, k)[:, 0]), out["t_min"].append(t.gather(1, k)[:, 0])
+    r = rows.to(xf.device)
+    return dict(length=path_length(x[r], z[r]), **{k: torch.cat(v) for k, v in out.items()})
 
 
 def path_stats(x, z, chunk=1024):
-    """Tables 2-3 for a set of n paths: mean path length; d_avg and t*_avg, the mean over all pairs i != j of
-    the inter-path distance and its t*; d_min and t*_min, the mean over paths of the distance to the nearest
-    other path and its t*."""
+    """Tables 2-3 for a set of paths: the means of path_rows' terms over all of them."""
     return {k: v.mean().item() for k, v in path_rows(x, z, torch.arange(len(x)), chunk).items()}
 
 
-# --- sampling (t from 1 = noise down to 0 = data) ---
-
-
 @torch.no_grad()
-def euler_sample(net, z, steps, labels=None):
-    """RFM: x <- x - h v(x, t) from t = 1 to 0 in `steps` Euler steps."""
+def euler_sample(net, z, steps, labels=None, t_min=0.0):
+    """RFM: x <- x - h v(x, t_i), h = 1 / steps, on the public code's grid (rectified_flow_sampling.py:
+    s_i = t_min + i (1 - t_min) / steps at s = 1 - t), from t = 1 - t_min towards 0."""
     x, h = z, 1.0 / steps
     for i in range(steps):
-        x = x - h * net(x, 1.0 - i * h, labels)
+        x = x - h * net(x, 1 - t_min - i * h * (1 - t_min), labels)
     return x
 
 
-def ddim_timesteps(steps, spacing="public"):
-    """The DDIM timesteps (0-based indices into the 1000-step schedule, first to last) of `steps` steps.
-    public: the DANSM code's (framework_ddim/diffusion_sampling.py, sample_batch: skip = 1000 // steps,
-    reversed(range(0, 1000, skip)), as ermongroup's DDIM), which evaluates one more timestep than asked when
-    1000 is not a multiple of steps (3 steps: 999, 666, 333, 0) and starts below 999 when it is (10 steps:
-    900, ..., 0); `sample` reports the true count. even: `steps` indices rounded from linspace(999, 0)."""
-    if spacing == "public":
-        return list(reversed(range(0, DM_STEPS, DM_STEPS // steps)))
-    if spacing == "even":
-        return torch.linspace(DM_STEPS - 1, 0, steps, dtype=torch.float64).round().long().tolist()
-    raise ValueError(f"unknown DDIM spacing {spacing!r}: use public or even")
+def ddim_timesteps(steps):
+    """The public code's DDIM timesteps (framework_ddim/diffusion_sampling.py, as ermongroup's DDIM): skip =
+    1000 // steps, reversed(range(0, 1000, skip)); one more than asked where 1000 % steps (3: 999, 666, 333,
+    0), below 999 where not (10: 900, ..., 0)."""
+    return list(reversed(range(0, 1000, 1000 // steps)))
 
 
 @torch.no_grad()
-def ddim_sample(net, z, steps, labels=None, spacing="public"):
-    """DM: deterministic DDIM (eta = 0) on `ddim_timesteps(steps, spacing)`, ending at alpha_bar = 1 (the
-    public code's alphas_cumprod[0] = 1 after its last timestep)."""
-    ab = dm_alpha_bar(z.device)
-    ts = torch.tensor(ddim_timesteps(steps, spacing), device=z.device)
-    x = z
+def ddim_sample(net, z, steps, labels=None):
+    """DM: deterministic DDIM (eta = 0), ending at alpha_bar = 1 (the public code's after its last step)."""
+    ab, x, ts = dm_alpha_bar(z.device), z, torch.tensor(ddim_timesteps(steps), device=z.device)
     for j, t in enumerate(ts):
         eps = net(x, t.float(), labels)
         x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
@@ -262,391 +185,446 @@ def ddim_sample(net, z, steps, labels=None, spacing="public"):
     return x
 
 
-@torch.no_grad()
-def dopri5_sample(net, z, labels=None, atol=1e-5, rtol=1e-5, stats=None):
-    """RFM: torchdiffeq's adaptive dopri5 from t = 1 down to 0 (atol = rtol = 1e-5, the flow papers' setting)
-    -> (x, function evaluations); `stats` receives the attempted and accepted step counts."""
-    from torchdiffeq import odeint
+# --- the interface of every method file ---
 
-    if not (atol > 0 and rtol > 0):  # zero tolerances never accept a step: the solve would not end
-        raise ValueError(f"dopri5 needs atol > 0 and rtol > 0, got atol={atol}, rtol={rtol}")
 
-    count = dict(nfe=0, steps=0, accepted=0)
+class FlowNet(nn.Module):
+    """The UNet as v(x_t, t) (rfm: predicts z - x, sees time_scale t; t_min: its sampling grid's) or
+    eps(x_t, t) (dm: predicts z, sees the integer timestep). class_labels: int64 [N] or one-hot."""
 
-    class Field:  # torchdiffeq calls f(t, x) and looks its step callbacks up on the function object
-        def __call__(self, t, x):
-            count["nfe"] += 1
-            return net(x, t, labels).to(x.dtype)
+    def __init__(self, img_resolution, img_channels, label_dim=0, objective="rfm", time_scale=1000.0,
+                 t_min=0.0, arch="ddpmpp", **unet):  # fmt: skip
+        super().__init__()
+        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        self.objective, self.time_scale, self.t_min = objective, time_scale, t_min
+        self.model = make_unet(arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet)
 
-        def callback_step(self, t0, y0, dt):
-            count["steps"] += 1
-
-        def callback_accept_step(self, t0, y0, dt):
-            count["accepted"] += 1
-
-    x = z if z.dtype == torch.float64 else z.float()
-    t = torch.tensor([1.0, 0.0], dtype=x.dtype, device=x.device)
-    x = odeint(Field(), x, t, method="dopri5", atol=atol, rtol=rtol)[-1]
-    if stats is not None:
-        steps, accepted = count["steps"], count["accepted"]
-        stats.update(nfe_torchdiffeq=count["nfe"], solver_steps=steps, accepted_steps=accepted,
-                     rejected_steps=steps - accepted)  # fmt: skip
-    return x, count["nfe"]
+    def forward(self, x, t, class_labels=None):
+        x, dim, y = x.float(), self.label_dim, class_labels
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+        if dim and y is None:
+            raise ValueError("this network is class-conditional: pass class labels (int64 [N] or one-hot)")
+        if dim:
+            y = (y.reshape(-1, dim) if y.is_floating_point() else F.one_hot(y.long(), dim)).float()
+        return self.model(x, self.time_scale * t, y if dim else None).float()
 
 
 def build_net(net_kwargs):
-    """The trained network, FlowNet (net.objective tells `sample` which sampler applies)."""
     return FlowNet(**net_kwargs)
 
 
-def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, stats=None, spacing="public"):
-    """Interface: noise -> (images, NFE): rfm: nfe Euler steps from t = 1, or (solver dopri5) torchdiffeq's
-    adaptive solve with its function evaluations as the NFE (nfe ignored); dm: DDIM asked for nfe steps on the
-    public code's timesteps (`spacing`, see ddim_timesteps), the true number of evaluations returned."""
-    dm = getattr(net, "objective", "rfm") == "dm"
-    if solver not in ("euler", "dopri5") or (dm and solver != "euler"):
-        raise ValueError(f"solver {solver!r}: rfm takes euler or dopri5, dm (DDIM) only the default")
-    if solver == "dopri5":
-        return dopri5_sample(net, noise, labels, atol, rtol, stats)
+def sample(net, noise, nfe, labels=None):
+    """noise [N, C, H, W] standard normal -> (images, true NFE): rfm: nfe Euler steps on the net's grid; dm:
+    DDIM on the public code's timesteps for nfe steps (ddim_timesteps: maybe one more)."""
     if nfe < 1:
         raise ValueError(f"need at least one step, got NFE {nfe}")
-    if dm:
-        used = len(ddim_timesteps(nfe, spacing))
-        if stats is not None:
-            stats.update(solver_steps=used)
-        return ddim_sample(net, noise, nfe, labels, spacing), used
-    if stats is not None:
-        stats.update(solver_steps=nfe)
-    return euler_sample(net, noise, nfe, labels), nfe
+    if getattr(net, "objective", "rfm") == "dm":
+        return ddim_sample(net, noise, nfe, labels), len(ddim_timesteps(nfe))
+    return euler_sample(net, noise, nfe, labels, getattr(net, "t_min", 0.0)), nfe
 
 
-def inputs_for_seeds(seeds, shape, label_dim=0):
-    """Image i's noise, then its class label, from a generator seeded with seeds[i] (as every method file)."""
-    noise, labels = [], []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        noise.append(torch.randn(shape, generator=g))
-        if label_dim:
-            labels.append(torch.randint(label_dim, [], generator=g))
-    return torch.stack(noise), (torch.tensor(labels, dtype=torch.long) if label_dim else None)
+def ode_start(net, noise):  # x at t = 0 of the common clock (noise at 0): the noise itself
+    return noise
 
 
 def ode_velocity(net, x, t, labels=None):
     """dx/dt on the common clock (t = 0 noise, 1 data): this file's time is s = 1 - t, so -v(x, 1 - t)."""
     if getattr(net, "objective", "rfm") == "dm":
         raise ValueError("ode_velocity is defined for the rfm objective only")
-    t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
-    return -net(x, 1 - t, labels)
+    return -net(x, 1 - torch.as_tensor(t, dtype=torch.float32, device=x.device), labels)
 
 
-def predict_x1(x, t, v):
-    """The image the current velocity points at, x - t v (t in this file's convention, as the net got it)."""
-    t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
-    return x - t * v
+def predict_x1(x, t, v):  # the image the velocity points at, x - t v (t in this file's convention)
+    return x - torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1)) * v
 
 
-def generator_for(seed, *keys):
-    """A CPU generator that depends only on (seed, keys): the same stream on every rank and device."""
-    state = np.random.SeedSequence([seed, *keys]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+def noise_for_seeds(seeds, shape, label_dim=0):
+    """Image i's noise, then its uniform class label, from a generator seeded with seeds[i]."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]) if gens else torch.empty(0, *shape)
+    labels = torch.tensor([torch.randint(label_dim, [], generator=g) for g in gens]) if label_dim else None
+    return noise, labels
 
 
-# --- training ---
+def generator_for(seed, *keys):  # a CPU generator from (seed, keys) alone: the same on any rank and device
+    s = np.random.SeedSequence([seed, *keys]).generate_state(2)
+    return torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1]))
 
 
-class Pools:
-    """The stream of matched pairs: pool p holds --match-size images from the epoch stream (batch_indices with
-    batch = match_size) and as many fresh noises, both functions of (seed, p) only, matched once on rank 0.
-    Step s trains on stream positions [s * batch, (s + 1) * batch), which may span several pools or a part of
-    one."""
-
-    def __init__(self, args, images, labels, n_data, shape, device, rank, world):
-        self.args, self.images, self.labels, self.n_data = args, images, labels, n_data
-        self.shape, self.device, self.rank, self.world = shape, device, rank, world
-        self.cache = {}
-
-    def pool(self, p):
-        a = self.args
-        if p not in self.cache:
-            idx = batch_indices(self.n_data, a.match_size, p, a.seed)
-            x, y = get_batch(self.images, self.labels, idx, self.device)
-            z = torch.randn([a.match_size, *self.shape], generator=generator_for(a.seed, p, 1)).to(
-                self.device
-            )
-            t0 = time.time()
-            perm = (
-                match(x, z, a.matcher, a.match_chunk, y)
-                if self.rank == 0
-                else torch.empty_like(idx).to(self.device)
-            )
-            if self.world > 1:  # rank 0's matching for everyone
-                torch.distributed.broadcast(perm, 0)
-            match_s = time.time() - t0
-            zp = z[perm]  # Alg. 1: image i gets the noise chosen for it
-            stats = dict(
-                len_before=path_length(x, z).mean().item(), len_after=path_length(x, zp).mean().item()
-            )
-            self.cache = {k: v for k, v in self.cache.items() if k >= p - 1}
-            self.cache[p] = (x, y, zp, stats, match_s)
-        return self.cache[p]
-
-    def step(self, step):
-        """This rank's (x, z, labels) of a training step, its pools' statistics and matching seconds (each
-        pool's matching time spread over the steps that use it)."""
-        a, ms = self.args, self.args.match_size
-        lo, hi = step * a.batch, (step + 1) * a.batch
-        parts, pool_stats, match_s = [], [], 0.0
-        for p in range(lo // ms, (hi - 1) // ms + 1):
-            x, y, z, st, t = self.pool(p)
-            s = slice(max(lo - p * ms, 0), min(hi - p * ms, ms))
-            parts.append((x[s], y[s] if y is not None else None, z[s]))
-            pool_stats.append(st)
-            match_s += t * (s.stop - s.start) / ms  # the pool's matching time, shared by the rows it feeds
-        stats = {k: sum(st[k] for st in pool_stats) / len(pool_stats) for k in pool_stats[0]}
-        x = torch.cat([q[0] for q in parts])
-        z = torch.cat([q[2] for q in parts])
-        y = torch.cat([q[1] for q in parts]) if parts[0][1] is not None else None
-        br = a.batch // self.world
-        r = slice(self.rank * br, (self.rank + 1) * br)
-        return x[r], z[r], None if y is None else y[r], stats, match_s
+# --- data and checkpoints ---
 
 
-def ema_beta(mu, n, warmup=True):
-    """The EMA decay of update n (1 for the first): mu, or with warm-up min(mu, (1 + n) / (10 + n)), as the
-    public code's EMA (models/ncsn/ema.py, ExponentialMovingAverage.update with use_num_updates, from
-    score-sde), so early checkpoints are averages over the steps so far rather than mostly the initial net."""
-    return min(mu, (1 + n) / (10 + n)) if warmup else mu
+def fail(msg):
+    raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
 
 
-def _sync(module, sync):
-    """DDP: skip the gradient all-reduce on accumulation chunks that are not the last."""
-    return contextlib.nullcontext() if sync or not hasattr(module, "no_sync") else module.no_sync()
+def make_shapes(n=4096, res=16, seed=0):
+    """The smoke-test set: a disc (label 0) or a square (1) of random colour, size and place on a random
+    background -> uint8 [n, res, res, 3], int64 labels [n]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+    cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
+    r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
+    labels, fg, bg = rng.integers(0, 2, n), *rng.integers(0, 256, (2, n, 1, 1, 3))
+    disc, square = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2, np.maximum(abs(yy - cy), abs(xx - cx)) <= r
+    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
+    return np.where(mask, fg, bg).astype(np.uint8), labels
 
 
-def training_step(ddp, net, opt, batch, batch_gpu, args):
-    """One optimiser step on this rank's matched (x, z, t, labels), accumulated over --batch-gpu chunks -> its
-    mean loss (DANSM Eq. 2 for rfm, Sec. 5.8's epsilon loss for dm), with the gradient-norm clip."""
-    x, z, t, y = batch
-    opt.zero_grad(set_to_none=True)
-    loss_sum, chunks = 0.0, list(range(0, len(t), batch_gpu))
-    loss_fn = rfm_loss if args.objective == "rfm" else dm_loss
-    for j, c in enumerate(chunks):
-        sl = slice(c, c + batch_gpu)
-        with _sync(ddp, j == len(chunks) - 1):
-            loss = loss_fn(ddp, x[sl], z[sl], t[sl], None if y is None else y[sl]).mean()
-            (loss * batch_gpu / len(t)).backward()
-        loss_sum += loss.item() * batch_gpu / len(t)
-    if args.grad_clip:
-        torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
-    opt.step()
-    return loss_sum
+def load_data(spec, data_dir="datasets"):
+    """--data cifar10 | shapes | FILE.npy (tools/prepare_data.py's array, memory-mapped so RSS is O(batch);
+    labels in FILE.labels.npy) | FILE.npz ('images', 'labels') -> uint8 [N, H, W, C], int64 labels or None."""
+    labels = None
+    if spec == "cifar10":
+        import torchvision
+
+        try:
+            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+        except Exception as e:
+            fail(f"CIFAR-10 is not in {data_dir}/ and cannot be downloaded ({type(e).__name__}): put "
+                 f"cifar-10-python.tar.gz in {data_dir}/")  # fmt: skip
+        images, labels = ds.data, np.asarray(ds.targets)
+    elif spec == "shapes":
+        images, labels = make_shapes()
+    elif spec.endswith((".npy", ".npz")) and os.path.isfile(spec):
+        try:
+            if spec.endswith(".npy"):
+                images, lab = np.load(spec, mmap_mode="r"), spec[:-4] + ".labels.npy"
+                labels = np.load(lab) if os.path.isfile(lab) else None
+            else:
+                with np.load(spec) as f:
+                    images, labels = f["images"], f.get("labels")
+        except (ValueError, KeyError, OSError) as e:
+            fail(f"cannot read {spec} ({e}): expected uint8 images [N, H, W, C] (.npz: 'images', 'labels')")
+    else:
+        fail(f"--data {spec!r} not found: use cifar10, shapes, an .npy of tools/prepare_data.py or an .npz")
+    n, *hwc = images.shape
+    if images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
+        fail(f"{spec}: images must be square uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
+    if labels is not None and (labels.shape != (n,) or labels.min() < 0):
+        fail(f"{spec}: labels must be class indices 0, 1, ... of shape [{n}]; got {labels.shape}")
+    return images, None if labels is None else torch.from_numpy(labels.astype(np.int64))
 
 
-def save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_labels, device):
-    """Rank 0: the checkpoint (the pools are rebuilt from their seeds on resume) and a grid of EMA samples."""
-    ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, net=net.state_dict(),
-                ema=ema.state_dict(), opt=opt.state_dict(), step=step, kimg=nimg / 1000,
-                state=dict(nimg=nimg))  # fmt: skip
-    save_checkpoint(ckpt, args.outdir, step)
-    if args.grid:
-        labels = None if grid_labels is None else grid_labels.to(device)
-        x, _ = sample(ema, grid_noise.to(device), args.grid_nfe, labels, spacing=args.ddim_spacing)
-        save_image_grid(x, os.path.join(args.outdir, f"grid-{step:07d}.png"))
+def get_batch(images, labels, idx, device):
+    """Data index i >= N is the mirror image of i - N (--xflip) -> floats in [-1, 1], labels. A memory-mapped
+    array is read row by row (pread): mapped pages would stay resident, RSS would grow to the file's size."""
+    i, row = (idx % len(images)).numpy(), images[0].nbytes
+    if isinstance(images, np.memmap):
+        with open(images.filename, "rb") as f:
+            x = b"".join(os.pread(f.fileno(), row, images.offset + int(j) * row) for j in i)
+        x = np.frombuffer(x, np.uint8).reshape(len(i), *images.shape[1:])
+    else:
+        x = images[i]
+    y = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device).float() / 127.5 - 1
+    y = torch.where((idx >= len(images)).to(device)[:, None, None, None], y.flip(3), y)
+    return y, None if labels is None else labels[i].to(device)
 
 
-def run_net_kwargs(args, shape, label_dim, ckpt, log):
-    """The network this run trains -> net_kwargs: from the flags (the RFM velocity net sees 1000 t, the DM
-    eps-net the integer timestep), or the resumed run's."""
-    res = shape[-1]
-    if res % 2 ** (len(args.channel_mult) - 1):
-        fail(f"image size {res} is not divisible by 2^{len(args.channel_mult) - 1} (--channel-mult)")
-    net_kwargs = dict(img_resolution=res, img_channels=shape[0], label_dim=label_dim,
-                      objective=args.objective, time_scale=1000.0 if args.objective == "rfm" else 1.0,
-                      arch=args.arch, model_channels=args.model_channels,
-                      channel_mult=list(args.channel_mult), num_blocks=args.num_blocks,
-                      attn_resolutions=list(args.attn_res), dropout=args.dropout)  # fmt: skip
-    if ckpt is not None:
-        keys = ("data", "xflip", "batch", "seed", "match_size", "matcher", "objective", "lr", "ema_warmup")
-        net_kwargs = resumed_net_kwargs(ckpt, net_kwargs, args, log, keys)
-    return net_kwargs
+def load_checkpoint(path):
+    """One of our checkpoints (a run folder: its latest.pt), CRC-checked, loaded without executing code."""
+    path = os.path.join(path, "latest.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+            bad = bad and f"its member {bad} fails its CRC check"
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        bad = f"not a complete torch checkpoint ({str(e) or type(e).__name__})"
+    if bad:
+        fail(f"{path} is corrupt: {bad}; resume from an intact ckpt-*.pt beside it")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a foreign file: never unpickled unsafely
+        why = (str(e).strip() or type(e).__name__).splitlines()[0]
+        fail(f"cannot read {path} as a weights-only torch checkpoint: {why}")
+
+
+def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held for the process's life)
+    """Rank 0: lock --outdir (a second job stops at once); never write over a run unless it is resumed or
+    --overwrite; remove a killed run's temporary files; on resume cut log.jsonl back to the resumed step."""
+    import fcntl
+
+    os.makedirs(outdir, exist_ok=True)
+    if (lock := os.path.abspath(os.path.join(outdir, ".lock"))) not in _held:
+        f = _held[lock] = open(lock, "a+")  # noqa: SIM115
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0), _held.pop(lock)
+            fail(f"{outdir} is locked by a running job ({f.read()}); wait for it or use another --outdir")
+        f.truncate(0), f.write(f"pid {os.getpid()} on {os.uname().nodename}"), f.flush()
+    runs = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
+    if runs and ckpt is None and not overwrite:
+        fail(f"{outdir} holds a run at step {int(runs[-1][5:-3])}: pass --resume {outdir} to continue it, "
+             "--overwrite to replace it, or choose another --outdir")  # fmt: skip
+    for name in os.listdir(outdir):
+        if ".tmp" in name or (ckpt is None and (name in runs or name in ("latest.pt", "log.jsonl"))):
+            os.remove(os.path.join(outdir, name))
+    if ckpt is not None and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):
+        with open(log) as f:
+            keep = []
+            for s in f:  # lines cut off by a kill or not ours are dropped, and steps after the checkpoint
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    keep += [s] if s.endswith("\n") and json.loads(s)["step"] <= ckpt["step"] else []
+        with open(log + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log + ".tmp", log)
+
+
+def atomic_save(obj, path):  # a kill or a full disk never leaves a half-written file under the final name
+    torch.save(obj, f"{path}.tmp{os.getpid()}")
+    os.replace(f"{path}.tmp{os.getpid()}", path)
+
+
+def setup():
+    """(ddp, rank, world size, device): under torchrun one process per GPU (NCCL) or CPU process (gloo)."""
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if ddp:
+        torch.cuda.set_device(device) if cuda else None
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
+    return ddp, rank, world, device
+
+
+def batch_indices(n, batch, step, seed):
+    """Step `step`'s global data indices: consecutive slices of a stream of per-epoch permutations, each from
+    (seed, epoch) alone, so that the order does not depend on the number of processes."""
+    pos, out = step * batch + torch.arange(batch), torch.empty(batch, dtype=torch.long)
+    for e in (pos // n).unique().tolist():
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        out[pos // n == e] = order[pos[pos // n == e] % n]
+    return out
+
+
+# --- training: the public code's RFM loop on the stream of matched pools, nanoGPT-style ---
 
 
 def train(args):
-    rank, world, device = dist_setup()
-    log = Logger(args.outdir, rank)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    batch_rank, batch_gpu = split_batch(args, world)
-    ckpt = resume_checkpoint(args, METHOD)
-    images, labels = load_images(args.data, args.data_dir)
+    ddp, rank, world, device = setup()
+    batch_rank = args.batch // world
+    batch_gpu = args.batch_gpu or batch_rank
+    if args.batch % world:
+        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
+    if batch_rank % batch_gpu:
+        fail(f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank}")
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and ckpt.get("method") != METHOD:
+        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+    images, labels = load_data(args.data, args.data_dir)
     if args.cond and labels is None:
         fail(f"--cond needs class labels, but {args.data} has none")
-    n_data = len(images) * (2 if args.xflip else 1)
-    if args.matcher == "none":  # the RFM baseline: nothing to match, pools of one batch
-        args.match_size = args.batch
-    if args.match_size > n_data:
-        fail(f"--match-size {args.match_size} exceeds the {n_data} training images")
-    label_dim = int(labels.max()) + 1 if args.cond else 0
-    shape = tuple(images.shape[1:])
-    net_kwargs = run_net_kwargs(args, shape, label_dim, ckpt, log)
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    res, C, label_dim = images.shape[1], images.shape[3], int(labels.max()) + 1 if args.cond else 0
+    labels, rfm = labels if args.cond else None, args.objective == "rfm"
+    if res % 2 ** (len(args.channel_mult) - 1):
+        fail(f"image size {res} is not divisible by 2^(levels - 1) of --channel-mult {args.channel_mult}")
+    net_kwargs = dict(img_resolution=res, img_channels=C, label_dim=label_dim, objective=args.objective,
+                      time_scale=args.time_scale if rfm else 1.0, t_min=args.t_min if rfm else 0.0,
+                      arch=args.arch, model_channels=args.model_channels, channel_mult=args.channel_mult,
+                      num_blocks=args.num_blocks, attn_resolutions=args.attn_res,
+                      dropout=args.dropout)  # fmt: skip
+    if ckpt is not None:  # the run's own network, on data of its shape and classes
+        net_kwargs = ckpt["net_kwargs"]
+        if [net_kwargs[k] for k in ("img_resolution", "img_channels", "label_dim")] != [res, C, label_dim]:
+            fail(f"--resume {args.resume} was trained on other data: resume it with the data it had")
+    rfm, t_min = net_kwargs["objective"] == "rfm", net_kwargs.get("t_min", 0.0)  # the run's own recipe
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     net = build_net(net_kwargs).to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr, **optimizer_kwargs(args, device))
+    opt = torch.optim.Adam(net.parameters(), args.lr)  # torch's default Adam, as the public code
     step = nimg = 0
     if ckpt is not None:
-        net.load_state_dict(ckpt["net"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
+        net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
         step, nimg = ckpt["step"], ckpt["state"]["nimg"]
-        log.print(f"resumed from {args.resume} at step {step} ({nimg / 1000:.1f} kimg)")
-    ddp = prepare_net(net, args, device)  # the call under the speed flags; net and ema are what is stored
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            ddp, device_ids=[device] if device.type == "cuda" else None
-        )
+    n_data = len(images) * (2 if args.xflip == "copies" else 1)
+    ms = args.batch if args.matcher == "none" else args.match_size  # plain RFM: pools of one batch
     if rank == 0:
         claim_outdir(args.outdir, ckpt, args.overwrite)
         with open(os.path.join(args.outdir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
-        log.print(json.dumps(vars(args)))
-        log.print(
-            f"{n_data} images {shape}, {sum(p.numel() for p in net.parameters())} parameters, "
-            f"{world} process(es) on {device}; {args.objective}, matcher {args.matcher}, "
-            f"pools of {args.match_size}"
-        )
-    images = images.to(device)
-    labels = labels.to(device) if label_dim else None
-    pools = Pools(args, images, labels, n_data, shape, device, rank, world)
-    total_steps = math.ceil(args.duration * 1e6 / args.batch)
-    grid_noise = torch.randn([args.grid, *shape], generator=torch.Generator().manual_seed(0))
-    grid_labels = torch.arange(args.grid) % label_dim if label_dim else None
-    stop = StopFlag()
-    sums, t_last, step_last = {}, time.time(), step
-    log.start(step, total_steps)
+        n_par = sum(p.numel() for p in net.parameters())
+        print(f"{n_data} data indices, {n_par} parameters, {world} process(es) on {device}, from step "
+              f"{step}; matcher {args.matcher}, pools of {ms}", flush=True)  # fmt: skip
+    torch.backends.cudnn.benchmark = True  # full fp32 unless --precision tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    model = torch.compile(net) if args.compile else net  # what is called; net and ema are what is stored
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+    stop = []  # SIGINT/SIGTERM: a checkpoint at the end of the step, then exit 128 + signal (a requeue)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, lambda signum, frame: stop.append(signum))
+    pools, total_steps = {}, math.ceil(args.duration * 1e6 / args.batch)
+    grid_noise, grid_labels = noise_for_seeds(range(args.grid), (C, res, res), label_dim)
+    sums, t_log, step_log = torch.zeros(4, dtype=torch.float64), time.time(), step
+    t0, step0 = t_log, step
     while step < total_steps:
-        seed_step(args.seed, rank, world, step)  # dropout
-        x, z, y, stats, match_s = pools.step(step)
+        s0, s1 = np.random.SeedSequence([args.seed * world + rank, step]).generate_state(2)
+        torch.manual_seed(int(s0) << 32 | int(s1))  # dropout from (seed, rank, step): no RNG state to store
+        lo, hi, got = step * args.batch, (step + 1) * args.batch, []  # the global batch's stream positions
+        for p in range(lo // ms, (hi - 1) // ms + 1):  # Alg. 1 on pool p: ms images and noises, (seed, p)
+            if p not in pools:
+                x, y = get_batch(images, labels, batch_indices(n_data, ms, p, args.seed), device)
+                z = torch.randn([ms, C, res, res], generator=generator_for(args.seed, p, 1)).to(device)
+                perm, t_match = torch.empty(ms, dtype=torch.long, device=device), time.time()
+                if rank == 0:
+                    perm = match(x, z, args.matcher, args.match_chunk, y, args.hungarian_cost)
+                torch.distributed.broadcast(perm, 0) if ddp else None  # rank 0's matching for everyone
+                pools = {q: v for q, v in pools.items() if q >= p - 1}
+                lengths = [path_length(x, z).mean().item(), path_length(x, z[perm]).mean().item()]
+                pools[p] = (x, z[perm], y, *lengths, time.time() - t_match)  # image i gets z[perm[i]]
+            got.append((pools[p], slice(max(lo - p * ms, 0), min(hi - p * ms, ms))))
+        mine = slice(rank * batch_rank, (rank + 1) * batch_rank)
+        x, z = (torch.cat([q[k][s] for q, s in got])[mine] for k in (0, 1))
+        y = None if labels is None else torch.cat([q[2][s] for q, s in got])[mine]
         g = generator_for(args.seed, step, 3)  # t of the global batch: independent of the world size
-        lo, hi = rank * batch_rank, (rank + 1) * batch_rank
-        if args.objective == "rfm":
-            t = torch.rand(args.batch, generator=g)[lo:hi].to(device)
+        if rfm:  # the public code's t ~ U[t_min, 1) on its clock s = 1 - t
+            t = ((1 - t_min) * torch.rand(args.batch, generator=g))[mine].to(device)
         else:
-            t = torch.randint(DM_STEPS, (args.batch,), generator=g)[lo:hi].to(device)
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
-        loss_sum = training_step(ddp, net, opt, (x, z, t, y), batch_gpu, args)
-        ema_update(ema, net, ema_beta(args.ema, step + 1, args.ema_warmup))
-        for k, v in dict(loss=loss_sum, match_s=match_s, **stats).items():
-            sums[k] = sums.get(k, 0.0) + v
+            t = torch.randint(1000, (args.batch,), generator=g)[mine].to(device)
+        lr = args.lr * min(1.0, (nimg + args.batch) / (args.lr_rampup * 1e6)) if args.lr_rampup else args.lr
+        for group in opt.param_groups:  # linear lr ramp-up over --lr-rampup Mimg (the public code: none)
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss_sum, loss_fn = 0.0, rfm_loss if rfm else dm_loss
+        for j, c in enumerate(chunks := range(0, batch_rank, batch_gpu)):  # --batch-gpu per forward pass
+            sl = slice(c, c + batch_gpu)
+            sync = contextlib.nullcontext() if j == len(chunks) - 1 or not ddp else model.no_sync()
+            with sync, torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = loss_fn(model, x[sl], z[sl], t[sl], None if y is None else y[sl]).mean()  # Eq. 2
+                (loss * batch_gpu / batch_rank).backward()
+            loss_sum += loss.item() * batch_gpu / batch_rank
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+        opt.step()
+        beta = min(args.ema_decay, (2 + step) / (11 + step) if args.ema_warmup else 1)  # score-sde's warm-up
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
+                p_ema.copy_(p.detach().lerp(p_ema, beta))
+            for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
+                b_ema.copy_(b)
         nimg, step = nimg + args.batch, step + 1
-        done, stop_now = step >= total_steps, stop.any(device, loss_sum, step)
-        if step % args.log_every == 0 or done or stop_now:
-            n = max(step - step_last, 1)
-            metrics = {k: all_mean(v / n, device) for k, v in sums.items()}
-            sec = (time.time() - t_last) / n
-            log.log(
-                step=step, kimg=nimg / 1000, **metrics, match_frac=metrics["match_s"] / sec, sec_per_step=sec
+        lengths = [sum(q[i] for q, _ in got) / len(got) for i in (3, 4)]
+        match_s = sum(q[5] * (s.stop - s.start) / ms for q, s in got)  # a pool's seconds shared by its rows
+        sums += torch.tensor([loss_sum, *lengths, match_s], dtype=torch.float64)
+        flags = torch.tensor([float(bool(stop)), float(not math.isfinite(loss_sum))], device=device)
+        torch.distributed.all_reduce(flags) if ddp else None  # every rank stops together
+        if flags[1]:
+            fail(f"non-finite loss at step {step}: stopped before a checkpoint; lower --lr or check the data")
+        done, stopping = step >= total_steps, bool(flags[0])
+        if step % args.log_every == 0 or done or stopping:
+            mean = (sums / (step - step_log) / world).to(device)
+            torch.distributed.all_reduce(mean) if ddp else None
+            sec = (time.time() - t_log) / (step - step_log)
+            names = ("loss", "len_before", "len_after", "match_s")
+            rec = dict(
+                step=step, kimg=nimg / 1000, **dict(zip(names, mean.tolist(), strict=True)), sec_per_step=sec
             )
-            sums, t_last, step_last = {}, time.time(), step
-        if step % args.snap_every == 0 or done or stop_now:
+            rec["match_frac"] = rec["match_s"] / sec
+            eta = round((time.time() - t0) / (step - step0) * (total_steps - step))
             if rank == 0:
-                save_snapshot(args, net_kwargs, net, ema, opt, step, nimg, grid_noise, grid_labels, device)
-            barrier()
-        if stop_now:
-            log.print(f"stopped by signal at step {step}; resume with --resume {args.outdir}")
+                text = " ".join(f"{k}={v:.5g}" if type(v) is float else f"{k}={v}" for k, v in rec.items())
+                hms = f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta > 3599 else f"{eta // 60}m{eta % 60:02d}s"
+                print(text.replace(f"step={step}", f"step={step}/{total_steps}", 1), f"eta={hms}", flush=True)
+                with open(os.path.join(args.outdir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(dict(rec, eta_s=eta)) + "\n")
+            sums, t_log, step_log = sums.zero_(), time.time(), step
+        if rank == 0 and (step % args.snap_every == 0 or done or stopping):  # pools: rebuilt from their seeds
+            name = f"ckpt-{step:07d}.pt"
+            ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
+                        net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
+                        state=dict(nimg=nimg))  # fmt: skip
+            atomic_save(ckpt, os.path.join(args.outdir, name))
+            os.symlink(name, os.path.join(args.outdir, "latest.tmp"))
+            os.replace(os.path.join(args.outdir, "latest.tmp"), os.path.join(args.outdir, "latest.pt"))
+            if args.grid:  # EMA samples of the grid seeds
+                lab = None if grid_labels is None else grid_labels.to(device)
+                x, _ = sample(ema, grid_noise.to(device), args.nfe, lab)
+                path, nrow = os.path.join(args.outdir, f"grid-{step:07d}.png"), math.ceil(math.sqrt(len(x)))
+                save_image((x.cpu() + 1) / 2, path, nrow=nrow, padding=0)
+        if stopping:
+            print(
+                f"stopped by signal at step {step}: resume with --resume {args.outdir}"
+            ) if rank == 0 else None
             break
-    dist_teardown()
-    stop.exit()  # 143 after SIGTERM: the scheduler requeues the job
+    if ddp:
+        torch.distributed.barrier(), torch.distributed.destroy_process_group()
+    if stop:
+        raise SystemExit(128 + stop[0])
 
 
 # --- the report (Tables 2 and 3) and generation ---
 
 
-@torch.no_grad()
-def invert(net, x, steps=100, labels=None):
-    """The model's own noise for images x: Euler on its ODE from t = 0 (data) up to t = 1 (Table 3)."""
-    h = 1.0 / steps
-    for i in range(steps):
-        x = x + h * net(x, i * h, labels)
-    return x
-
-
 def report_set(images, n_data, size, matcher, keep, seed, device, chunk=1024):
-    """Table 2's paths for one match-size: independent pools of `size` consecutive positions of the epoch
-    stream (pool p: batch_indices(n_data, size, p), noise from (seed, p), matched as in training), as many as
-    cover every data index at least once (a pool larger than the data spans several epochs and holds an index
-    several times, as the public code's pool of noises outlives an epoch). Each data index of `keep` then
-    takes one of its occurrences, chosen uniformly, so no index appears twice and no position of a greedy
-    pool (the first images choose first) is favoured. -> (x, z) in the order of `keep`, number of pools."""
+    """Table 2's paths for one match-size: pools of `size` consecutive positions of the epoch stream matched
+    as in training, as many as cover every data index (a pool larger than the data spans several epochs, as
+    the public code's pool of noises outlives an epoch). Each data index of `keep` then takes one of its
+    occurrences uniformly, so no index appears twice and no position of a greedy pool is favoured.
+    -> (x, z) in the order of `keep`, number of pools."""
     n_pools = math.ceil(n_data / size)
     idx = torch.cat([batch_indices(n_data, size, p, seed) for p in range(n_pools)])
     order = torch.randperm(len(idx), generator=generator_for(seed, size, 4))
     first = torch.full((n_data,), len(idx), dtype=torch.long)
-    first.scatter_reduce_(0, idx[order], torch.arange(len(idx)), "amin")
-    chosen = order[first[keep]]  # the stream position that represents each kept index
+    chosen = order[first.scatter_reduce_(0, idx[order], torch.arange(len(idx)), "amin")[keep]]
     x, _ = get_batch(images, None, keep, device)
     z = torch.empty_like(x)
     for p in range(n_pools):
         mine = torch.nonzero((chosen >= p * size) & (chosen < (p + 1) * size)).flatten()
-        if not len(mine):
-            continue
-        xp, _ = get_batch(images, None, idx[p * size : (p + 1) * size], device)
-        zp = torch.randn([size, *x.shape[1:]], generator=generator_for(seed, p, 1)).to(device)
-        zp = zp[match(xp, zp, matcher, chunk)]  # Alg. 1 on the whole pool
-        z[mine.to(device)] = zp[(chosen[mine] - p * size).to(device)]
+        if len(mine):
+            xp, _ = get_batch(images, None, idx[p * size : (p + 1) * size], device)
+            zp = torch.randn([size, *x.shape[1:]], generator=generator_for(seed, p, 1)).to(device)
+            z[mine.to(device)] = zp[match(xp, zp, matcher, chunk)][(chosen[mine] - p * size).to(device)]
     return x, z, n_pools
 
 
 def summarize(per_path, n_ref):
-    """Means of the per-path terms of P sampled paths of a set of n_ref, each with its standard error:
-    s/sqrt(P) for the length (a per-path quantity); s sqrt(1/P + 3/n_ref) for the pair statistics, whose
-    mean over a whole set is a U-statistic (variance about 4 s^2 / n_ref) plus sampling P of its rows."""
+    """Means of P sampled paths' terms (of a set of n_ref) with a standard error: s / sqrt(P) for the length;
+    s sqrt(1/P + 3/n_ref) for the pair statistics (a U-statistic over the set plus the sampling of P rows),
+    which is conservative by about 1.6-1.9x for d_min and t*_min."""
     out = {}
     for k, v in per_path.items():
-        p = len(v)
-        s = v.std().item() if p > 1 else 0.0
-        out[k] = v.mean().item()
-        out[f"{k}_se"] = s / math.sqrt(p) if k == "length" else s * math.sqrt(1 / p + 3 / n_ref)
+        s = v.std().item() if len(v) > 1 else 0.0
+        out[k], out[k + "_se"] = v.mean().item(), s * math.sqrt(1 / len(v) + (k != "length") * 3 / n_ref)
     return out
 
 
 def report(args):
-    """Table 2 (random paths vs each match-size) and, with --ckpt, Table 3's preferable paths. Every row is a
-    set of --ref-paths paths (default: one per data index, the paper's "50K CIFAR-10 images"), the same data
-    indices in every row; the metrics are averaged over --paths of them, each against the whole set."""
+    """Table 2 (random paths and each match-size), with --ckpt Table 3's preferable paths (each image's noise
+    by Euler on the model's ODE from t = 0 to 1). Every row is a set of --ref-paths paths (default: one per
+    data index), the same in every row, its metrics averaged over --paths of them, each against the set."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images, _ = load_images(args.data, args.data_dir)
-    n_data = len(images) * (2 if args.xflip else 1)
-    n_ref = min(args.ref_paths or n_data, n_data)
-    if args.ref_paths and args.ref_paths > n_data:
+    images, _ = load_data(args.data, args.data_dir)
+    n_data = len(images) * (2 if args.xflip == "copies" else 1)
+    if args.ref_paths > n_data:
         fail(f"--ref-paths {args.ref_paths} exceeds the {n_data} data indices of {args.data}")
-    g = generator_for(args.seed, 5)
+    n_ref, g = args.ref_paths or n_data, generator_for(args.seed, 5)
     keep = torch.randperm(n_data, generator=g)[:n_ref].sort().values  # the data indices of every row
-    sampled = torch.randperm(n_ref, generator=g)[: min(args.paths, n_ref)].sort().values
-    rows = []
-    for ms in [0, *args.match_sizes]:  # 0: random pairing (the RFM baseline), one pool of the whole data
+    sampled, rows = torch.randperm(n_ref, generator=g)[: min(args.paths, n_ref)].sort().values, []
+    for ms in [0, *args.match_sizes]:  # 0: random pairs (the RFM baseline), one pool of the whole data
         size, matcher = (ms, "greedy") if ms else (n_data, "none")
         x, z, n_pools = report_set(images, n_data, size, matcher, keep, args.seed, device, args.match_chunk)
         stats = summarize(path_rows(x, z, sampled, args.match_chunk), n_ref)
         rows.append(dict(paths=f"ms {ms}" if ms else "random", pools=n_pools, pool_size=size, **stats))
     if args.ckpt:
         ckpt = load_checkpoint(args.ckpt)
-        if ckpt.get("method") != METHOD:
-            fail(f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
-        net = build_net(ckpt["net_kwargs"]).eval().requires_grad_(False).to(device)
+        k = ckpt.get("net_kwargs", {})
+        if ckpt.get("method") != METHOD or k.get("objective") != "rfm" or k.get("label_dim"):
+            fail(f"--ckpt {args.ckpt}: preferable paths need an unconditional rfm checkpoint of {METHOD}.py")
+        net = build_net(k).eval().requires_grad_(False).to(device)
         net.load_state_dict(ckpt["ema"])
-        if net.objective != "rfm" or net.label_dim:
-            fail("preferable paths need an unconditional rfm checkpoint")
-        x, _ = get_batch(images, None, keep, device)
-        z = torch.cat([invert(net, x[i : i + 256], args.invert_steps) for i in range(0, len(x), 256)])
+        x, h = get_batch(images, None, keep, device)[0], 1.0 / args.invert_steps
+        z = x.clone()
+        with torch.no_grad():
+            for i in range(args.invert_steps):  # each image's noise by the model: Euler from t = 0 up to 1
+                z = torch.cat([zj + h * net(zj, i * h) for zj in z.split(256)])
         stats = summarize(path_rows(x, z, sampled, args.match_chunk), n_ref)
         rows.append(dict(paths="preferable", pools=0, pool_size=0, **stats))
-    print(
-        f"{args.data}: {n_data} data indices{' (with x-flips)' if args.xflip else ''}; each row is a set of "
-        f"{n_ref} paths (one per data index), its metrics averaged over {len(sampled)} of them, each against "
-        f"all {n_ref}; +- one standard error (d_min falls as the set grows: compare rows of equal sets)"
-    )
+    flips = " (with x-flips)" if n_data > len(images) else ""
+    print(f"{args.data}: {n_data} data indices{flips}; each row is a set of {n_ref} paths (one per data "
+          f"index), its metrics averaged over {len(sampled)} of them, each against all {n_ref}; +- one "
+          "standard error (d_min falls as the set grows)")  # fmt: skip
     keys = ("length", "d_avg", "t_avg", "d_min", "t_min")
     print(f"{'paths':>12} {'pools':>13} " + " ".join(f"{k.replace('t_', 't*_'):>16}" for k in keys))
     for r in rows:
@@ -654,167 +632,136 @@ def report(args):
         cells = [f"{r[k]:8.4f} +-{r[k + '_se']:<6.2g}" for k in keys]
         print(f"{r['paths']:>12} {pools:>13} " + " ".join(cells))
     if args.out_json:
-        tmp = f"{args.out_json}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            meta = dict(data=args.data, data_indices=n_data, ref_paths=n_ref, paths=len(sampled))
-            json.dump(dict(**meta, rows=rows), f, indent=2)
-        os.replace(tmp, args.out_json)
+        with open(f"{args.out_json}.tmp{os.getpid()}", "w") as f:
+            json.dump(
+                dict(data=args.data, data_indices=n_data, ref_paths=n_ref, paths=len(sampled), rows=rows), f
+            )
+        os.replace(f"{args.out_json}.tmp{os.getpid()}", args.out_json)
     return rows
 
 
+@torch.no_grad()
 def generate(args):
-    """--generate N images from --ckpt (image i from seed --seed + i, any number of processes)."""
-    check_out(args.out, args.overwrite)
+    """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA -> an .npz ('images'
+    uint8 NHWC, 'seeds', 'labels') written atomically, and a PNG grid of the first 64 beside it."""
     from tqdm import tqdm
 
-    rank, world, device = dist_setup()
+    if os.path.exists(args.out) and not args.overwrite:
+        fail(f"{args.out} exists; pass --overwrite to replace it")
+    ddp, rank, world, device = setup()
     ckpt = load_checkpoint(args.ckpt)
     if ckpt.get("method") != METHOD:
-        fail(
-            f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; use that method's file to sample it"
-        )
-    net = build_net(ckpt["net_kwargs"]).eval().requires_grad_(False)
-    net.load_state_dict(ckpt["ema"])
-    net = prepare_net(net.to(device), args, device)  # --precision, --compile
+        fail(f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; sample it with that method's file")
     k = ckpt["net_kwargs"]
-    shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k["label_dim"]
-    seeds = list(range(args.seed, args.seed + args.generate))[rank::world]
-    out_x, out_y, nfe = [], [], 0
+    net = build_net(k).eval().requires_grad_(False)
+    net.load_state_dict(ckpt["ema"])
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    model = torch.compile(net.to(device)) if args.compile else net.to(device)
+    seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
+    shape += (k["img_resolution"],) * 2
+    xs, ys = [torch.empty(0, *shape[1:], shape[0], dtype=torch.uint8)], [torch.empty(0, dtype=torch.long)]
     for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
-        noise, lab = inputs_for_seeds(seeds[i : i + args.gen_batch], shape, label_dim)
-        lab = None if lab is None else lab.to(device)
-        x, nfe = sample(net, noise.to(device), args.nfe, lab, spacing=args.ddim_spacing)
-        out_x.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        out_y.append(lab.cpu() if lab is not None else torch.zeros(len(x), dtype=torch.long))
-    mine = (seeds, torch.cat(out_x).numpy() if out_x else None, torch.cat(out_y).numpy() if out_y else None)
-    parts = [mine]
-    if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, mine)
+        noise, lab = noise_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"])
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+            x, nfe = sample(model, noise.to(device), args.nfe, lab if lab is None else lab.to(device))
+        xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        ys.append(torch.zeros(len(x), dtype=torch.long) if lab is None else lab)
+    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy())] * world
+    torch.distributed.all_gather_object(parts, parts[0]) if ddp else None
     if rank == 0:
-        parts = [p for p in parts if p[0]]
         order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
-        images = np.concatenate([p[1] for p in parts])[order]
-        arrays = dict(images=images, seeds=np.arange(args.seed, args.seed + args.generate))
-        if label_dim:
-            arrays["labels"] = np.concatenate([p[2] for p in parts])[order]
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, args.out)
-        grid = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        save_image_grid(grid, os.path.splitext(args.out)[0] + ".png")
-        print(f"wrote {len(images)} images to {args.out} (NFE {nfe})", flush=True)
-    dist_teardown()
+        out = dict(
+            images=np.concatenate([p[1] for p in parts])[order], seeds=args.seed + np.arange(len(order))
+        )
+        if k["label_dim"]:
+            out["labels"] = np.concatenate([p[2] for p in parts])[order]
+        with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
+            np.savez(f, **out)
+        os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
+        grid = torch.from_numpy(out["images"][:64]).permute(0, 3, 1, 2).float() / 255
+        save_image(grid, args.out[:-4] + ".png", nrow=math.ceil(math.sqrt(len(grid))), padding=0)
+        print(f"wrote {len(order)} images to {args.out} (NFE {nfe} per image)")
+    torch.distributed.destroy_process_group() if ddp else None
 
 
 # --- command line ---
 
 
-def _ints(s):
-    return [int(v) for v in s.split(",") if v]
-
-
 def parse_args(argv=None):
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(
-        description="DANSM: rectified flow with distance-aware noise-sample matching; inter-path metrics.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="DANSM (see the docstring)", allow_abbrev=False, formatter_class=fmt
     )
-    p.add_argument("--data", default=None, help="training images: cifar10 | shapes | FILE.npz | DIR")
-    p.add_argument("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
-    p.add_argument(
-        "--xflip",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="mirrored images as extra data indices (public code: random flips, config data.random_flip)",
+    add, ints = p.add_argument, lambda s: [int(v) for v in s.split(",") if v]
+    add("--data", help="cifar10 | shapes (synthetic) | FILE.npy (tools/prepare_data.py) | FILE.npz")
+    add("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
+    add("--outdir", default="runs/dansm", help="checkpoints, grids, log.jsonl, args.json")
+    add("--cond", action="store_true", help="class-conditional (labels from the data; matched per class)")
+    add("--xflip", default="copies", choices=["off", "copies"], help="mirror images as extra data indices")
+    add("--objective", default="rfm", choices=["rfm", "dm"], help="rectified flow or Sec. 5.8's DM")
+    add("--matcher", default="greedy", choices=MATCHERS, help="Alg. 1 | Immiscible's | plain RFM")
+    add(
+        "--hungarian-cost",
+        default="mse",
+        choices=["mse", "l2"],
+        help="--matcher hungarian's cost (public: mse)",
     )
-    p.add_argument("--cond", action="store_true", help="class-conditional (labels from the data)")
-    p.add_argument("--outdir", default="runs/dansm", help="checkpoints, grids, log.jsonl, args.json")
-    p.add_argument(
-        "--objective", default="rfm", choices=["rfm", "dm"], help="rectified flow or Sec. 5.8's DM"
+    add(
+        "--match-size", type=int, default=10000, help="images (and noises) per matched pool (Table 1: 10,000)"
     )
-    p.add_argument(
-        "--matcher", default="greedy", choices=MATCHERS, help="Alg. 1 | Immiscible's | RFM baseline"
+    add("--match-chunk", type=int, default=1024, help="distance-matrix rows at a time (memory)")
+    add("--batch", type=int, default=250, help="global batch per optimizer step (the paper: 250)")
+    add("--batch-gpu", type=int, help="images per forward pass (accumulating to the per-process batch)")
+    add("--lr", type=float, default=1e-4, help="Adam learning rate (public code: 1e-4, constant)")
+    add("--lr-rampup", type=float, default=0, help="linear lr warm-up, Mimg (public code: none)")
+    add("--grad-clip", type=float, default=1.0, help="gradient-norm clip (public config: 1; 0: off)")
+    add("--ema-decay", type=float, default=0.9999, help="EMA decay per step (public README: 0.9999)")
+    add("--ema-warmup", action=argparse.BooleanOptionalAction, default=True, help="score-sde's EMA warm-up")
+    add("--duration", type=float, default=25, help="training length, Mimg (Table 1: 500 epochs = 25 Mimg)")
+    add("--t-min", type=float, default=1e-3, help="t ~ U[0, 1 - t_min) and its Euler grid (public: 1e-3)")
+    add("--time-scale", type=float, default=999, help="the network sees time-scale * t (public code: 999)")
+    add("--arch", default="ddpmpp", choices=["ddpmpp", "ncsnpp", "adm", "adm-cfm"], help="the UNet")
+    add("--model-channels", type=int, default=128, help="UNet base width (public: 128)")
+    add("--channel-mult", type=ints, default=[1, 2, 2, 2], help="width per resolution (public: 1,2,2,2)")
+    add("--num-blocks", type=int, default=4, help="residual blocks per resolution (public: 4)")
+    add("--attn-res", type=ints, default=[16], help="self-attention resolutions (public: 16)")
+    add("--dropout", type=float, default=0.15, help="dropout (public CIFAR-10 RFM config: 0.15)")
+    add("--tiny", action="store_true", help="a tiny UNet for CPU smoke runs")
+    add("--seed", type=int, default=0, help="init, data order, pools, t, dropout; the first --generate seed")
+    add("--log-every", type=int, default=100, help="steps between log lines")
+    add("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
+    add("--grid", type=int, default=64, help="images in each snapshot grid (seeds 0..N-1); 0: none")
+    add("--resume", help="run folder (its latest.pt) or checkpoint to continue")
+    add("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
+    add("--report", action="store_true", help="print Table 2 (and 3 with --ckpt) for --data")
+    add("--match-sizes", type=ints, default=[10, 100, 1000, 10000], help="--report: its match-sizes")
+    add("--paths", type=int, default=2000, help="--report: paths sampled per row (each against the set)")
+    add("--ref-paths", type=int, default=0, help="--report: paths per row's set (0: one per data index)")
+    add("--invert-steps", type=int, default=100, help="--report --ckpt: Euler steps from data to noise")
+    add("--out-json", help="--report: also write the table as JSON")
+    add("--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt")
+    add("--ckpt", help="--generate, --report: a checkpoint of this file, or its run folder")
+    add("--out", default="samples.npz", help="--generate's .npz (a .png grid beside it)")
+    add("--nfe", type=int, default=10, help="network evaluations per image, grids too (Euler; dm: DDIM)")
+    add("--gen-batch", type=int, default=256, help="images per sampling batch")
+    add(
+        "--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="fp32 (the paper's), TF32, bf16"
     )
-    p.add_argument(
-        "--match-size",
-        type=int,
-        default=10000,
-        help="images (and noises) per matched pool (the paper: 10,000)",
-    )
-    p.add_argument("--match-chunk", type=int, default=1024, help="distance-matrix rows per chunk (memory)")
-    p.add_argument("--batch", type=int, default=250, help="global batch (the paper's CIFAR-10 RFM: 250)")
-    p.add_argument(
-        "--batch-gpu", type=int, default=None, help="samples per forward pass (accumulate the rest)"
-    )
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (public code: --lr 1e-4)")
-    p.add_argument(
-        "--warmup", type=int, default=0, help="linear lr warm-up steps (public code: none; 0: off)"
-    )
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay per step (public README: 0.9999)")
-    p.add_argument(
-        "--ema-warmup",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="EMA decay min(--ema, (1 + n) / (10 + n)) at update n, as the public code (score-sde's EMA)",
-    )
-    p.add_argument(
-        "--duration", type=float, default=100.0, help="training length, Mimg (2000 CIFAR-10 epochs)"
-    )
-    p.add_argument(
-        "--arch", default="ddpmpp", choices=["ddpmpp", "adm"], help="the UNet: the shared DDPM++ or ADM"
-    )
-    p.add_argument("--model-channels", type=int, default=128, help="UNet base width (DDPM++: 128)")
-    p.add_argument("--channel-mult", type=_ints, default=[2, 2, 2], help="width multipliers per resolution")
-    p.add_argument("--num-blocks", type=int, default=4, help="residual blocks per resolution")
-    p.add_argument("--attn-res", type=_ints, default=[16], help="resolutions with self-attention")
-    p.add_argument("--dropout", type=float, default=0.15, help="dropout (public CIFAR-10 RFM config: 0.15)")
-    p.add_argument("--tiny", action="store_true", help="the tests' tiny UNet (CPU smoke runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, data order, pools, t")
-    p.add_argument("--log-every", type=int, default=100, help="steps between log lines")
-    p.add_argument("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
-    p.add_argument("--grid", type=int, default=64, help="images per snapshot grid; 0: none")
-    p.add_argument("--grid-nfe", type=int, default=10, help="sampling steps of the snapshot grids")
-    p.add_argument("--resume", default=None, help="checkpoint file or run folder (its latest.pt) to continue")
-    p.add_argument("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
-    p.add_argument("--report", action="store_true", help="print Table 2 (and 3 with --ckpt) for --data")
-    p.add_argument("--match-sizes", type=_ints, default=[10, 100, 1000, 10000], help="--report: match-sizes")
-    p.add_argument(
-        "--paths", type=int, default=2000, help="--report: paths sampled per row (each against the whole set)"
-    )
-    p.add_argument(
-        "--ref-paths", type=int, default=0, help="--report: paths per row's set (0: one per data index)"
-    )
-    p.add_argument("--invert-steps", type=int, default=100, help="--report --ckpt: Euler steps data -> noise")
-    p.add_argument("--out-json", default=None, help="--report: also write the table as JSON")
-    p.add_argument(
-        "--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt instead"
-    )
-    p.add_argument("--ckpt", default=None, help="dansm checkpoint (or run folder) for --generate / --report")
-    p.add_argument("--out", default="samples.npz", help="output .npz of --generate (a .png grid beside it)")
-    p.add_argument("--nfe", type=int, default=10, help="--generate: Euler (rfm) or DDIM (dm) steps")
-    p.add_argument(
-        "--ddim-spacing",
-        default="public",
-        choices=["public", "even"],
-        help="dm: DDIM timesteps, the public code's reversed(range(0, 1000, 1000 // steps)) or even",
-    )
-    p.add_argument("--gen-batch", type=int, default=256, help="images per sampling batch in --generate")
-    add_speed_args(p)
+    add("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
-    check_numbers(p, args, ("batch", "batch_gpu", "duration", "atol", "rtol"), ("lr",))
-    if args.generate and not args.ckpt:
-        p.error("--generate needs --ckpt")
-    if not args.generate and not args.data:
-        p.error("--data is required for training and --report")
+    positive = ("batch", "batch_gpu", "duration", "log_every", "snap_every", "nfe", "gen_batch", "match_size",
+                "match_chunk", "paths", "invert_steps")  # fmt: skip
+    for name in (*positive, "generate", "grid", "lr", "lr_rampup", "ref_paths"):
+        if (v := getattr(args, name)) is not None and (v <= 0 if name in positive else v < 0):
+            p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'}, got {v}")
+    if min(args.match_sizes, default=1) < 1 or not 0 <= args.t_min < 1:
+        p.error("--match-sizes must be >= 1 and --t-min in [0, 1)")
+    if not (args.ckpt if args.generate else args.data):
+        p.error(
+            "--generate N needs --ckpt" if args.generate else "--data is required for training and --report"
+        )
     if args.tiny:
         args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
-    if args.match_size < 1 or any(m < 1 for m in args.match_sizes):
-        p.error("--match-size and --match-sizes must be at least 1")
-    for name in ("batch", "duration", "log_every", "snap_every", "gen_batch", "paths", "nfe", "match_chunk"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
     return args
 
 
@@ -823,87 +770,6 @@ def main(argv=None):
     if args.report:
         return report(args)
     generate(args) if args.generate else train(args)
-
-
-# === shared below this line: identical in every file; the method is above ===
-
-
-# --- shared: precision (identical in every method file) ---
-# Speed flags. The default (--precision fp32, no --compile) calls the network itself and builds the optimizer
-# as before: the papers' fp32 computation, bit for bit. Nothing compiled or wrapped is ever stored.
-
-
-def add_speed_args(p, train=True):
-    """The speed flags of a trainer (train=True) or of a sampling script (gen_pairs.py, evaluate.py)."""
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "tf32", "bf16"],
-        help="fp32 (the papers'); tf32: TF32 matmuls/convs (Ampere+ GPUs); bf16: torch.autocast around the "
-        "network (losses, EDM preconditioning, EMA and optimizer state stay fp32)",
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the network's forward")
-    p.add_argument(
-        "--compile-backend",
-        default="inductor",
-        help="torch.compile backend (eager, aot_eager: quick checks without inductor's C++ build)",
-    )
-    p.add_argument(
-        "--channels-last", action="store_true", help="feed the network channels-last (NHWC) images"
-    )
-    if train:
-        p.add_argument(
-            "--fused-adam", action="store_true", help="fused optimizer step where supported, else foreach"
-        )
-
-
-def optimizer_kwargs(args, device, cls=torch.optim.Adam):
-    """{} (torch's default implementation) unless --fused-adam: fused where cls and device have it."""
-    if not args.fused_adam:
-        return {}
-    fused = "fused" in inspect.signature(cls).parameters and device.type in ("cuda", "cpu")
-    return dict(fused=True) if fused else dict(foreach=True)
-
-
-class FastNet(nn.Module):
-    """net as the training step or a sampler calls it under the speed flags: same parameters, same call
-    signature, float32 output. Autocast wraps the whole forward, not only the UNet: the preconditioning
-    (EDM's c_skip, c_out, c_in, c_noise; the flow nets' time scaling) is elementwise arithmetic on float32
-    inputs, which autocast leaves in float32; convolutions, linears and attention matmuls run in bfloat16."""
-
-    def __init__(self, net, args):
-        super().__init__()
-        self.net, self.precision, self.channels_last = net, args.precision, args.channels_last
-        # the bound forward, compiled or not: no second (compiled) module is registered in this one
-        self.fn = torch.compile(net.forward, backend=args.compile_backend) if args.compile else net.forward
-
-    def __getattr__(self, name):  # the wrapped net's attributes (lmm's schedule, dansm's objective, ...)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "net":
-                raise
-            return getattr(self.net, name)
-
-    def forward(self, x, *a, **kw):
-        if self.channels_last and x.dim() == 4:  # activations NHWC from the first conv on; weights stay
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
-            out = self.fn(x, *a, **kw)
-        return out.float()
-
-
-def prepare_net(net, args, device):
-    """The module to call for --precision/--compile/--channels-last: net itself for plain fp32 (so today's
-    computation exactly), else a FastNet around it. tf32 is a global switch of the CUDA backends."""
-    if args.precision == "tf32" and device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.precision != "bf16" and not args.compile and not args.channels_last:
-        return net
-    return FastNet(net, args)
-
-
-# --- end shared: precision ---
 
 
 # --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---
@@ -1195,553 +1061,6 @@ def make_unet(arch, *args, **kwargs):
 
 
 # --- end UNet ---
-
-
-# --- shared: runtime (identical in every method file) ---
-# Distributed setup, per-step seeding, EMA, atomic checkpoints, data order and rank-0 logging.
-
-
-def fail(msg):
-    """Stop with a one-line message for the user (exit code 1), not a traceback."""
-    raise SystemExit(f"error: {msg}")
-
-
-def dist_setup():
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; otherwise a single process."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
-
-
-def dist_teardown():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def all_mean(value, device):
-    """Mean of a float over ranks."""
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return t.item()
-
-
-def seed_step(seed, rank, world_size, step):
-    """Seed torch's global RNGs from (seed * world_size + rank, step): resume needs no stored RNG state."""
-    state = np.random.SeedSequence([seed * world_size + rank, step]).generate_state(2)
-    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def epoch_order(n, seed, epoch):
-    """The data order of one epoch: a permutation of range(n) that depends only on (seed, epoch)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def batch_indices(n, batch, step, seed):
-    """Global data indices of training step `step`: consecutive slices of a stream of epoch permutations.
-    Independent of the world size; rank r takes the r-th slice of the per-rank batch."""
-    pos = step * batch + torch.arange(batch)
-    epochs = pos // n
-    out = torch.empty(batch, dtype=torch.long)
-    for e in epochs.unique().tolist():
-        sel = epochs == e
-        out[sel] = epoch_order(n, seed, e)[pos[sel] % n]
-    return out
-
-
-def edm_ema_beta(batch, nimg, halflife_kimg, rampup_ratio):
-    """EDM's EMA decay: half-life in images, ramped up as min(halflife, rampup_ratio * images seen)."""
-    halflife = halflife_kimg * 1000
-    if rampup_ratio is not None:
-        halflife = min(halflife, nimg * rampup_ratio)
-    return 0.5 ** (batch / max(halflife, 1e-8))
-
-
-@torch.no_grad()
-def ema_update(ema, net, beta):
-    for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
-        p_ema.copy_(p.detach().lerp(p_ema, beta))
-    for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
-        b_ema.copy_(b)
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash or a full disk never leaves a half-written file
-    (the temporary file is removed; a kill's leftover is removed by the next claim_outdir)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def save_checkpoint(ckpt, outdir, step):
-    """Write <outdir>/ckpt-<step>.pt and point <outdir>/latest.pt at it (both atomic)."""
-    name = f"ckpt-{step:07d}.pt"
-    atomic_save(ckpt, os.path.join(outdir, name))
-    tmp = os.path.join(outdir, f"latest.pt.tmp{os.getpid()}")
-    os.symlink(name, tmp)
-    os.replace(tmp, os.path.join(outdir, "latest.pt"))
-
-
-def intact(path):
-    """None if `path` is a zip whose every member matches its CRC-32 (torch.save writes them), else why not.
-    torch.load itself does not check them: flipped bytes would load as changed weights."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        return f"not a complete torch checkpoint ({str(e) or type(e).__name__})"
-    return f"its member {bad} fails its CRC check (the file is corrupt)" if bad else None
-
-
-def load_checkpoint(path):
-    """Load one of our checkpoints safely (tensors and plain containers only), after checking its integrity.
-    A directory means its latest.pt."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "latest.pt")
-    if not os.path.isfile(path):
-        fail(f"checkpoint not found: {path}")
-    problem = intact(path)
-    if problem:
-        folder = os.path.dirname(os.path.abspath(path))
-        names = sorted(
-            (n for n in os.listdir(folder) if n.startswith("ckpt-") and n.endswith(".pt")), reverse=True
-        )
-        good = next((os.path.join(folder, n) for n in names if intact(os.path.join(folder, n)) is None), None)
-        fail(
-            f"{path}: {problem}; "
-            + (f"the newest intact checkpoint is {good}" if good else "no intact one here")
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign file: say which, do not unpickle it unsafely
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"cannot read {path} as a weights-only torch checkpoint: {why}")
-
-
-_LOCKS = {}  # path -> open file descriptor: the locks this process holds until it exits
-
-
-def hold_lock(path):
-    """An exclusive lock on `path` for the life of the process. A second run stops at once and names the
-    holder; the kernel drops a killed run's lock (flock), so a stale lock file is simply taken over."""
-    import fcntl
-    import socket
-
-    path = os.path.abspath(path)
-    if path in _LOCKS:
-        return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        fail(f"{path} is locked by a running job ({holder}); wait for it or choose another output")
-    info = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, info.encode(), 0)
-    _LOCKS[path] = fd
-
-
-def claim_outdir(outdir, ckpt=None, overwrite=False):
-    """Rank 0, before the run writes anything: create and lock --outdir, remove temporary files a killed run
-    left, refuse to write over an existing run unless it is resumed (ckpt) or --overwrite is given, and on
-    resume cut log.jsonl back to the resumed step (no cut-off line, no repeated steps)."""
-    import re
-
-    os.makedirs(outdir, exist_ok=True)
-    hold_lock(os.path.join(outdir, ".lock"))
-    for name in os.listdir(outdir):
-        if re.search(r"\.tmp\d+$", name):  # ours, from a killed run: we hold the lock
-            os.remove(os.path.join(outdir, name))
-    ckpts = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
-    log_path = os.path.join(outdir, "log.jsonl")
-    if ckpt is None and ckpts:
-        if not overwrite:
-            fail(
-                f"{outdir} holds a run at step {int(ckpts[-1][5:-3])}: pass --resume {outdir} to continue "
-                "it, --overwrite to replace it, or choose another --outdir"
-            )
-        for name in [*ckpts, "latest.pt", "log.jsonl"]:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(outdir, name))
-    if ckpt is not None and os.path.isfile(log_path):
-        keep = []
-        with open(log_path) as f:
-            for line in f:
-                with contextlib.suppress(ValueError):  # a line cut off by a kill does not parse
-                    if line.endswith("\n") and json.loads(line).get("step", 0) <= ckpt["step"]:
-                        keep.append(line)
-        with open(log_path + f".tmp{os.getpid()}", "w") as f:
-            f.writelines(keep)
-        os.replace(log_path + f".tmp{os.getpid()}", log_path)
-
-
-def check_out(path, overwrite=False, nbytes=0):
-    """Before the work: an output file must be new (or --overwrite), its folder writable, with room for it."""
-    import tempfile
-
-    if os.path.exists(path) and not overwrite:
-        fail(f"{path} exists; pass --overwrite to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as e:
-        fail(f"cannot write to {folder} ({e.strerror}): the folder is missing or not writable; create it")
-    free = shutil.disk_usage(folder).free
-    if nbytes > free:
-        fail(f"{path} needs about {nbytes / 2**30:.2f} GiB but {folder} has {free / 2**30:.2f} GiB free")
-
-
-def split_batch(args, world):
-    """--batch (global) over `world` processes, run in forward chunks of --batch-gpu -> (per-process batch,
-    chunk size); a one-line error where they do not divide."""
-    if args.batch % world:
-        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
-    batch_rank = args.batch // world
-    batch_gpu = args.batch_gpu or batch_rank
-    if batch_rank % batch_gpu:
-        fail(
-            f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank} (= --batch / processes)"
-        )
-    return batch_rank, batch_gpu
-
-
-def resume_checkpoint(args, method):
-    """--resume's checkpoint (None without it); another method's checkpoint is a one-line error."""
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt.get("method") != method:
-        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {method!r}")
-    return ckpt
-
-
-def resumed_net_kwargs(ckpt, net_kwargs, args, log, keys=()):
-    """The checkpoint's net_kwargs, after checking that today's data has the shape and classes it had; a
-    warning names the flags among `keys` that differ from the checkpoint's (the run will then not equal an
-    unbroken one)."""
-    shape_keys = ("img_channels", "img_resolution", "label_dim")
-    theirs, ours = [ckpt["net_kwargs"].get(k) for k in shape_keys], [net_kwargs.get(k) for k in shape_keys]
-    if theirs != ours:
-        fail(
-            f"--resume {args.resume} was trained on (channels, resolution, classes) = {tuple(theirs)} but "
-            f"the data gives {tuple(ours)}: resume with the data it was trained on"
-        )
-    changed = {
-        k: (ckpt["args"].get(k), v) for k, v in vars(args).items() if k in keys and ckpt["args"].get(k) != v
-    }
-    if changed:
-        log.print(
-            f"warning: resuming with changed settings {changed}; the run will not equal an unbroken one"
-        )
-    return ckpt["net_kwargs"]
-
-
-def check_numbers(parser, args, positive=(), nonnegative=()):
-    """Flags that must be > 0 (batch sizes, durations, tolerances) or >= 0 (learning rates), when given."""
-    for names, ok, what in ((positive, lambda v: v > 0, "positive"), (nonnegative, lambda v: v >= 0, ">= 0")):
-        for name in names:
-            value = getattr(args, name, None)
-            if value is not None and not ok(value):
-                parser.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
-    if getattr(args, "generate", 0) < 0:
-        parser.error(f"--generate N takes a number of images N > 0, got {args.generate}")
-
-
-class Logger:
-    """Rank 0 prints `k=v` lines, flushed, and appends the same record as JSON to <outdir>/log.jsonl. After
-    start(step, total_steps), lines read `step=N/TOTAL ... eta=1h02m` (at this run's pace since start)."""
-
-    def __init__(self, outdir, rank):
-        self.rank, self.path = rank, os.path.join(outdir, "log.jsonl") if outdir else None
-        self.total_steps, self._start = None, None
-
-    def start(self, step, total_steps):
-        self.total_steps, self._start = total_steps, (step, time.time())
-
-    def print(self, *a):
-        if self.rank == 0:
-            print(*a, flush=True)
-
-    def log(self, **rec):
-        if self.rank != 0:
-            return
-        text = {k: f"{v:.5g}" if isinstance(v, float) else str(v) for k, v in rec.items()}
-        if self.total_steps and "step" in rec:
-            done, elapsed = rec["step"] - self._start[0], time.time() - self._start[1]
-            if done > 0:
-                eta = round(elapsed / done * max(self.total_steps - rec["step"], 0))
-                rec["eta_s"] = eta
-                text["eta"] = (
-                    f"{eta // 3600}h{eta % 3600 // 60:02d}m"
-                    if eta >= 3600
-                    else f"{eta // 60}m{eta % 60:02d}s"
-                )
-            text["step"] = f"{rec['step']}/{self.total_steps}"
-        print(" ".join(f"{k}={v}" for k, v in text.items()), flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-
-class StopFlag:
-    """SIGINT/SIGTERM ask for a checkpoint at the end of the current step (agreed on by all ranks); after it,
-    exit() ends the process with 128 + the signal (143 for SIGTERM) so that a scheduler requeues the job."""
-
-    def __init__(self):
-        self.requested, self.signum = False, 0
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handler)
-
-    def _handler(self, signum, frame):
-        self.requested, self.signum = True, signum
-
-    def any(self, device, loss=0.0, step=None):
-        """True when any rank got a signal. Stops every rank (exit 1) when any rank's `loss` (a float or
-        tensor: the step's loss, plus the gradient norm where there is one) is not finite: before the
-        weights reach a checkpoint, so the newest checkpoint is the last good one."""
-        bad = ~torch.isfinite(torch.as_tensor(loss, dtype=torch.float32, device=device)).all()
-        t = torch.stack([torch.tensor(int(self.requested), device=device), bad.long()])
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(t)
-        if t[1]:
-            fail(
-                f"non-finite loss or gradient at step {step}: stopped without saving it, so the newest "
-                "checkpoint is the last good one; look for NaN/inf in the data or pairs, or lower --lr"
-            )
-        return bool(t[0])
-
-    def exit(self):
-        if self.signum:
-            raise SystemExit(128 + self.signum)
-
-
-def save_image_grid(images, path):
-    """images: [N, C, H, W] floats in [-1, 1] -> a PNG grid. torchvision rounds (x + 1) / 2 * 255 + 0.5, which
-    is EDM's quantisation x * 127.5 + 128."""
-    from torchvision.utils import save_image
-
-    save_image(
-        (images.detach().float().cpu() + 1) / 2, path, nrow=math.ceil(math.sqrt(len(images))), padding=0
-    )
-
-
-# --- end shared: runtime ---
-
-
-# --- shared: data (identical in every method file) ---
-# --data cifar10 | shapes | FILE.npz | FILE.npy | DIR | FILE.zip -> uint8 images; --xflip as extra indices.
-# CIFAR-10 and the synthetic set are held in memory (on the device while training); .npy, uncompressed .npz,
-# image folders and zips (EDM's dataset format, ImageNet-64) are read per batch: memory O(batch).
-
-
-def make_shapes(n=4096, res=16, seed=0):
-    """A synthetic dataset for CPU smoke runs: one disc (label 0) or square (label 1) of random colour,
-    size and position on a random background. Returns uint8 [n, res, res, 3] and int64 labels [n]."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
-    cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
-    r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
-    labels = rng.integers(0, 2, n)
-    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
-    square = np.maximum(np.abs(yy - cy), np.abs(xx - cx)) <= r
-    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
-    fg, bg = rng.integers(0, 256, (2, n, 1, 1, 3))
-    return np.where(mask, fg, bg).astype(np.uint8), labels.astype(np.int64)
-
-
-class LazyImages:
-    """uint8 images [N, C, H, W] read on demand: `images[idx]` (a tensor, list, slice or int of indices) reads
-    just those images from the file. It stays on the host (`.to` is a no-op); get_batch moves each batch."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, source, n, hwc, read):
-        self.source, self.n, self.hwc, self._read = source, n, hwc, read
-        self.shape = torch.Size([n, hwc[2], hwc[0], hwc[1]])
-
-    def __len__(self):
-        return self.n
-
-    def to(self, device):
-        return self
-
-    def __getitem__(self, idx):
-        if isinstance(idx, int):
-            return self[[idx]][0]
-        idx = range(self.n)[idx] if isinstance(idx, slice) else idx
-        x = np.empty((len(idx), *self.hwc), np.uint8)
-        for j, i in enumerate(torch.as_tensor(idx, dtype=torch.long).reshape(-1).tolist()):
-            img = self._read(i)
-            if img.shape != self.hwc:
-                fail(f"{self.source}: image {i} has shape {img.shape} among images of shape {self.hwc}")
-            x[j] = img
-        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # NCHW memory, as the in-memory sets
-
-
-def _array_reader(path, member=None):
-    """A uint8 [N, H, W, C] array in a .npy file (or stored uncompressed in an .npz) -> (n, hwc, read(i))."""
-    offset = 0
-    if member is not None:  # the member's data offset inside the zip container of the .npz
-        with zipfile.ZipFile(path) as z:
-            info = z.getinfo(member)
-        with open(path, "rb") as f:
-            f.seek(info.header_offset + 26)
-            name_len, extra_len = np.frombuffer(f.read(4), "<u2")
-        offset = info.header_offset + 30 + int(name_len) + int(extra_len)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        version = np.lib.format.read_magic(f)
-        header = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = header(f)
-        offset = f.tell()
-    if dtype != np.uint8 or len(shape) != 4 or fortran:
-        fail(f"{path}: images must be a C-ordered uint8 [N, H, W, C] array; got {dtype} {shape}")
-    size = int(np.prod(shape[1:]))
-    fd = os.open(path, os.O_RDONLY)
-
-    def read(i):  # one positioned read per image: nothing of the file is mapped or cached by us
-        return np.frombuffer(os.pread(fd, size, offset + i * size), np.uint8).reshape(shape[1:])
-
-    return shape[0], tuple(shape[1:]), read
-
-
-def _decode(data, name):
-    """One image file's bytes -> uint8 [H, W, C]; palette and alpha images become RGB, never index values."""
-    import io
-
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        img = img if img.mode in ("L", "RGB") else img.convert("RGB")
-        return np.atleast_3d(np.asarray(img))
-    except Exception as e:
-        fail(f"cannot read image {name} ({type(e).__name__}: {e})")
-
-
-def _folder_reader(path):
-    """An image folder or zip (png/jpg, sorted by relative path) with EDM's optional dataset.json labels."""
-    is_zip = zipfile.is_zipfile(path) if os.path.isfile(path) else False
-    if is_zip:
-        with zipfile.ZipFile(path) as z:
-            names = sorted(z.namelist())
-    else:
-        names = sorted(
-            os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/")
-            for d, _, fs in os.walk(path)
-            for f in fs
-        )
-    files = [f for f in names if f.lower().endswith((".png", ".jpg", ".jpeg"))]
-    if not files:
-        fail(f"no .png/.jpg images found in {path}")
-    zf = zipfile.ZipFile(path) if is_zip else None
-
-    def raw(name):
-        if zf is not None:
-            return zf.read(name)
-        with open(os.path.join(path, name), "rb") as f:
-            return f.read()
-
-    labels = None
-    if "dataset.json" in names:
-        try:
-            table = dict(json.loads(raw("dataset.json")).get("labels") or [])
-        except (ValueError, TypeError, AttributeError) as e:
-            fail(f"{path}/dataset.json is not EDM's {{'labels': [[file, label], ...]}} format: {e}")
-        missing = [f for f in files if f not in table]
-        if missing:
-            fail(f"{path}/dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}")
-        labels = np.asarray([table[f] for f in files], dtype=np.int64)
-    hwc = _decode(raw(files[0]), files[0]).shape
-    return len(files), hwc, lambda i: _decode(raw(files[i]), files[i]), labels
-
-
-def load_images(spec, data_dir="datasets"):
-    """--data -> (uint8 [N, C, H, W] images, a tensor or LazyImages read per batch; int64 labels or None)."""
-    labels, lazy = None, None
-    if spec == "cifar10":
-        import torchvision
-
-        try:
-            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
-        except Exception as e:
-            fail(
-                f"CIFAR-10 is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
-                f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/ or pass --data FILE.npz"
-            )
-        images, labels = ds.data, np.asarray(ds.targets, dtype=np.int64)
-    elif spec == "shapes":
-        images, labels = make_shapes()
-    elif spec.endswith((".npz", ".npy")):
-        if not os.path.isfile(spec):
-            fail(f"data file not found: {spec} (expected uint8 'images' [N, H, W, C] in an .npz, or an .npy)")
-        if spec.endswith(".npy"):
-            lazy = _array_reader(spec)
-        else:
-            with np.load(spec) as f:
-                if "images" not in f:
-                    fail(f"{spec} has no 'images' array (found {sorted(f.keys())}); expected uint8 NHWC")
-                labels = f["labels"].astype(np.int64) if "labels" in f else None
-                stored = f.zip.getinfo("images.npy").compress_type == zipfile.ZIP_STORED
-                images = None if stored else f["images"]  # a compressed array is read whole
-            if stored:
-                lazy = _array_reader(spec, "images.npy")
-    elif os.path.isdir(spec) or spec.endswith(".zip"):
-        if not os.path.exists(spec):
-            fail(f"data file not found: {spec} (expected a zip of png/jpg images, EDM's dataset format)")
-        *lazy, labels = _folder_reader(spec)
-    else:
-        fail(f"--data {spec!r} is neither cifar10, shapes, an .npz/.npy file, a .zip nor a folder of images")
-    shape = lazy[1] if lazy else images.shape[1:]
-    n = lazy[0] if lazy else len(images)
-    if (lazy is None and images.dtype != np.uint8) or len(shape) != 3 or shape[-1] not in (1, 3):
-        fail(f"images in {spec} must be uint8 [N, H, W, C] with C in (1, 3); got shape {(n, *shape)}")
-    if shape[0] != shape[1]:
-        fail(f"images in {spec} must be square; got {shape[0]}x{shape[1]}")
-    if n == 0:
-        fail(f"{spec} holds no images")
-    if labels is not None and labels.shape != (n,):
-        fail(f"labels in {spec} must have shape [{n}]; got {labels.shape}")
-    if labels is not None and labels.min() < 0:
-        fail(f"labels in {spec} must be class indices 0, 1, ...; found {labels.min()}")
-    if lazy:
-        images = LazyImages(spec, lazy[0], lazy[1], lazy[2])
-    else:
-        images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
-    return images, None if labels is None else torch.from_numpy(labels)
-
-
-def get_batch(images, labels, idx, device):
-    """Data index i >= len(images) is the mirror image of i - len(images) (--xflip). -> floats in [-1, 1]."""
-    n, idx = len(images), idx.to(images.device)
-    y = images[idx % n].to(device).float() / 127.5 - 1
-    flip = (idx >= n).to(device)
-    y = torch.where(flip[:, None, None, None], y.flip(3), y)
-    return y, None if labels is None else labels[idx % n].to(device)
-
-
-# --- end shared: data ---
 
 
 if __name__ == "__main__":

@@ -1,218 +1,68 @@
-"""evaluate.py: one evaluator for every checkpoint of this project and for official EDM snapshots (converted
-once by tools/convert_edm.py).
+"""evaluate.py: FID / KID / IS of any checkpoint of this project in each paper's protocol, the straightness
+and curvature of its ODE, NFE sweeps and a figure of FID against NFE beside the papers' figures.
 
-For each checkpoint (`--ckpt A B ...`) and each NFE (`--nfe 1,2,4`), image i is sampled from the same noise
-and class label (a generator seeded with seed + i, as `edm_teacher.py --generate` and `gen_pairs.py` draw
-them; stochastic samplers such as LMM's draw their extra noise from that generator too), so methods are
-compared on identical inputs and the result does not depend on the number of processes. The network is
-wrapped in a call counter: the NFE reported is the number of network calls actually made; beside it stand the
-method's own figure (for dopri5: torchdiffeq's function evaluations, what torchcfm prints) and the solver's
-attempted steps (what the official LOOM code logs). Sampler options reach every method through one flag,
-`--sampler-kw solver=dopri5,atol=1e-5`.
+Image i of every checkpoint and NFE starts from the same noise and label (a generator seeded with seed + i,
+as `edm_teacher.py --generate` and `gen_pairs.py`), for any number of processes. `nfe` counts the network
+calls; beside it stand the method's own figure (dopri5: torchdiffeq's) and the solver's steps (LOOM's log).
+Only the method files' interface is used (METHOD, build_net, sample, ode_start, ode_velocity); a fork's file
+is named by `--method FILE.py`. `--protocol` sets a paper's evaluation (one line each in --help; more in
+docs/evaluate.md). Straightness and curvature are measured on the common flow clock: an EDM-family path x(t)
+with noise level sigma = sigma_max (1 - t) is mapped to y = x / (1 + sigma) at s = 1 / (1 + sigma), the
+rectified-flow path s x1 + (1 - s) noise of its lines.
 
-Protocols (`--protocol`; each sets the defaults below, any flag given overrides it):
-  edm   EDM (Karras et al. 2022, Sec. 5 / App. F): FID of 50,000 images against the 50k CIFAR-10 training
-        images, TF-Inception pool3 (clean-fid `legacy_tensorflow`, the same network and resize as EDM's
-        fid.py; torchcfm's compute_fid.py uses exactly this mode too), over 3 disjoint seed ranges
-        (`--fid-seeds 3`): the minimum is EDM's figure, mean +- std beside it.
-  lmm   LMM (Tables 2 and 4): EDM's protocol plus the Inception Score (Salimans et al. 2016, 10 splits) from
-        the logits of that same TF-Inception network (pool3 features times the softmax layer's weights,
-        without its bias, as the TF code and StyleGAN2-ADA's metric).
-  loom  the official LOOM-CFM evaluator (evaluation/evaluator.py, configs/cifar10_eval.yaml): the reference
-        is the CIFAR-10 *test* split, 10,000 images drawn from its 10,000 *with replacement* by torch's
-        RandomSampler seeded with 42 (reproduced index for index), against 50,000 generated images; one seed
-        range. Matched: the reference split, its draw, the sample count. Not matched: the paper used
-        torcheval's FrechetInceptionDistance (the pytorch-fid port of the same TF-Inception weights, bilinear
-        resize to 299) on float images clamped to [0, 1], and fresh torch.randn noise per batch; here the
-        features are clean-fid `legacy_tensorflow` on uint8 images and image i uses seed + i. Curvature on a
-        uniform grid of 1000 trajectories (Fig. 6).
-
-Metrics (`--metrics`):
-  fid, kid, is   Inception features through clean-fid (its frechet_distance and kernel_distance, KID's subsets
-                 seeded); `--fid-mode clean` for clean-fid's own resize. Reference statistics: clean-fid's
-                 download, or `--ref-stats FILE.npz` (mu, sigma[, feats]), or `--ref-data` (computed here,
-                 `--ref-split test` for CIFAR-10's test images).
-  straightness   LMM Table 1: mean over samples of integral_0^1 ||dx/dt - (x1 - x0)|| dt on a fine Heun solve
-                 (`--ode-steps`) of the model's own ODE (`ode_velocity` of its method file, common clock t in
-                 [0, 1] from noise to data); `straightness_rel` divides by ||x1 - x0||.
-  curvature      LOOM-CFM Fig. 6: 1 - cos(v_k, v_k+1) between consecutive step velocities, its mean and its
-                 value at every t (`curvature_t`).
-Figures beside `--out` (matplotlib): <out>-fid_vs_nfe.png (one line per checkpoint, the papers' figures as
-markers) and <out>-curvature.png (curvature against t). `--feature-extractor random-cnn` (a fixed-seed random
-CNN with a random 10-way head) replaces Inception for offline tests only; the output then says so.
-
-Commands
-  python evaluate.py --protocol loom --ckpt runs/loom-cifar10 runs/otcfm --nfe 4,8,12 \
-      --sampler-kw solver=midpoint --metrics fid,curvature --out results/loom.json
-  torchrun --standalone --nproc_per_node=8 evaluate.py --protocol lmm --ckpt runs/lmm-cifar10 --nfe 1,2 \
-      --num-images 50000                       # under torchrun --num is taken by torchrun's --numa-binding
-  python evaluate.py --ckpt runs/lmm-cifar10 runs/edm-cifar10 --nfe 1,2,35 --num 50000 --out results.json \
-      --grid grids.png --trajectory traj.png
-  python evaluate.py --pairs pairs_cifar10_cond.npz --num 50000          # the teacher's quality
-  python evaluate.py --ckpt runs/lmm-shapes --nfe 1,2 --num 256 --ref-data shapes \
-      --feature-extractor random-cnn --metrics fid,kid,is,straightness,curvature   # offline smoke run
+    python evaluate.py --protocol loom --ckpt runs/loom-cifar10 runs/otcfm --nfe 4,8,12 \\
+        --sampler-kw solver=midpoint --metrics fid,curvature --out results/loom.json
+    torchrun --standalone --nproc_per_node=8 evaluate.py --protocol lmm --ckpt runs/lmm-cifar10 --nfe 1,2
 """
 
 import argparse
 import contextlib
 import datetime
+import importlib
+import importlib.util
 import inspect
 import json
-import math
 import os
-import platform
+import re
+import zipfile
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-import edm_teacher
-import gen_pairs
+METHODS = ("edm_teacher", "aot_edm", "lmm", "cfm_couplings", "loom_cfm", "dansm")  # a checkpoint names one
+INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's TorchScript TF-Inception, looked for in /tmp
 
-fail = edm_teacher.fail
-INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's TorchScript Inception, looked for in /tmp
-DENOISERS = ("edm_teacher", "aot_edm", "lmm")  # their networks output the clean-image estimate
-
-
-# --- models and sampling ---
-
-
-def load_model(spec, cache_dir, device):
-    """(module, net, ckpt) for any checkpoint of this project (an EDM .pkl: tools/convert_edm.py first);
-    cache_dir: unused (nothing is downloaded)."""
-    module, net, ckpt, _ = gen_pairs.load_teacher(spec, cache_dir, device)
-    version, supported = ckpt.get("version", 1), getattr(module, "VERSION", 1)
-    if version > supported:
-        fail(f"{spec}: a version {version} {ckpt['method']} checkpoint; this code reads <= {supported}")
-    return module, net, ckpt
-
-
-class CountingNet(nn.Module):
-    """Counts network calls (one per batch evaluation = one NFE) and optionally records (x, t, output)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls, self.trace = net, 0, None
-
-    def forward(self, x, t, class_labels=None, **kw):
-        self.calls += 1
-        out = self.net(x, t, class_labels=class_labels, **kw)
-        if self.trace is not None:
-            self.trace.append((x.detach().float().cpu(), t, out.detach().float().cpu()))
-        return out
-
-    def __getattr__(self, name):  # method attributes such as LMM's net.schedule
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.net, name)
+PROTOCOLS = {  # name: (one line for --help and the JSON, defaults)
+    "edm": ("EDM Sec. 5: TF-Inception (clean-fid legacy_tensorflow), CIFAR-10 train statistics, 50k images "
+            "x 3 seed ranges, the minimum", dict(metrics=["fid"], num_images=50000, fid_seeds=3)),
+    "lmm": ("LMM Tables 2/4/7: EDM's FID and IS (TF-Inception logits, 10 splits), 50k images x 3 seed "
+            "ranges, mean +- std", dict(metrics=["fid", "is"], num_images=50000, fid_seeds=3,
+                                        fid_stat="mean")),
+    "loom": ("LOOM-CFM's evaluator: torcheval 0.0.7 FID (torchvision Inception-v3 on float [0, 1] images), "
+             "CIFAR-10 test 10k drawn with replacement (seed 42), 50k images, one range",
+             dict(metrics=["fid"], features="torcheval", ref_data="cifar10", ref_split="test", ref_num=10000,
+                  num_images=50000, ode_grid="uniform", ode_num=1000)),
+}  # fmt: skip
+# The papers' CIFAR-10 figures as (solver, NFE, FID), each in its paper's protocol: LOOM-CFM Table 1 (its
+# OT-CFM midpoint rows by the LOOM authors, the rest quoted from Tong et al. and Liu et al.), LMM Table 2
+# (EDM's row included), unconditional and conditional.
+PAPER_FID = {
+    "I-CFM": [("euler", 100, 4.46), ("euler", 1000, 3.64), ("dopri5", 146, 3.66)],
+    "OT-CFM": [("midpoint", 4, 15.95), ("midpoint", 8, 9.73), ("midpoint", 12, 7.77), ("euler", 100, 4.44),
+               ("dopri5", 134, 3.57)],
+    "LOOM-CFM": [("midpoint", 4, 11.60), ("midpoint", 8, 5.38), ("midpoint", 12, 4.60),
+                 ("dopri5", 134, 4.41)],
+    "LOOM-CFM + reflow": [("euler", 1, 7.63), ("midpoint", 2, 4.49)],
+    "2-Rect-Flow": [("euler", 1, 12.21)],
+    "EDM": [("heun", 35, 1.97)], "EDM cond": [("heun", 35, 1.79)],
+    "LMM": [("lmm", 1, 1.90), ("lmm", 2, 1.55)], "LMM cond": [("lmm", 1, 1.57), ("lmm", 2, 1.39)],
+}  # fmt: skip
 
 
-def inputs_for_seeds(seeds, shape, label_dim=0):
-    """Image i: noise, then label, from torch.Generator(seeds[i]), returned with it for later draws."""
-    gens, noise, labels = [], [], []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        noise.append(torch.randn(shape, generator=g))
-        if label_dim:
-            labels.append(torch.randint(label_dim, [], generator=g))
-        gens.append(g)
-    return torch.stack(noise), (torch.tensor(labels, dtype=torch.long) if label_dim else None), gens
-
-
-def run_sampler(module, counter, noise, nfe, labels, gens, sample_kw=None, stats=None):
-    """module.sample through the call counter -> (images [-1, 1], NFE the method reports, calls counted).
-    `stats` (a dict) receives the solver's own counts where the method's sample() reports them."""
-    kw = dict(sample_kw or {})
-    params = inspect.signature(module.sample).parameters
-    unknown = [k for k in kw if k not in params or k in ("generator", "stats")]
-    if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        fail(f"{module.METHOD}.sample takes no {unknown} (--sampler-kw); it takes {list(params)[3:]}")
-    if "generator" in params:
-        kw["generator"] = gens
-    if "stats" in params and stats is not None:
-        kw["stats"] = stats
-    counter.calls = 0
-    try:
-        x, used = module.sample(counter, noise, nfe, labels, **kw)
-    except ValueError as e:
-        fail(f"{module.METHOD} cannot sample with NFE {nfe}: {e}")
-    if not torch.isfinite(x).all():  # NaN would quantise to black images and still give a finite FID
-        fail(f"{module.METHOD} made non-finite samples at NFE {nfe}: a broken checkpoint or --sampler-kw")
-    return x, used, counter.calls
-
-
-def quantize(x):
-    """[-1, 1] floats -> uint8 NHWC, as EDM saves images."""
-    return (x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-# --- features, FID, KID, IS ---
-
-
-class RandomCNN(nn.Module):
-    """Offline stand-in for Inception (tests only): a fixed-seed random conv net -> 64 features, and a fixed
-    random 10-way linear head standing in for the softmax layer (logits for IS)."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        convs = [nn.Conv2d(3, 32, 3, 2, 1), nn.Conv2d(32, 64, 3, 2, 1), nn.Conv2d(64, 64, 3, 1, 1)]
-        for c in convs:
-            c.weight.data = torch.randn(c.weight.shape, generator=g) / (c.weight[0].numel() ** 0.5)
-            c.bias.data.zero_()
-        self.body = nn.Sequential(convs[0], nn.ReLU(), convs[1], nn.ReLU(), convs[2])
-        self.register_buffer("head", torch.randn(10, 64, generator=g) * 4)
-
-    def forward(self, x):  # x: [N, 3, H, W] in [0, 255]
-        return self.body(x / 127.5 - 1).mean((2, 3))
-
-
-def inception_softmax_weight(device):
-    """The TF-Inception softmax layer's weights [1008, 2048] from clean-fid's TorchScript (the network of its
-    legacy_tensorflow mode): logits = pool3 @ W.T, without the bias, as the TF IS code and StyleGAN2-ADA."""
-    path = os.path.join("/tmp", INCEPTION_FILE)
-    try:
-        params = dict(torch.jit.load(path, map_location="cpu").named_parameters())
-    except Exception as e:
-        fail(f"cannot read {path} for the Inception Score ({type(e).__name__}): put {INCEPTION_FILE} there")
-    w = [v for k, v in params.items() if k.endswith("weight") and tuple(v.shape) == (1008, 2048)]
-    if len(w) != 1:
-        fail(f"{path} has no unique [1008, 2048] softmax weight (found {len(w)}): not TF-Inception")
-    return w[0].detach().double().to(device)
-
-
-def build_extractor(kind, mode, device, logits=False):
-    """features(uint8 NHWC numpy) -> (float64 features [N, D], float64 logits [N, K] or None)."""
-    head = None
-    if kind == "random-cnn":
-        model = RandomCNN().to(device).eval()
-        resize, head = None, model.head.double() if logits else None
-    else:
-        from cleanfid import features, resize
-
-        path = os.path.join("/tmp", INCEPTION_FILE)
-        try:
-            model = features.build_feature_extractor(mode, device, use_dataparallel=False)
-        except Exception as e:
-            fail(
-                f"cannot load clean-fid's Inception ({type(e).__name__}): put {INCEPTION_FILE} at {path} "
-                "(clean-fid's cache) or pass --feature-extractor random-cnn for an offline non-FID check"
-            )
-        resize = resize.build_resizer(mode) if mode == "clean" else None
-        head = inception_softmax_weight(device) if logits else None
-
-    @torch.no_grad()
-    def extract(images):
-        if resize is not None:  # clean-fid's clean mode: PIL bicubic to 299 on float images
-            images = np.stack([resize(im.astype(np.uint8)) for im in images])
-        x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        f = model(x.to(device)).double()
-        return f.cpu().numpy(), None if head is None else (f @ head.T).cpu().numpy()
-
-    return extract
+# --- the metrics ---
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -222,674 +72,573 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(fid.frechet_distance(mu1, sigma1, mu2, sigma2))
 
 
+def torcheval_fid(real, fake):
+    """torcheval 0.0.7's FrechetInceptionDistance (LOOM's code): its float32 sums, then its compute()."""
+    from torcheval.metrics import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(model=nn.Identity(), feature_dim=real.shape[1])
+    for name, f in (("real", real), ("fake", fake)):
+        f = torch.as_tensor(np.asarray(f), dtype=torch.float32)
+        setattr(metric, f"{name}_sum", f.sum(0))
+        setattr(metric, f"{name}_cov_sum", f.T @ f)
+        setattr(metric, f"num_{name}_images", torch.tensor(len(f)).int())
+    return float(metric.compute())
+
+
 def kernel_distance(feats1, feats2, num_subsets=100, max_subset_size=1000, seed=0):
-    """KID (Binkowski et al. 2018), clean-fid's kernel_distance (unbiased MMD^2, cubic kernel, averaged over
-    random subsets) with its numpy subset draws seeded here, so that it is reproducible."""
+    """KID (Binkowski et al. 2018): clean-fid's kernel_distance, its random subsets seeded here."""
     from cleanfid import fid
 
     state = np.random.get_state()
     np.random.seed(seed)
-    try:
-        return float(fid.kernel_distance(feats1, feats2, num_subsets, max_subset_size))
-    finally:
-        np.random.set_state(state)
+    kid = float(fid.kernel_distance(feats1, feats2, num_subsets, max_subset_size))
+    np.random.set_state(state)
+    return kid
 
 
 def inception_score(logits, splits=10):
-    """Inception Score (Salimans et al. 2016) as the TF code and StyleGAN2-ADA compute it: p(y|x) = softmax of
-    each image's logits; the images in `splits` consecutive parts; per part exp(mean_x KL(p(y|x) || p(y)))
-    with p(y) the part's mean. -> (mean, std) over the parts."""
+    """Inception Score (Salimans et al. 2016) as the TF code and StyleGAN2-ADA: p(y|x) = softmax(logits); per
+    consecutive part exp(mean_x KL(p(y|x) || p(y))), p(y) the part's mean -> (mean, std) over the parts."""
     z = np.asarray(logits, dtype=np.float64)
     log_p = z - z.max(1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
-    p, n, scores = np.exp(log_p), len(z), []
-    for k in range(splits):
-        part, log_part = (
-            p[k * n // splits : (k + 1) * n // splits],
-            log_p[k * n // splits : (k + 1) * n // splits],
-        )
+    scores = []
+    for part in np.array_split(np.arange(len(z)), splits):
+        p, log_p_part = np.exp(log_p[part]), log_p[part]
         with np.errstate(invalid="ignore", divide="ignore"):
-            terms = part * (log_part - np.log(part.mean(0, keepdims=True)))
-        kl = np.where(part > 0, terms, 0.0).sum(1).mean()  # 0 log 0 = 0
-        scores.append(np.exp(kl))
+            terms = p * (log_p_part - np.log(p.mean(0, keepdims=True)))
+        scores.append(np.exp(np.where(p > 0, terms, 0.0).sum(1).mean()))  # 0 log 0 = 0
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def loom_reference_indices(n, num=10000, seed=42):
-    """The official LOOM evaluator's real images: torch's RandomSampler(replacement=True, num_samples=num,
-    generator=torch.Generator().manual_seed(seed)) over the n test images, index for index."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.tensor(
-        list(torch.utils.data.RandomSampler(range(n), True, num, generator=g)), dtype=torch.long
-    )
+def ode_grid(n, kind="rho", sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    """n + 1 times from 0 (noise) to 1 (data) on the common clock. 'rho': t = 1 - sigma / sigma_max at EDM's
+    rho-schedule levels (EDM Eq. 5: fine where EDM-family ODEs bend, near the data), then 1; 'uniform'."""
+    if kind == "uniform":
+        return torch.linspace(0, 1, n + 1, dtype=torch.float64)
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    sigmas = (a + torch.arange(n, dtype=torch.float64) / max(n - 1, 1) * (b - a)) ** rho
+    return torch.cat([1 - sigmas / sigma_max, torch.ones(1, dtype=torch.float64)])
 
 
-def load_reference_images(spec, split, data_dir):
-    """--ref-data images (uint8 [N, H, W, C]; an .npy memory-mapped): split test reads CIFAR-10's 10,000 test
-    images."""
-    if split == "train":
-        return edm_teacher.load_data(spec, data_dir)[0]
-    if spec != "cifar10":
-        fail(f"--ref-split test is defined for --ref-data cifar10 only, not {spec!r}")
-    import torchvision
+@torch.no_grad()
+def ode_metrics(module, net, noise, labels=None, steps=100, grid=None):
+    """Heun (Euler last) on dx/dt = ode_velocity(net, x, t) from ode_start(net, noise), `steps` steps on a
+    `grid` (rho, uniform; default rho for the EDM family, uniform for flows); on the flow clock: straightness
+    = sum_k ||chord_k - (y1 - y0)|| ds_k (LMM Table 1), straightness_rel = that / ||y1 - y0||, curvature_t =
+    1 - cos(u_k, u_k+1), u the velocity at consecutive solver times (LOOM Fig. 6), curvature = its mean
+    -> (metrics per sample, x at t = 1, the flow-clock times of curvature_t)."""
+    start = getattr(module, "ode_start", lambda net, z: z)
+    sigma_max = float(start(net, torch.ones(())))  # EDM family (x = y + sigma n): 80; flows: 1
+    t = ode_grid(steps, grid or ("rho" if sigma_max != 1 else "uniform"))
+    xs, vs = [start(net, noise).float()], []
+    for k in range(steps):
+        dt, v = float(t[k + 1] - t[k]), module.ode_velocity(net, xs[-1], float(t[k]), labels)
+        x = xs[-1] + dt * v
+        if k < steps - 1:
+            x = xs[-1] + dt * 0.5 * (v + module.ode_velocity(net, x, float(t[k + 1]), labels))
+        xs, vs = xs + [x], vs + [v]
+    xs, vs, s = torch.stack(xs, 1).flatten(2).double().cpu(), torch.stack(vs, 1).flatten(2).double().cpu(), t
+    if sigma_max != 1:  # y = s x, sigma = sigma_max (1 - t), s = 1 / (1 + sigma): dy/ds = x + x'(t) / (80 s)
+        s = 1 / (1 + sigma_max * (1 - t))
+        xs, vs = xs * s[:, None], xs[:, :-1] + vs / (sigma_max * s[:-1, None])
+    s = (s - s[0]) / (s[-1] - s[0])  # rescaled to [0, 1]
+    ds = s[1:] - s[:-1]
+    chords, d = (xs[:, 1:] - xs[:, :-1]) / ds[:, None], xs[:, -1] - xs[:, 0]
+    straight = ((chords - d[:, None]).norm(dim=2) * ds).sum(1)
+    per_t = 1 - F.cosine_similarity(vs[:, :-1], vs[:, 1:], dim=2)
+    m = dict(straightness=straight, straightness_rel=straight / d.norm(dim=1), curvature=per_t.mean(1))
+    return dict(m, curvature_t=per_t), x, s[1:-1]
 
+
+# --- feature networks: uint8 NHWC images or [-1, 1] float NCHW samples -> features (and logits for IS) ---
+class RandomCNN(nn.Module):
+    """Tests only, not FID: fixed random features of 4x4-pooled images, and a random 10-way head (IS)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("w", torch.randn(48, 64, generator=g))
+        self.register_buffer("head", torch.randn(10, 64, generator=g) * 4)
+
+    def forward(self, x):  # x: [N, 3, H, W] in [0, 255]
+        return torch.tanh(F.adaptive_avg_pool2d(x / 127.5 - 1, 4).flatten(1) @ self.w)
+
+
+class TorchvisionInception(nn.Module):
+    """torcheval 0.0.7's FIDInceptionV3 (LOOM's FID network): torchvision's Inception-v3 with its ImageNet
+    weights and transform_input (as torchvision sets them), fc removed -> 2048 features, after a bilinear
+    resize to 299 of floats in [0, 1]. random=True: fixed-seed random weights (tests only)."""
+
+    def __init__(self, random=False):
+        super().__init__()
+        from torchvision.models import Inception_V3_Weights, inception_v3
+
+        weights = None if random else Inception_V3_Weights.DEFAULT
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                kw = dict(aux_logits=True, init_weights=False, transform_input=True)
+                self.model = inception_v3(weights=weights, **kw)
+        except Exception as e:
+            name, where = os.path.basename(weights.url), os.path.join(torch.hub.get_dir(), "checkpoints")
+            fail(f"cannot load torchvision's Inception-v3 ({type(e).__name__}): put {name} in {where}/")
+        self.model.fc = nn.Identity()
+
+    def forward(self, x):
+        return self.model(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False))
+
+
+def build_extractor(kind, device, logits=False):
+    """extract(images) -> (float64 features [N, D], float64 logits or None), extract.dim = D. clean-fid
+    (legacy_tensorflow: EDM's network and resize) and random-cnn see EDM's uint8 quantisation; torcheval and
+    random-inception floats in [0, 1] as LOOM's code (real images u / 255, samples (x + 1) / 2 clamped)."""
+    floats, head = kind in ("torcheval", "random-inception"), None
+    if floats:
+        model = TorchvisionInception(random=kind == "random-inception")
+    elif kind == "random-cnn":
+        model = RandomCNN()
+        head = model.head.double() if logits else None
+    else:
+        from cleanfid import features
+
+        path = os.path.join("/tmp", INCEPTION_FILE)
+        try:
+            model = features.build_feature_extractor("legacy_tensorflow", device, use_dataparallel=False)
+            params = dict(torch.jit.load(path, map_location="cpu").named_parameters()) if logits else {}
+        except Exception as e:
+            fail(f"cannot load clean-fid's Inception ({type(e).__name__}): put {INCEPTION_FILE} at {path}")
+        # IS: pool3 times the softmax layer's weights, without its bias, as the TF code and StyleGAN2-ADA
+        w = [v for k, v in params.items() if k.endswith("weight") and tuple(v.shape) == (1008, 2048)]
+        if logits and len(w) != 1:
+            fail(f"{path} has no unique [1008, 2048] softmax weight: not TF-Inception")
+        head = w[0].detach().double().to(device) if logits else None
+    model = model.to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def extract(images):
+        x = torch.as_tensor(images)
+        x = x.permute(0, 3, 1, 2) if x.dtype == torch.uint8 else x.float().cpu()  # uint8 NHWC, float NCHW
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        if floats:
+            x = x.float() / 255 if x.dtype == torch.uint8 else ((x + 1) / 2).clamp(0, 1)
+        else:
+            x = (x if x.dtype == torch.uint8 else (x * 127.5 + 128).clip(0, 255).to(torch.uint8)).float()
+        f = model(x.contiguous().to(device)).double()
+        return f.cpu().numpy(), None if head is None else (f @ head.T).cpu().numpy()
+
+    extract.dim = 64 if kind == "random-cnn" else 2048
+    return extract
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
+
+
+def load_checkpoint(spec, method=None):
+    """(module, ckpt) for a checkpoint (or run folder) of this project: CRC-checked, loaded without executing
+    code, its tensors memory-mapped; the module is the project's file it names, or the fork's `method`."""
+    url = spec.startswith(("http://", "https://"))
+    if url or spec.endswith(".pkl"):
+        pt = (os.path.basename(spec) if url else spec).removesuffix(".pkl") + ".pt"
+        fail(f"{spec} is {'a URL' if url else 'an EDM snapshot'}: convert it first with "
+             f"python tools/convert_edm.py {spec} {pt} and pass {pt}")  # fmt: skip
+    path = os.path.join(spec, "latest.pt") if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        fail(f"checkpoint not found: {spec} (a .pt checkpoint or a run folder)")
     try:
-        ds = torchvision.datasets.CIFAR10(root=data_dir, train=False, download=True)
-    except Exception as e:
-        fail(
-            f"CIFAR-10's test split is not in {data_dir}/cifar-10-batches-py and could not be downloaded "
-            f"({type(e).__name__}). Put cifar-10-python.tar.gz in {data_dir}/"
-        )
-    return np.asarray(ds.data)
+        with zipfile.ZipFile(path) as z:
+            if bad := z.testzip():
+                fail(f"{path} is corrupt: its member {bad} fails its CRC check")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a cut-off or foreign file: never unpickled unsafely
+        why = (str(e) or type(e).__name__).splitlines()[0]
+        fail(f"{path} is corrupt or not a weights-only torch checkpoint: {why}")
+    if method is None and ckpt.get("method") not in METHODS:
+        fail(f"{spec}: unknown method {ckpt.get('method')!r}; this project's are {', '.join(METHODS)} "
+             "(a fork's checkpoint: --method path/to/file.py)")  # fmt: skip
+    if method is None:
+        module = importlib.import_module(ckpt["method"])
+    elif not (method.endswith(".py") and os.path.isfile(method)):
+        fail(f"--method {method} is not a .py file")
+    else:
+        spec_ = importlib.util.spec_from_file_location(os.path.basename(method)[:-3], method)
+        spec_.loader.exec_module(module := importlib.util.module_from_spec(spec_))
+    if (version := ckpt.get("version", 1)) > getattr(module, "VERSION", 1):
+        fail(f"{spec}: a version {version} {ckpt['method']} checkpoint; this code reads <= {module.VERSION}")
+    return module, ckpt
 
 
-def reference(args, extract, kid, rank, world, device):
-    """(mu, sigma, feats or None, description) of the reference set."""
-    if args.ref_stats:
-        if not os.path.isfile(args.ref_stats):
-            fail(f"--ref-stats {args.ref_stats} not found (an .npz with 'mu' and 'sigma')")
-        with np.load(args.ref_stats) as f:
-            if "mu" not in f or "sigma" not in f:
-                fail(f"--ref-stats {args.ref_stats} needs 'mu' and 'sigma' arrays (found {sorted(f.keys())})")
-            feats = f["feats"] if "feats" in f else None  # noqa: SIM401 (NpzFile has no .get)
-            return f["mu"], f["sigma"], feats, f"stats {args.ref_stats}"
-    if args.ref_data:
-        images = load_reference_images(args.ref_data, args.ref_split, args.data_dir)
-        what = f"data {args.ref_data} {args.ref_split} ({len(images)} images"
-        if args.ref_num:  # the official LOOM draw: with replacement, seeded
-            images = images[loom_reference_indices(len(images), args.ref_num, args.ref_seed).numpy()]
-            what += f", {args.ref_num} drawn with replacement by RandomSampler(seed {args.ref_seed})"
-        idx = list(range(len(images)))[rank::world]
-        mine = [extract(images[idx[i : i + args.batch]])[0] for i in range(0, len(idx), args.batch)]
-        feats = gather_rows(idx, np.concatenate(mine) if mine else None, world)
-        return feats.mean(0), np.cov(feats, rowvar=False), feats, what + ")"
-    if args.feature_extractor == "random-cnn":
-        fail("--feature-extractor random-cnn has no downloadable statistics: pass --ref-data or --ref-stats")
+def load_images(spec, split, data_dir):
+    """uint8 [N, H, W, C]: cifar10 (torchvision, train or test), FILE.npy (prepare_data.py) or FILE.npz."""
+    if spec == "cifar10":
+        import torchvision
+
+        try:
+            return torchvision.datasets.CIFAR10(root=data_dir, train=split == "train", download=True).data
+        except Exception as e:
+            fail(f"CIFAR-10 is not in {data_dir}/ and cannot be downloaded ({type(e).__name__}): put "
+                 f"cifar-10-python.tar.gz in {data_dir}/")  # fmt: skip
+    if split != "train":
+        fail(f"--ref-split test is defined for --ref-data cifar10 only, not {spec!r}")
+    try:
+        images = np.load(spec, mmap_mode="r") if spec.endswith(".npy") else np.load(spec)["images"]
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"--ref-data {spec}: {e} (cifar10, an .npy of tools/prepare_data.py or an .npz with 'images')")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+        fail(f"--ref-data {spec}: images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    return images
+
+
+def clean_fid_file(args, kid=False):
+    """clean-fid's file of reference statistics (kid: of KID features; it ships none for CIFAR-10)."""
     from cleanfid import fid
 
-    stats = os.path.join(os.path.dirname(fid.__file__), "stats")
-    name = f"{args.dataset}_{args.fid_mode}_{args.dataset_split}_{args.dataset_res}.npz".lower()
-    try:
-        mu, sigma = fid.get_reference_statistics(
-            args.dataset, args.dataset_res, mode=args.fid_mode, split=args.dataset_split
-        )
-        feats = None
-        if kid:
-            feats = fid.get_reference_statistics(
-                args.dataset, args.dataset_res, mode=args.fid_mode, split=args.dataset_split, metric="KID"
-            )
-    except Exception as e:
-        fail(
-            f"cannot load clean-fid's reference statistics ({type(e).__name__}): put {name} (and "
-            f"{name[:-4]}_kid.npz for KID) in {stats}/, or pass --ref-stats FILE.npz or --ref-data DATA"
-        )
-    return mu, sigma, feats, f"{args.dataset} {args.dataset_split} {args.dataset_res}px (clean-fid)"
+    name = f"{args.dataset}_legacy_tensorflow_{args.dataset_split}_{args.dataset_res}{'_kid' * kid}.npz"
+    return os.path.join(os.path.dirname(fid.__file__), "stats", name.lower())
+
+
+def reference(args, images, extract, rank, world):
+    """(mu, sigma, feats or None, description): --ref-stats, --ref-data's features (LOOM's draw: --ref-num),
+    or clean-fid's statistics (KID: its file, else features of the dataset computed here)."""
+    if args.ref_stats:
+        with np.load(args.ref_stats) as f:
+            return f["mu"], f["sigma"], f["feats"] if "feats" in f.files else None, f"stats {args.ref_stats}"
+    if images is None:
+        from cleanfid import fid
+
+        try:
+            stats = (args.dataset, args.dataset_res, "legacy_tensorflow")
+            mu, sigma = fid.get_reference_statistics(*stats, split=args.dataset_split)
+        except Exception as e:
+            fail(f"no clean-fid statistics ({type(e).__name__}): put {clean_fid_file(args)} (or --ref-data)")
+        what = f"{args.dataset} {args.dataset_split} {args.dataset_res}px (clean-fid statistics)"
+        if "kid" not in args.metrics or os.path.isfile(clean_fid_file(args, kid=True)):
+            feats = np.load(clean_fid_file(args, True))["feats"] if "kid" in args.metrics else None
+            return mu, sigma, feats, what
+        images = load_images(args.dataset, args.dataset_split, args.data_dir)
+        what += f"; KID features computed here from its {len(images)} images (clean-fid has no file)"
+    else:
+        what = f"data {args.ref_data} {args.ref_split} ({len(images)} images)"
+        if args.ref_num:  # the official LOOM draw: with replacement, seeded
+            g = torch.Generator().manual_seed(args.ref_seed)  # LOOM's RandomSampler, index for index
+            draw = torch.utils.data.RandomSampler(range(len(images)), True, args.ref_num, generator=g)
+            images = images[list(draw)]
+            what += f", {args.ref_num} drawn with replacement by RandomSampler(seed {args.ref_seed})"
+    idx = list(range(len(images)))[rank::world]
+    mine = [extract(np.asarray(images[idx[i : i + args.batch]]))[0] for i in range(0, len(idx), args.batch)]
+    feats = gather_rows(idx, np.concatenate(mine) if mine else np.zeros((0, extract.dim)), world)
+    if args.ref_data is None:  # clean-fid's FID statistics, KID's features from the data
+        return mu, sigma, feats, what
+    return feats.mean(0), np.cov(feats, rowvar=False), feats, what
 
 
 def gather_rows(indices, rows, world):
     """Rows computed by each rank for its indices -> all rows in index order (on every rank)."""
-    parts = [(list(indices), rows)]
-    if world > 1:
-        parts = [None] * world
-        torch.distributed.all_gather_object(parts, (list(indices), rows))
-    parts = [p for p in parts if p[0]]
+    parts = [(list(indices), rows)] * world
+    torch.distributed.all_gather_object(parts, parts[0]) if world > 1 else None
     order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
     return np.concatenate([p[1] for p in parts])[order]
 
 
-# --- straightness and curvature of the model's ODE ---
+def inputs_for_seeds(seeds, shape, label_dim=0):
+    """Image i: noise, then its uniform label, from torch.Generator(seeds[i]), returned with it."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    labels = torch.stack([torch.randint(label_dim, [], generator=g) for g in gens]) if label_dim else None
+    return noise, labels, gens
 
 
-def ode_grid(n, kind="rho", sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """n + 1 times from 0 (noise) to 1 (data). 'rho': t = 1 - sigma / sigma_max at EDM's rho-schedule levels
-    (fine where the EDM-family ODEs bend, near the data), then 1; 'uniform': evenly spaced."""
-    if kind == "uniform":
-        return torch.linspace(0, 1, n + 1, dtype=torch.float64)
-    sigmas = edm_teacher.karras_sigmas(n, sigma_min, sigma_max, rho)
-    return 1 - sigmas / sigma_max
-
-
-@torch.no_grad()
-def ode_metrics(module, net, noise, labels=None, grid=None):
-    """Solve the model's ODE dx/dt = ode_velocity(net, x, t) with Heun (Euler on the last step) on `grid`;
-    per sample: straightness (LMM Table 1) = sum_k ||v_k - (x1 - x0)|| dt_k with v_k the step's velocity
-    (x_k+1 - x_k) / dt_k, its value relative to ||x1 - x0||, curvature = mean_k 1 - cos(v_k, v_k+1), and
-    curvature_t [N, K - 1], the k-th value at t = grid[k + 1] (LOOM Fig. 6)."""
-    grid = ode_grid(100) if grid is None else grid
-    start = getattr(module, "ode_start", None)
-    if start is None:  # flow convention: x(0) is the noise itself; EDM-family files must scale it
-        if getattr(module, "METHOD", None) in DENOISERS:
-            raise ValueError(
-                f"{module.METHOD} must export ode_start(net, noise) (x at t = 0, e.g. 80 * noise)"
-            )
-        start = lambda net, z: z  # noqa: E731
-    x = x0 = start(net, noise).float()
-    vs, dts = [], []
-    for k in range(len(grid) - 1):
-        t0, t1 = float(grid[k]), float(grid[k + 1])
-        dt = t1 - t0
-        v = module.ode_velocity(net, x, t0, labels)
-        x_next = x + dt * v
-        if k < len(grid) - 2:
-            x_next = x + dt * 0.5 * (v + module.ode_velocity(net, x_next, t1, labels))
-        vs.append(((x_next - x) / dt).flatten(1))
-        dts.append(dt)
-        x = x_next
-    d = (x - x0).flatten(1)
-    straight = sum(dt * (v - d).norm(dim=1) for v, dt in zip(vs, dts, strict=True))
-    cos = [torch.nn.functional.cosine_similarity(a, b, dim=1) for a, b in zip(vs[:-1], vs[1:], strict=True)]
-    per_t = torch.stack([1 - c for c in cos], 1) if cos else torch.zeros(len(d), 0)
-    curvature = per_t.mean(1) if cos else torch.zeros(len(d))
-    m = dict(straightness=straight, straightness_rel=straight / d.norm(dim=1), curvature=curvature)
-    return dict(m, curvature_t=per_t), x
+def run_sampler(module, net, noise, nfe, labels, gens, sample_kw=None, stats=None):
+    """module.sample, its network calls counted by a hook -> (images in [-1, 1], NFE the method reports, calls
+    counted); `stats` receives the solver's own counts where the method's sample() reports them."""
+    params, kw, calls = inspect.signature(module.sample).parameters, dict(sample_kw or {}), []
+    kw |= dict(generator=gens) if "generator" in params else {}
+    kw |= dict(stats=stats) if "stats" in params and stats is not None else {}
+    hook = net.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        x, used = module.sample(net, noise, nfe, labels, **kw)
+    except ValueError as e:
+        fail(f"{module.METHOD} cannot sample with NFE {nfe}: {e}")
+    finally:
+        hook.remove()
+    if not torch.isfinite(x).all():  # NaN would quantise to black images and still give a finite FID
+        fail(f"{module.METHOD} made non-finite samples at NFE {nfe}: a broken checkpoint or --sampler-kw")
+    return x, used, len(calls)
 
 
 # --- the evaluation ---
 
 
-def shard(seeds, rank, world):
-    return list(seeds)[rank::world]
-
-
-def gather_list(values, world):
-    """A list from every rank, concatenated (all ranks)."""
-    if world == 1:
-        return list(values)
-    parts = [None] * world
-    torch.distributed.all_gather_object(parts, list(values))
-    return [v for p in parts for v in p]
-
-
-def summary(values):
-    """The mean of per-batch counts, as an int when every batch agrees (fixed-step samplers)."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return values[0] if len(set(values)) == 1 else round(float(np.mean(values)), 2)
+def check_before_work(args, feature_dim):
+    """Every checkpoint, the reference, the flags, before any sampling -> [(spec, module, ckpt)], images."""
+    ref = {"fid", "kid"} & set(args.metrics)
+    if "is" in args.metrics and args.features not in ("clean-fid", "random-cnn"):
+        fail("IS uses TF-Inception's logits: pass --features clean-fid (or drop is from --metrics)")
+    if ref and args.features in ("torcheval", "random-inception") and not args.ref_data:
+        fail("torcheval's FID is computed from the reference images: pass --ref-data (or --protocol loom)")
+    if args.sampler_kw.get("solver") == "midpoint" and any(n % 2 for n in args.nfe):
+        fail(f"--sampler-kw solver=midpoint makes 2 network calls per step: --nfe {args.nfe} must be even")
+    models = [(spec, *load_checkpoint(spec, args.method)) for spec in args.ckpt]
+    images, res, name = None, None, None
+    if ref and args.ref_stats:
+        try:
+            with np.load(args.ref_stats) as f:
+                dims, feats = (f["mu"].shape, f["sigma"].shape), "feats" in f.files
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"--ref-stats {args.ref_stats} is not an .npz with 'mu' and 'sigma' ({e})")
+        if dims != ((feature_dim,), (feature_dim, feature_dim)):
+            fail(f"--ref-stats {args.ref_stats}: shapes {dims}, not statistics of {feature_dim} features")
+        if "kid" in args.metrics and not feats:
+            fail(f"KID needs reference features: --ref-stats {args.ref_stats} has no 'feats'")
+    elif ref and args.ref_data:
+        images, name = load_images(args.ref_data, args.ref_split, args.data_dir), args.ref_data
+        res = images.shape[1]
+    elif ref:
+        if args.features.startswith("random"):
+            fail(f"{args.features} features have no published statistics: pass --ref-data or --ref-stats")
+        res, name = args.dataset_res, args.dataset
+        kid_file = clean_fid_file(args, kid=True)
+        if "kid" in args.metrics and not os.path.isfile(kid_file) and args.dataset != "cifar10":
+            fail(f"KID needs reference features: no {kid_file}; pass --ref-data or --ref-stats")
+    for spec, module, ckpt in models:
+        a, px = ckpt.get("args") or {}, ckpt["net_kwargs"]["img_resolution"]  # its data, or the EDM file's
+        m = re.match(r"edm-([a-z0-9]+)-(\d+x\d+)-", os.path.basename(a.get("imported_from") or ""))
+        data = ("cifar10" if m[1] == "cifar10" else f"{m[1]}-{m[2]}") if m else a.get("data")
+        if res and px != res:
+            fail(f"{spec} makes {px} px images; the reference {name} is {res} px (--ref-data, --ref-stats)")
+        if data and name and data != name and not any(c in data + name for c in "/."):  # names, not files
+            fail(f"{spec} was trained on {data}, the reference is {name}: pass --ref-data or --ref-stats")
+        params = inspect.signature(module.sample).parameters  # **kw: passed on (EDM's churn options)
+        unknown = [k for k in args.sampler_kw if k not in params or k in ("generator", "stats")]
+        if unknown and not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            fail(f"{module.METHOD}.sample takes no {unknown} (--sampler-kw)")
+        if {"straightness", "curvature"} & set(args.metrics) and not hasattr(module, "ode_velocity"):
+            fail(f"{spec}: {module.METHOD} exports no ode_velocity; drop straightness and curvature")
+    return models, images
 
 
 def evaluate(args):
-    from tqdm import tqdm
-
-    rank, world, device = gen_pairs.dist_setup()
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if ddp:
+        torch.cuda.set_device(device) if cuda else None
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
     torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    metrics = args.metrics
-    for path in (args.out, args.grid, args.trajectory):
-        if path and rank == 0:  # before the work: a new (or --overwrite) file in a writable folder
-            with contextlib.suppress(OSError):  # check_out says what is wrong with the folder
-                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            gen_pairs.check_out(path, args.overwrite)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # the papers' fp32
+    if args.out and os.path.exists(args.out) and not args.overwrite:
+        fail(f"{args.out} exists; pass --overwrite to replace it")
+    if args.out and not os.access(folder := os.path.dirname(os.path.abspath(args.out)), os.W_OK | os.X_OK):
+        fail(f"cannot write to {folder}: the folder is missing or not writable")
+    metrics, random_features = args.metrics, args.features.startswith("random")
     image_metrics = [m for m in metrics if m in ("fid", "kid", "is")]
-    extract = ref = None
-    if image_metrics:
-        extract = build_extractor(args.feature_extractor, args.fid_mode, device, logits="is" in metrics)
-        ref = (None, None, None, "none (IS only)")
-        if "fid" in metrics or "kid" in metrics:
-            ref = reference(args, extract, "kid" in metrics, rank, world, device)
-    protocol = dict(
-        name=args.protocol or "custom",
-        source=PROTOCOLS[args.protocol]["source"] if args.protocol else "the flags given",
-        features=(
-            "random-cnn features: NOT FID/KID/IS (offline test protocol)"
-            if args.feature_extractor == "random-cnn"
-            else f"clean-fid {args.fid_mode}, TF-Inception pool3 (IS: its softmax-layer logits)"
-        ),
-        reference=ref[3] if ref else None,
-        num_images=args.num,
-        fid_seeds=args.fid_seeds,
-    )
+    models, images = check_before_work(args, 64 if args.features == "random-cnn" else 2048)
+    extract = build_extractor(args.features, device, "is" in metrics) if image_metrics else None
+    ref = reference(args, images, extract, rank, world) if {"fid", "kid"} & set(metrics) else None
+    features = "random test features: NOT FID/KID/IS" if random_features else args.features
+    protocol = dict(name=args.protocol or "custom", source=PROTOCOLS[args.protocol][0] if args.protocol else
+                    "the flags given", features=features, reference=ref and ref[3])  # fmt: skip
+    results = []
 
-    def score(images_rows, seeds):
-        """FID/KID/IS of uint8 images computed by this rank for `seeds` (all ranks gather)."""
-        parts = [extract(images_rows[i : i + args.batch]) for i in range(0, len(images_rows), args.batch)]
-        feats = gather_rows(seeds, np.concatenate([p[0] for p in parts]) if parts else None, world)
-        out = {}
-        if "fid" in metrics:
+    def save(figures=()):  # after every row: the rows done survive a later failure
+        if rank == 0 and args.out:
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            out = dict(config=vars(args), protocol=protocol, results=results, figures=list(figures),
+                       world_size=world, torch=torch.__version__, created=now)  # fmt: skip
+            with open(f"{args.out}.tmp{os.getpid()}", "w") as f:
+                json.dump(out, f, indent=2)
+            os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
+
+    def score(x, seeds):  # FID/KID/IS of the images this rank made for `seeds` (all ranks gather)
+        parts = [extract(x[i : i + args.batch]) for i in range(0, len(x), args.batch)]
+        feats, out = gather_rows(seeds, np.concatenate([p[0] for p in parts]), world), {}
+        if "fid" in metrics and args.features in ("torcheval", "random-inception"):
+            out["fid"] = torcheval_fid(ref[2], feats)
+        elif "fid" in metrics:
             out["fid"] = frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), ref[0], ref[1])
         if "kid" in metrics:
-            if ref[2] is None:
-                fail(
-                    "KID needs reference features: --ref-data, --ref-stats with feats, or clean-fid KID stats"
-                )
             out["kid"] = kernel_distance(feats, ref[2])
         if "is" in metrics:
-            logits = gather_rows(seeds, np.concatenate([p[1] for p in parts]) if parts else None, world)
+            logits = gather_rows(seeds, np.concatenate([p[1] for p in parts]), world)
             out["is"], out["is_std"] = inception_score(logits, args.is_splits)
         return out
 
-    results = []
-    if args.pairs:
-        pairs = gen_pairs.load_pairs(args.pairs)
-        n = min(args.num, len(pairs["data"]))
-        seeds = shard(range(n), rank, world)
-        images = quantize(torch.from_numpy(np.asarray(pairs["data"][seeds], dtype=np.float32)))
-        row = dict(ckpt=args.pairs, method="pairs", nfe=pairs.get("meta", {}).get("nfe_used"), num=n)
-        row.update(score(images, seeds) if image_metrics else {})
-        results.append(row)
-    for spec in args.ckpt:
-        module, net, ckpt = load_model(spec, None, device)
-        counter = CountingNet(gen_pairs.prepare_net(net, args, device))  # --precision, --compile
-        k = ckpt["net_kwargs"]
-        shape, label_dim = (
-            (k["img_channels"], k["img_resolution"], k["img_resolution"]),
-            k.get("label_dim", 0),
-        )
-        name = os.path.basename(os.path.normpath(spec)).removesuffix(".pt").removesuffix(".pkl")
-        label = paper_label(ckpt)
-        for nfe in args.nfe:
-            row = dict(ckpt=spec, method=ckpt["method"], label=label, nfe_requested=nfe)
-            runs, calls_all, used_all, steps_all = [], [], [], []
-            for j in range(args.fid_seeds if image_metrics else 1):
-                seeds = shard(range(args.seed + j * args.num, args.seed + (j + 1) * args.num), rank, world)
-                images = []
-                bar = tqdm(range(0, len(seeds), args.batch), disable=rank != 0, desc=f"{name} NFE {nfe}")
-                for i in bar:
+    for spec, module, ckpt in models:
+        net = module.build_net(ckpt["net_kwargs"])
+        net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"])
+        net = net.eval().requires_grad_(False).to(device)
+        k, name = ckpt["net_kwargs"], os.path.basename(os.path.normpath(spec))
+        shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k.get("label_dim")
+        label = None if random_features else paper_label(ckpt)
+        for nfe in args.nfe if image_metrics else []:
+            row, runs, counts = dict(ckpt=spec, method=module.METHOD, label=label, nfe_requested=nfe), [], []
+            for j in range(args.fid_seeds):
+                seeds = list(range(args.seed + j * args.num_images, args.seed + (j + 1) * args.num_images))
+                seeds, xs = seeds[rank::world], []
+                for i in tqdm(range(0, len(seeds), args.batch), disable=rank != 0, desc=f"{name} NFE {nfe}"):
                     noise, labels, gens = inputs_for_seeds(seeds[i : i + args.batch], shape, label_dim)
-                    st = {}
-                    x, used, calls = run_sampler(
-                        module,
-                        counter,
-                        noise.to(device),
-                        nfe,
-                        None if labels is None else labels.to(device),
-                        gens,
-                        args.sampler_kw,
-                        st,
-                    )
-                    calls_all.append(calls)
-                    used_all.append(used)
-                    steps_all.append(st.get("solver_steps"))
-                    images.append(quantize(x))
-                    if not image_metrics:
-                        break
-                images = (
-                    np.concatenate(images)
-                    if images
-                    else np.zeros((0, shape[1], shape[2], shape[0]), np.uint8)
-                )
-                if image_metrics:
-                    runs.append(score(images, seeds))
-                if j == 0 and args.grid and rank == 0:
-                    grid = torch.from_numpy(images[: args.grid_n]).permute(0, 3, 1, 2).float() / 127.5 - 1
-                    save_image_grid(grid, suffixed(args.grid, name, nfe))
-            # network calls counted (per sampling batch), the method's own figure (dopri5: torchdiffeq's
-            # function evaluations), the solver's attempted steps (the official LOOM code's num_steps)
-            row.update(
-                nfe=summary(gather_list(calls_all, world)),
-                nfe_reported=summary(gather_list(used_all, world)),
-                solver_steps=summary(gather_list(steps_all, world)),
-            )
-            for key in [m for m in image_metrics if m in runs[0]] if runs else ():
-                values = [r[key] for r in runs]
-                row[key] = min(values) if key == "fid" else float(np.mean(values))  # EDM: min over seeds
+                    labels, st = None if labels is None else labels.to(device), {}
+                    x, used, calls = run_sampler(module, net, noise.to(device), nfe, labels, gens,
+                                                 args.sampler_kw, st)  # fmt: skip
+                    xs.append(x.cpu())
+                    counts.append((calls, used, st.get("solver_steps")))
+                runs.append(score(torch.cat(xs) if xs else torch.zeros(0, *shape), seeds))
+            parts = [counts] * world
+            torch.distributed.all_gather_object(parts, counts) if ddp else None
+            counts = [c for p in parts for c in p]
+            for i, key in enumerate(("nfe", "nfe_reported", "solver_steps")):  # calls, the method's, solver's
+                v = [c[i] for c in counts if c[i] is not None]  # an int when all batches agree
+                row[key] = None if not v else v[0] if len(set(v)) == 1 else round(float(np.mean(v)), 2)
+            for key in [m for m in image_metrics if m in runs[0]]:
+                v = [r[key] for r in runs]  # EDM: the minimum over seed ranges; LMM: the mean +- std
+                row[key] = min(v) if key != "is" and args.fid_stat == "min" else float(np.mean(v))
                 if args.fid_seeds > 1:
-                    row[f"{key}_all"] = values
-                    if key != "is":  # IS: the mean over seed ranges, is_std over the first range's splits
-                        row[f"{key}_mean"], row[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
-            if "is" in image_metrics and runs:
-                row["is_std"] = runs[0]["is_std"]
-            if args.trajectory and rank == 0:
-                trajectory_strip(module, counter, shape, label_dim, nfe, args, name, device)
+                    row |= {f"{key}_all": v, f"{key}_mean": np.mean(v), f"{key}_std": np.std(v)}
+            row |= dict(is_std=runs[0]["is_std"]) if "is" in image_metrics and args.fid_seeds == 1 else {}
             results.append(row)
-        if "straightness" in metrics or "curvature" in metrics:
-            if not hasattr(module, "ode_velocity"):
-                fail(f"{spec}: method {ckpt['method']} exports no ode_velocity; drop straightness/curvature")
-            seeds = shard(range(args.seed, args.seed + args.ode_num), rank, world)
-            grid, per = ode_grid(args.ode_steps, args.ode_grid), {}
+            save()
+        if {"straightness", "curvature"} & set(metrics):
+            seeds, per = list(range(args.seed, args.seed + args.ode_num))[rank::world], {}
+            steps, kind = args.ode_steps, args.ode_grid
             for i in range(0, len(seeds), args.batch):
                 noise, labels, _ = inputs_for_seeds(seeds[i : i + args.batch], shape, label_dim)
-                try:
-                    m, _ = ode_metrics(
-                        module, net, noise.to(device), None if labels is None else labels.to(device), grid
-                    )
+                labels = None if labels is None else labels.to(device)
+                try:  # e.g. dansm's DM objective has no ODE velocity
+                    m, _, times = ode_metrics(module, net, noise.to(device), labels, steps, kind)
                 except ValueError as e:
                     fail(f"{spec}: {e}")
                 for key, v in m.items():
-                    per.setdefault(key, []).append(v.cpu().numpy())
-            row = dict(ckpt=spec, method=ckpt["method"], label=label, ode_steps=args.ode_steps,
-                       ode_grid=args.ode_grid, ode_num=args.ode_num)  # fmt: skip
+                    per.setdefault(key, []).append(v.numpy())
+            row = dict(ckpt=spec, method=module.METHOD, label=label, ode_steps=steps, ode_num=args.ode_num,
+                       ode_grid=kind or "family default", nfe=2 * steps - 1)  # fmt: skip
             for key in ("straightness", "straightness_rel", "curvature", "curvature_t"):
-                vals = gather_rows(seeds, np.concatenate(per[key]) if key in per else None, world)
-                row[key] = float(vals.mean()) if vals.ndim == 1 else vals.mean(0)
-            row["curvature_t"] = [
-                [float(t), float(c)] for t, c in zip(grid[1:-1], row["curvature_t"], strict=True)
-            ]
-            row["nfe"] = 2 * args.ode_steps - 1
+                row[key] = gather_rows(seeds, np.concatenate(per[key]), world).mean(0).tolist()
+            row["curvature_t"] = [[float(t), c] for t, c in zip(times, row["curvature_t"], strict=True)]
             results.append(row)
+            save()
     if rank == 0:
         print_table(results, protocol)
-        if args.out:
-            out = dict(
-                config=vars(args),
-                protocol=protocol,
-                results=results,
-                figures=write_figures(results, args.out) if args.figures else [],
-                versions=versions(),
-                world_size=world,
-                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            )
-            tmp = f"{args.out}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(out, f, indent=2)
-            os.replace(tmp, args.out)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        fid_rows = args.out and args.figures and any("fid" in r for r in results)
+        save(write_figures(results, args.out, random_features) if fid_rows else [])
+    if ddp:
+        torch.distributed.barrier(), torch.distributed.destroy_process_group()
     return results
 
 
-# --- figures: FID against NFE with the papers' figures, curvature against t ---
-
-# The papers' CIFAR-10 (unconditional) figures, as (solver, NFE, FID): LOOM-CFM Table 1 (its OT-CFM midpoint
-# rows computed by the LOOM authors with torchcfm's code, the rest quoted from Tong et al. and Liu et al.),
-# EDM Table 2 and LMM Table 2. Each paper's own protocol: see PROTOCOLS.
-PAPER_FID = {
-    "I-CFM": [("euler", 100, 4.46), ("euler", 1000, 3.64), ("dopri5", 146, 3.66)],
-    "OT-CFM": [("midpoint", 4, 15.95), ("midpoint", 8, 9.73), ("midpoint", 12, 7.77), ("euler", 100, 4.44),
-               ("dopri5", 134, 3.57)],
-    "LOOM-CFM": [("midpoint", 4, 11.60), ("midpoint", 8, 5.38), ("midpoint", 12, 4.60),
-                 ("dopri5", 134, 4.41)],
-    "LOOM-CFM + reflow": [("euler", 1, 7.63), ("midpoint", 2, 4.49)],
-    "1-Rect-Flow": [("euler", 1, 378.0)],
-    "2-Rect-Flow": [("euler", 1, 12.21)],
-    "3-Rect-Flow": [("euler", 1, 8.15)],
-    "EDM": [("heun", 35, 1.97)],
-    "LMM": [("lmm", 1, 1.90), ("lmm", 2, 1.55)],
-}  # fmt: skip
+# --- figures and the table ---
 
 
 def paper_label(ckpt):
-    """Which paper row a checkpoint reproduces, from its method and training flags (None: no paper row)."""
-    method, a = ckpt.get("method"), ckpt.get("args") or {}
-    if method == "loom_cfm":
+    """The paper row a checkpoint reproduces, from its method, flags and conditioning (None: no row)."""
+    method, a, cond = ckpt.get("method"), ckpt.get("args") or {}, ckpt["net_kwargs"].get("label_dim")
+    if method in ("edm_teacher", "lmm"):  # LMM Table 2 has EDM's and LMM's conditional figures too
+        return {"edm_teacher": "EDM", "lmm": "LMM"}[method] + (" cond" if cond else "")
+    if method == "loom_cfm" and not cond:  # the flow papers' rows are unconditional
         return "LOOM-CFM"
-    if method == "cfm_couplings":
-        if a.get("coupling") == "pairs":
-            return "LOOM-CFM + reflow" if a.get("preset") == "loom-reflow" else "2-Rect-Flow"
-        return {"independent": "I-CFM", "ot": "OT-CFM", "sinkhorn": "OT-CFM"}.get(a.get("coupling"))
-    return {"edm_teacher": "EDM", "lmm": "LMM"}.get(method)
+    couplings = {"independent": "I-CFM", "ot": "OT-CFM", "sinkhorn": "OT-CFM", "pairs": "2-Rect-Flow"}
+    label = couplings.get(a.get("coupling")) if method == "cfm_couplings" and not cond else None
+    return "LOOM-CFM + reflow" if label == "2-Rect-Flow" and a.get("preset") == "loom-reflow" else label
 
 
-def write_figures(results, out):
-    """<out>-fid_vs_nfe.png and <out>-curvature.png beside the JSON -> the paths written."""
+def write_figures(results, out, random_features=False):
+    """<out>-fid_vs_nfe.png beside the JSON: one line per checkpoint, its paper's figures (each in its own
+    protocol) as crosses; random test features go on an axis that says so, without the papers' figures."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stem, paths = os.path.splitext(out)[0], []
-    fid_rows = [r for r in results if "fid" in r and r.get("nfe") and "nfe_requested" in r]
-    if fid_rows:
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for i, ckpt in enumerate(dict.fromkeys(r["ckpt"] for r in fid_rows)):
-            rows = sorted((r for r in fid_rows if r["ckpt"] == ckpt), key=lambda r: r["nfe"])
-            name = os.path.basename(os.path.normpath(ckpt))
-            label = f"{rows[0]['label'] or rows[0]['method']} ({name})"
-            ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], "o-", color=f"C{i}", label=label)
-            for solver, nfe, fid in PAPER_FID.get(rows[0]["label"], []):
-                ax.plot(nfe, fid, "x", color=f"C{i}", ms=9, mew=2)
-                ax.annotate(
-                    solver, (nfe, fid), fontsize=7, color=f"C{i}", xytext=(3, 3), textcoords="offset points"
-                )
-        ax.plot([], [], "kx", label="paper's figure (its protocol)")
-        ax.set(xscale="log", yscale="log", xlabel="NFE (network calls)", ylabel="FID")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-        paths.append(f"{stem}-fid_vs_nfe.png")
-        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    curv_rows = [r for r in results if r.get("curvature_t")]
-    if curv_rows:
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for i, r in enumerate(curv_rows):
-            t, c = zip(*r["curvature_t"], strict=True)
-            name = os.path.basename(os.path.normpath(r["ckpt"]))
-            ax.plot(t, c, color=f"C{i}", label=f"{r['label'] or r['method']} ({name})")
-        positive = all(c > 0 for r in curv_rows for _, c in r["curvature_t"])
-        steps = f"{curv_rows[0]['ode_steps']} {curv_rows[0]['ode_grid']} Heun steps"
-        ax.set(
-            xlabel="t (0 noise, 1 data)",
-            ylabel="1 - cos(v_k, v_k+1)",
-            title=f"curvature along the ODE ({steps})",
-        )
-        ax.set_yscale("log" if positive else "linear")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        paths.append(f"{stem}-curvature.png")
-        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    return paths
-
-
-def save_image_grid(images, path):
-    """images [N, C, H, W] in [-1, 1] -> a square-ish PNG grid; torchvision rounds (x + 1) / 2 * 255 + 0.5,
-    which is EDM's quantisation x * 127.5 + 128."""
-    from torchvision.utils import save_image
-
-    save_image((images.float().cpu() + 1) / 2, path, nrow=math.ceil(math.sqrt(len(images))), padding=0)
-
-
-def suffixed(path, name, nfe):
-    stem, ext = os.path.splitext(path)
-    return f"{stem}-{name}-nfe{nfe}{ext or '.png'}"
-
-
-def trajectory_strip(module, counter, shape, label_dim, nfe, args, name, device):
-    """One row per image (seeds seed..seed+n-1): the network's clean-image estimate at every call, then the
-    sample (AOT Fig. 2, LOOM Fig. 13). Flow methods may export predict_x1(x, t, out); denoisers output it."""
-    noise, labels, gens = inputs_for_seeds(range(args.seed, args.seed + args.trajectory_n), shape, label_dim)
-    counter.trace = []
-    x, _, _ = run_sampler(
-        module,
-        counter,
-        noise.to(device),
-        nfe,
-        None if labels is None else labels.to(device),
-        gens,
-        args.sampler_kw,
-    )
-    trace, counter.trace = counter.trace, None
-    predict = getattr(module, "predict_x1", None)
-    cols = [out if predict is None else predict(xi, t, out) for xi, t, out in trace] + [x.float().cpu()]
-    strip = torch.stack(cols, dim=1).flatten(0, 1)  # [n * (calls + 1), C, H, W], row-major
-    save_rows(strip, len(cols), suffixed(args.trajectory, name, nfe))
-
-
-def save_rows(images, cols, path):
-    """images [rows * cols, C, H, W] in [-1, 1], row-major -> one PNG with `cols` images per row."""
-    from PIL import Image
-
-    x = (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
-    n, c, h, w = x.shape
-    x = (
-        x.reshape(n // cols, cols, c, h, w)
-        .permute(0, 3, 1, 4, 2)
-        .reshape((n // cols) * h, cols * w, c)
-        .numpy()
-    )
-    Image.fromarray(x[:, :, 0] if c == 1 else x).save(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, ckpt in enumerate(dict.fromkeys(r["ckpt"] for r in results if "fid" in r)):
+        rows = sorted((r for r in results if r["ckpt"] == ckpt and "fid" in r), key=lambda r: r["nfe"])
+        name = f"{rows[0]['label'] or rows[0]['method']} ({os.path.basename(os.path.normpath(ckpt))})"
+        ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], "o-", color=f"C{i}", label=name)
+        for solver, nfe, fid in [] if random_features else PAPER_FID.get(rows[0]["label"], []):
+            ax.plot(nfe, fid, "x", color=f"C{i}", ms=9, mew=2)
+            ax.annotate(solver, (nfe, fid), xytext=(3, 3), textcoords="offset points", fontsize=7)
+    ax.plot([], [], "kx", label="paper's figure (its protocol)") if not random_features else None
+    ylabel = "distance of random test features (NOT FID)" if random_features else "FID"
+    ax.set(xscale="log", yscale="log", xlabel="NFE (network calls)", ylabel=ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.savefig(path := f"{os.path.splitext(out)[0]}-fid_vs_nfe.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return [path]
 
 
 def print_table(results, protocol):
-    keys = [
-        "fid",
-        "fid_mean",
-        "fid_std",
-        "kid",
-        "is",
-        "is_std",
-        "straightness",
-        "straightness_rel",
-        "curvature",
-    ]
-    print(f"protocol {protocol['name']} ({protocol['source']}): {protocol['features']}; "
+    print(f"protocol {protocol['name']} ({protocol['source']}); features {protocol['features']}; "
           f"reference {protocol['reference']}")  # fmt: skip
-    print(
-        f"{'checkpoint':<32} {'method':<14} {'NFE asked':>9} {'calls':>7} {'method':>7} {'steps':>6} "
-        + " ".join(f"{k:>11}" for k in keys if any(k in r for r in results))
-    )
+    keys = ("nfe_requested", "nfe", "nfe_reported", "solver_steps", "fid", "fid_std", "kid", "is", "is_std",
+            "straightness", "straightness_rel", "curvature")  # fmt: skip
     for r in results:
-        vals = " ".join(
-            f"{r[k]:>11.5g}" if k in r else f"{'':>11}" for k in keys if any(k in q for q in results)
-        )
-        asked = r.get("nfe_requested", "")
-        print(
-            f"{str(r['ckpt'])[-32:]:<32} {r['method']:<14} {asked!s:>9} {r.get('nfe')!s:>7} "
-            f"{r.get('nfe_reported', '')!s:>7} {r.get('solver_steps', '')!s:>6} {vals}",
-            flush=True,
-        )
-
-
-def versions():
-    import importlib.metadata as md
-
-    out = dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__)
-    for pkg in ("torchvision", "clean-fid", "scipy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+        vals = ", ".join(f"{k} {r[k]:.5g}" for k in keys if r.get(k) is not None)
+        print(f"{r['ckpt']} ({r['method']}): {vals}", flush=True)
 
 
 # --- command line ---
 
 
-# --protocol NAME: each paper's evaluation as defaults (any flag given overrides them); see the docstring.
-PROTOCOLS = {
-    "edm": dict(
-        source="EDM (Karras et al. 2022) Sec. 5 and its fid.py; torchcfm's compute_fid.py (one seed range)",
-        defaults=dict(metrics=["fid"], fid_mode="legacy_tensorflow", dataset="cifar10", dataset_split="train",
-                      dataset_res=32, num=50000, fid_seeds=3),
-    ),
-    "lmm": dict(
-        source="LMM (Matityahu & Fattal) Tables 2 and 4: EDM's FID protocol plus IS (10 splits)",
-        defaults=dict(metrics=["fid", "is"], fid_mode="legacy_tensorflow", dataset="cifar10",
-                      dataset_split="train", dataset_res=32, num=50000, fid_seeds=3),
-    ),
-    "loom": dict(
-        source="LOOM-CFM Sec. 4 and its official evaluator (configs/cifar10_eval.yaml): CIFAR-10 test split, "
-        "10k real images drawn with replacement (RandomSampler, seed 42), 50k samples; paper: torcheval on "
-        "float images, here clean-fid legacy_tensorflow on uint8",
-        defaults=dict(metrics=["fid"], fid_mode="legacy_tensorflow", ref_data="cifar10", ref_split="test",
-                      ref_num=10000, ref_seed=42, num=50000, fid_seeds=1, ode_grid="uniform", ode_num=1000),
-    ),
-}  # fmt: skip
-METRICS = ("fid", "kid", "is", "straightness", "curvature")
+def sampler_kw(text):
+    """'solver=dopri5,atol=1e-5,steps=4' -> {'solver': 'dopri5', 'atol': 1e-05, 'steps': 4}."""
+    out = {}
+    for key, sep, value in (item.partition("=") for item in text.split(",") if item):
+        if not sep or not key:
+            raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE,... (e.g. solver=dopri5,atol=1e-5)")
+        out[key] = value
+        for cast in (float, int):
+            with contextlib.suppress(ValueError):
+                out[key] = cast(value)
+    return out
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Evaluate checkpoints: FID/KID/IS, straightness, curvature, NFE sweeps, grids, figures.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "--ckpt",
-        nargs="*",
-        default=[],
-        help="checkpoints (.pt or run folder; an EDM .pkl converted by tools/convert_edm.py)",
-    )
-    p.add_argument("--pairs", default=None, help="also score a pairs file's `data` as a sample set")
-    p.add_argument(
-        "--protocol",
-        default=None,
-        choices=sorted(PROTOCOLS),
-        help="a paper's evaluation protocol as defaults",
-    )
-    p.add_argument(
-        "--nfe", type=lambda s: [int(v) for v in s.split(",") if v], default=[1, 2], help="NFE list"
-    )
-    p.add_argument(
-        "--num-images",
-        "--num",
-        dest="num",
-        type=int,
-        default=50000,
-        help="images per (checkpoint, NFE) and seed range (under torchrun write --num-images: torchrun takes "
-        "--num for its --numa-binding)",
-    )
-    p.add_argument(
-        "--sampler-kw",
-        type=gen_pairs.sampler_kw,
-        default={},
-        help="extra keywords for every checkpoint's sample(), e.g. solver=dopri5,atol=1e-5 (flows)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    p.add_argument("--batch", type=int, default=250, help="images per sampling / feature batch and process")
-    p.add_argument(
-        "--metrics",
-        type=lambda s: [v for v in s.split(",") if v],
-        default=["fid", "kid"],
-        help="any of " + ",".join(METRICS),
-    )
-    p.add_argument("--fid-mode", default="legacy_tensorflow", choices=["legacy_tensorflow", "clean"])
-    p.add_argument(
-        "--fid-seeds", type=int, default=1, help="disjoint seed ranges (EDM: 3): min, mean and std reported"
-    )
-    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (Salimans et al.: 10)")
-    p.add_argument("--dataset", default="cifar10", help="clean-fid reference statistics: dataset name")
-    p.add_argument("--dataset-res", type=int, default=32, help="clean-fid reference statistics: resolution")
-    p.add_argument("--dataset-split", default="train", help="clean-fid reference statistics: split")
-    p.add_argument("--ref-stats", default=None, help="reference .npz with mu, sigma (and feats for KID)")
-    p.add_argument(
-        "--ref-data",
-        default=None,
-        help="compute the reference from data: cifar10 | shapes | FILE.npy (tools/prepare_data.py) | "
-        "FILE.npz (uint8 NHWC 'images')",
-    )
-    p.add_argument("--ref-split", default="train", choices=["train", "test"], help="--ref-data cifar10 split")
-    p.add_argument(
-        "--ref-num", type=int, default=0, help="draw this many reference images with replacement (0: all)"
-    )
-    p.add_argument("--ref-seed", type=int, default=42, help="seed of that draw (the LOOM evaluator: 42)")
-    p.add_argument("--data-dir", default="datasets", help="where --ref-data cifar10 is looked for")
-    p.add_argument(
-        "--feature-extractor",
-        default="inception",
-        choices=["inception", "random-cnn"],
-        help="random-cnn: TESTS ONLY, not FID",
-    )
-    p.add_argument(
-        "--ode-steps", type=int, default=100, help="Heun steps of the straightness/curvature solve"
-    )
-    p.add_argument("--ode-grid", default="rho", choices=["rho", "uniform"], help="time grid of that solve")
-    p.add_argument("--ode-num", type=int, default=256, help="samples for straightness/curvature")
-    p.add_argument("--out", default=None, help="results JSON (config, protocol, versions, results)")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --out / --grid / --trajectory"
-    )
-    p.add_argument(
-        "--no-figures",
-        dest="figures",
-        action="store_false",
-        help="no FID-vs-NFE / curvature PNGs beside --out",
-    )
-    p.add_argument("--grid", default=None, help="PNG path: a grid per (checkpoint, NFE), suffixed -NAME-nfeK")
-    p.add_argument("--grid-n", type=int, default=64, help="images per grid")
-    p.add_argument("--trajectory", default=None, help="PNG path: x1 estimates along the sampling path")
-    p.add_argument("--trajectory-n", type=int, default=8, help="rows (images) of each trajectory strip")
-    gen_pairs.add_speed_args(p)
-    known, _ = p.parse_known_args(argv)
-    if known.protocol:
-        p.set_defaults(**PROTOCOLS[known.protocol]["defaults"])
+    epilog = "protocols:\n" + "\n".join(f"  {k:<5} {v[0]}" for k, v in PROTOCOLS.items())
+    raw = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=epilog, formatter_class=raw)
+    p.allow_abbrev = False
+    add, ints, words = p.add_argument, lambda s: [int(v) for v in s.split(",") if v], lambda s: s.split(",")
+    add("--ckpt", nargs="+", required=True, help="checkpoints (.pt or run folder; EDM .pkl: convert_edm.py)")
+    add("--method", help="a forked method file (path/to/file.py) that made every --ckpt")
+    add("--protocol", choices=sorted(PROTOCOLS), help="a paper's evaluation as defaults (see below)")
+    add("--nfe", type=ints, default=[1, 2], help="network evaluations per image, a list (default 1,2)")
+    add("--num-images", type=int, default=50000, help="images per (checkpoint, NFE, seed range) (50000)")
+    add("--sampler-kw", type=sampler_kw, default={}, help="keywords for sample(): solver=dopri5,atol=1e-5")
+    add("--seed", type=int, default=0, help="image i uses seed + i")
+    add("--batch", type=int, default=250, help="images per sampling / feature batch and process (250)")
+    add("--metrics", type=words, default=["fid", "kid"], help="fid,kid,is,straightness,curvature (fid,kid)")
+    add("--features", default="clean-fid", choices=["clean-fid", "torcheval"], help="TF-Inception or LOOM's")
+    add("--fid-seeds", type=int, default=1, help="disjoint seed ranges (EDM, LMM: 3)")
+    add("--fid-stat", default="min", choices=["min", "mean"], help="over seed ranges: EDM's min, LMM's mean")
+    add("--is-splits", type=int, default=10, help="Inception Score splits (Salimans et al.: 10)")
+    add("--dataset", default="cifar10", help="clean-fid reference statistics: dataset name (cifar10)")
+    add("--dataset-res", type=int, default=32, help="clean-fid reference statistics: resolution (32)")
+    add("--dataset-split", default="train", help="clean-fid reference statistics: split (train)")
+    add("--ref-stats", help="reference .npz with mu, sigma (and feats for KID)")
+    add("--ref-data", help="reference from images: cifar10 | FILE.npy (tools/prepare_data.py) | FILE.npz")
+    add("--ref-split", default="train", choices=["train", "test"], help="--ref-data cifar10 split")
+    add("--ref-num", type=int, default=0, help="draw this many reference images with replacement (0: all)")
+    add("--ref-seed", type=int, default=42, help="seed of that draw (the LOOM evaluator: 42)")
+    add("--data-dir", default="datasets", help="where cifar10 is looked for / downloaded")
+    add("--ode-steps", type=int, default=100, help="Heun steps of the straightness/curvature solve (100)")
+    add("--ode-grid", choices=["rho", "uniform"], help="its grid (default: rho for EDM family, else uniform)")
+    add("--ode-num", type=int, default=256, help="samples for straightness/curvature (256)")
+    add("--out", help="results JSON (config, protocol, results), figures beside it")
+    add("--overwrite", action="store_true", help="replace an existing --out")
+    add("--no-figures", dest="figures", action="store_false", help="no FID-vs-NFE PNG beside --out")
+    add("--test-features", choices=["random-cnn", "random-inception"], help=argparse.SUPPRESS)  # tests only
     args = p.parse_args(argv)
-    if args.sampler_kw is None:
-        p.error("--sampler-kw takes KEY=VALUE[,KEY=VALUE...], e.g. solver=midpoint")
-    if not args.ckpt and not args.pairs:
-        p.error("give --ckpt (one or more) and/or --pairs")
-    unknown = set(args.metrics) - set(METRICS)
-    if unknown:
-        p.error(f"unknown metric(s) {sorted(unknown)}; choose from {','.join(METRICS)}")
-    for name in ("num", "batch", "fid_seeds", "ode_steps", "ode_num", "is_splits"):
+    p.set_defaults(**PROTOCOLS[args.protocol][1]) if args.protocol else None
+    args = p.parse_args(argv) if args.protocol else args  # the protocol's defaults, the flags given over them
+    args.features = args.test_features or args.features  # random-weight feature networks: tests only
+    if unknown := set(args.metrics) - {"fid", "kid", "is", "straightness", "curvature"}:
+        p.error(f"unknown metric(s) {sorted(unknown)}; choose from fid,kid,is,straightness,curvature")
+    for name in ("num_images", "batch", "fid_seeds", "ode_steps", "ode_num", "is_splits"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.ref_num < 0:
-        p.error("--ref-num must be >= 0")
-    if not args.nfe or min(args.nfe) < 1:
-        p.error("--nfe takes positive integers, e.g. 1,2,4")
-    if args.num < args.batch and any(m in args.metrics for m in ("fid", "kid", "is")):
-        p.error(f"--num-images {args.num} is smaller than --batch {args.batch}: lower --batch to at most it")
+    if args.ref_num < 0 or not args.nfe or min(args.nfe) < 1:
+        p.error("--ref-num must be >= 0 and --nfe positive integers, e.g. 1,2,4")
     return args
 
 

@@ -248,7 +248,8 @@ def train_method(name, problem, data, cfg, trained):
                 ys, eps = s.images(AOT_ROUND), torch.randn(AOT_ROUND, problem.dim)
                 blocks["y"], blocks["eps"] = ys, eps[module.aot_assign(img(eps), img(ys))]
             y, eps = blocks["y"][k * B : (k + 1) * B], blocks["eps"][k * B : (k + 1) * B]
-            return module.edm_loss(net, img(y), sigma_data=SIGMA_DATA, n=img(eps))
+            sigma = (torch.randn(B, 1, 1, 1) * 1.2 - 1.2).exp()  # EDM's ln(sigma) ~ N(-1.2, 1.2^2)
+            return module.edm_loss(net, img(y), sigma, img(eps), sigma_data=SIGMA_DATA)
 
     elif name == "lmm":  # LMM Eq. 3 on the EDM teacher's (noise, sample) pairs, drawn by gen_pairs
         teacher_module, teacher = trained["edm"]
@@ -270,7 +271,7 @@ def train_method(name, problem, data, cfg, trained):
                 idx, slots = module.minibatch_slots(len(data), LOOM_CACHES, B, step, cfg.seed)
                 x1 = data[idx]
                 x0 = problem.source(flat(module.noise_for_ids(tau[slots], cfg.seed, (problem.dim,))))
-                x0 = x0[module.loom_reassign(tau, slots, img(x1), img(x0))]
+                x0 = x0[module.loom_reassign(tau, slots, img(x1), img(x0), "sqeuclidean")]  # Sec. 3.1's cost
             else:
                 x1, x0 = s.images(B), s.noise(B)
                 if name in ("bot128", "bot256"):  # BatchOT: exact OT on each block of the batch
@@ -346,7 +347,7 @@ def solve(module, net, noise, grid):
     to x / (1 + sigma) at t' = 1 / (1 + sigma), their ODE is a rectified-flow ODE from about z (t' = 1/81)
     to the data (t' = 1), and an LMM line x1 + sigma x0 is the straight, constant-speed path
     t' x1 + (1 - t') x0. Only in this picture are straightness and curvature comparable across families."""
-    diffusion = hasattr(module, "ode_start")
+    diffusion = module.METHOD in ("edm_teacher", "aot_edm", "lmm")  # the flow files' ode_start is the noise
     x = module.ode_start(net, noise) if diffusion else noise
     states = [flat(x)]
     for k in range(len(grid) - 1):

@@ -69,7 +69,7 @@ def main(argv=None):
         )
         out = os.path.join(tmp, "pairs.npz")
         flags = [
-            "--teacher",
+            "--ckpt",
             teacher,
             "--num-pairs",
             str(args.num),
@@ -79,12 +79,10 @@ def main(argv=None):
             str(args.batch),
             "--nfe",
             str(args.nfe),
-            "--shard-size",
-            str(args.batch * 4),
         ]
         G.main([*flags, "--out", os.path.join(tmp, "warmup.npz"), "--num-pairs", str(args.batch)])
         t_load = time.perf_counter()
-        G.load_teacher(teacher, None, device)  # what gen_pairs spends before generating (excluded below)
+        G.load_model(teacher, device)  # what gen_pairs spends before generating (excluded below)
         t_load = time.perf_counter() - t_load
         t = time.perf_counter()
         G.main(flags)

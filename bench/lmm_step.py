@@ -4,7 +4,7 @@
     python bench/lmm_step.py --batch 128 --steps 7 --warmup 3 --out bench/lmm_step_gpu.json   # GPU
 
 Each configuration runs lmm.py's own training loop (`main`) on CIFAR-10 shapes (3 x 32 x 32 pairs, 10 classes,
-synthetic real images). Each step is timed from its start (seed_step) to its log line, before any checkpoint,
+synthetic real images). Each step is timed from its start (its first batch_indices call) to the next step's,
 in wall-clock seconds and in CPU seconds of this process (all threads: less skewed when other processes share
 the machine); the means after --warmup steps are kept:
   l2          Eq. 3 with the squared L2 distance (the L2 column; also the 80k pre-training steps' loop)
@@ -46,25 +46,26 @@ CONFIGS = {
 
 @contextlib.contextmanager
 def step_timer(out):
-    """Append (wall s, CPU s, is a generator step) for each training step lmm.main runs inside."""
-    seed_step, log = lmm.seed_step, lmm.Logger.log
-    start = {}
+    """Append (wall s, CPU s) for each training step lmm.main runs inside: from the step's first batch_indices
+    call (the pairs' order, seed 0; the real images' order uses seed 1) to the next step's, the last step to
+    its checkpoint's atomic_save."""
+    batch_indices, atomic_save, marks = lmm.batch_indices, lmm.atomic_save, []
 
-    def timed_seed_step(*a, **k):
-        start.update(wall=time.perf_counter(), cpu=time.process_time())
-        return seed_step(*a, **k)
+    def timed_batch_indices(n, batch, step, seed):
+        if seed == 0:
+            marks.append((time.perf_counter(), time.process_time()))
+        return batch_indices(n, batch, step, seed)
 
-    def timed_log(self, **rec):
-        out.append(
-            (time.perf_counter() - start["wall"], time.process_time() - start["cpu"], "L_lines" in rec)
-        )
-        return log(self, **rec)
+    def timed_save(obj, path):
+        marks.append((time.perf_counter(), time.process_time()))
+        return atomic_save(obj, path)
 
-    lmm.seed_step, lmm.Logger.log = timed_seed_step, timed_log
+    lmm.batch_indices, lmm.atomic_save = timed_batch_indices, timed_save
     try:
         yield
     finally:
-        lmm.seed_step, lmm.Logger.log = seed_step, log
+        lmm.batch_indices, lmm.atomic_save = batch_indices, atomic_save
+        out.extend((b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:], strict=False))
 
 
 def main(argv=None):
@@ -95,6 +96,8 @@ def main(argv=None):
                             "--grid", "0", "--lpips-random-trunk", *NETS[net], *flags,
                         ]
                     )  # fmt: skip
+                with open(os.path.join(outdir, "log.jsonl")) as f:  # generator steps log L_lines
+                    steps = [(*t, "L_lines" in json.loads(r)) for t, r in zip(steps, f, strict=True)]
                 steps = steps[args.warmup :]
                 r = dict(wall_s=time.time() - t0)
                 for i, pre in enumerate(("", "cpu_")):

@@ -103,3 +103,16 @@ def write_edm_dataset(root, images, labels, zipped):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(root / name)
         (root / "dataset.json").write_text(meta)
+
+
+def tiny_vae(path):
+    """A random-weight diffusers AutoencoderKL with SD's layout (4 latent channels, sides / 8), saved to a folder."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    blocks = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
+    kinds = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    vae = AutoencoderKL(**kinds, **blocks)
+    vae.save_pretrained(path)
+    return vae.eval()

@@ -1,10 +1,12 @@
 """aot_edm.py: the assignment against brute force, class-wise solve, equality with edm_teacher.py when the
-coupling is off, round consumption over ranks, resume inside a round, torchrun, the rho sweep, bad input."""
+coupling is off, round consumption over ranks, the overlapped solve, resume inside a round, torchrun, the rho
+sweep, the recipe's defaults, bad input."""
 
 import itertools
 import json
 import os
 import sys
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 
 import aot_edm as A
 import edm_teacher as E
-from conftest import TINY_FLAGS, run_script
+from conftest import TINY_FLAGS, read_log, run_script
 
 
 @pytest.mark.parametrize("n", [2, 4, 6])
@@ -60,9 +62,9 @@ def weights(out):
 
 
 def test_without_the_assignment_a_step_is_edm_teachers_step(tmp_path, npz_data, one_thread):
-    E.main(tiny(tmp_path / "edm", npz_data, "--cond", "--augment", "0"))  # aot_edm's default for an .npz
-    A.main(tiny(tmp_path / "off", npz_data, "--cond", "--aot-pairs", "8", "--assign", "0"))
-    A.main(tiny(tmp_path / "on", npz_data, "--cond", "--aot-pairs", "8"))
+    E.main(tiny(tmp_path / "edm", npz_data, "--cond", "--augment", "0"))
+    A.main(tiny(tmp_path / "off", npz_data, "--cond", "--aot-pairs", "8", "--assign", "0", "--augment", "0"))
+    A.main(tiny(tmp_path / "on", npz_data, "--cond", "--aot-pairs", "8", "--augment", "0"))
     edm, off, on = (weights(tmp_path / d) for d in ("edm", "off", "on"))
     for k in edm["net"]:
         assert torch.equal(edm["net"][k], off["net"][k]), k
@@ -70,18 +72,14 @@ def test_without_the_assignment_a_step_is_edm_teachers_step(tmp_path, npz_data, 
 
 
 def test_every_pair_of_a_round_is_used_once_across_ranks(npz_data):
-    images, labels = A.load_images(npz_data)
-    args = SimpleNamespace(
-        batch=8, aot_pairs=8, seed=0, P_mean=-1.2, P_std=1.2, assign=1, cost="l2", augment=0.0, overlap=False
-    )
-    ranks = [A.Rounds(args, images, None, 32, (3, 16, 16), torch.device("cpu"), r, 2) for r in range(2)]
-    for rnd in range(3):  # each round: 2 steps of 4 images per rank
-        used = torch.cat([rk.step(rnd * 2 + s)[0] for rk in ranks for s in range(2)])
-        idx = A.batch_indices(32, 16, rnd, 0)
-        expect = A.get_batch(images, None, idx, "cpu")[0]
-        assert torch.equal(used, expect)  # the round's 16 images, each exactly once
-        noise = torch.cat([rk.step(rnd * 2 + s)[2] for rk in ranks for s in range(2)])
-        assert len({tuple(v.flatten()[:4].tolist()) for v in noise}) == 16
+    images, _ = A.load_data(npz_data)
+    args = SimpleNamespace(batch=8, aot_pairs=8, seed=0, P_mean=-1.2, P_std=1.2, augment=0.0)
+    for r in range(3):  # each round: 8 pairs per rank, 16 of the epoch stream's images in all
+        rounds = [A.aot_round(args, images, None, 32, r, rank, 2, "cpu") for rank in range(2)]
+        used = torch.cat([y for y, *_ in rounds])
+        assert torch.equal(used, A.get_batch(images, None, A.batch_indices(32, 16, r, 0), "cpu")[0])
+        noise = torch.cat([eps for *_, eps in rounds])
+        assert len({tuple(v.flatten()[:4].tolist()) for v in noise}) == 16  # each rank its own noise
 
 
 def test_resume_inside_a_round_equals_uninterrupted(tmp_path, npz_data, one_thread):
@@ -96,42 +94,39 @@ def test_resume_inside_a_round_equals_uninterrupted(tmp_path, npz_data, one_thre
             assert torch.equal(a[key][k], b[key][k]), (key, k)
 
 
-def rounds_for(npz_data, overlap, assign=1):
-    images, _ = A.load_images(npz_data)
-    args = SimpleNamespace(batch=8, aot_pairs=16, seed=3, P_mean=-1.2, P_std=1.2, assign=assign,
-                           cost="l2", augment=0.3, overlap=overlap)  # fmt: skip
-    return A.Rounds(args, images, None, 32, (3, 16, 16), torch.device("cpu"), 0, 1)
+def test_overlap_solves_the_next_round_in_the_background_with_the_serial_numbers(
+    tmp_path, npz_data, one_thread, monkeypatch
+):
+    solve, where = A.aot_solve, []
+
+    def spy(eps, y, labels, args):
+        where.append(threading.current_thread() is threading.main_thread())
+        return solve(eps, y, labels, args)
+
+    monkeypatch.setattr(A, "aot_solve", spy)
+    for overlap in ("on", "off"):  # 3 rounds of 2 steps
+        A.main(tiny(tmp_path / overlap, npz_data, "--aot-pairs", "16", "--overlap", overlap, steps=6))
+    assert where == [True, False, False] + [True, True, True]  # rounds 1 and 2 solved while 0 and 1 train
+    on, off = weights(tmp_path / "on"), weights(tmp_path / "off")
+    assert all(torch.equal(on[p][k], off[p][k]) for p in ("net", "ema") for k in on[p])
+    rec_on, rec_off = (read_log(tmp_path / d) for d in ("on", "off"))
+    assert [r["cost_after"] for r in rec_on] == [r["cost_after"] for r in rec_off]
+    assert all(r["cost_after"] < r["cost_before"] for r in rec_on)
 
 
-def test_overlapped_solve_gives_the_serial_assignments_and_random_state(npz_data):
-    serial, overlapped = rounds_for(npz_data, False), rounds_for(npz_data, True)
-    for step in range(6):  # 3 rounds of 2 steps
-        outs = []
-        for rk in (serial, overlapped):
-            A.seed_step(3, 0, 1, step)
-            A.draw_sigma(8, -1.2, 1.2, "cpu")
-            y, _, eps, stats, aug = rk.step(step)
-            outs.append((y, eps, aug, torch.randn(4)))  # the global RNG after the step's draws
-            if step % 2 == 0:
-                assert (rk.pending is not None) == rk.args.overlap  # the next round is being solved
-        for a, b in zip(*outs, strict=True):
-            assert torch.equal(a, b)
-    overlapped.close()
+def test_a_failed_background_solve_stops_training(tmp_path, npz_data, monkeypatch):
+    assign, calls = A.aot_assign, []
 
+    def broken_at_round_2(*a, **k):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 3:
+            raise ValueError("cost matrix is infeasible")
+        return assign(*a, **k)
 
-def test_a_failed_background_solve_stops_with_one_line(npz_data, monkeypatch):
-    def broken(*a, **k):
-        raise ValueError("cost matrix is infeasible")
-
-    rk = rounds_for(npz_data, True)
-    rk.step(0)  # round 0 in the foreground, round 1 started in the background
-    rk.pending[1].join()
-    monkeypatch.setattr(A, "aot_assign", broken)  # the thread started at round 1 for round 2 calls this
-    rk.step(2)
-    with pytest.raises(
-        SystemExit, match="background assignment solve of round 2 failed: ValueError: cost matrix"
-    ):
-        rk.step(4)
+    monkeypatch.setattr(A, "aot_assign", broken_at_round_2)
+    with pytest.raises(ValueError, match="cost matrix is infeasible"):  # not lost in the thread
+        A.main(tiny(tmp_path / "run", npz_data, "--aot-pairs", "8", "--augment", "0", steps=4))
+    assert len(calls) == 3 and calls[2] != threading.main_thread().name
 
 
 def test_torchrun_two_ranks(tmp_path, npz_data):
@@ -147,15 +142,48 @@ def test_torchrun_two_ranks(tmp_path, npz_data):
 def test_rho_sweep_writes_a_table_through_evaluate(tmp_path, npz_data, one_thread):
     A.main(tiny(tmp_path / "run", npz_data, steps=1, batch=8) + ["--aot-pairs", "8"])
     out = tmp_path / "sweep.json"
-    eval_args = f"--feature-extractor random-cnn --ref-data {npz_data} --batch 8"
-    A.main(["--sweep-rho", "--ckpt", str(tmp_path / "run"), "--rhos", "3,90", "--sweep-steps", "2,3",
-            "--num-images", "8", "--eval-args", eval_args, "--out-json", str(out)])  # fmt: skip
+    eval_args = f"--test-features random-cnn --ref-data {npz_data} --batch 8 --num-images 8"
+    A.main(["--sweep-rho", "3,90", "--ckpt", str(tmp_path / "run"), "--sweep-steps", "2,3",
+            "--eval-args", eval_args, "--out-json", str(out)])  # fmt: skip
     table = json.loads(out.read_text())
-    assert A.parse_args(["--sweep-rho", "--ckpt", "x"]).fid_seeds == 3  # the paper's lowest of three
-    values = np.array(table["table"], dtype=float)
+    assert A.parse_args(["--sweep-rho", "--ckpt", "x"]).sweep_rho == [3, 5, 9, 16, 27, 47, 81, 140, 243, 421]
+    values = np.array(table["fid"], dtype=float)
     assert table["rhos"] == [3, 90] and values.shape == (2, 2) and np.isfinite(values).all()
     assert values[0, 0] == values[1, 0]  # 2 steps are (80, 0.002, 0) for any rho
     assert values[0, 1] != values[1, 1]  # with 3 the middle level moves: rho reaches the sampler
+
+
+def test_generate_writes_per_seed_images_of_the_ema(tmp_path, npz_data, one_thread):
+    A.main(tiny(tmp_path / "run", npz_data, "--cond", "--aot-pairs", "8", steps=1))
+    out = ["--ckpt", str(tmp_path / "run"), "--nfe", "5", "--rho", "90", "--gen-batch", "2"]
+    A.main(["--generate", "3", *out, "--out", str(tmp_path / "a.npz")])
+    A.main(["--generate", "2", *out, "--out", str(tmp_path / "b.npz"), "--seed", "1"])
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["images"].shape == (3, 16, 16, 3) and a["images"].dtype == np.uint8 and len(a["labels"]) == 3
+    assert np.array_equal(a["images"][1:], b["images"]) and np.array_equal(a["labels"][1:], b["labels"])
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        A.main(["--generate", "3", *out, "--out", str(tmp_path / "a.npz")])
+
+
+def test_recipe_defaults():
+    """EDM-AOT's runs: NCSN++ on CIFAR-10, EDM's augmentation p = 0.12, Sec. 5.1's batch and pairs."""
+    args = A.parse_args(["--data", "cifar10"])
+    assert (args.arch, args.augment, args.augment_dim, args.batch, args.aot_pairs) == (
+        "ncsnpp",
+        0.12,
+        9,
+        256,
+        512,
+    )
+    assert (args.model_channels, args.channel_mult, args.num_blocks, args.attn_res) == (
+        128,
+        [2, 2, 2],
+        4,
+        [16],
+    )
+    args = A.parse_args(["--data", "x.npz", "--cond"])
+    assert (args.arch, args.augment, args.batch, args.aot_pairs) == ("ddpmpp", 0.12, 128, 2048)
+    assert (args.nfe, args.rho, args.ema_halflife, args.lr_rampup, args.overlap) == (35, 7.0, 500, 10, True)
 
 
 @pytest.mark.parametrize(

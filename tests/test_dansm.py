@@ -1,7 +1,9 @@
 """dansm.py: the inter-path distance against dense minimisation, greedy matching against a brute-force
-reference and Hungarian, the random path length formula and its decrease with match-size, pools larger and
-smaller than the batch, resume, torchrun, the report, bad input."""
+reference and Hungarian (both costs), the random path length formula and its decrease with match-size, the
+public code's recipe (defaults, time grid, EMA warm-up), pools larger than the batch and than the data, resume,
+torchrun, the report, bad input."""
 
+import itertools
 import json
 import math
 import sys
@@ -12,7 +14,7 @@ import torch
 from scipy.stats import norm
 
 import dansm as D
-from conftest import read_log, run_script
+from conftest import TINY_NET, read_log, run_script
 
 
 def test_inter_path_distance_equals_dense_minimisation_including_clipped_ends():
@@ -110,7 +112,7 @@ def tiny(out, data, *extra, steps=4, batch=8):
         "--duration",
         str(steps * batch / 1e6),
     ]
-    return argv + ["--tiny", "--log-every", "1", "--grid", "4", "--grid-nfe", "2", "--warmup", "2", *extra]
+    return argv + ["--tiny", "--log-every", "1", "--grid", "4", "--nfe", "2", "--lr-rampup", "1.6e-5", *extra]
 
 
 def test_ddim_timesteps_are_the_public_codes():
@@ -118,7 +120,6 @@ def test_ddim_timesteps_are_the_public_codes():
     assert D.ddim_timesteps(3) == [999, 666, 333, 0]
     assert D.ddim_timesteps(7) == [994, 852, 710, 568, 426, 284, 142, 0]
     assert D.ddim_timesteps(10) == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
-    assert D.ddim_timesteps(3, "even") == [999, 500, 0]
 
     class Eps(torch.nn.Module):  # records the timesteps it is called at
         objective, seen = "dm", []
@@ -134,18 +135,84 @@ def test_ddim_timesteps_are_the_public_codes():
 
 def test_training_recipe_defaults_are_the_public_codes():
     a = D.parse_args(["--data", "cifar10"])
-    assert (a.lr, a.warmup, a.dropout, a.xflip, a.ema_warmup, a.grad_clip) == (1e-4, 0, 0.15, True, True, 1.0)
-    assert D.ema_beta(0.9999, 1) == pytest.approx(2 / 11)  # score-sde: min(mu, (1 + n) / (10 + n))
-    assert D.ema_beta(0.9999, 100) == pytest.approx(101 / 110)
-    assert D.ema_beta(0.9999, 10**6) == 0.9999 and D.ema_beta(0.9999, 1, warmup=False) == 0.9999
-    b = D.parse_args(["--data", "cifar10", "--no-ema-warmup", "--no-xflip"])
-    assert not b.ema_warmup and not b.xflip
+    assert (a.lr, a.lr_rampup, a.dropout, a.xflip, a.ema_warmup, a.grad_clip) == (
+        1e-4,
+        0,
+        0.15,
+        "copies",
+        True,
+        1,
+    )
+    assert (a.t_min, a.time_scale, a.duration, a.batch, a.match_size) == (1e-3, 999, 25, 250, 10000)
+    assert (a.ema_decay, a.hungarian_cost, a.nfe) == (0.9999, "mse", 10)
+    b = D.parse_args(["--data", "cifar10", "--no-ema-warmup", "--xflip", "off"])
+    assert not b.ema_warmup and b.xflip == "off"
+
+
+def test_the_default_net_is_score_sdes_ddpmpp_of_the_public_code():
+    """cifar10_rf_gaussian_ddpmpp.py: score-sde's NCSNpp class with positional embedding, no FIR, no progressive
+    input (its DDPM++), nf 128, ch_mult 1,2,2,2, 4 blocks, attention at 16: 61,804,419 parameters."""
+    a = D.parse_args(["--data", "cifar10"])
+    kw = dict(img_resolution=32, img_channels=3, arch=a.arch, model_channels=a.model_channels,
+              channel_mult=a.channel_mult, num_blocks=a.num_blocks, attn_resolutions=a.attn_res, dropout=a.dropout)  # fmt: skip
+    assert sum(p.numel() for p in D.build_net(kw).parameters()) == 61_804_419
+
+
+def test_euler_uses_the_public_codes_time_grid_and_network_input():
+    class Vel(torch.nn.Module):  # records the times it is called at
+        objective, t_min, seen = "rfm", 1e-3, []
+
+        def forward(self, x, t, labels=None):
+            self.seen.append(float(t))
+            return torch.zeros_like(x)
+
+    net = Vel()
+    _, nfe = D.sample(net, torch.randn(2, 1, 2, 2), 4)
+    # rectified_flow_sampling.py: num_t = i / steps * (1 - eps) + eps on its clock s = 1 - t, step 1 / steps
+    assert nfe == 4 and net.seen == pytest.approx(
+        [1 - (i / 4 * (1 - 1e-3) + 1e-3) for i in range(4)], abs=1e-15
+    )
+    flow = D.build_net(dict(img_resolution=8, img_channels=3, time_scale=999.0, t_min=1e-3, **TINY_NET))
+    seen = []
+    flow.model.forward = lambda x, noise_labels, *a: seen.append(noise_labels) or x
+    flow(torch.randn(2, 3, 8, 8), torch.tensor([0.5, 0.25]))
+    assert torch.equal(
+        seen[0], torch.tensor([499.5, 249.75])
+    )  # 999 t, as the public code's model(x, t * 999)
+
+
+def test_ema_has_score_sdes_warm_up(tmp_path, npz_data, one_thread):
+    """After one step the EMA is min(mu, (1 + n) / (10 + n)) = 2/11 of the initial weights (n = 1)."""
+    D.main(tiny(tmp_path / "run", npz_data, "--match-size", "8", "--dropout", "0", steps=1))
+    ckpt = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
+    torch.manual_seed(0)
+    init = D.build_net(ckpt["net_kwargs"]).state_dict()
+    for k, w in ckpt["ema"].items():
+        if w.is_floating_point():
+            torch.testing.assert_close(w, ckpt["net"][k].lerp(init[k], 2 / 11), rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(ckpt["net"][k], init[k]) for k in init)
+
+
+def test_hungarian_minimises_the_public_mse_cost_and_l2_the_lengths():
+    g = torch.Generator().manual_seed(5)
+    for _ in range(10):
+        x, z = torch.randn(6, 2, generator=g) * torch.tensor([3.0, 0.1]), torch.randn(6, 2, generator=g)
+        for cost, f in (("mse", lambda d: d.square().mean()), ("l2", lambda d: d.norm(dim=1).sum())):
+            best = min(f(x - z[list(q)]).item() for q in itertools.permutations(range(6)))
+            assert f(x - z[D.hungarian_match(x, z, cost)]).item() == pytest.approx(best, rel=1e-9)
+    x, z = (
+        torch.tensor([[-2.0, 1.0], [-1.0, -1.0]]),
+        torch.tensor([[0.0, -1.0], [3.0, -1.0]]),
+    )  # they disagree
+    assert D.hungarian_match(x, z).tolist() == [0, 1] and D.hungarian_match(x, z, "l2").tolist() == [1, 0]
 
 
 def test_dm_objective_and_hungarian_train(tmp_path, npz_data, one_thread):
     D.main(tiny(tmp_path / "dm", npz_data, "--objective", "dm", "--match-size", "16"))
     D.main(tiny(tmp_path / "hu", npz_data, "--matcher", "hungarian", "--match-size", "16"))
-    for d in ("dm", "hu"):
+    D.main(tiny(tmp_path / "big", npz_data, "--match-size", "128"))  # 64 data indices: a pool of two epochs
+    assert all(r["len_after"] < r["len_before"] for r in read_log(tmp_path / "big"))
+    for d in ("dm", "hu", "big"):
         assert all(math.isfinite(r["loss"]) for r in read_log(tmp_path / d))
 
 
@@ -195,7 +262,7 @@ def test_report_agrees_with_closed_form_and_brute_force_pools_in_1d(tmp_path, ca
     vals = rng.integers(0, 256, n).astype(np.uint8)
     np.savez(tmp_path / "d.npz", images=vals.reshape(n, 1, 1, 1))
     a = vals.astype(np.float64) / 127.5 - 1
-    rows = D.main(["--report", "--data", str(tmp_path / "d.npz"), "--no-xflip", "--match-sizes", f"2,{2 * n}",
+    rows = D.main(["--report", "--data", str(tmp_path / "d.npz"), "--xflip", "off", "--match-sizes", f"2,{2 * n}",
                    "--paths", str(n), "--seed", "1"])  # fmt: skip
     assert "set of 200 paths" in capsys.readouterr().out
 
@@ -248,11 +315,12 @@ def test_report_agrees_with_closed_form_and_brute_force_pools_in_1d(tmp_path, ca
 
 
 def test_bad_input_gives_one_line_errors(tmp_path, npz_data, capsys):
-    with pytest.raises(SystemExit, match="exceeds the 64 training images"):  # 32 and their mirror images
-        D.main(tiny(tmp_path / "run", npz_data, "--match-size", "128"))
     with pytest.raises(SystemExit, match="exceeds the 32 data indices"):
-        D.main(["--report", "--data", npz_data, "--no-xflip", "--ref-paths", "64"])
-    for argv in (["--data", npz_data, "--match-size", "0"], ["--data", npz_data, "--matcher", "sinkhorn"]):
+        D.main(["--report", "--data", npz_data, "--xflip", "off", "--ref-paths", "64"])
+    with pytest.raises(SystemExit, match="is not divisible by 2"):  # 16 px: at most 5 levels
+        D.main(["--data", npz_data, "--outdir", str(tmp_path / "run"), "--channel-mult", "1,1,1,1,1,1"])
+    bad = (["--match-size", "0"], ["--matcher", "sinkhorn"], ["--t-min", "1"], ["--xflip", "random"])
+    for argv in (["--data", npz_data, *f] for f in bad):
         with pytest.raises(SystemExit):
             D.parse_args(argv)
 

@@ -122,8 +122,10 @@ def test_recipe_defaults_and_bad_flags():
     for bad in (["--augment", "0.2", "--augment-dim", "0"], ["--augment", "1.5"], ["--augment-dim", "4"]):
         with pytest.raises(SystemExit):
             E.parse_args(["--data", "shapes", *bad])
-    args = A.parse_args(["--data", "cifar10"])
-    assert args.augment == 0.12 and args.augment_dim == 9
+    for data in ("cifar10", "x.npz"):  # aot_edm: the same default for every dataset
+        args = A.parse_args(["--data", data])
+        assert args.augment == 0.12 and args.augment_dim == 9, data
+    assert A.parse_args(["--data", "x.npz", "--augment", "0"]).augment_dim == 0
 
 
 def test_net_with_augment_dim_gets_zero_labels_and_a_gradient_without_augmentation():

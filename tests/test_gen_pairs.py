@@ -21,7 +21,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def pairs_flags(teacher, out, num=14, batch=4, extra=()):
     return [
-        "--teacher",
+        "--ckpt",
         teacher,
         "--num-pairs",
         str(num),
@@ -31,8 +31,6 @@ def pairs_flags(teacher, out, num=14, batch=4, extra=()):
         str(batch),
         "--nfe",
         "5",
-        "--shard-size",
-        "4",
         "--seed",
         "100",
         "--cond",
@@ -57,14 +55,13 @@ def test_pairs_identical_for_one_and_two_ranks_and_two_batch_sizes(teacher_ckpt,
     assert np.array_equal(a["noise"], b["noise"]) and np.array_equal(a["label"], b["label"])
     # batch 4 vs 3: the convolution kernels differ with the batch shape, so data agree to float rounding only
     assert np.abs(a["data"] - b["data"]).max() <= 1e-5 * np.abs(a["data"]).max()
-    assert not os.path.exists(tmp_path / "a.npz.shards")  # removed after the verified merge
+    assert not os.path.exists(tmp_path / "a.npz.partial")  # removed once the file is complete
     meta = json.loads(str(a["meta"]))
     assert (
-        meta["nfe_used"] == 5
-        and meta["seed"] == 100
-        and meta["num"] == 14
-        and len(meta["teacher_sha256"]) == 64
+        meta["nfe_used"] == 5 and meta["seed"] == 100 and meta["num"] == 14 and len(meta["weights_crc"]) == 8
     )
+    mm = G.load_pairs(str(tmp_path / "a.npz"))  # memory-mapped, the meta decoded
+    assert isinstance(mm["data"], np.memmap) and np.array_equal(mm["data"], a["data"]) and mm["meta"] == meta
     # pair i is edm_teacher's image seed + i: same noise and label, and data = its sampler output
     noise, labels = E.noise_for_seeds(range(100, 114), (3, 16, 16), label_dim=3)
     assert np.array_equal(a["noise"], noise.numpy()) and np.array_equal(a["label"], labels.numpy())
@@ -78,35 +75,29 @@ def test_pairs_identical_for_one_and_two_ranks_and_two_batch_sizes(teacher_ckpt,
 
 def test_kill_and_resume_equals_uninterrupted(teacher_ckpt, tmp_path):
     flags = pairs_flags(teacher_ckpt, tmp_path / "k.npz", num=40, batch=2, extra=["--nfe", "35"])
-    shard_dir = tmp_path / "k.npz.shards"
+    nfe_file = tmp_path / "k.npz.partial" / "nfe.npy"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "gen_pairs.py", *flags],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = subprocess.Popen([sys.executable, "gen_pairs.py", *flags], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+
+    def made():
+        try:
+            return int((np.load(nfe_file) > 0).sum())
+        except (OSError, ValueError):
+            return 0
+
     deadline = time.time() + 120
-    while (
-        time.time() < deadline
-        and len([f for f in os.listdir(shard_dir) if f.endswith(".npz")] if shard_dir.exists() else []) < 2
-    ):
+    while time.time() < deadline and made() < 2:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    present = sorted(f for f in os.listdir(shard_dir) if f.endswith(".npz"))
-    assert 2 <= len(present) < 10 and not (tmp_path / "k.npz").exists()  # really interrupted mid-way
-    # resume (makes only the missing shards), and an uninterrupted run: both with the killed run's thread count
+    present = made()
+    assert 2 <= present < 20 and not (tmp_path / "k.npz").exists()  # really interrupted mid-way
+    # resume (makes only the missing batches), and an uninterrupted run: both with the killed run's thread count
     r = run_script([sys.executable, "gen_pairs.py", *flags])
-    assert r.returncode == 0 and f"{len(present)} of 10 shards present" in r.stdout, r.stderr[-2000:]
-    r = run_script(
-        [
-            sys.executable,
-            "gen_pairs.py",
-            *pairs_flags(teacher_ckpt, tmp_path / "u.npz", num=40, batch=2, extra=["--nfe", "35"]),
-        ]
-    )
+    assert r.returncode == 0 and f"{present} of 20 batches present" in r.stdout, r.stderr[-2000:]
+    u = pairs_flags(teacher_ckpt, tmp_path / "u.npz", num=40, batch=2, extra=["--nfe", "35"])
+    r = run_script([sys.executable, "gen_pairs.py", *u])
     assert r.returncode == 0, r.stderr[-2000:]
     k, u = read(tmp_path / "k.npz"), read(tmp_path / "u.npz")
     for key in ("noise", "data", "label"):
@@ -166,7 +157,7 @@ def test_pairs_of_a_gaussian_teacher_are_its_ode_endpoints():
         E, gaussian_denoiser, 3, 11, 7, (2, 4, 4), 0, 399, 3, torch.device("cpu")
     )
     assert label is None and used == 399 and x0.shape == (8, 2, 4, 4)
-    assert torch.equal(x0, G.pair_inputs(range(3, 11), 7, (2, 4, 4))[0])
+    assert torch.equal(x0, E.noise_for_seeds(range(10, 18), (2, 4, 4))[0])  # pair i: seed 7 + i
     exact = 0.2 + (80 * x0.double() - 0.2) * 0.5 / math.sqrt(0.25 + 80**2)  # closed-form x(sigma = 0)
     assert (x1.double() - exact).abs().max() < 1e-3 * (exact - 0.2).abs().max()
 
@@ -176,15 +167,9 @@ def test_load_pairs_memory_maps_instead_of_reading(tmp_path):
     path = tmp_path / "big.npz"
     rng = np.random.default_rng(0)
     chunks = [rng.standard_normal((512, *shape), dtype=np.float32) for _ in range(n // 512)]
-    G.write_npz_stream(
-        str(path),
-        [
-            ("noise", np.float32, (n, *shape), chunks),
-            ("data", np.float32, (n, *shape), chunks),
-            ("label", np.int64, (n,), [np.arange(n)]),
-            ("meta", "<U2", (), [np.array("{}")]),
-        ],
-    )
+    big = np.concatenate(chunks)
+    np.savez(path, noise=big, data=big, label=np.arange(n), meta=np.array("{}"))
+    del big
     size = os.path.getsize(path)
     probe = (
         "import os, sys, numpy as np\n"
@@ -211,21 +196,6 @@ def test_load_pairs_memory_maps_instead_of_reading(tmp_path):
         G.load_pairs(str(tmp_path / "zip.npz"))
 
 
-def test_inspect_prints_counts_histogram_and_statistics(teacher_ckpt, tmp_path, capsys):
-    G.main(pairs_flags(teacher_ckpt, tmp_path / "p.npz", num=9, extra=["--dtype", "float16"]))
-    capsys.readouterr()
-    G.main(["--inspect", str(tmp_path / "p.npz")])
-    text = capsys.readouterr().out
-    labels = read(tmp_path / "p.npz")["label"]
-    assert "9 pairs" in text and "float16" in text and str(np.bincount(labels).tolist()) in text
-    assert "outside [-1, 1]" in text and '"seed": 100' in text
-    with pytest.raises(SystemExit, match="not found"):
-        G.main(["--inspect", str(tmp_path / "nope.npz")])
-    (tmp_path / "junk.npz").write_bytes(b"junk")
-    with pytest.raises(SystemExit, match="not a readable pairs file"):
-        G.main(["--inspect", str(tmp_path / "junk.npz")])
-
-
 def one_line_error(excinfo, *words):
     msg = str(excinfo.value)
     assert msg.startswith("error: ") and "\n" not in msg, msg
@@ -248,10 +218,17 @@ def test_bad_input(teacher_ckpt, tmp_path):
         one_line_error(e, f"python tools/convert_edm.py {teacher} {pt} and pass {pt}")
     for num in ("0", "-5"):
         with pytest.raises(SystemExit) as e:
-            G.main([*pairs_flags(teacher_ckpt, tmp_path / "o.npz"), "--num", num])  # the single-process alias
+            G.main([*pairs_flags(teacher_ckpt, tmp_path / "o.npz"), "--num-pairs", num])
         assert e.value.code == 2  # argparse error
+    with pytest.raises(SystemExit) as e:  # no abbreviations: torchrun reads --num as its --numa-binding
+        G.main([*pairs_flags(teacher_ckpt, tmp_path / "o.npz"), "--num", "3"])
+    assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
         G.main(pairs_flags(teacher_ckpt, tmp_path / "missing_dir" / "o.npz"))
+    one_line_error(e, "not writable")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:  # its folder is a file
+        G.main(pairs_flags(teacher_ckpt, tmp_path / "file" / "o.npz"))
     one_line_error(e, "not writable")
     with pytest.raises(SystemExit) as e:
         G.main([a for a in pairs_flags(teacher_ckpt, tmp_path / "o.npz") if a != "--cond"])
@@ -263,24 +240,26 @@ def test_bad_input(teacher_ckpt, tmp_path):
     G.main([*pairs_flags(teacher_ckpt, tmp_path / "o.npz", num=4), "--overwrite"])
 
 
-def test_refuses_to_mix_shards_of_another_seed_or_teacher(teacher_ckpt, tmp_path):
+def interrupted_run(flags, monkeypatch, after=1):
+    """Run gen_pairs in-process, stopped as if killed once `after` batches are on disk."""
+    real, calls = G.make_pairs, []
+
+    def make_then_stop(*a, **k):
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(G, "make_pairs", make_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        G.main(flags)
+    monkeypatch.undo()
+
+
+def test_refuses_to_mix_a_partial_run_of_another_seed_or_teacher(teacher_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "m.npz"
-    os.makedirs(str(out) + ".shards")
-    G.main(pairs_flags(teacher_ckpt, tmp_path / "first.npz", num=8))
-    # leave one shard of a seed-100 run in m.npz.shards, then ask for seed 101
-    fp = dict(
-        teacher_sha256=G.sha256_file(teacher_ckpt),
-        method="edm_teacher",
-        seed=100,
-        num=8,
-        nfe=5,
-        dtype="float32",
-        shard_size=4,
-        label_dim=3,
-        shape=[3, 16, 16],
-        version=G.VERSION,
-    )
-    np.savez(G.shard_name(str(out) + ".shards", 0), noise=np.zeros(1), meta=np.array(json.dumps(fp)))
+    interrupted_run(pairs_flags(teacher_ckpt, out, num=8), monkeypatch)
+    assert (np.load(str(out) + ".partial/nfe.npy") > 0).tolist() == [True, False]
     with pytest.raises(SystemExit) as e:
         G.main([*pairs_flags(teacher_ckpt, out, num=8), "--seed", "101"])
     one_line_error(e, "refusing to mix", "seed")
@@ -290,4 +269,23 @@ def test_refuses_to_mix_shards_of_another_seed_or_teacher(teacher_ckpt, tmp_path
     torch.save(ckpt, other)
     with pytest.raises(SystemExit) as e:
         G.main(pairs_flags(str(other), out, num=8))
-    one_line_error(e, "refusing to mix", "teacher_sha256")
+    one_line_error(e, "refusing to mix", "weights_crc")
+    G.main(pairs_flags(teacher_ckpt, out, num=8))  # the same settings: it resumes
+    G.main(pairs_flags(teacher_ckpt, tmp_path / "u.npz", num=8))
+    assert all(np.array_equal(read(out)[k], read(tmp_path / "u.npz")[k]) for k in ("noise", "data", "label"))
+
+
+def test_a_forked_method_file_is_run_only_when_named(teacher_ckpt, tmp_path):
+    fork = tmp_path / "my_edm.py"
+    fork.write_text("import edm_teacher\nfrom edm_teacher import *  # noqa: F403\n\n\n"
+                    "def sample(net, noise, nfe, labels=None, **kw):\n"
+                    "    return edm_teacher.sample(net, -noise, nfe, labels, **kw)\n")  # fmt: skip
+    ckpt = torch.load(teacher_ckpt, weights_only=True)
+    torch.save(dict(ckpt, method="my_edm"), tmp_path / "fork.pt")
+    with pytest.raises(SystemExit) as e:
+        G.main(pairs_flags(str(tmp_path / "fork.pt"), tmp_path / "f.npz", num=4))
+    one_line_error(e, "unknown method 'my_edm'", "--method")
+    G.main([*pairs_flags(str(tmp_path / "fork.pt"), tmp_path / "f.npz", num=4), "--method", str(fork)])
+    G.main(pairs_flags(teacher_ckpt, tmp_path / "e.npz", num=4))
+    f, e_ = read(tmp_path / "f.npz"), read(tmp_path / "e.npz")
+    assert np.array_equal(f["noise"], e_["noise"]) and not np.array_equal(f["data"], e_["data"])

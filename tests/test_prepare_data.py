@@ -4,13 +4,14 @@
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_script, write_edm_dataset
+from conftest import ROOT, run_script, tiny_vae, write_edm_dataset
 
 TOOL = os.path.join(ROOT, "tools", "prepare_data.py")
 _spec = importlib.util.spec_from_file_location("prepare_data", TOOL)
@@ -222,3 +223,89 @@ def test_bad_sources_give_one_line_errors(tmp_path):
         assert not (tmp_path / "out.npy").exists() and not any(".tmp" in f for f in os.listdir(tmp_path)), (
             name
         )
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    images = np.random.default_rng(2).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    write_edm_dataset(tmp_path / "src", images, np.arange(10) % 2, zipped=False)
+    return tmp_path / "src", images
+
+
+def test_vae_latents_are_the_encoders_posterior_mean_and_decode_to_images(tmp_path, image_folder):
+    import torch
+
+    src, images = image_folder
+    vae = tiny_vae(tmp_path / "vae")
+    P.main([str(src), str(tmp_path / "lat.npy"), "--vae", str(tmp_path / "vae"), "--batch", "3"])
+    z, y = read_back(tmp_path / "lat.npy")
+    assert z.dtype == np.float16 and z.shape == (10, 4, 4, 4) and isinstance(z, np.memmap)
+    assert np.array_equal(y, np.arange(10) % 2)
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        post = vae.encode(x).latent_dist
+        assert torch.allclose(torch.from_numpy(np.array(z)).float(), post.mean, atol=2e-3, rtol=1e-3)
+        assert vae.decode(torch.from_numpy(np.array(z)).float()).sample.shape == (10, 3, 32, 32)
+    meta = json.loads((tmp_path / "lat.json").read_text())
+    assert meta["kind"] == "latents" and meta["channels"] == 4 and meta["resolution"] == 4
+    assert meta["vae"] == str(tmp_path / "vae") and meta["posterior"] == "mean" and meta["scale"] == 1
+    assert meta["image_resolution"] == 32 and meta["classes"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["lat.json", "lat.labels.npy", "lat.npy", "src", "vae"]
+    # a posterior sample per image, from (seed, i) whatever the batch; --scale std scales by 1 / std
+    for batch in ("4", "10"):
+        P.main([str(src), str(tmp_path / f"s{batch}.npy"), "--vae", str(tmp_path / "vae"), "--batch", batch,
+                "--posterior", "sample"])  # fmt: skip
+    s4, s10 = np.load(tmp_path / "s4.npy"), np.load(tmp_path / "s10.npy")
+    assert np.allclose(s4, s10, atol=2e-3) and not np.allclose(s4, z, atol=1e-2)
+    P.main(
+        [
+            str(src),
+            str(tmp_path / "std.npy"),
+            "--vae",
+            str(tmp_path / "vae"),
+            "--scale",
+            "std",
+            "--batch",
+            "10",
+        ]
+    )
+    scale = json.loads((tmp_path / "std.json").read_text())["scale"]
+    assert scale == pytest.approx(1 / post.mean.std().item(), rel=1e-4)
+    assert np.allclose(np.load(tmp_path / "std.npy"), np.asarray(z, np.float32) * scale, atol=1e-2)
+
+
+def test_vae_encoding_resumes_after_a_stop_with_the_same_file(tmp_path, image_folder, monkeypatch):
+    src, _ = image_folder
+    tiny_vae(tmp_path / "vae")
+    flags = ["--vae", str(tmp_path / "vae"), "--batch", "3", "--posterior", "sample"]
+    P.main([str(src), str(tmp_path / "full.npy"), *flags])
+    batches = P.batches
+
+    def stop_after_two(chunks, size):
+        for i, b in enumerate(batches(chunks, size)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield b
+
+    monkeypatch.setattr(P, "batches", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        P.main([str(src), str(tmp_path / "part.npy"), *flags])
+    assert json.loads((tmp_path / "part.npy.partial.json").read_text())["done"] == 6
+    assert not (tmp_path / "part.npy").exists()
+    monkeypatch.setattr(P, "batches", batches)
+    P.main([str(src), str(tmp_path / "part.npy"), *flags])
+    assert np.array_equal(np.load(tmp_path / "part.npy"), np.load(tmp_path / "full.npy"))
+    assert not any("partial" in f for f in os.listdir(tmp_path))
+
+
+def test_a_missing_vae_is_one_line_naming_it_and_its_folder(tmp_path, image_folder):
+    src, _ = image_folder
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, TOOL, str(src), str(tmp_path / "o.npy"), "--vae", "org/no-such-vae"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "org/no-such-vae" in last and str(tmp_path / "hf") in last and "--vae FOLDER" in last
+    r = subprocess.run([sys.executable, TOOL, str(src), str(tmp_path / "o.npy"), "--scale", "nan"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 2 and "--scale" in r.stderr

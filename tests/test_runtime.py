@@ -1,6 +1,5 @@
-"""The runtime helpers: data order, EMA, seeding, checkpoints, the fenced blocks themselves. The shared runtime
-block's helpers are tested in aot_edm (every method file but edm_teacher still holds it); edm_teacher's own
-small versions where it keeps the same guarantee (data order, atomic saves, the safe checkpoint loader)."""
+"""The runtime helpers: data order, EMA, seeding, checkpoints, the fenced blocks themselves, in edm_teacher
+and aot_edm (their own small versions of data order, EMA, atomic saves and the safe checkpoint loader)."""
 
 import glob
 import os
@@ -32,22 +31,24 @@ def test_batch_stream_is_a_permutation_per_epoch(n, batch, module):
     assert not torch.equal(M.batch_indices(n, batch, 0, seed=4), stream[:batch])  # the seed matters
 
 
-def test_edm_teacher_keeps_the_shared_data_order():
-    """edm_teacher's own batch_indices is the shared block's: a run's data order did not change."""
+def test_aot_edm_keeps_edm_teachers_data_order():
+    """aot_edm's rounds are slices of edm_teacher's data order."""
     for n, batch, step, seed in [(12, 4, 7, 3), (10, 4, 9, 0), (5, 8, 3, 1), (50000, 512, 300, 2)]:
         assert torch.equal(E.batch_indices(n, batch, step, seed), A.batch_indices(n, batch, step, seed))
 
 
-def test_edm_ema_half_life():
-    assert A.edm_ema_beta(512, 0, 500, 0.05) == 0.0  # first step: EMA = weights
-    beta = A.edm_ema_beta(512, 10**9, 500, 0.05)  # past ramp-up: half-life 500 kimg
-    assert beta ** (500_000 / 512) == pytest.approx(0.5, rel=1e-9)
-    ramp = A.edm_ema_beta(512, 1_000_000, 500, 0.05)  # ramp-up: half-life = 0.05 * 1 Mimg = 50 kimg
-    assert ramp ** (50_000 / 512) == pytest.approx(0.5, rel=1e-9)
-    net, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    w_net, w_ema = net.weight.detach().clone(), ema.weight.detach().clone()
-    A.ema_update(ema, net, 0.9)
-    torch.testing.assert_close(ema.weight, 0.9 * w_ema + 0.1 * w_net)
+@pytest.mark.parametrize("rampup, halflife, beta", [(1000, 0.016, 0.5**0.5), (0.5, 1, 0.5**2)])
+def test_edm_ema_half_life_and_ramp_up(npz_data, tmp_path, one_thread, rampup, halflife, beta):
+    """EDM's EMA: the first step copies the weights; then beta = 0.5 ** (batch / min(half-life, ramp-up ratio
+    x images seen)): a half-life of 16 images (batch 8: beta = 0.5^0.5), or the ramp-up's 0.5 x 8 images."""
+    flags = ["--data", npz_data, "--outdir", str(tmp_path), "--batch", "8", "--duration", "16e-6", "--tiny"]
+    flags += ["--grid", "0", "--augment", "0", "--snap-every", "1", "--ema-halflife", str(halflife)]
+    E.main([*flags, "--ema-rampup", str(rampup), "--lr-rampup", "0"])
+    one, two = (torch.load(tmp_path / f"ckpt-000000{s}.pt", weights_only=True) for s in (1, 2))
+    for k in one["net"]:
+        assert torch.equal(one["ema"][k], one["net"][k])  # step 1: EMA = weights
+        torch.testing.assert_close(two["ema"][k], two["net"][k].lerp(one["ema"][k], beta))
+    assert any(not torch.equal(two["ema"][k], two["net"][k]) for k in one["net"])
 
 
 def test_seed_step_depends_on_seed_rank_and_step_only():
@@ -63,10 +64,11 @@ def test_seed_step_depends_on_seed_rank_and_step_only():
     assert torch.equal(draw(1, 0, 1, 5), draw(0, 1, 1, 5))
 
 
-def test_checkpoint_save_is_atomic_and_latest_points_at_newest(tmp_path):
-    A.save_checkpoint({"step": 1, "w": torch.ones(2)}, str(tmp_path), 1)
-    A.save_checkpoint({"step": 2, "w": torch.zeros(2)}, str(tmp_path), 2)
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-0000001.pt", "ckpt-0000002.pt", "latest.pt"]
+def test_checkpoint_save_is_atomic_and_latest_points_at_newest(npz_data, tmp_path, one_thread):
+    flags = ["--data", npz_data, "--outdir", str(tmp_path), "--batch", "8", "--duration", "16e-6", "--tiny"]
+    A.main([*flags, "--grid", "0", "--aot-pairs", "8", "--augment", "0", "--snap-every", "1"])
+    names = sorted(n for n in os.listdir(tmp_path) if ".pt" in n)
+    assert names == ["ckpt-0000001.pt", "ckpt-0000002.pt", "latest.pt"]
     assert A.load_checkpoint(str(tmp_path))["step"] == 2
     assert A.load_checkpoint(str(tmp_path / "ckpt-0000001.pt"))["step"] == 1
     # edm_teacher's loader reads the same layout: a run folder means its latest.pt
@@ -91,8 +93,6 @@ def test_a_failed_save_never_leaves_a_half_written_file_under_the_final_name(tmp
     with pytest.raises(OSError, match="No space left"):
         M.atomic_save({"step": 2}, path)
     assert M.load_checkpoint(path)["step"] == 1  # the old file, whole
-    if module == "aot_edm":  # the shared block also removes its temporary file (edm_teacher: claim_outdir)
-        assert os.listdir(tmp_path) == ["ckpt-0000001.pt"]
 
 
 class Evil:
@@ -132,24 +132,9 @@ def test_a_corrupt_or_truncated_checkpoint_is_one_line(tmp_path, module):
     assert M.load_checkpoint(str(path))["step"] == 1
 
 
-FENCE = re.compile(r"^# --- shared: (.+) \(identical in (.+)\) ---$", re.M)
-EVERY = "every method file"
-
-
 def read(path):
     with open(path) as f:
         return f.read()
-
-
-def shared_blocks(path):
-    """{name: (scope, text)} of the fenced shared blocks of one file, fences included."""
-    text, out = read(path), {}
-    for m in FENCE.finditer(text):
-        name, scope = m.group(1), m.group(2)
-        end = f"# --- end shared: {name} ---\n"
-        assert text.count(m.group(0)) == 1 and text.count(end) == 1, f"{path}: fence of the {name} block"
-        out[name] = (scope, text[m.start() : text.index(end) + len(end)])
-    return out
 
 
 UNET_START = (
@@ -176,25 +161,8 @@ def test_the_unet_block_is_byte_identical_in_every_method_file_and_the_only_copy
     assert 250 < len(ref.splitlines()) <= 320
     for m, p in methods.items():
         assert unet_block(p) == ref, f"{m}.py: the UNet block drifted from edm_teacher.py's"
-    edm = read(methods["edm_teacher"])
-    assert not FENCE.search(edm) and APPENDIX not in edm  # no other fenced or shared code
-
-
-def test_fenced_shared_blocks_are_byte_identical_across_method_files():
-    """The files not yet made minimal still carry the old appendix; its blocks stay identical among them."""
-    methods = [m for m, p in method_files().items() if APPENDIX in read(p)]
-    files = {m: os.path.join(ROOT, m + ".py") for m in methods}
-    blocks = {m: shared_blocks(p) for m, p in files.items()}
-    names = {name: scope for b in blocks.values() for name, (scope, _) in b.items()}
-    assert {"runtime", "data", "EDM preconditioning"} <= set(names) and "UNet" not in names
-    for name, scope in names.items():
-        owners = methods if scope == EVERY else [m for m in scope.split(", ") if m in files]
-        holders = [m for m in files if name in blocks[m]]
-        assert sorted(holders) == sorted(owners), f"shared {name} block: in {holders}, should be in {owners}"
-        ref = blocks[owners[0]][name][1]
-        assert len(ref.splitlines()) > 20
-        for m in owners:
-            assert blocks[m][name] == (scope, ref), f"{m}.py: shared {name} block drifted"
+    for m, p in methods.items():  # nothing else fenced or shared: no appendix, no "# --- shared: X" blocks
+        assert "# === shared below" not in read(p) and "# --- shared: " not in read(p), m
 
 
 class _Parser(Exception):
@@ -250,47 +218,15 @@ def test_docstring_commands_name_real_flags(name):
     )  # every method file shows its commands
 
 
-APPENDIX = "# === shared below this line: identical in every file; the method is above ==="
-
-
 def test_a_minimal_file_opens_on_its_method_and_ends_on_the_unet_block():
     import ast
 
     for m, path in method_files().items():
         text = read(path)
-        if APPENDIX in text:
-            continue  # not yet made minimal: the test below
         tree = ast.parse(text)
         first = next(n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef))
         assert first.lineno <= 120, f"{m}: the method starts at line {first.lineno}"
         tail = text[text.index(UNET_END) + len(UNET_END) :]
         assert tail.strip() == 'if __name__ == "__main__":\n    main()', (
             f"{m}: only the main guard after the UNet"
-        )
-
-
-def test_each_file_opens_on_its_method_and_ends_on_the_shared_appendix():
-    import ast
-
-    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
-        text = read(path)
-        if not FENCE.search(text):
-            continue  # evaluate.py, toy2d.py: no shared blocks
-        lines, name = text.splitlines(), os.path.basename(path)
-        assert text.count(APPENDIX) == 1, f"{name}: one appendix fence"
-        at = lines.index(APPENDIX) + 1
-        starts = [text[: m.start()].count("\n") + 1 for m in FENCE.finditer(text)]
-        assert min(starts) > at, f"{name}: a shared block above the appendix"
-        tree = ast.parse(text)
-        first = next(n for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef))
-        assert first.lineno < at, f"{name}: the first definition is in the appendix"
-        assert first.lineno <= 90, (
-            f"{name}: the method starts at line {first.lineno}, not on the first screen"
-        )
-        after = [n for n in tree.body if n.lineno > at and not isinstance(n, ast.FunctionDef | ast.ClassDef)]
-        after = [n for n in after if not isinstance(n, ast.Assign | ast.AnnAssign)]  # block constants
-        assert len(after) == 1 and isinstance(after[0], ast.If) and after[0] is tree.body[-1], name
-        ends = [i for i, line in enumerate(lines, 1) if line.startswith("# --- end shared: ")]
-        assert all(not line.strip() for line in lines[max(ends) : after[0].lineno - 1]), (
-            f"{name}: only `if __name__ == '__main__'` after the appendix"
         )

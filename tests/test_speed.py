@@ -1,10 +1,7 @@
-"""The speed flags. The shared precision block (aot_edm and the other files that still hold it): --precision,
---compile, --compile-backend, --channels-last, --fused-adam. edm_teacher's own: --precision and --compile
-only (bf16 = torch.autocast around the loss; fused Adam on CUDA, torch's default Adam on CPU)."""
+"""The speed flags. Every trainer's own: --precision and --compile only (bf16 = torch.autocast around the
+loss; fused Adam on CUDA, torch's default Adam on CPU; dansm and loom_cfm: torch's default Adam everywhere, as their public codes)."""
 
-import argparse
 import importlib
-import json
 import os
 
 import pytest
@@ -16,47 +13,24 @@ import edm_teacher as E
 from conftest import TINY_NET, read_log
 
 TRAINERS = ["edm_teacher", "aot_edm", "lmm", "cfm_couplings", "loom_cfm", "dansm"]
-SHARED = [t for t in TRAINERS if t != "edm_teacher"]  # edm_teacher has its own, smaller speed code
+OWN = TRAINERS  # every trainer has its own --precision and --compile only
 
 
-@pytest.mark.parametrize("name", [*TRAINERS, "gen_pairs", "evaluate"])
+@pytest.mark.parametrize("name", [*TRAINERS, "gen_pairs"])  # evaluate.py: the papers' fp32 only
 def test_every_script_shows_precision_and_compile_in_its_help(name, capsys):
     with pytest.raises(SystemExit):
         importlib.import_module(name).parse_args(["--help"])
     out = capsys.readouterr().out
     assert "--precision {fp32,tf32,bf16}" in out and "--compile " in out
-    if name == "edm_teacher":  # its speed flags are these two only
+    if name in (*OWN, "gen_pairs"):  # its speed flags are these two only
         assert not any(f in out for f in ("--channels-last", "--fused-adam", "--compile-backend"))
         return
     assert "--channels-last" in out
     assert ("--fused-adam" in out) == (name in TRAINERS)
 
 
-def speed_args(*argv):
-    p = argparse.ArgumentParser()
-    A.add_speed_args(p)
-    return p.parse_args(list(argv))
-
-
-def test_fp32_default_calls_the_net_itself_with_torchs_default_optimizer():
-    net, cpu = torch.nn.Conv2d(3, 3, 1), torch.device("cpu")
-    for name in SHARED:  # the files that still hold the shared precision block
-        M = importlib.import_module(name)
-        assert M.prepare_net(net, speed_args(), cpu) is net  # no wrapper, no autocast, no compile
-        assert M.optimizer_kwargs(speed_args(), cpu) == {}
-    fast = A.prepare_net(
-        net, speed_args("--precision", "bf16", "--compile", "--compile-backend", "eager"), cpu
-    )
-    assert isinstance(fast, A.FastNet) and [n for n, _ in fast.named_children()] == [
-        "net"
-    ]  # nothing compiled
-    assert fast.weight is net.weight and set(fast.net.state_dict()) == set(net.state_dict())
-    assert A.optimizer_kwargs(speed_args("--fused-adam"), cpu) == dict(fused=True)
-    assert A.optimizer_kwargs(speed_args("--fused-adam"), cpu, torch.optim.RAdam) == dict(foreach=True)
-
-
-def edm_flags(data, outdir, steps, *extra, module="edm_teacher"):
-    ema = ["--ema-halflife", "0.05", "--augment", "0"] if module == "edm_teacher" else ["--ema", "0.05"]
+def edm_flags(data, outdir, steps, *extra):
+    ema = ["--ema-halflife", "0.05", "--augment", "0"]
     return ["--data", data, "--outdir", str(outdir), "--batch", "8", "--duration", str(steps * 8 / 1e6)] + [
         "--lr-rampup",
         "0",
@@ -115,19 +89,19 @@ def test_bf16_edm_trains_and_resumes_bit_exactly(npz_data, tmp_path, monkeypatch
     assert loss_bf16 != loss_fp32 and abs(loss_bf16 - loss_fp32) < 0.05 * loss_fp32
 
 
-def test_bf16_channels_last_fused_adam_aot_edm_resumes_bit_exactly(npz_data, tmp_path, one_thread):
-    """The shared precision block's full set of training flags, on the EDM-based file that still has them."""
-    bf16 = ["--precision", "bf16", "--channels-last", "--fused-adam", "--aot-pairs", "8"]
-    A.main(edm_flags(npz_data, tmp_path / "a", 4, *bf16, module="aot_edm"))
-    A.main(edm_flags(npz_data, tmp_path / "b", 2, *bf16, module="aot_edm"))
-    A.main(edm_flags(npz_data, tmp_path / "b", 4, *bf16, "--resume", str(tmp_path / "b"), module="aot_edm"))
+def test_bf16_aot_edm_trains_and_resumes_bit_exactly(npz_data, tmp_path, one_thread):
+    """aot_edm's own training loop under --precision bf16 (rounds of 16 pairs: the resume is mid-round)."""
+    bf16 = ["--precision", "bf16", "--aot-pairs", "16"]
+    A.main(edm_flags(npz_data, tmp_path / "a", 3, *bf16))
+    A.main(edm_flags(npz_data, tmp_path / "b", 1, *bf16))
+    A.main(edm_flags(npz_data, tmp_path / "b", 3, *bf16, "--resume", str(tmp_path / "b")))
     a, b = (torch.load(tmp_path / r / "latest.pt", weights_only=True) for r in "ab")
-    assert a["step"] == b["step"] == 4 and a["args"]["precision"] == "bf16" and a["args"]["channels_last"]
-    assert a["opt"]["param_groups"][0]["fused"] is True  # --fused-adam: fused Adam on the CPU too
+    assert a["step"] == b["step"] == 3 and a["args"]["precision"] == "bf16"
+    assert a["opt"]["param_groups"][0]["fused"] is None  # torch's default Adam on the CPU
     assert_same_run(a, b)
     # the same run in fp32: bf16 really ran. Step 1's loss can round to the same float32 (the tiny net's last
     # conv starts near 0), so compare step 2's, after one bf16 gradient step
-    A.main(edm_flags(npz_data, tmp_path / "fp32", 2, "--aot-pairs", "8", module="aot_edm"))
+    A.main(edm_flags(npz_data, tmp_path / "fp32", 2, "--aot-pairs", "16"))
     loss_bf16, loss_fp32 = read_log(tmp_path / "a")[1]["loss"], read_log(tmp_path / "fp32")[1]["loss"]
     assert loss_bf16 != loss_fp32 and abs(loss_bf16 - loss_fp32) < 0.05 * loss_fp32
 
@@ -139,17 +113,21 @@ def cfm_flags(data, outdir, steps, *extra):
         "1",
         "--grid",
         "0",
-        "--warmup",
-        "2",
+        "--lr-rampup",
+        "16e-6",
         "--coupling",
         "ot",
         *extra,
     ]
 
 
-def test_compiled_bf16_cfm_resumes_bit_exactly_and_loads_into_an_eager_net(npz_data, tmp_path, one_thread):
+def test_compiled_bf16_cfm_resumes_bit_exactly_and_loads_into_an_eager_net(
+    npz_data, tmp_path, one_thread, monkeypatch
+):
     # the "eager" backend runs dynamo's capture without inductor's C++ build: the compile path in seconds
-    fast = ["--compile", "--compile-backend", "eager", "--precision", "bf16"]
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager"))
+    fast = ["--compile", "--precision", "bf16"]
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     C.main(cfm_flags(npz_data, tmp_path / "a", 3, *fast))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # dynamo captured the forward
@@ -167,14 +145,15 @@ def test_compiled_bf16_cfm_resumes_bit_exactly_and_loads_into_an_eager_net(npz_d
     assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "a"))
 
 
-def test_gen_pairs_refuses_to_mix_fp32_and_bf16_shards(tmp_path):
-    import numpy as np
+def test_gen_pairs_refuses_to_mix_fp32_and_bf16_batches(teacher_ckpt, tmp_path, monkeypatch):
+    from test_gen_pairs import interrupted_run, pairs_flags
 
     import gen_pairs as G
 
-    bf16 = dict(precision="bf16", compile=False, channels_last=False)
-    for speed, other in ((bf16, None), (None, bf16)):
-        np.savez(G.shard_name(str(tmp_path), 0), meta=np.array(json.dumps(dict(seed=0, speed=speed))))
-        with pytest.raises(SystemExit, match="refusing to mix"):
-            G.check_shards(str(tmp_path), 1, dict(seed=0, speed=other), E.fail)
-        assert G.check_shards(str(tmp_path), 1, dict(seed=0, speed=speed), E.fail) == [0]
+    out = tmp_path / "p.npz"
+    for first, then in (("fp32", "bf16"), ("bf16", "fp32")):
+        interrupted_run([*pairs_flags(teacher_ckpt, out, num=8), "--precision", first], monkeypatch)
+        with pytest.raises(SystemExit, match="precision.*refusing to mix"):
+            G.main([*pairs_flags(teacher_ckpt, out, num=8), "--precision", then])
+        G.main([*pairs_flags(teacher_ckpt, out, num=8), "--precision", first])  # its own settings: it resumes
+        os.remove(out)

@@ -11,9 +11,8 @@ gen_pairs.py / evaluate.py.
 Commands
   python tools/convert_edm.py edm-cifar10-32x32-cond-vp.pkl checkpoints/edm-cifar10-cond.pt
   python tools/convert_edm.py edm-cifar10-32x32-cond-ve.pkl checkpoints/edm-cifar10-cond-ve.pt --overwrite
-  A URL is downloaded once into --cache-dir (offline: the error names the file and where to put it):
   python tools/convert_edm.py \
-    https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl checkpoints/edm-in64.pt
+    https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-imagenet-64x64-cond-adm.pkl in64.pt  # via --cache-dir
 """
 
 import argparse
@@ -161,20 +160,13 @@ def _import_edm_pickle(path):
             fail(f"{path}: DhariwalUNet variant channel_mult_emb={kw['channel_mult_emb']} is not supported")
     else:
         fail(f"{path}: network {model_type!r} is not supported (only SongUNet and DhariwalUNet)")
-    widths = WIDTHS[model_type]
-    net_kwargs = dict(
-        arch=arch,
-        img_resolution=kw["img_resolution"],
-        img_channels=kw["img_channels"],
-        label_dim=kw.get("label_dim", 0),
-        sigma_data=kw.get("sigma_data", 0.5),
-        augment_dim=kw.get("augment_dim", 0),
-        model_channels=kw.get("model_channels", widths[0]),
-        channel_mult=list(kw.get("channel_mult", widths[1])),
-        num_blocks=kw.get("num_blocks", widths[2]),
-        attn_resolutions=list(kw.get("attn_resolutions", widths[3])),
-        dropout=kw.get("dropout", 0.10),
-    )
+    w = WIDTHS[model_type]
+    net_kwargs = dict(arch=arch, img_resolution=kw["img_resolution"], img_channels=kw["img_channels"],
+                      label_dim=kw.get("label_dim", 0), sigma_data=kw.get("sigma_data", 0.5),
+                      augment_dim=kw.get("augment_dim", 0), model_channels=kw.get("model_channels", w[0]),
+                      channel_mult=list(kw.get("channel_mult", w[1])), num_blocks=kw.get("num_blocks", w[2]),
+                      attn_resolutions=list(kw.get("attn_resolutions", w[3])),
+                      dropout=kw.get("dropout", 0.10))  # fmt: skip
     state_dict = _edm_state_dict(ema)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
@@ -186,11 +178,10 @@ def _import_edm_pickle(path):
         fail(f"{path}: weights do not match the {arch} network: {str(e).splitlines()[0]}")
     except ValueError as e:  # an arch this edm_teacher.py does not build
         fail(f"{path}: {e}")
-    ckpt = dict(method="edm_teacher", version=1, args=dict(imported_from=os.path.abspath(path)))
     state = dict(source="EDM snapshot", edm_init_kwargs=json.loads(json.dumps(kw)))
-    return dict(
-        ckpt, net_kwargs=net_kwargs, net=state_dict, ema=state_dict, opt=None, step=0, kimg=0.0, state=state
-    )
+    return dict(method="edm_teacher", version=1, args=dict(imported_from=os.path.abspath(path)),
+                net_kwargs=net_kwargs, net=state_dict, ema=state_dict, opt=None, step=0, kimg=0.0,
+                state=state)  # fmt: skip
 
 
 def main(argv=None):

@@ -1,8 +1,10 @@
-"""Image folders, EDM dataset zips and ImageNet-64 -> one uint8 [N, H, W, C] array (.npy), made once.
+"""Image folders, EDM dataset zips and ImageNet-64 -> one uint8 [N, H, W, C] array (.npy), made once; with
+--vae, Stable Diffusion autoencoder latents instead: float16 [N, 4, H/8, W/8].
 
-The method files memory-map the result (`np.load(OUT.npy, mmap_mode="r")`), so training holds only its
-batches in memory. Beside OUT.npy it writes OUT.labels.npy (int64 [N] class indices from 0; only when the
-source has labels) and OUT.json (source, kind, n, resolution, channels, labelled, classes).
+The method files memory-map the result (`np.load(OUT.npy, mmap_mode="r")`). Beside OUT.npy: OUT.labels.npy
+(int64 [N] classes from 0, when the source has labels), OUT.json (source, kind, n, resolution, channels,
+classes; latents: the VAE, posterior mean or sample, scale). --vae encodes [-1, 1] images --batch at a time; a
+stopped run resumes (OUT.npy.partial + .json); --scale 1 is DANSM's "no scaling" (docs/latents.md: LOOM's).
 
 Sources
   a folder or .zip of .png/.jpg images, taken in the order of their sorted relative paths, with EDM's
@@ -16,9 +18,11 @@ Commands
   python tools/prepare_data.py datasets/cifar10-32x32.zip datasets/cifar10.npy
   python tools/prepare_data.py datasets/Imagenet64_train_npz datasets/imagenet64.npy
   python tools/prepare_data.py my_images/ datasets/my64.npy --resolution 64 --overwrite
+  python tools/prepare_data.py datasets/bedroom256/ datasets/bedroom-sd.npy --vae stabilityai/sd-vae-ft-mse
 """
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -63,11 +67,9 @@ def dataset_json(data, files, src):
         fail(f"{src}/dataset.json is not EDM's {{'labels': [[file, label], ...]}} ({type(e).__name__}: {e})")
     if table is None:
         return None
-    missing = [f for f in files if f not in table]
-    if missing:
+    if missing := [f for f in files if f not in table]:
         fail(f"{src}/dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}")
-    bad = [table[f] for f in files if type(table[f]) is not int or table[f] < 0]
-    if bad:
+    if bad := [table[f] for f in files if type(table[f]) is not int or table[f] < 0]:
         fail(f"{src}/dataset.json: labels must be class indices 0, 1, ...; found {bad[0]!r}")
     return np.asarray([table[f] for f in files], np.int64)
 
@@ -75,11 +77,8 @@ def dataset_json(data, files, src):
 def image_source(src, res):
     """A folder or zip of images -> (n, hwc, chunks: an iterator of uint8 [1, H, W, C], labels or None)."""
     if os.path.isdir(src):
-        names = sorted(
-            os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/")
-            for d, _, fs in os.walk(src)
-            for f in fs
-        )
+        walk = ((d, f) for d, _, fs in os.walk(src) for f in fs)
+        names = sorted(os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/") for d, f in walk)
 
         def read(name):
             with open(os.path.join(src, name), "rb") as f:
@@ -108,10 +107,8 @@ def image_source(src, res):
 
 def npy_header(f):
     """(shape, fortran_order, dtype) of the .npy stream f, which is left at the first byte of the data."""
-    version = np.lib.format.read_magic(f)
-    return (
-        np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    )(f)
+    fmt = np.lib.format
+    return (fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0)(f)
 
 
 def imagenet_source(src, res, chunk=1024):
@@ -153,18 +150,92 @@ def imagenet_source(src, res, chunk=1024):
     return sum(n for n, _ in sizes), (side, side, 3), chunks(), np.concatenate(labels)
 
 
+def load_vae(name):
+    """diffusers' AutoencoderKL from a folder (config.json, weights) or a model id (Hugging Face cache)."""
+    from diffusers import AutoencoderKL
+    from diffusers.utils import logging
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    logging.set_verbosity_error()
+    for local in (True, False):  # the cache first, then a download
+        with contextlib.suppress(Exception):
+            return AutoencoderKL.from_pretrained(name, local_files_only=local).eval()
+    fail(f"cannot load the VAE {name}: offline, put its config.json and .safetensors in a folder and pass "
+         f"--vae FOLDER, or in {HF_HUB_CACHE}/models--{name.replace('/', '--')}")  # fmt: skip
+
+
+def batches(chunks, size):
+    buf = []
+    for x in chunks:
+        buf += list(x)
+        while len(buf) >= size:
+            yield np.stack(buf[:size])
+            buf = buf[size:]
+    yield from [np.stack(buf)] if buf else []
+
+
+def encode_latents(vae, chunks, n, hwc, args, part):
+    """Images -> latents float16 [n, 4, H/8, W/8] in `part`, resumable; -> (shape, meta of the encoding)."""
+    import torch
+
+    shape = (n, vae.config.latent_channels, hwc[0] // 8, hwc[1] // 8)
+    spec = dict(vae=args.vae, posterior=args.posterior, scale=args.scale, seed=args.seed, shape=list(shape))
+    try:  # a stopped run of the same settings: go on after its last written batch
+        with open(f"{part}.json") as f:
+            state = json.load(f)
+        same = state["spec"] == spec and os.path.isfile(part)
+        done, scale = (state["done"], state["scale"]) if same else (0, 0)
+    except (OSError, ValueError, KeyError):
+        done = scale = 0
+    if not done:
+        np.lib.format.open_memmap(part, mode="w+", dtype=np.float16, shape=shape)
+    offset, row, pos = np.load(part, mmap_mode="r").offset, 2 * int(np.prod(shape[1:])), 0
+    with open(part, "r+b") as f, tqdm(total=n, initial=done, unit="img", desc=os.path.basename(part)) as bar:
+        for b in batches(chunks, args.batch):
+            pos += len(b)
+            if pos <= done:
+                continue
+            y = torch.from_numpy(b).permute(0, 3, 1, 2).float().expand(-1, 3, -1, -1) / 127.5 - 1
+            with torch.no_grad():  # the posterior N(mean, std^2); image i's draw from (seed, i)
+                post, z, i0 = vae.encode(y).latent_dist, 0, args.seed * 1_000_003 + pos - len(b)
+                if args.posterior == "sample":
+                    z = torch.stack([torch.randn(shape[1:], generator=torch.Generator().manual_seed(i0 + i))
+                                     for i in range(len(b))]) * post.std  # fmt: skip
+                z = post.mean + z
+            scale = scale or (1 / z.float().std().item() if args.scale == "std" else float(args.scale))
+            f.seek(offset + (pos - len(b)) * row)
+            f.write((z * scale).to(torch.float16).numpy().tobytes())
+            f.flush()
+            with open(f"{part}.json.tmp", "w") as g:
+                json.dump(dict(spec=spec, done=pos, scale=scale), g)
+            os.replace(f"{part}.json.tmp", f"{part}.json")
+            bar.update(len(b))
+    meta = dict(vae=args.vae, posterior=args.posterior, scale=scale, image_resolution=hwc[0])
+    return (*shape[2:], shape[1]), meta
+
+
+def scale(s):  # --scale: "std" or a positive finite number
+    return s if s == "std" or 0 < float(s) < float("inf") else float("x")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("source", help="image folder, EDM dataset .zip, or downsampled-ImageNet .npz batch(es)")
-    p.add_argument("out", help="OUT.npy to write; OUT.labels.npy and OUT.json go beside it")
-    p.add_argument("--resolution", type=int, metavar="R", help="resize all to R x R (PIL LANCZOS, no crop)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.npy")
+    add = p.add_argument
+    add("source", help="image folder, EDM dataset .zip, or downsampled-ImageNet .npz batch(es)")
+    add("out", help="OUT.npy to write; OUT.labels.npy and OUT.json go beside it")
+    add("--resolution", type=int, metavar="R", help="resize all to R x R (PIL LANCZOS, no crop)")
+    add("--overwrite", action="store_true", help="replace an existing OUT.npy")
+    add("--vae", metavar="ID_OR_DIR", help="encode to latents with this VAE (stabilityai/sd-vae-ft-mse)")
+    add("--posterior", default="mean", choices=["mean", "sample"], help="--vae: the latent of an image")
+    add("--scale", default="1", type=scale, help="--vae: multiply latents by this (1: DANSM's; std: 1/std)")
+    add("--batch", type=int, default=64, help="--vae: images per encoder pass")
+    add("--seed", type=int, default=0, help="--vae --posterior sample: draw i from (seed, i)")
     args = p.parse_args(argv)
     src, out, res = args.source, args.out, args.resolution
     if not out.endswith(".npy"):
         p.error(f"OUT must end in .npy: {out}")
-    if res is not None and res < 1:
-        p.error(f"--resolution must be positive: {res}")
+    if res is not None and res < 1 or args.batch < 1:
+        p.error(f"--resolution and --batch must be positive: {res}, {args.batch}")
     if not os.path.exists(src):
         fail(f"source not found: {src} (an image folder, an EDM dataset .zip or ImageNet-64 .npz batches)")
     if os.path.exists(out) and not args.overwrite:
@@ -178,16 +249,20 @@ def main(argv=None):
         fail(f"{src} is neither a folder, a .zip of images nor an .npz of downsampled ImageNet")
     if n == 0:
         fail(f"{src} holds no images")
+    if args.vae and hwc[0] % 8:
+        fail(f"{src}: the VAE needs a side divisible by 8, the images are {hwc[0]}x{hwc[1]} (--resolution R)")
 
-    stem, tmp = out[:-4], f"{out}.tmp{os.getpid()}"
-    try:  # open_memmap writes the header and sizes the file; the pixels go in by plain writes, so that
-        # memory stays O(chunk) (written pages of a live mapping would stay resident)
-        offset = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *hwc)).offset
-        with open(tmp, "r+b") as f, tqdm(total=n, unit="img", desc=os.path.basename(out)) as bar:
-            f.seek(offset)
-            for x in chunks:
-                f.write(np.ascontiguousarray(x, np.uint8).tobytes())
-                bar.update(len(x))
+    stem, tmp, vae = out[:-4], f"{out}.partial" if args.vae else f"{out}.tmp{os.getpid()}", {}
+    try:  # open_memmap writes the header and sizes the file; the data go in by plain writes (memory O(chunk))
+        if args.vae:
+            kind, (hwc, vae) = "latents", encode_latents(load_vae(args.vae), chunks, n, hwc, args, tmp)
+        else:
+            offset = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *hwc)).offset
+            with open(tmp, "r+b") as f, tqdm(total=n, unit="img", desc=os.path.basename(out)) as bar:
+                f.seek(offset)
+                for x in chunks:
+                    f.write(np.ascontiguousarray(x, np.uint8).tobytes())
+                    bar.update(len(x))
         if labels is not None:
             with open(f"{stem}.labels.npy.tmp{os.getpid()}", "wb") as f:
                 np.save(f, labels)
@@ -196,16 +271,19 @@ def main(argv=None):
             os.remove(f"{stem}.labels.npy")
         classes = int(labels.max()) + 1 if labels is not None else 0
         meta = dict(source=os.path.abspath(src), kind=kind, n=n, resolution=hwc[0], channels=hwc[2])
-        meta.update(labelled=labels is not None, classes=classes)
+        meta.update(labelled=labels is not None, classes=classes, **vae)
         with open(f"{stem}.json.tmp{os.getpid()}", "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(f.name, f"{stem}.json")
         os.replace(tmp, out)
+        if args.vae:
+            os.remove(f"{tmp}.json")
     finally:
-        if os.path.exists(tmp):
+        if os.path.exists(tmp) and not args.vae:  # a stopped encoding stays, to be resumed
             os.remove(tmp)
     lab = f", {len(labels)} labels of {classes} classes" if labels is not None else ""
-    print(f"{out}: {n} images {hwc[0]}x{hwc[1]}x{hwc[2]}{lab}")
+    what = f"latents {hwc[2]}x{hwc[0]}x{hwc[1]} float16" if vae else f"images {hwc[0]}x{hwc[1]}x{hwc[2]}"
+    print(f"{out}: {n} {what}{lab}")
 
 
 if __name__ == "__main__":
