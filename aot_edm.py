@@ -304,9 +304,17 @@ def make_shapes(n=4096, res=16, seed=0):
     return np.where(mask, fg, bg).astype(np.uint8), labels
 
 
+def data_meta(spec):
+    """tools/prepare_data.py's FILE.json beside FILE.npy ({"kind": "latents", "vae": ...}), or {}."""
+    with contextlib.suppress(OSError, ValueError):
+        return dict(json.load(open(spec[:-4] + ".json"))) if spec.endswith(".npy") else {}
+    return {}
+
+
 def load_data(spec, data_dir="datasets"):
     """--data cifar10 | shapes | FILE.npy (tools/prepare_data.py's array, memory-mapped so RSS is O(batch);
-    labels in FILE.labels.npy) | FILE.npz ('images', 'labels') -> uint8 [N, H, W, C], int64 labels or None."""
+    labels in FILE.labels.npy) | FILE.npz ('images', 'labels') -> uint8 [N, H, W, C] (prepared latents: float
+    [N, C, H, W]), int64 labels or None."""
     labels = None
     if spec == "cifar10":
         import torchvision
@@ -332,7 +340,10 @@ def load_data(spec, data_dir="datasets"):
     else:
         fail(f"--data {spec!r} not found: use cifar10, shapes, an .npy of tools/prepare_data.py or an .npz")
     n, *hwc = images.shape
-    if images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
+    if data_meta(spec).get("kind") == "latents":  # tools/prepare_data.py --vae
+        if images.dtype not in (np.float16, np.float32) or len(hwc) != 3 or hwc[1] != hwc[2] or not n:
+            fail(f"{spec}: latents must be float [N, C, H, H]; got {images.dtype} {images.shape}")
+    elif images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
         fail(f"{spec}: images must be square uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
     if labels is not None and (labels.shape != (n,) or labels.min() < 0):
         fail(f"{spec}: labels must be class indices 0, 1, ... of shape [{n}]; got {labels.shape}")
@@ -340,16 +351,17 @@ def load_data(spec, data_dir="datasets"):
 
 
 def get_batch(images, labels, idx, device):
-    """Data index i >= N is the mirror image of i - N (--xflip) -> floats in [-1, 1], labels. A memory-mapped
-    array is read row by row (pread): mapped pages would stay resident, RSS would grow to the file's size."""
-    i, row = (idx % len(images)).numpy(), images[0].nbytes
+    """Data index i >= N is the mirror image of i - N (--xflip) -> floats in [-1, 1] (latents as they are),
+    labels. A memory-mapped array is read row by row (pread): mapped pages would stay resident."""
+    i, row, latent = (idx % len(images)).numpy(), images[0].nbytes, images.dtype != np.uint8
     if isinstance(images, np.memmap):
         with open(images.filename, "rb") as f:
             x = b"".join(os.pread(f.fileno(), row, images.offset + int(j) * row) for j in i)
-        x = np.frombuffer(x, np.uint8).reshape(len(i), *images.shape[1:])
+        x = np.frombuffer(x, images.dtype).reshape(len(i), *images.shape[1:])
     else:
         x = images[i]
-    y = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device).float() / 127.5 - 1
+    y = torch.from_numpy(np.array(x if latent else x.transpose(0, 3, 1, 2), order="C")).to(device).float()
+    y = y if latent else y / 127.5 - 1
     y = torch.where((idx >= len(images)).to(device)[:, None, None, None], y.flip(3), y)
     return y, None if labels is None else labels[i].to(device)
 
@@ -445,7 +457,9 @@ def train(args):
     images, labels = load_data(args.data, args.data_dir)
     if args.cond and labels is None:
         fail(f"--cond needs class labels, but {args.data} has none")
-    res, C, label_dim = images.shape[1], images.shape[3], int(labels.max()) + 1 if args.cond else 0
+    label_dim, meta = int(labels.max()) + 1 if args.cond else 0, data_meta(args.data)
+    latent = meta.get("kind") == "latents"  # tools/prepare_data.py --vae: [N, C, H, W], assigned as they are
+    res, C = (images.shape[2], images.shape[1]) if latent else (images.shape[1], images.shape[3])
     labels, n_data = labels if args.cond else None, len(images) * (2 if args.xflip else 1)
     if args.aot_pairs < label_dim:
         fail(f"--aot-pairs {args.aot_pairs} is smaller than the {label_dim} classes: Alg. 2 solves per class")
@@ -558,11 +572,11 @@ def train(args):
             name = f"ckpt-{step:07d}.pt"
             ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
                         net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
-                        state=dict(nimg=nimg))  # fmt: skip
+                        state=dict(nimg=nimg), data=meta)  # fmt: skip
             atomic_save(ckpt, os.path.join(args.outdir, name))
             os.symlink(name, os.path.join(args.outdir, "latest.tmp"))
             os.replace(os.path.join(args.outdir, "latest.tmp"), os.path.join(args.outdir, "latest.pt"))
-            if args.grid:  # EMA samples of the grid seeds
+            if args.grid and not latent:  # EMA samples of the grid seeds
                 lab = None if grid_labels is None else grid_labels.to(device)
                 x, _ = sample(ema, grid_noise.to(device), args.nfe, lab, rho=args.rho)
                 path, nrow = os.path.join(args.outdir, f"grid-{step:07d}.png"), math.ceil(math.sqrt(len(x)))
@@ -591,7 +605,8 @@ def batch_indices(n, batch, step, seed):
 @torch.no_grad()
 def generate(args):
     """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA -> an .npz ('images'
-    uint8 NHWC, 'seeds', 'labels') written atomically, and a PNG grid of the first 64 beside it."""
+    uint8 NHWC, 'seeds', 'labels'; latent data: 'latents' and the decoded images) written atomically, and a
+    PNG grid of the first 64 beside it."""
     from tqdm import tqdm
 
     if os.path.exists(args.out) and not args.overwrite:
@@ -607,15 +622,22 @@ def generate(args):
     model = torch.compile(net.to(device)) if args.compile else net.to(device)
     seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
     shape += (k["img_resolution"],) * 2
-    xs, ys = [torch.empty(0, *shape[1:], shape[0], dtype=torch.uint8)], [torch.empty(0, dtype=torch.long)]
+    latent = (meta := ckpt.get("data", {})).get("kind") == "latents"  # decoded by the VAE it was encoded with
+    vae = load_vae(meta["vae"]).to(device) if latent else None
+    hwc = (meta["image_resolution"],) * 2 + (3,) if latent else (*shape[1:], shape[0])
+    zs = [torch.empty(0, *shape)]
+    xs, ys = [torch.empty(0, *hwc, dtype=torch.uint8)], [torch.empty(0, dtype=torch.long)]
     for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
         noise, lab = noise_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"])
         with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
             lab = lab if lab is None else lab.to(device)
             x, _ = sample(model, noise.to(device), args.nfe, lab, rho=args.rho)
+        if latent:  # tools/prepare_data.py stored the VAE's latents times "scale"
+            zs.append(x.cpu())
+            x = vae.decode(x / meta["scale"]).sample.float()
         xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
         ys.append(torch.zeros(len(x), dtype=torch.long) if lab is None else lab)
-    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy())] * world
+    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy(), torch.cat(zs).numpy())] * world
     torch.distributed.all_gather_object(parts, parts[0]) if ddp else None
     if rank == 0:
         order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
@@ -623,6 +645,8 @@ def generate(args):
         out = dict(images=np.concatenate([p[1] for p in parts])[order], seeds=seeds)
         if k["label_dim"]:
             out["labels"] = np.concatenate([p[2] for p in parts])[order]
+        if latent:  # the raw samples too
+            out["latents"] = np.concatenate([p[3] for p in parts])[order]
         with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
             np.savez(f, **out)
         os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
@@ -631,6 +655,17 @@ def generate(args):
         nfe = 2 * ((args.nfe + 1) // 2) - 1
         print(f"wrote {len(order)} images to {args.out} (NFE {nfe} per image, rho {args.rho:g})")
     torch.distributed.destroy_process_group() if ddp else None
+
+
+def load_vae(name):
+    """tools/prepare_data.py's diffusers AutoencoderKL: a folder or a model id (Hugging Face cache)."""
+    from diffusers import AutoencoderKL
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    with contextlib.suppress(Exception):
+        return AutoencoderKL.from_pretrained(name, local_files_only=not os.path.isdir(name)).eval()
+    fail(f"cannot load the VAE {name} that decodes this checkpoint's latents: put its diffusers files at "
+         f"{name} or in {HF_HUB_CACHE}/models--{name.replace('/', '--')}")  # fmt: skip
 
 
 def sweep_rho(args):
@@ -683,7 +718,7 @@ def parse_args(argv=None):
     add("--dropout", type=float, default=0.13, help="dropout (EDM CIFAR-10: 0.13)")
     add("--P-mean", type=float, default=-1.2, help="mean of ln(sigma) in training (EDM: -1.2)")
     add("--P-std", type=float, default=1.2, help="std of ln(sigma) in training (EDM: 1.2)")
-    add("--augment", type=float, default=0.12, metavar="P", help="EDM's augmentation probability (0: off)")
+    add("--augment", type=float, metavar="P", help="EDM's augmentation probability (0.12; latents 0)")
     add("--arch", choices=list(ARCH_WIDTHS), help="NCSN++ (EDM-AOT's; cifar10's default), DDPM++ (else), ADM")
     add("--model-channels", type=int, help="UNet base width (DDPM++/NCSN++ 128, ADM 192)")
     add("--channel-mult", type=ints, help="width multiplier per resolution (2,2,2; ADM 1,2,3,4)")
@@ -714,6 +749,8 @@ def parse_args(argv=None):
     for name in (*positive, "generate", "grid", "lr"):
         if (v := getattr(args, name)) is not None and (v <= 0 if name in positive else v < 0):
             p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'}, got {v}")
+    if args.augment is None:  # EDM's 0.12; latents (tools/prepare_data.py --vae) are augmented only if asked
+        args.augment = 0.0 if data_meta(args.data or "").get("kind") == "latents" else 0.12
     if not 0 <= args.augment <= 1:
         p.error(f"--augment is a probability in [0, 1], got {args.augment}")
     args.augment_dim = 9 if args.augment > 0 else 0  # the network's augment label (EDM's 9 dimensions)

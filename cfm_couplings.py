@@ -260,6 +260,13 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
 
 
+def data_meta(spec):
+    """tools/prepare_data.py's FILE.json beside FILE.npy ({"kind": "latents", "vae": ...}), or {}."""
+    with contextlib.suppress(OSError, ValueError):
+        return dict(json.load(open(spec[:-4] + ".json"))) if spec.endswith(".npy") else {}
+    return {}
+
+
 def load_data(spec, data_dir="datasets"):
     """--data cifar10 | shapes | FILE.npy (tools/prepare_data.py's array, memory-mapped so RSS is O(batch);
     labels in FILE.labels.npy) | FILE.npz ('images', 'labels') -> uint8 [N, H, W, C], int64 labels or None."""
@@ -288,7 +295,10 @@ def load_data(spec, data_dir="datasets"):
         fail(f"--data {spec}: {type(e).__name__} {e}; use cifar10 (cifar-10-python.tar.gz in {data_dir}/), "
              "shapes, an .npy of tools/prepare_data.py or an .npz of 'images' (and 'labels')")  # fmt: skip
     n, *hwc = images.shape
-    if images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
+    if data_meta(spec).get("kind") == "latents":  # tools/prepare_data.py --vae
+        if images.dtype not in (np.float16, np.float32) or len(hwc) != 3 or hwc[1] != hwc[2] or not n:
+            fail(f"{spec}: latents must be float [N, C, H, H]; got {images.dtype} {images.shape}")
+    elif images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
         fail(f"{spec}: images must be square uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
     if labels is not None and (labels.shape != (n,) or labels.min() < 0):
         fail(f"{spec}: labels must be class indices 0, 1, ... of shape [{n}]; got {labels.shape}")
@@ -296,16 +306,17 @@ def load_data(spec, data_dir="datasets"):
 
 
 def get_batch(images, labels, idx, device):
-    """Data index i >= N is the mirror image of i - N (--xflip) -> floats in [-1, 1], labels. A memory-mapped
-    array is read row by row (pread): mapped pages would stay resident, RSS would grow to the file's size."""
-    i, row = (idx % len(images)).numpy(), images[0].nbytes
+    """Data index i >= N is the mirror image of i - N (--xflip) -> floats in [-1, 1] (latents as they are),
+    labels. A memory-mapped array is read row by row (pread): mapped pages would stay resident."""
+    i, row, latent = (idx % len(images)).numpy(), images[0].nbytes, images.dtype != np.uint8
     if isinstance(images, np.memmap):
         with open(images.filename, "rb") as f:
             x = b"".join(os.pread(f.fileno(), row, images.offset + int(j) * row) for j in i)
-        x = np.frombuffer(x, np.uint8).reshape(len(i), *images.shape[1:])
+        x = np.frombuffer(x, images.dtype).reshape(len(i), *images.shape[1:])
     else:
         x = images[i]
-    y = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device).float() / 127.5 - 1
+    y = torch.from_numpy(np.array(x if latent else x.transpose(0, 3, 1, 2), order="C")).to(device).float()
+    y = y if latent else y / 127.5 - 1
     y = torch.where((idx >= len(images)).to(device)[:, None, None, None], y.flip(3), y)
     return y, None if labels is None else labels[i].to(device)
 
@@ -331,14 +342,19 @@ def load_pairs(path):
     return dict(out, meta=json.loads(str(out["meta"]))) if "meta" in out else out
 
 
+def latent_pairs(pairs):  # gen_pairs.py's pairs of a teacher trained on tools/prepare_data.py's latents
+    return pairs.get("meta", {}).get("data", {}).get("kind") == "latents"
+
+
 def check_pairs(pairs, path, cond):
     """A pairs file's problem as one line before training (non-finite values stop it at the first step)
     -> (shape [C, H, W], label_dim)."""
     if [k for k in ("noise", "data") if k not in pairs]:
         fail(f"{path} has no 'noise' and 'data' arrays (found {sorted(pairs)}); make pairs with gen_pairs.py")
     x0, x1, lab = pairs["noise"], pairs["data"], pairs.get("label")
-    if x0.ndim != 4 or x0.shape != x1.shape or x0.shape[1] not in (1, 3) or x0.shape[2] != x0.shape[3]:
-        fail(f"{path}: 'noise' and 'data' must both be [N, C, H, W] with C in (1, 3) and H = W; got "
+    C = (1, 3, 4) if latent_pairs(pairs) else (1, 3)  # images, or a latent teacher's pairs
+    if x0.ndim != 4 or x0.shape != x1.shape or x0.shape[1] not in C or x0.shape[2] != x0.shape[3]:
+        fail(f"{path}: 'noise' and 'data' must both be [N, C, H, W] with C in {C} and H = W; got "
              f"{tuple(x0.shape)} and {tuple(x1.shape)}")  # fmt: skip
     if not len(x0) or x0.dtype.kind != "f" or x1.dtype.kind != "f":
         fail(f"{path}: 'noise' and 'data' must be float16/32/64 with at least one pair")
@@ -465,6 +481,7 @@ def train(args):
     if ckpt is not None and ckpt.get("method") != METHOD:
         fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
     images = labels = pairs = None
+    meta, latent = {}, False  # tools/prepare_data.py's JSON of --data (none for reflow pairs)
     if args.coupling == "pairs":  # reflow: the generator's (noise, image, label) rows
         if not os.path.isfile(args.pairs):
             fail(f"pairs file not found: {args.pairs} (make it with gen_pairs.py)")
@@ -473,12 +490,15 @@ def train(args):
         except (ValueError, OSError, zipfile.BadZipFile) as e:
             fail(f"cannot read {args.pairs} as an uncompressed .npz of pairs: {e}")
         (C, res, _), label_dim = check_pairs(pairs, args.pairs, args.cond)
+        meta, latent = pairs.get("meta", {}).get("data", {}), latent_pairs(pairs)  # a latent teacher's pairs
         n_data = len(pairs["noise"])
     else:
         images, labels = load_data(args.data, args.data_dir)
         if args.cond and labels is None:
             fail(f"--cond needs class labels, but {args.data} has none")
-        res, C, label_dim = images.shape[1], images.shape[3], int(labels.max()) + 1 if args.cond else 0
+        label_dim, meta = int(labels.max()) + 1 if args.cond else 0, data_meta(args.data)
+        latent = meta.get("kind") == "latents"  # tools/prepare_data.py --vae: [N, C, H, W] floats
+        res, C = (images.shape[2], images.shape[1]) if latent else (images.shape[1], images.shape[3])
         labels, n_data = labels if args.cond else None, len(images) * (2 if args.xflip == "copies" else 1)
     if (block := args.ot_batch or args.batch) > n_data:
         fail(f"the coupling block ({block} = --ot-batch or --batch) exceeds the {n_data} training samples")
@@ -531,11 +551,11 @@ def train(args):
         name, path = f"ckpt-{step:07d}.pt", os.path.join(args.outdir, f"ckpt-{step:07d}.pt")
         torch.save(dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
                         net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
-                        state=dict(nimg=nimg)), path + ".tmp")  # fmt: skip
+                        state=dict(nimg=nimg), data=meta), path + ".tmp")  # fmt: skip
         os.replace(path + ".tmp", path)  # atomic: a kill never leaves a half-written checkpoint
         os.symlink(name, os.path.join(args.outdir, "latest.tmp"))
         os.replace(os.path.join(args.outdir, "latest.tmp"), os.path.join(args.outdir, "latest.pt"))
-        if grid and args.grid:  # EMA samples of the grid seeds
+        if grid and args.grid and not latent:  # EMA samples of the grid seeds
             lab = None if grid_labels is None else grid_labels.to(device)
             x, _ = sample(ema, grid_noise.to(device), args.nfe, lab, args.solver, args.atol, args.rtol)
             path, nrow = os.path.join(args.outdir, f"grid-{step:07d}.png"), math.ceil(math.sqrt(len(x)))
@@ -614,7 +634,8 @@ def train(args):
 @torch.no_grad()
 def generate(args):
     """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA -> an .npz ('images'
-    uint8 NHWC, 'seeds', 'labels') written atomically, and a PNG grid of the first 64 beside it."""
+    uint8 NHWC, 'seeds', 'labels'; latent data: 'latents' and the decoded images) written atomically, and a
+    PNG grid of the first 64 beside it."""
     from tqdm import tqdm
 
     if os.path.exists(args.out) and not args.overwrite:
@@ -630,16 +651,23 @@ def generate(args):
     model = torch.compile(net.to(device)) if args.compile else net.to(device)
     seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
     shape += (k["img_resolution"],) * 2
-    xs, ys, nfes = [torch.empty(0, *shape[1:], shape[0], dtype=torch.uint8)], [torch.empty(0).long()], []
+    latent = (meta := ckpt.get("data", {})).get("kind") == "latents"  # decoded by the VAE it was encoded with
+    vae = load_vae(meta["vae"]).to(device) if latent else None
+    hwc = (meta["image_resolution"],) * 2 + (3,) if latent else (*shape[1:], shape[0])
+    xs, ys, nfes = [torch.empty(0, *hwc, dtype=torch.uint8)], [torch.empty(0).long()], []
+    zs = [torch.empty(0, *shape)]
     for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
         noise, lab = noise_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"])
         with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
             lab, st = lab if lab is None else lab.to(device), {}
             x, nfe = sample(model, noise.to(device), args.nfe, lab, args.solver, args.atol, args.rtol, st)
         nfes.append((nfe, st["solver_steps"]))
+        if latent:  # tools/prepare_data.py stored the VAE's latents times "scale"
+            zs.append(x.cpu())
+            x = vae.decode(x / meta["scale"]).sample.float()
         xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
         ys.append(torch.zeros(len(x), dtype=torch.long) if lab is None else lab.cpu())
-    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy(), nfes)] * world
+    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy(), nfes, torch.cat(zs).numpy())] * world
     torch.distributed.all_gather_object(parts, parts[0]) if ddp else None
     if rank == 0:
         order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
@@ -647,6 +675,8 @@ def generate(args):
         out = dict(images=np.concatenate([p[1] for p in parts])[order], seeds=seeds)
         if k["label_dim"]:
             out["labels"] = np.concatenate([p[2] for p in parts])[order]
+        if latent:  # the raw samples too
+            out["latents"] = np.concatenate([p[4] for p in parts])[order]
         with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
             np.savez(f, **out)
         os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
@@ -658,6 +688,17 @@ def generate(args):
         print(f"wrote {len(order)} images to {args.out} ({args.solver}: mean NFE {nfe:.1f} = network calls, "
               f"{steps:.1f} solver steps per batch of {args.gen_batch})")  # fmt: skip
     torch.distributed.destroy_process_group() if ddp else None
+
+
+def load_vae(name):
+    """tools/prepare_data.py's diffusers AutoencoderKL: a folder or a model id (Hugging Face cache)."""
+    from diffusers import AutoencoderKL
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    with contextlib.suppress(Exception):
+        return AutoencoderKL.from_pretrained(name, local_files_only=not os.path.isdir(name)).eval()
+    fail(f"cannot load the VAE {name} that decodes this checkpoint's latents: put its diffusers files at "
+         f"{name} or in {HF_HUB_CACHE}/models--{name.replace('/', '--')}")  # fmt: skip
 
 
 # --- command line ---

@@ -271,6 +271,13 @@ def make_shapes(n=4096, res=16, seed=0):
     return np.where(mask, fg, bg).astype(np.uint8), labels
 
 
+def data_meta(spec):
+    """tools/prepare_data.py's FILE.json beside FILE.npy ({"kind": "latents", "vae": ...}), or {}."""
+    with contextlib.suppress(OSError, ValueError):
+        return dict(json.load(open(spec[:-4] + ".json"))) if spec.endswith(".npy") else {}
+    return {}
+
+
 def load_data(spec, data_dir="datasets"):
     """--data cifar10 | shapes | FILE.npy (tools/prepare_data.py's array, memory-mapped so RSS is O(batch);
     labels in FILE.labels.npy) | FILE.npz ('images', 'labels') -> uint8 [N, H, W, C], int64 labels or None."""
@@ -299,7 +306,10 @@ def load_data(spec, data_dir="datasets"):
     else:
         fail(f"--data {spec!r} not found: use cifar10, shapes, an .npy of tools/prepare_data.py or an .npz")
     n, *hwc = images.shape
-    if images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
+    if data_meta(spec).get("kind") == "latents":  # tools/prepare_data.py --vae
+        if images.dtype not in (np.float16, np.float32) or len(hwc) != 3 or hwc[1] != hwc[2] or not n:
+            fail(f"{spec}: latents must be float [N, C, H, H]; got {images.dtype} {images.shape}")
+    elif images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
         fail(f"{spec}: images must be square uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
     if labels is not None and (labels.shape != (n,) or labels.min() < 0):
         fail(f"{spec}: labels must be class indices 0, 1, ... of shape [{n}]; got {labels.shape}")
@@ -307,16 +317,17 @@ def load_data(spec, data_dir="datasets"):
 
 
 def get_batch(images, labels, idx, device):
-    """Data index i >= N is the mirror image of i - N (--xflip) -> floats in [-1, 1], labels. A memory-mapped
-    array is read row by row (pread): mapped pages would stay resident, RSS would grow to the file's size."""
-    i, row = (idx % len(images)).numpy(), images[0].nbytes
+    """Data index i >= N is the mirror image of i - N (--xflip) -> floats in [-1, 1] (latents as they are),
+    labels. A memory-mapped array is read row by row (pread): mapped pages would stay resident."""
+    i, row, latent = (idx % len(images)).numpy(), images[0].nbytes, images.dtype != np.uint8
     if isinstance(images, np.memmap):
         with open(images.filename, "rb") as f:
             x = b"".join(os.pread(f.fileno(), row, images.offset + int(j) * row) for j in i)
-        x = np.frombuffer(x, np.uint8).reshape(len(i), *images.shape[1:])
+        x = np.frombuffer(x, images.dtype).reshape(len(i), *images.shape[1:])
     else:
         x = images[i]
-    y = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device).float() / 127.5 - 1
+    y = torch.from_numpy(np.array(x if latent else x.transpose(0, 3, 1, 2), order="C")).to(device).float()
+    y = y if latent else y / 127.5 - 1
     y = torch.where((idx >= len(images)).to(device)[:, None, None, None], y.flip(3), y)
     return y, None if labels is None else labels[i].to(device)
 
@@ -416,7 +427,9 @@ def train(args):
     images, labels = load_data(args.data, args.data_dir)
     if args.cond and labels is None:
         fail(f"--cond needs class labels, but {args.data} has none")
-    res, C, label_dim = images.shape[1], images.shape[3], int(labels.max()) + 1 if args.cond else 0
+    label_dim, meta = int(labels.max()) + 1 if args.cond else 0, data_meta(args.data)
+    latent = meta.get("kind") == "latents"  # tools/prepare_data.py --vae: [N, C, H, W] floats
+    res, C = (images.shape[2], images.shape[1]) if latent else (images.shape[1], images.shape[3])
     labels, rfm = labels if args.cond else None, args.objective == "rfm"
     if res % 2 ** (len(args.channel_mult) - 1):
         fail(f"image size {res} is not divisible by 2^(levels - 1) of --channel-mult {args.channel_mult}")
@@ -534,11 +547,11 @@ def train(args):
             name = f"ckpt-{step:07d}.pt"
             ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
                         net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
-                        state=dict(nimg=nimg))  # fmt: skip
+                        state=dict(nimg=nimg), data=meta)  # fmt: skip
             atomic_save(ckpt, os.path.join(args.outdir, name))
             os.symlink(name, os.path.join(args.outdir, "latest.tmp"))
             os.replace(os.path.join(args.outdir, "latest.tmp"), os.path.join(args.outdir, "latest.pt"))
-            if args.grid:  # EMA samples of the grid seeds
+            if args.grid and not latent:  # EMA samples of the grid seeds
                 lab = None if grid_labels is None else grid_labels.to(device)
                 x, _ = sample(ema, grid_noise.to(device), args.nfe, lab)
                 path, nrow = os.path.join(args.outdir, f"grid-{step:07d}.png"), math.ceil(math.sqrt(len(x)))
@@ -643,7 +656,8 @@ def report(args):
 @torch.no_grad()
 def generate(args):
     """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA -> an .npz ('images'
-    uint8 NHWC, 'seeds', 'labels') written atomically, and a PNG grid of the first 64 beside it."""
+    uint8 NHWC, 'seeds', 'labels'; latent data: 'latents' and the decoded images) written atomically, and a
+    PNG grid of the first 64 beside it."""
     from tqdm import tqdm
 
     if os.path.exists(args.out) and not args.overwrite:
@@ -659,14 +673,21 @@ def generate(args):
     model = torch.compile(net.to(device)) if args.compile else net.to(device)
     seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
     shape += (k["img_resolution"],) * 2
-    xs, ys = [torch.empty(0, *shape[1:], shape[0], dtype=torch.uint8)], [torch.empty(0, dtype=torch.long)]
+    latent = (meta := ckpt.get("data", {})).get("kind") == "latents"  # decoded by the VAE it was encoded with
+    vae = load_vae(meta["vae"]).to(device) if latent else None
+    hwc = (meta["image_resolution"],) * 2 + (3,) if latent else (*shape[1:], shape[0])
+    zs = [torch.empty(0, *shape)]
+    xs, ys = [torch.empty(0, *hwc, dtype=torch.uint8)], [torch.empty(0, dtype=torch.long)]
     for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
         noise, lab = noise_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"])
         with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
             x, nfe = sample(model, noise.to(device), args.nfe, lab if lab is None else lab.to(device))
+        if latent:  # tools/prepare_data.py stored the VAE's latents times "scale"
+            zs.append(x.cpu())
+            x = vae.decode(x / meta["scale"]).sample.float()
         xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
         ys.append(torch.zeros(len(x), dtype=torch.long) if lab is None else lab)
-    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy())] * world
+    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy(), torch.cat(zs).numpy())] * world
     torch.distributed.all_gather_object(parts, parts[0]) if ddp else None
     if rank == 0:
         order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
@@ -675,6 +696,8 @@ def generate(args):
         )
         if k["label_dim"]:
             out["labels"] = np.concatenate([p[2] for p in parts])[order]
+        if latent:  # the raw samples too
+            out["latents"] = np.concatenate([p[3] for p in parts])[order]
         with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
             np.savez(f, **out)
         os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
@@ -682,6 +705,17 @@ def generate(args):
         save_image(grid, args.out[:-4] + ".png", nrow=math.ceil(math.sqrt(len(grid))), padding=0)
         print(f"wrote {len(order)} images to {args.out} (NFE {nfe} per image)")
     torch.distributed.destroy_process_group() if ddp else None
+
+
+def load_vae(name):
+    """tools/prepare_data.py's diffusers AutoencoderKL: a folder or a model id (Hugging Face cache)."""
+    from diffusers import AutoencoderKL
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    with contextlib.suppress(Exception):
+        return AutoencoderKL.from_pretrained(name, local_files_only=not os.path.isdir(name)).eval()
+    fail(f"cannot load the VAE {name} that decodes this checkpoint's latents: put its diffusers files at "
+         f"{name} or in {HF_HUB_CACHE}/models--{name.replace('/', '--')}")  # fmt: skip
 
 
 # --- command line ---
@@ -697,7 +731,7 @@ def parse_args(argv=None):
     add("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
     add("--outdir", default="runs/dansm", help="checkpoints, grids, log.jsonl, args.json")
     add("--cond", action="store_true", help="class-conditional (labels from the data; matched per class)")
-    add("--xflip", default="copies", choices=["off", "copies"], help="mirror images as extra data indices")
+    add("--xflip", choices=["off", "copies"], help="mirror images as data indices (copies; latents: off)")
     add("--objective", default="rfm", choices=["rfm", "dm"], help="rectified flow or Sec. 5.8's DM")
     add("--matcher", default="greedy", choices=MATCHERS, help="Alg. 1 | Immiscible's | plain RFM")
     add(
@@ -760,6 +794,8 @@ def parse_args(argv=None):
         p.error(
             "--generate N needs --ckpt" if args.generate else "--data is required for training and --report"
         )
+    if args.xflip is None:  # latents (tools/prepare_data.py --vae) are mirrored only if asked
+        args.xflip = "off" if data_meta(args.data or "").get("kind") == "latents" else "copies"
     if args.tiny:
         args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
     return args

@@ -18,8 +18,7 @@ rectified-flow path s x1 + (1 - s) noise of its lines.
 import argparse
 import contextlib
 import datetime
-import importlib
-import importlib.util
+import importlib.util  # binds importlib too
 import inspect
 import json
 import os
@@ -397,14 +396,14 @@ def check_before_work(args, feature_dim):
     elif ref:
         if args.features.startswith("random"):
             fail(f"{args.features} features have no published statistics: pass --ref-data or --ref-stats")
-        res, name = args.dataset_res, args.dataset
-        kid_file = clean_fid_file(args, kid=True)
+        res, name, kid_file = args.dataset_res, args.dataset, clean_fid_file(args, kid=True)
         if "kid" in args.metrics and not os.path.isfile(kid_file) and args.dataset != "cifar10":
             fail(f"KID needs reference features: no {kid_file}; pass --ref-data or --ref-stats")
-    for spec, module, ckpt in models:
-        a, px = ckpt.get("args") or {}, ckpt["net_kwargs"]["img_resolution"]  # its data, or the EDM file's
+    for i, (spec, module, ckpt) in enumerate(models):
+        latent = (meta := ckpt.get("data") or {}).get("kind") == "latents"  # prepare_data.py --vae: decoded
+        a, px = ckpt.get("args") or {}, meta.get("image_resolution", ckpt["net_kwargs"]["img_resolution"])
         m = re.match(r"edm-([a-z0-9]+)-(\d+x\d+)-", os.path.basename(a.get("imported_from") or ""))
-        data = ("cifar10" if m[1] == "cifar10" else f"{m[1]}-{m[2]}") if m else a.get("data")
+        data = ("cifar10" if m[1] == "cifar10" else f"{m[1]}-{m[2]}") if m else a.get("data")  # EDM file's
         if res and px != res:
             fail(f"{spec} makes {px} px images; the reference {name} is {res} px (--ref-data, --ref-stats)")
         if data and name and data != name and not any(c in data + name for c in "/."):  # names, not files
@@ -415,6 +414,7 @@ def check_before_work(args, feature_dim):
             fail(f"{module.METHOD}.sample takes no {unknown} (--sampler-kw)")
         if {"straightness", "curvature"} & set(args.metrics) and not hasattr(module, "ode_velocity"):
             fail(f"{spec}: {module.METHOD} exports no ode_velocity; drop straightness and curvature")
+        models[i] += (latent and importlib.import_module("edm_teacher").load_vae(meta["vae"]),)  # or False
     return models, images
 
 
@@ -464,10 +464,10 @@ def evaluate(args):
             out["is"], out["is_std"] = inception_score(logits, args.is_splits)
         return out
 
-    for spec, module, ckpt in models:
+    for spec, module, ckpt, vae in models:
         net = module.build_net(ckpt["net_kwargs"])
         net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"])
-        net = net.eval().requires_grad_(False).to(device)
+        net, vae = net.eval().requires_grad_(False).to(device), vae and vae.requires_grad_(False).to(device)
         k, name = ckpt["net_kwargs"], os.path.basename(os.path.normpath(spec))
         shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k.get("label_dim")
         label = None if random_features else paper_label(ckpt)
@@ -481,6 +481,8 @@ def evaluate(args):
                     labels, st = None if labels is None else labels.to(device), {}
                     x, used, calls = run_sampler(module, net, noise.to(device), nfe, labels, gens,
                                                  args.sampler_kw, st)  # fmt: skip
+                    if vae:  # latents times "scale" (prepare_data.py) -> images in [-1, 1], 32 at a time
+                        x = torch.cat([vae.decode(z).sample for z in (x / ckpt["data"]["scale"]).split(32)])
                     xs.append(x.cpu())
                     counts.append((calls, used, st.get("solver_steps")))
                 runs.append(score(torch.cat(xs) if xs else torch.zeros(0, *shape), seeds))
@@ -544,11 +546,9 @@ def paper_label(ckpt):
 def write_figures(results, out, random_features=False):
     """<out>-fid_vs_nfe.png beside the JSON: one line per checkpoint, its paper's figures (each in its own
     protocol) as crosses; random test features go on an axis that says so, without the papers' figures."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.switch_backend("Agg")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for i, ckpt in enumerate(dict.fromkeys(r["ckpt"] for r in results if "fid" in r)):
         rows = sorted((r for r in results if r["ckpt"] == ckpt and "fid" in r), key=lambda r: r["nfe"])
@@ -595,9 +595,9 @@ def sampler_kw(text):
 
 def parse_args(argv=None):
     epilog = "protocols:\n" + "\n".join(f"  {k:<5} {v[0]}" for k, v in PROTOCOLS.items())
-    raw = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=epilog, formatter_class=raw)
-    p.allow_abbrev = False
+    epilog += "\nlatents: FID/KID/IS score the VAE-decoded images; straightness/curvature stay on the latents"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=epilog, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add, ints, words = p.add_argument, lambda s: [int(v) for v in s.split(",") if v], lambda s: s.split(",")
     add("--ckpt", nargs="+", required=True, help="checkpoints (.pt or run folder; EDM .pkl: convert_edm.py)")
     add("--method", help="a forked method file (path/to/file.py) that made every --ckpt")

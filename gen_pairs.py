@@ -9,9 +9,11 @@ changes data at float-rounding level only (convolution kernels depend on the bat
 
 Output: an uncompressed .npz that readers memory-map (`load_pairs`): noise, data [N, C, H, W] (float32 or
 float16, not quantised), label [N] int64 (conditional only), meta (JSON: the checkpoint, its training set
-`dataset` (lmm.py's default --data), sampler, NFE, seed). OUT.partial/ holds one preallocated .npy per array
-while it runs: each process writes its batches' rows there, then the batch's NFE into nfe.npy (0: not yet), so
-a rerun after a kill makes only the missing batches. Rank 0 then zips the arrays (stored) and renames it OUT.
+`dataset` (lmm.py's default --data), sampler, NFE, seed, `data`: the teacher's data meta; a teacher trained on
+tools/prepare_data.py --vae latents makes latent pairs, meta data {"kind": "latents", "vae", "scale", ...}).
+OUT.partial/ holds one preallocated .npy per array while it runs: each process writes its batches' rows there,
+then the batch's NFE into nfe.npy (0: not yet), so a rerun after a kill makes only the missing batches. Rank 0
+then zips the arrays (stored) and renames it OUT.
 
     python gen_pairs.py --ckpt runs/edm-shapes --num-pairs 256 --out pairs_shapes.npz --batch 64  # CPU smoke
     torchrun --standalone --nproc_per_node=8 gen_pairs.py --ckpt edm-cifar10-cond.pt --cond \\
@@ -199,7 +201,8 @@ def generate(args):
         nfe_used = int(used[0]) if (used == used[0]).all() else round(float(used.mean()), 2)  # dopri5 varies
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         meta = dict(settings, nfe_used=nfe_used, ckpt=args.ckpt, dataset=teacher_dataset(ckpt), created=now,
-                    sampler=f"{ckpt['method']}.sample", torch=torch.__version__, world=world)  # fmt: skip
+                    sampler=f"{ckpt['method']}.sample", torch=torch.__version__, world=world,
+                    data=ckpt.get("data", {}))  # fmt: skip
         np.save(buf := io.BytesIO(), np.array(json.dumps(meta)))
         with zipfile.ZipFile(f"{work}/pairs.npz", "w") as z:  # stored, not compressed: readers memory-map
             for key in arrays:

@@ -467,8 +467,9 @@ def load_pairs(path, cond="auto"):
     if missing := [k for k in ("noise", "data") if k not in pairs]:
         fail(f"{path} has no {missing} array(s) (found {sorted(pairs)}); make pairs with gen_pairs.py")
     x0, x1, lab = pairs["noise"], pairs["data"], pairs.get("label")
-    if x0.ndim != 4 or x0.shape != x1.shape or x0.shape[1] not in (1, 3) or x0.shape[2] != x0.shape[3]:
-        fail(f"{path}: 'noise' and 'data' must both be [N, C, H, W], C 1 or 3, H = W: {x0.shape}, {x1.shape}")
+    C = (1, 3, 4) if (pairs["meta"].get("data") or {}).get("kind") == "latents" else (1, 3)  # SD latents: 4
+    if x0.ndim != 4 or x0.shape != x1.shape or x0.shape[1] not in C or x0.shape[2] != x0.shape[3]:
+        fail(f"{path}: 'noise' and 'data' must both be [N, C, H, W], C in {C}, H = W: {x0.shape}, {x1.shape}")
     for lo in range(0, len(x0), 1 << 14):  # in chunks: RAM O(chunk)
         for k in ("noise", "data"):
             if not (ok := np.isfinite(pairs[k][lo : lo + (1 << 14)]).reshape(-1, x0[0].size).all(1)).all():
@@ -627,6 +628,10 @@ def train(args):
         fail(f"--sot {args.sot}: indices must lie in 0..{args.sched_steps - 1} (--sched-steps)")
     total = round(args.duration * 1e6)
     adv = args.adv_start >= 0 and args.adv_start * 1000 < total
+    latent = (meta := pairs["meta"].get("data") or {}).get("kind") == "latents"  # gen_pairs: a latent teacher
+    if latent and (adv or args.loss == "lpips"):
+        fail(f"{args.pairs} are latents of {meta['vae']}: LPIPS and the discriminator are defined on images; "
+             "train Eq. 3 alone with --loss l2 --adv-start off")  # fmt: skip
     if adv:  # D's real images: --data, else the teacher's training set, which the pairs' meta names
         data = args.data or pairs["meta"].get("dataset")
         if not (data == "cifar10" or str(data).endswith((".npz", ".npy")) and os.path.isfile(data)):
@@ -797,11 +802,11 @@ def train(args):
             state["disc_opt"] = opt_d.state_dict() if adv else None
             ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
                         net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
-                        state=state)  # fmt: skip
+                        state=state, data=meta)  # fmt: skip
             atomic_save(ckpt, os.path.join(args.outdir, name := f"ckpt-{step:07d}.pt"))
             os.symlink(name, os.path.join(args.outdir, "latest.tmp"))
             os.replace(os.path.join(args.outdir, "latest.tmp"), os.path.join(args.outdir, "latest.pt"))
-            for nfe in (1, 2) if args.grid else ():  # EMA samples of the grid noise at NFE 1 and 2
+            for nfe in (1, 2) if args.grid and not latent else ():  # EMA samples of the grid at NFE 1 and 2
                 x, _ = sample(ema, grid, nfe, grid_labels, generator=torch.Generator().manual_seed(1))
                 path = os.path.join(args.outdir, f"grid-nfe{nfe}-{step:07d}.png")
                 save_image((x.cpu() + 1) / 2, path, nrow=math.ceil(math.sqrt(len(x))), padding=0)
@@ -816,7 +821,8 @@ def train(args):
 @torch.no_grad()
 def generate(args):
     """--generate N: the images of seeds --seed ... --seed + N - 1 (the same for any number of processes) from
-    --ckpt's EMA -> an .npz ('images' uint8 NHWC, 'seeds', 'labels'), atomically, and a PNG grid beside it."""
+    --ckpt's EMA -> an .npz ('images' uint8 NHWC, 'seeds', 'labels'; latent pairs: 'latents' and the decoded
+    images), atomically, and a PNG grid beside it."""
     from tqdm import tqdm
 
     if os.path.exists(args.out) and not args.overwrite:
@@ -838,15 +844,22 @@ def generate(args):
     model = torch.compile(net.to(device)) if args.compile else net.to(device)
     seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
     shape += (k["img_resolution"],) * 2
-    xs, ys = [torch.empty(0, *shape[1:], shape[0], dtype=torch.uint8)], [torch.empty(0, dtype=torch.long)]
+    latent = (meta := ckpt.get("data", {})).get("kind") == "latents"  # decoded by the VAE it was encoded with
+    vae = load_vae(meta["vae"]).to(device) if latent else None
+    hwc = (meta["image_resolution"],) * 2 + (3,) if latent else (*shape[1:], shape[0])
+    zs = [torch.empty(0, *shape)]
+    xs, ys = [torch.empty(0, *hwc, dtype=torch.uint8)], [torch.empty(0, dtype=torch.long)]
     for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
         noise, lab, gens = inputs_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"])
         with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
             lab = lab if lab is None else lab.to(device)
             x, _ = sample(model, noise.to(device), len(steps), lab, steps, generator=gens)
+        if latent:  # tools/prepare_data.py stored the VAE's latents times "scale"
+            zs.append(x.cpu())
+            x = vae.decode(x / meta["scale"]).sample.float()
         xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
         ys.append(torch.zeros(len(x), dtype=torch.long) if lab is None else lab.cpu())
-    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy())] * world
+    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy(), torch.cat(zs).numpy())] * world
     torch.distributed.all_gather_object(parts, parts[0]) if ddp else None
     if rank == 0:
         order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
@@ -854,6 +867,8 @@ def generate(args):
         out["seeds"] = args.seed + np.arange(len(order))
         if k["label_dim"]:
             out["labels"] = np.concatenate([p[2] for p in parts])[order]
+        if latent:  # the raw samples too
+            out["latents"] = np.concatenate([p[3] for p in parts])[order]
         with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
             np.savez(f, **out)
         os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
@@ -861,6 +876,17 @@ def generate(args):
         save_image(grid, args.out[:-4] + ".png", nrow=math.ceil(math.sqrt(len(grid))), padding=0)
         print(f"wrote {len(order)} images to {args.out} (steps {list(steps)}, NFE {len(steps)})", flush=True)
     torch.distributed.destroy_process_group() if ddp else None
+
+
+def load_vae(name):
+    """tools/prepare_data.py's diffusers AutoencoderKL: a folder or a model id (Hugging Face cache)."""
+    from diffusers import AutoencoderKL
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    with contextlib.suppress(Exception):
+        return AutoencoderKL.from_pretrained(name, local_files_only=not os.path.isdir(name)).eval()
+    fail(f"cannot load the VAE {name} that decodes this checkpoint's latents: put its diffusers files at "
+         f"{name} or in {HF_HUB_CACHE}/models--{name.replace('/', '--')}")  # fmt: skip
 
 
 # --- command line ---

@@ -178,8 +178,16 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
 
 
+def data_meta(spec):
+    """tools/prepare_data.py's FILE.json beside FILE.npy ({"kind": "latents", "vae": ...}), or {}."""
+    with contextlib.suppress(OSError, ValueError):
+        return dict(json.load(open(spec[:-4] + ".json"))) if spec.endswith(".npy") else {}
+    return {}
+
+
 def load_data(spec):
-    """--data cifar10 | shapes | FILE.npy (memory-mapped) | FILE.npz ('images') -> uint8 [N, H, W, C]."""
+    """--data cifar10 | shapes | FILE.npy (memory-mapped) | FILE.npz ('images') -> uint8 [N, H, W, C]
+    (tools/prepare_data.py's latents: float [N, C, H, W])."""
     if spec == "shapes":  # the smoke-test set: a disc or square of random colour, size and place
         n, res, rng = 4096, 16, np.random.default_rng(0)
         yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
@@ -197,14 +205,18 @@ def load_data(spec):
         fail(f"--data {spec}: {type(e).__name__} {e}; use cifar10 (cifar-10-python.tar.gz in datasets/), "
              "shapes, an .npy of tools/prepare_data.py or an .npz of 'images'")  # fmt: skip
     n, *hwc = images.shape
-    if images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
+    if data_meta(spec).get("kind") == "latents":  # tools/prepare_data.py --vae
+        if images.dtype not in (np.float16, np.float32) or len(hwc) != 3 or hwc[1] != hwc[2] or not n:
+            fail(f"{spec}: latents must be float [N, C, H, H]; got {images.dtype} {images.shape}")
+    elif images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
         fail(f"{spec}: images must be square uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
     return images
 
 
-def get_batch(images, idx, device):  # data indices -> [-1, 1] floats; index i >= N: image i - N mirrored
-    x = torch.from_numpy(np.ascontiguousarray(images[(idx % len(images)).numpy()].transpose(0, 3, 1, 2)))
-    x = x.to(device).float() / 127.5 - 1
+def get_batch(images, idx, device):  # data indices -> [-1, 1] floats (latents as they are); i >= N: mirrored
+    x, latent = images[(idx % len(images)).numpy()], images.dtype != np.uint8
+    x = torch.from_numpy(np.array(x, order="C") if latent else np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    x = x.to(device).float() if latent else x.to(device).float() / 127.5 - 1
     return torch.where((idx >= len(images)).to(device)[:, None, None, None], x.flip(3), x)
 
 
@@ -261,8 +273,9 @@ def train(args):
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None and ckpt.get("method") != METHOD:
         fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
-    images = load_data(args.data)
-    res, C = images.shape[1], images.shape[3]
+    images, meta = load_data(args.data), data_meta(args.data)
+    latent = meta.get("kind") == "latents"  # tools/prepare_data.py --vae: [N, C, H, W] floats
+    res, C = (images.shape[2], images.shape[1]) if latent else (images.shape[1], images.shape[3])
     n_data, shape = len(images) * (1 if args.xflip == "off" else 2), (C, res, res)  # i + N: image i mirrored
     n_eff, total_steps = n_data * args.caches, math.ceil(args.duration * 1e6 / args.batch)
     if args.batch > len(images) * (2 if args.xflip == "copies" else 1):
@@ -355,7 +368,8 @@ def train(args):
             out = os.path.join(args.outdir, name := f"ckpt-{step:07d}.pt")
             torch.save(dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
                 net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
-                state=dict(nimg=nimg, tau=tau, n_data=n_data, caches=args.caches)), f"{out}.tmp")  # fmt: skip
+                state=dict(nimg=nimg, tau=tau, n_data=n_data, caches=args.caches), data=meta),
+                f"{out}.tmp")  # fmt: skip
             os.replace(f"{out}.tmp", out), os.symlink(name, f"{out}.tmp")  # atomic: never half-written
             os.replace(f"{out}.tmp", os.path.join(args.outdir, "latest.pt"))
         if stopping:
@@ -370,7 +384,8 @@ def train(args):
 @torch.no_grad()
 def generate(args):
     """--generate N: the images of seeds --seed ... --seed + N - 1 (fresh noise, not the training caches) from
-    --ckpt's EMA on one device -> an .npz ('images' uint8 NHWC, 'seeds') written atomically, and a PNG grid.
+    --ckpt's EMA on one device -> an .npz ('images' uint8 NHWC, 'seeds'; latent data: 'latents' and the
+    decoded images) written atomically, and a PNG grid.
     gen_pairs.py and evaluate.py sample any checkpoint on many GPUs and under --precision / --compile."""
     if os.path.exists(args.out) and not args.overwrite:
         fail(f"{args.out} exists; pass --overwrite to replace it")
@@ -381,16 +396,31 @@ def generate(args):
     shape = (k["img_channels"], k["img_resolution"], k["img_resolution"])
     net = build_net(k).eval().requires_grad_(False).to(device)
     net.load_state_dict(ckpt["ema"])
+    latent = (meta := ckpt.get("data", {})).get("kind") == "latents"  # decoded by the VAE it was encoded with
+    vae = load_vae(meta["vae"]).to(device) if latent else None
     for i in range(0, args.generate, args.gen_batch):  # with dopri5 the NFE depends on the batch: one ODE
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + args.gen_batch]]  # as every file
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-        out.append(sample(net, noise.to(device), args.nfe, None, args.solver))
-        print(f"{i + len(noise)}/{args.generate} images, {args.solver} NFE {out[-1][1]}", flush=True)
-    images = (torch.cat([x for x, _ in out]) * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        x, nfe = sample(net, noise.to(device), args.nfe, None, args.solver)  # latents: decoded (were x scale)
+        out.append((x, vae.decode(x / meta["scale"]).sample.float() if latent else x))
+        print(f"{i + len(noise)}/{args.generate} images, {args.solver} NFE {nfe}", flush=True)
+    images = (torch.cat([x for _, x in out]) * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    raw = dict(latents=torch.cat([z for z, _ in out]).cpu().numpy()) if latent else {}  # the raw samples too
     with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
-        np.savez(f, images=images.cpu().numpy(), seeds=seeds)
+        np.savez(f, images=images.cpu().numpy(), seeds=seeds, **raw)
     os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
     torchvision.utils.save_image(images[:64].permute(0, 3, 1, 2) / 255, args.out[:-4] + ".png", nrow=8)
+
+
+def load_vae(name):
+    """tools/prepare_data.py's diffusers AutoencoderKL: a folder or a model id (Hugging Face cache)."""
+    from diffusers import AutoencoderKL
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    with contextlib.suppress(Exception):
+        return AutoencoderKL.from_pretrained(name, local_files_only=not os.path.isdir(name)).eval()
+    fail(f"cannot load the VAE {name} that decodes this checkpoint's latents: put its diffusers files at "
+         f"{name} or in {HF_HUB_CACHE}/models--{name.replace('/', '--')}")  # fmt: skip
 
 
 def parse_args(argv=None):

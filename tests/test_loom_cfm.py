@@ -185,7 +185,7 @@ def test_resume_equals_uninterrupted_assignment_and_weights(tmp_path, npz_data, 
     assert [[r[k] for k in keys] for r in read_log(out_a)] == [[r[k] for k in keys] for r in read_log(out_b)]
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes_bit_exactly(tmp_path, npz_data):
+def test_sigterm_saves_a_checkpoint_that_resumes_bit_exactly(tmp_path, npz_data, one_thread):
     out, argv = tiny(tmp_path, npz_data, "--snap-every", "100000", steps=400)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "loom_cfm.py", *argv], cwd=os.path.dirname(L.__file__), env=env,
