@@ -593,10 +593,11 @@ def load_vae(name):
     from diffusers import AutoencoderKL
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    with contextlib.suppress(Exception):
+    try:
         return AutoencoderKL.from_pretrained(name, local_files_only=not os.path.isdir(name)).eval()
-    fail(f"cannot load the VAE {name} that decodes this checkpoint's latents: put its diffusers files at "
-         f"{name} or in {HF_HUB_CACHE}/models--{name.replace('/', '--')}")  # fmt: skip
+    except Exception as e:  # missing, unreadable or not a VAE: one line with the reason
+        fail(f"cannot load the VAE {name} of this checkpoint's latents ({type(e).__name__}): put its "
+             f"diffusers files at {name} or in {HF_HUB_CACHE}/models--{name.replace('/', '--')}")  # fmt: skip
 
 
 # --- command line ---

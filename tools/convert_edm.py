@@ -1,12 +1,11 @@
 """Official EDM snapshots (.pkl) -> our checkpoint (.pt), which loads with torch.load(weights_only=True).
 
-EDM's snapshots are pickles in which every layer is rebuilt by
-torch_utils.persistence._reconstruct_persistent_obj(meta), which EXECUTES meta["module_src"]. We never do:
-this is the project's only unpickler of foreign files. It resolves only an allow-list of globals, keeps
-persistent objects as inert metadata, and loads the EMA weights by key into edm_teacher's UNet (EDM's keys).
+EDM's snapshots are pickles in which every layer is rebuilt by torch_utils.persistence's
+_reconstruct_persistent_obj(meta), which EXECUTES meta["module_src"]. We never do: our only unpickler
+of foreign files resolves an allow-list of globals, keeps persistent objects as inert metadata, and loads the
+EMA weights by key into edm_teacher's UNet (EDM's keys).
 Supported: EDMPrecond over SongUNet DDPM++ (EDM's "-vp" snapshots -> arch ddpmpp), SongUNet NCSN++ ("-ve"
--> ncsnpp) and DhariwalUNet (ImageNet-64's "-adm" -> adm). The .pt is a student's --init or a --ckpt of
-gen_pairs.py / evaluate.py.
+-> ncsnpp) and DhariwalUNet (ImageNet-64's "-adm" -> adm). The .pt: a student's --init, a --ckpt anywhere.
 
 Commands
   python tools/convert_edm.py edm-cifar10-32x32-cond-vp.pkl checkpoints/edm-cifar10-cond.pt

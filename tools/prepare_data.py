@@ -22,7 +22,6 @@ Commands
 """
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -158,10 +157,12 @@ def load_vae(name):
 
     logging.set_verbosity_error()
     for local in (True, False):  # the cache first, then a download
-        with contextlib.suppress(Exception):
+        try:
             return AutoencoderKL.from_pretrained(name, local_files_only=local).eval()
-    fail(f"cannot load the VAE {name}: offline, put its config.json and .safetensors in a folder and pass "
-         f"--vae FOLDER, or in {HF_HUB_CACHE}/models--{name.replace('/', '--')}")  # fmt: skip
+        except Exception as e:  # missing, unreadable or not a VAE: one line with the reason
+            why = type(e).__name__
+    fail(f"cannot load the VAE {name} ({why}): offline, put its config.json and .safetensors in a folder and "
+         f"pass --vae FOLDER, or in {HF_HUB_CACHE}/models--{name.replace('/', '--')}")  # fmt: skip
 
 
 def batches(chunks, size):
