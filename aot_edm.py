@@ -1,19 +1,18 @@
 """AOT: EDM trained with Approximated Optimal Transport (Kim et al., "Improving Diffusion-Based Generative
 Models via Approximated Optimal Transport", 2024).
 
-AOT draws a round of N images and N standard-normal noises, solves the assignment problem between them (Eq. 8:
-Hungarian algorithm, L2 cost between image and noise) and trains EDM's denoiser on the assigned pairs, x =
-y + sigma eps' with eps' the noise assigned to y, batch after batch until every pair was used once (Alg. 1).
-With classes the assignment is solved within each class (Alg. 2): the noise stays N(0, I) and independent of
-the label. The rest is EDM's (edm_teacher.py): preconditioning, loss, sigma law, augmentation, EMA, Heun.
+AOT draws a round of N images and N standard-normal noises, solves the assignment problem between them
+(Eq. 8: Hungarian algorithm, L2 cost) and trains EDM's denoiser on the assigned pairs, x = y + sigma eps' with
+eps' the noise assigned to y, batch after batch until every pair was used once (Alg. 1). With classes it is
+solved within each class (Alg. 2). The rest is EDM's: preconditioning, loss, sigma law, augmentation, Heun.
 
 Convention (EDM): sigma in [0.002, 80]; sampling starts at x = 80 noise and ends at sigma = 0 (data). Every
 process solves its own rounds of --aot-pairs pairs (the paper's policy): the pairs depend on the number of
 processes. --overlap on solves round r + 1 in a background thread while round r trains: the same numbers.
 
-Commands: a CPU smoke run on a 16x16 "shapes" set made in-process; the paper's CIFAR-10 run (Sec. 5.1:
-NCSN++, batch 256 on 4 GPUs, N = 512 per GPU, augmentation p = 0.12; --cond: batch 128, N = 2048); its best
-sampler (rho 90, 14 Heun steps = 27 NFE); Table 4: FID over rho x Heun steps, through evaluate.py:
+Commands: a CPU smoke run; the paper's CIFAR-10 run (Sec. 5.1: NCSN++, batch 256 on 4 GPUs, N = 512 per GPU,
+augmentation p = 0.12; --cond: batch 128, N = 2048); Table 1's best sampler (rho 90, 14 Heun steps = 27 NFE;
+--generate runs in one process, gen_pairs.py and evaluate.py on many GPUs); Table 4's FID over rho x steps:
     python aot_edm.py --data shapes --outdir runs/aot-shapes --tiny --duration 0.05 --lr-rampup 0
     torchrun --standalone --nproc_per_node=4 aot_edm.py --data cifar10 --outdir runs/aot-cifar10
     python aot_edm.py --generate 50000 --ckpt runs/aot-cifar10 --nfe 27 --rho 90 --out aot.npz
@@ -23,6 +22,7 @@ sampler (rho 90, 14 Heun steps = 27 NFE); Table 4: FID over rho x Heun steps, th
 import argparse
 import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
@@ -45,29 +45,21 @@ VERSION = 1
 # --- AOT: the rounds of assigned pairs (Alg. 1-2, Eq. 8) ---
 
 
-def aot_cost(eps, y, cost="l2"):
-    """AOT Sec. 4: W[i, j] = ||y_i - eps_j||, the L2 distance between the i-th image and the j-th noise (its
-    square with cost="sqeuclidean"), float64 [N, N]."""
-    w = torch.cdist(y.flatten(1).double(), eps.flatten(1).double())
-    return w.square() if cost == "sqeuclidean" else w
+def aot_cost(eps, y):
+    """AOT Sec. 4: W[i, j] = ||y_i - eps_j||, the L2 distance of the i-th image and the j-th noise [N, N]."""
+    return torch.cdist(y.flatten(1).double(), eps.flatten(1).double())
 
 
-def aot_assign(eps, y, labels=None, cost="l2"):
+def aot_assign(eps, y, labels=None):
     """AOT Eq. 8 -> perm: image i trains with noise eps[perm[i]]. With labels, Alg. 2: solved within each
     class on that class's positions, so the noises of a class are only permuted among themselves."""
     from scipy.optimize import linear_sum_assignment
 
     perm, labels = torch.arange(len(y)), None if labels is None else labels.cpu()
     for g in [perm.clone()] if labels is None else [(labels == k).nonzero()[:, 0] for k in labels.unique()]:
-        _, cols = linear_sum_assignment(aot_cost(eps[g.to(y.device)], y[g.to(y.device)], cost).cpu().numpy())
+        _, cols = linear_sum_assignment(aot_cost(eps[g.to(y.device)], y[g.to(y.device)]).cpu().numpy())
         perm[g] = g[torch.as_tensor(cols, dtype=torch.long)]
     return perm
-
-
-def pair_cost(eps, y, cost="l2"):
-    """c(eps_i, y_i) of each pair [N], float64."""
-    d = (y.double() - eps.double()).flatten(1).square().sum(1)
-    return d if cost == "sqeuclidean" else d.sqrt()
 
 
 def seed_step(seed, rank, world, step):
@@ -78,9 +70,8 @@ def seed_step(seed, rank, world, step):
 
 def aot_round(args, images, labels, n_data, r, rank, world, device):
     """AOT Alg. 1 lines 3-5: this process's round r -> (augmented images y', labels, augment labels, noise).
-    Rank k takes images kN ... (k + 1)N - 1 of the r-th slice of N * world of the epoch stream, so every image
-    is used once per epoch. The noise is drawn as edm_teacher draws its step's noise (seeded as the round's
-    first step, after that step's sigmas): with N = batch and no assignment every draw is edm_teacher's."""
+    Rank k takes images kN ... (k + 1)N - 1 of the r-th slice of N * world of the epoch stream. The noise is
+    drawn as edm_teacher draws a step's noise: with N = batch and no assignment each draw is edm_teacher's."""
     N, batch_rank = args.aot_pairs, args.batch // world
     idx = batch_indices(n_data, N * world, r, args.seed)[rank * N : (rank + 1) * N]
     y, lab = get_batch(images, labels, idx, device)
@@ -96,7 +87,7 @@ def aot_round(args, images, labels, n_data, r, rank, world, device):
 def aot_solve(eps, y, labels, args):
     """(perm, seconds) of a round's assignment (the identity with --assign 0)."""
     t0 = time.time()
-    perm = aot_assign(eps, y, labels, args.cost) if args.assign else torch.arange(len(y))
+    perm = aot_assign(eps, y, labels) if args.assign else torch.arange(len(y))
     return perm, time.time() - t0
 
 
@@ -129,7 +120,7 @@ class EDMPrecond(nn.Module):
             raise ValueError("this network is class-conditional: pass class labels (int64 [N] or one-hot)")
         if dim:  # one-hot, as EDM's class labels
             labels = labels if labels.is_floating_point() else F.one_hot(labels.long(), dim)
-        labels = labels.reshape(-1, dim).float() if dim else None
+        labels = labels.reshape(-1, dim).to(x.device, torch.float32) if dim else None
         F_x = self.model(c_in * x, c_noise.flatten(), labels, augment_labels)
         return c_skip * x + c_out * F_x.float()
 
@@ -155,6 +146,8 @@ def sample(net, noise, nfe, labels=None, rho=7.0, sigma_min=0.002, sigma_max=80.
     """EDM Alg. 1, deterministic Heun on Eq. 5's levels (AOT sweeps rho, Table 4): noise [N, C, H, W] standard
     normal -> (images in [-1, 1], true NFE). nfe asks for (nfe + 1) // 2 steps, 2 steps - 1 network calls:
     the last step is Euler."""
+    if not (nfe >= 1 and 0 < rho < math.inf and 0 < sigma_min < sigma_max < math.inf):  # a sampler keyword
+        raise ValueError(f"sample needs nfe >= 1, 0 < rho < inf, 0 < sigma_min < sigma_max; got {nfe}, {rho}")
     sigmas = karras_sigmas(max(1, (nfe + 1) // 2), sigma_min, sigma_max, rho).to(noise.device)
     N, nfe, x = len(sigmas) - 1, 0, noise.double() * sigmas[0]
     for i, (t_cur, t_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
@@ -287,8 +280,21 @@ def noise_for_seeds(seeds, shape, label_dim=0):
 # --- data and checkpoints ---
 
 
-def fail(msg):
-    raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
+def fail(msg):  # one line for the user, exit code 1, no traceback
+    raise SystemExit("error: " + " ".join(str(msg).split()))
+
+
+def number(cast, lo, hi=math.inf, lo_open=False, hi_open=False, many=False):
+    """argparse type: a finite number in range (many: a list of them, "2,2,2")."""
+
+    def one(s):
+        v = cast(s)
+        if not ((lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi) and abs(v) < math.inf):
+            span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{s} is not in {span}")
+        return v
+
+    return (lambda s: [one(x) for x in s.split(",")]) if many else one
 
 
 def make_shapes(n=4096, res=16, seed=0):
@@ -328,14 +334,14 @@ def load_data(spec, data_dir="datasets"):
     elif spec == "shapes":
         images, labels = make_shapes()
     elif spec.endswith((".npy", ".npz")) and os.path.isfile(spec):
-        try:
+        try:  # a truncated file or an .npy header that overstates N: one line
             if spec.endswith(".npy"):
                 images, lab = np.load(spec, mmap_mode="r"), spec[:-4] + ".labels.npy"
                 labels = np.load(lab) if os.path.isfile(lab) else None
             else:
                 with np.load(spec) as f:
                     images, labels = f["images"], f.get("labels")
-        except (ValueError, KeyError, OSError) as e:
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
             fail(f"cannot read {spec} ({e}): expected uint8 images [N, H, W, C] (.npz: 'images', 'labels')")
     else:
         fail(f"--data {spec!r} not found: use cifar10, shapes, an .npy of tools/prepare_data.py or an .npz")
@@ -345,14 +351,16 @@ def load_data(spec, data_dir="datasets"):
             fail(f"{spec}: latents must be float [N, C, H, H]; got {images.dtype} {images.shape}")
     elif images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
         fail(f"{spec}: images must be square uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
-    if labels is not None and (labels.shape != (n,) or labels.min() < 0):
-        fail(f"{spec}: labels must be class indices 0, 1, ... of shape [{n}]; got {labels.shape}")
+    if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != (n,) or labels.min() < 0
+                               or labels.max() >= 2**16):  # fmt: skip
+        fail(f"{spec}: labels must be integer class indices in [0, 65536) of shape [{n}]; got {labels.dtype} "
+             f"{labels.shape}")  # fmt: skip
     return images, None if labels is None else torch.from_numpy(labels.astype(np.int64))
 
 
 def get_batch(images, labels, idx, device):
-    """Data index i >= N is the mirror image of i - N (--xflip) -> floats in [-1, 1] (latents as they are),
-    labels. A memory-mapped array is read row by row (pread): mapped pages would stay resident."""
+    """Data index i >= N is the mirror image of i - N (--xflip copies) -> floats in [-1, 1] (latents as they
+    are), labels. A memory-mapped array is read row by row (pread): mapped pages would stay resident."""
     i, row, latent = (idx % len(images)).numpy(), images[0].nbytes, images.dtype != np.uint8
     if isinstance(images, np.memmap):
         with open(images.filename, "rb") as f:
@@ -366,48 +374,78 @@ def get_batch(images, labels, idx, device):
     return y, None if labels is None else labels[i].to(device)
 
 
+def batch_indices(n, batch, step, seed):
+    """Step `step`'s global data indices: consecutive slices of a stream of per-epoch permutations, each from
+    (seed, epoch) alone, so that the order does not depend on the number of processes."""
+    pos, out = step * batch + torch.arange(batch), torch.empty(batch, dtype=torch.long)
+    for e in (pos // n).unique().tolist():
+        order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + e) % 2**64))
+        out[pos // n == e] = order[pos[pos // n == e] % n]
+    return out
+
+
 def load_checkpoint(path):
-    """One of our checkpoints (a run folder: its latest.pt), CRC-checked, loaded without executing code."""
+    """A checkpoint of this file (a run folder: its latest.pt), CRC- and structure-checked, loaded without
+    executing code, with the keys this file reads."""
     path = os.path.join(path, "latest.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         fail(f"checkpoint not found: {path}")
     try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-            bad = bad and f"its member {bad} fails its CRC check"
+        with zipfile.ZipFile(path) as z:  # CRCs, and no member flagged a folder (torch would read garbage)
+            folders = (i.filename for i in z.infolist() if i.is_dir() or i.external_attr & 0x10)
+            crc, folder = z.testzip(), next(folders, None)
+            bad = crc and f"its member {crc} fails its CRC check"
+            bad = bad or folder and f"its member {folder} is damaged"
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         bad = f"not a complete torch checkpoint ({str(e) or type(e).__name__})"
     if bad:
         fail(f"{path} is corrupt: {bad}; resume from an intact ckpt-*.pt beside it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign file: never unpickled unsafely
         why = (str(e).strip() or type(e).__name__).splitlines()[0]
         fail(f"cannot read {path} as a weights-only torch checkpoint: {why}")
+    keys = ("method", "version", "net_kwargs", "net", "ema", "step")  # a resume also reads "opt", "state"
+    if missing := [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]:
+        fail(f"{path} is not a checkpoint of this project: it lacks {', '.join(missing)}")
+    if ckpt["method"] != METHOD or ckpt["version"] not in range(1, VERSION + 1):
+        fail(f"{path} is a {ckpt['method']!r} checkpoint of version {ckpt['version']!r}; this file reads "
+             f"{METHOD!r} checkpoints up to version {VERSION}")  # fmt: skip
+    return ckpt
 
 
-def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held for the process's life)
-    """Rank 0: lock --outdir (a second job stops at once); never write over a run unless it is resumed or
-    --overwrite; remove a killed run's temporary files; on resume cut log.jsonl back to the resumed step."""
-    import fcntl
-
-    os.makedirs(outdir, exist_ok=True)
-    if (lock := os.path.abspath(os.path.join(outdir, ".lock"))) not in _held:
-        f = _held[lock] = open(lock, "a+")  # noqa: SIM115
+def lock(path, name, flag, _held={}):  # noqa: B006 (locks held for the process's life)
+    """A second job on `name` stops at once with one line naming the holder."""
+    if (path := os.path.abspath(path)) not in _held:
+        f = _held[path] = open(path, "a+")  # noqa: SIM115
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            f.seek(0), _held.pop(lock)
-            fail(f"{outdir} is locked by a running job ({f.read()}); wait for it or use another --outdir")
+            f.seek(0), _held.pop(path)
+            fail(f"{name} is locked by a running job ({f.read()}); wait for it or use another {flag}")
         f.truncate(0), f.write(f"pid {os.getpid()} on {os.uname().nodename}"), f.flush()
+
+
+def claim_outdir(outdir, ckpt, overwrite, resume=None):
+    """Rank 0: lock --outdir; never write over a run, or resume another run into its folder, without
+    --overwrite; remove a killed run's temporary files; on resume cut log.jsonl back to the resumed step."""
+    os.makedirs(outdir, exist_ok=True)
+    lock(os.path.join(outdir, ".lock"), outdir, "--outdir")
     runs = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
-    if runs and ckpt is None and not overwrite:
-        fail(f"{outdir} holds a run at step {int(runs[-1][5:-3])}: pass --resume {outdir} to continue it, "
-             "--overwrite to replace it, or choose another --outdir")  # fmt: skip
-    for name in os.listdir(outdir):
-        if ".tmp" in name or (ckpt is None and (name in runs or name in ("latest.pt", "log.jsonl"))):
+    src = resume and os.path.realpath(resume if os.path.isdir(resume) else os.path.dirname(resume) or ".")
+    other = ckpt is not None and src not in (None, os.path.realpath(outdir))
+    if runs and not overwrite and (ckpt is None or other):
+        at = int(runs[-1][5:-3])
+        fail(f"{outdir} holds another run (step {at}); resume {resume} into its own folder or pass "
+             "--overwrite" if other else f"{outdir} holds a run at step {at}: pass --resume {outdir} to "
+             "continue it, --overwrite to replace it, or choose another --outdir")  # fmt: skip
+    new = ckpt is None or other  # a new run drops the old run's files (a log without a checkpoint too)
+    for name in os.listdir(outdir):  # only names this file writes: its temporary files, and a replaced run's
+        if re.fullmatch(r"ckpt-\d+\.pt\.tmp\d+|latest\.tmp|log\.jsonl\.tmp", name) or (
+            new and re.fullmatch(r"ckpt-\d+\.pt|latest\.pt|log\.jsonl", name)
+        ):
             os.remove(os.path.join(outdir, name))
-    if ckpt is not None and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):
+    if not new and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):
         with open(log) as f:
             keep = []
             for s in f:  # lines cut off by a kill or not ours are dropped, and steps after the checkpoint
@@ -419,19 +457,9 @@ def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held f
 
 
 def atomic_save(obj, path):  # a kill or a full disk never leaves a half-written file under the final name
-    torch.save(obj, f"{path}.tmp{os.getpid()}")
+    with open(f"{path}.tmp{os.getpid()}", "wb") as f:  # through a Python file: a full disk is an OSError
+        torch.save(obj, f)
     os.replace(f"{path}.tmp{os.getpid()}", path)
-
-
-def setup():
-    """(ddp, rank, world size, device): under torchrun one process per GPU (NCCL) or CPU process (gloo)."""
-    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if ddp:
-        torch.cuda.set_device(device) if cuda else None
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
-    return ddp, rank, world, device
 
 
 # --- training: EDM's training loop on AOT's rounds (Alg. 1), nanoGPT-style ---
@@ -441,26 +469,27 @@ LOG_KEYS = ("loss", "solve_s", "wait_s", "cost_before", "cost_after")
 
 
 def train(args):
-    ddp, rank, world, device = setup()
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()  # torchrun: a process per GPU or CPU process
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if ddp:
+        torch.cuda.set_device(device) if cuda else None
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
     batch_rank = args.batch // world
     batch_gpu = args.batch_gpu or batch_rank
-    if args.batch % world:
-        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
-    if batch_rank % batch_gpu:
-        fail(f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank}")
+    if args.batch % world or batch_rank % batch_gpu:
+        fail(f"--batch {args.batch} (global) must split into {world} processes and chunks of --batch-gpu")
     if args.aot_pairs % batch_rank:
         fail(f"--aot-pairs {args.aot_pairs} (pairs per process and round) must be a multiple of the "
              f"per-process batch {batch_rank}: a round is used in whole batches")  # fmt: skip
     ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt.get("method") != METHOD:
-        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
     images, labels = load_data(args.data, args.data_dir)
     if args.cond and labels is None:
         fail(f"--cond needs class labels, but {args.data} has none")
     label_dim, meta = int(labels.max()) + 1 if args.cond else 0, data_meta(args.data)
     latent = meta.get("kind") == "latents"  # tools/prepare_data.py --vae: [N, C, H, W], assigned as they are
     res, C = (images.shape[2], images.shape[1]) if latent else (images.shape[1], images.shape[3])
-    labels, n_data = labels if args.cond else None, len(images) * (2 if args.xflip else 1)
+    labels, n_data = labels if args.cond else None, len(images) * (2 if args.xflip == "copies" else 1)
     if args.aot_pairs < label_dim:
         fail(f"--aot-pairs {args.aot_pairs} is smaller than the {label_dim} classes: Alg. 2 solves per class")
     if args.aot_pairs * world > n_data:
@@ -471,23 +500,26 @@ def train(args):
                       model_channels=args.model_channels, channel_mult=args.channel_mult, arch=args.arch,
                       num_blocks=args.num_blocks, attn_resolutions=args.attn_res,
                       dropout=args.dropout)  # fmt: skip
-    if ckpt is not None:  # the run's own network, on data of its shape and classes
-        net_kwargs = ckpt["net_kwargs"]
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    net_kwargs, step, nimg = net_kwargs if ckpt is None else ckpt["net_kwargs"], 0, 0
+    try:  # a resumed run's own network, on data of its shape and classes; a wrong checkpoint is one line
         if [net_kwargs[k] for k in ("img_resolution", "img_channels", "label_dim")] != [res, C, label_dim]:
             fail(f"--resume {args.resume} was trained on other data: resume it with the data it had")
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    net = build_net(net_kwargs).to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), args.lr, betas=(0.9, 0.999), fused=device.type == "cuda" or None)
-    step = nimg = 0
-    if ckpt is not None:
-        net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
-        step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+        net = build_net(net_kwargs).to(device).train()
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), args.lr, betas=(0.9, 0.999), fused=cuda or None)
+        if ckpt is not None:  # all a bit-exact resume needs
+            net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+            step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        fail(f"cannot rebuild the network of {args.resume}: {(str(e) or repr(e))[:300]}")
     per_round = args.aot_pairs // batch_rank
     if rank == 0:
-        claim_outdir(args.outdir, ckpt, args.overwrite)
-        with open(os.path.join(args.outdir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        claim_outdir(args.outdir, ckpt, args.overwrite, args.resume)
+        if ckpt is not None and ckpt["state"].get("world", world) != world:  # seed_step: (seed, rank, world)
+            print(f"note: saved with {ckpt['state']['world']} process(es), resumed with {world}: the rounds "
+                  "(pairs, augmentation) and the per-rank noise streams change from here on")  # fmt: skip
         n_par = sum(p.numel() for p in net.parameters())
         print(f"{len(images)} images {images.shape[1:]}, {n_par} parameters, {world} process(es) on "
               f"{device}, from step {step}; rounds of {args.aot_pairs} pairs per process ({per_round} steps)",
@@ -496,15 +528,13 @@ def train(args):
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
     model = torch.compile(net) if args.compile else net  # what is called; net and ema are what is stored
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, [device] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(model, [device] if cuda else None)
     stop = []  # SIGINT/SIGTERM: a checkpoint at the end of the step, then exit 128 + signal (a requeue)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: stop.append(signum))
     total = round(args.duration * 1e6)
-    total_steps, cuda = math.ceil(total / args.batch), [device.index or 0] if device.type == "cuda" else []
-    pool = ThreadPoolExecutor(1) if args.overlap else None  # --overlap on: the next round's solve
-    rnd = ahead = None
-    make = lambda r: aot_round(args, images, labels, n_data, r, rank, world, device)  # noqa: E731
+    total_steps, gpus = math.ceil(total / args.batch), [device.index or 0] if cuda else []
+    pool, rnd, ahead = ThreadPoolExecutor(1) if args.overlap else None, None, None  # --overlap on: next solve
     grid_noise, grid_labels = noise_for_seeds(range(args.grid), (C, res, res), label_dim)
     sums, t_log, step_log = torch.zeros(5, dtype=torch.float64, device=device), time.time(), step
     t0, step0 = t_log, step
@@ -514,17 +544,17 @@ def train(args):
         sigma = (torch.randn(batch_rank, 1, 1, 1, device=device) * args.P_std + args.P_mean).exp()
         r, j = divmod(step, per_round)
         if rnd is None or rnd[0] != r:  # AOT Alg. 1 lines 3-8: a new round (resumed mid-round: forked RNG)
-            with torch.random.fork_rng(devices=cuda) if j else contextlib.nullcontext():
-                y, lab, aug, eps = make(r)
+            with torch.random.fork_rng(devices=gpus, enabled=j > 0):
+                y, lab, aug, eps = aot_round(args, images, labels, n_data, r, rank, world, device)
             t_wait = time.time()
             perm, solve_s = ahead.result() if ahead else aot_solve(eps, y, lab, args)
             wait_s, ahead = time.time() - t_wait, None
             if pool and (r + 1) * per_round < total_steps:  # --overlap on: round r + 1 solved while r trains
-                with torch.random.fork_rng(devices=cuda):
-                    y_, lab_, _, eps_ = make(r + 1)
+                with torch.random.fork_rng(devices=gpus):
+                    y_, lab_, _, eps_ = aot_round(args, images, labels, n_data, r + 1, rank, world, device)
                 ahead = pool.submit(aot_solve, eps_, y_, lab_, args)
             eps_perm = eps[perm.to(device)]
-            cost = [pair_cost(e, y, args.cost).mean().item() for e in (eps, eps_perm)]  # before, after
+            cost = [(y.double() - e.double()).flatten(1).norm(dim=1).mean().item() for e in (eps, eps_perm)]
             stats = [solve_s / per_round, wait_s / per_round, *cost]  # the solve per step of the round
             rnd = (r, y, lab, aug, eps_perm, torch.tensor(stats, dtype=torch.float64, device=device))
         for g in opt.param_groups:  # EDM: linear lr ramp-up over --lr-rampup Mimg
@@ -563,22 +593,24 @@ def train(args):
                        sec_per_step=(time.time() - t_log) / (step - step_log))  # fmt: skip
             if rank == 0:
                 text = " ".join(f"{k}={v:.5g}" if type(v) is float else f"{k}={v}" for k, v in rec.items())
-                hms = f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta > 3599 else f"{eta // 60}m{eta % 60:02d}s"
-                print(text.replace(f"step={step}", f"step={step}/{total_steps}", 1), f"eta={hms}", flush=True)
+                print(f"{text} of {total_steps} steps, eta {eta // 60} min", flush=True)
                 with open(os.path.join(args.outdir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(dict(rec, eta_s=eta)) + "\n")
             sums, t_log, step_log = sums.zero_(), time.time(), step
         if rank == 0 and (step % args.snap_every == 0 or done or stopping):  # all a bit-exact resume needs
+            sd = dict(net=net.state_dict(), ema=ema.state_dict())
+            if not all(v.isfinite().all() for d in sd.values() for v in d.values() if v.is_floating_point()):
+                fail(f"non-finite weights at step {step}: not saved; the newest checkpoint is the last "
+                     "good one")  # fmt: skip
             name = f"ckpt-{step:07d}.pt"
             ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
-                        net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
-                        state=dict(nimg=nimg), data=meta)  # fmt: skip
+                        **sd, opt=opt.state_dict(), kimg=nimg / 1000, state=dict(nimg=nimg, world=world),
+                        data=meta)  # fmt: skip
             atomic_save(ckpt, os.path.join(args.outdir, name))
             os.symlink(name, os.path.join(args.outdir, "latest.tmp"))
             os.replace(os.path.join(args.outdir, "latest.tmp"), os.path.join(args.outdir, "latest.pt"))
             if args.grid and not latent:  # EMA samples of the grid seeds
-                lab = None if grid_labels is None else grid_labels.to(device)
-                x, _ = sample(ema, grid_noise.to(device), args.nfe, lab, rho=args.rho)
+                x, _ = sample(ema, grid_noise.to(device), args.nfe, grid_labels, rho=args.rho)
                 path, nrow = os.path.join(args.outdir, f"grid-{step:07d}.png"), math.ceil(math.sqrt(len(x)))
                 save_image((x.cpu() + 1) / 2, path, nrow=nrow, padding=0)
         if stopping:
@@ -592,69 +624,51 @@ def train(args):
         raise SystemExit(128 + stop[0])
 
 
-def batch_indices(n, batch, step, seed):
-    """Step `step`'s global data indices: consecutive slices of a stream of per-epoch permutations, each from
-    (seed, epoch) alone, so that the order does not depend on the number of processes."""
-    pos, out = step * batch + torch.arange(batch), torch.empty(batch, dtype=torch.long)
-    for e in (pos // n).unique().tolist():
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
-        out[pos // n == e] = order[pos[pos // n == e] % n]
-    return out
-
-
 @torch.no_grad()
 def generate(args):
-    """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA -> an .npz ('images'
-    uint8 NHWC, 'seeds', 'labels'; latent data: 'latents' and the decoded images) written atomically, and a
-    PNG grid of the first 64 beside it."""
+    """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA, in one process -> an
+    .npz ('images' uint8 NHWC, 'seeds', 'labels'; latent data: 'latents' and the decoded images) and a PNG
+    grid of the first 64 beside it, both written atomically."""
     from tqdm import tqdm
 
-    if os.path.exists(args.out) and not args.overwrite:
-        fail(f"{args.out} exists; pass --overwrite to replace it")
-    ddp, rank, world, device = setup()
+    png = os.path.splitext(args.out)[0] + ".png"
+    lock(f"{args.out}.lock", args.out, "--out")
+    if not args.overwrite and (taken := [p for p in (args.out, png) if os.path.exists(p)]):
+        fail(f"{taken[0]} exists; pass --overwrite to replace it")
     ckpt = load_checkpoint(args.ckpt)
-    if ckpt.get("method") != METHOD:
-        fail(f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; sample it with that method's file")
-    k = ckpt["net_kwargs"]
-    net = build_net(k).eval().requires_grad_(False)
-    net.load_state_dict(ckpt["ema"])
+    k, meta = ckpt["net_kwargs"], ckpt.get("data", {})
+    try:
+        net = build_net(k).eval().requires_grad_(False)
+        net.load_state_dict(ckpt["ema"])
+        shape = (k["img_channels"], k["img_resolution"], k["img_resolution"])
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        fail(f"cannot build the network of {args.ckpt}: {(str(e) or repr(e))[:300]}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
     model = torch.compile(net.to(device)) if args.compile else net.to(device)
-    seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
-    shape += (k["img_resolution"],) * 2
-    latent = (meta := ckpt.get("data", {})).get("kind") == "latents"  # decoded by the VAE it was encoded with
-    vae = load_vae(meta["vae"]).to(device) if latent else None
-    hwc = (meta["image_resolution"],) * 2 + (3,) if latent else (*shape[1:], shape[0])
-    zs = [torch.empty(0, *shape)]
-    xs, ys = [torch.empty(0, *hwc, dtype=torch.uint8)], [torch.empty(0, dtype=torch.long)]
-    for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
+    vae = load_vae(meta["vae"]).to(device) if (latent := meta.get("kind") == "latents") else None
+    seeds, xs, ys, zs = range(args.seed, args.seed + args.generate), [], [], []
+    for i in tqdm(range(0, len(seeds), args.gen_batch), unit="batch"):
         noise, lab = noise_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"])
         with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-            lab = lab if lab is None else lab.to(device)
             x, _ = sample(model, noise.to(device), args.nfe, lab, rho=args.rho)
+        if not x.isfinite().all():
+            fail(f"non-finite samples from {args.ckpt} (seeds {seeds[i]}...): nothing written")
         if latent:  # tools/prepare_data.py stored the VAE's latents times "scale"
             zs.append(x.cpu())
             x = vae.decode(x / meta["scale"]).sample.float()
         xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        ys.append(torch.zeros(len(x), dtype=torch.long) if lab is None else lab)
-    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy(), torch.cat(zs).numpy())] * world
-    torch.distributed.all_gather_object(parts, parts[0]) if ddp else None
-    if rank == 0:
-        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
-        seeds = np.arange(args.seed, args.seed + len(order))
-        out = dict(images=np.concatenate([p[1] for p in parts])[order], seeds=seeds)
-        if k["label_dim"]:
-            out["labels"] = np.concatenate([p[2] for p in parts])[order]
-        if latent:  # the raw samples too
-            out["latents"] = np.concatenate([p[3] for p in parts])[order]
-        with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
-            np.savez(f, **out)
-        os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
-        grid = torch.from_numpy(out["images"][:64]).permute(0, 3, 1, 2).float() / 255
-        save_image(grid, args.out[:-4] + ".png", nrow=math.ceil(math.sqrt(len(grid))), padding=0)
-        nfe = 2 * ((args.nfe + 1) // 2) - 1
-        print(f"wrote {len(order)} images to {args.out} (NFE {nfe} per image, rho {args.rho:g})")
-    torch.distributed.destroy_process_group() if ddp else None
+        ys.append(lab)
+    out = dict(images=torch.cat(xs).numpy(), seeds=np.arange(seeds.start, seeds.stop))
+    out |= dict(labels=torch.cat(ys).numpy()) if k["label_dim"] else {}
+    out |= dict(latents=torch.cat(zs).numpy()) if latent else {}  # the raw samples too
+    with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
+        np.savez(f, **out)
+    os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
+    grid = torch.from_numpy(out["images"][:64]).permute(0, 3, 1, 2).float() / 255
+    save_image(grid, f"{png}.tmp{os.getpid()}", "png", nrow=math.ceil(math.sqrt(len(grid))), padding=0)
+    os.replace(f"{png}.tmp{os.getpid()}", png)
+    print(f"wrote {len(seeds)} images to {args.out} (NFE {2 * ((args.nfe + 1) // 2) - 1}, rho {args.rho:g})")
 
 
 def load_vae(name):
@@ -670,23 +684,20 @@ def load_vae(name):
 
 
 def sweep_rho(args):
-    """AOT Table 4: FID over --sweep-rho x --sweep-steps for --ckpt through evaluate.py (the lowest of 3 seed
-    ranges, AOT Sec. 5.1 as EDM), one run per rho, NFE 2 steps - 1; --eval-args override these flags."""
+    """AOT Table 4: FID over --sweep-rho x --sweep-steps (NFE 2 steps - 1) for --ckpt through evaluate.py, the
+    lowest of 3 seed ranges (AOT Sec. 5.1, as EDM); --eval-args: more evaluate.py flags."""
     import evaluate  # a tool, not a method file
 
-    table, nfes = {}, ",".join(str(2 * s - 1) for s in args.sweep_steps)
+    fid, nfes = {}, ",".join(str(2 * s - 1) for s in args.sweep_steps)
     for rho in args.sweep_rho:
-        argv = ["--ckpt", args.ckpt, "--nfe", nfes, "--sampler-kw", f"rho={rho:g}", "--metrics", "fid",
-                "--fid-seeds", "3", *args.eval_args]  # fmt: skip
-        table |= {(rho, (r["nfe_requested"] + 1) // 2): r["fid"] for r in evaluate.main(argv) if "fid" in r}
-    rows = [[table.get((rho, s)) for s in args.sweep_steps] for rho in args.sweep_rho]
-    if int(os.environ.get("RANK", 0)) == 0:
+        argv = ["--ckpt", args.ckpt, "--nfe", nfes, "--sampler-kw", f"rho={rho:g}", "--metrics", "fid"]
+        for r in evaluate.main([*argv, "--fid-seeds", "3", *args.eval_args]):
+            fid[rho, (r["nfe_requested"] + 1) // 2] = r.get("fid")
+    rows = [[fid.get((rho, s)) for s in args.sweep_steps] for rho in args.sweep_rho]
+    if int(os.environ.get("RANK", 0)) == 0:  # evaluate.py may run under torchrun
         for rho, row in zip(["FID: rho \\ steps", *args.sweep_rho], [args.sweep_steps, *rows], strict=True):
             print(f"{rho:<18}" + "".join(f"{math.nan if v is None else v:>10.4g}" for v in row))
-        if args.out_json:
-            with open(f"{args.out_json}.tmp{os.getpid()}", "w") as f:
-                json.dump(dict(ckpt=args.ckpt, rhos=args.sweep_rho, steps=args.sweep_steps, fid=rows), f)
-            os.replace(f"{args.out_json}.tmp{os.getpid()}", args.out_json)
+    return rows
 
 
 # --- command line ---
@@ -698,62 +709,54 @@ ARCH_WIDTHS = {"ddpmpp": (128, [2, 2, 2], 4, [16]), "ncsnpp": (128, [2, 2, 2], 4
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="EDM-AOT: train, generate images, sweep rho.", allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    add, ints = p.add_argument, lambda s: [int(v) for v in s.split(",") if v]
-    floats = lambda s: [float(v) for v in s.split(",") if v]  # noqa: E731
+    add, count, ints = p.add_argument, number(int, 1), number(int, 1, many=True)
+    positive, ratio = number(float, 0, lo_open=True), number(float, 0)
     add("--data", help="cifar10 | shapes (synthetic) | FILE.npy (tools/prepare_data.py) | FILE.npz")
     add("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
-    add("--outdir", default="runs/aot", help="checkpoints, grids, log.jsonl, args.json")
+    add("--outdir", default="runs/aot", help="checkpoints, grids, log.jsonl")
     add("--cond", action="store_true", help="class-conditional: Alg. 2, the assignment within each class")
-    add("--xflip", action="store_true", help="add a mirrored copy of every image to the data")
-    add("--aot-pairs", type=int, help="N pairs per process and round (Sec. 5.1: 512; 2048 with --cond)")
-    add("--cost", default="l2", choices=["l2", "sqeuclidean"], help="assignment cost (the paper's: L2)")
+    add("--xflip", default="off", choices=["off", "copies"], help="copies: add every image's mirror image")
+    add("--aot-pairs", type=count, help="N pairs per process and round (Sec. 5.1: 512; 2048 with --cond)")
     add("--assign", type=int, default=1, choices=[0, 1], help="0: rounds without the assignment (EDM)")
     add("--overlap", default="on", choices=["on", "off"], help="solve round r + 1 while round r trains")
-    add("--batch", type=int, help="global batch per optimizer step (Sec. 5.1: 256; 128 with --cond)")
-    add("--batch-gpu", type=int, help="images per forward pass (accumulating to the per-process batch)")
-    add("--lr", type=float, default=1e-3, help="Adam learning rate (EDM CIFAR-10: 1e-3)")
-    add("--lr-rampup", type=float, default=10, help="linear lr warm-up, Mimg (EDM: 10)")
-    add("--duration", type=float, default=200, help="training length, Mimg (EDM CIFAR-10: 200)")
-    add("--ema-halflife", type=float, default=500, help="EMA half-life, kimg (EDM: 500)")
-    add("--ema-rampup", type=float, default=0.05, help="EMA half-life at most this ratio of the images seen")
-    add("--dropout", type=float, default=0.13, help="dropout (EDM CIFAR-10: 0.13)")
-    add("--P-mean", type=float, default=-1.2, help="mean of ln(sigma) in training (EDM: -1.2)")
-    add("--P-std", type=float, default=1.2, help="std of ln(sigma) in training (EDM: 1.2)")
-    add("--augment", type=float, metavar="P", help="EDM's augmentation probability (0.12; latents 0)")
+    add("--batch", type=number(int, 1, 2**20), help="global batch per step (Sec. 5.1: 256; --cond 128)")
+    add("--batch-gpu", type=count, help="images per forward pass (accumulating to the per-process batch)")
+    add("--lr", type=positive, default=1e-3, help="Adam learning rate (EDM CIFAR-10: 1e-3)")
+    add("--lr-rampup", type=ratio, default=10, help="linear lr warm-up, Mimg (EDM: 10)")
+    add("--duration", type=positive, default=200, help="training length, Mimg (EDM CIFAR-10: 200)")
+    add("--ema-halflife", type=ratio, default=500, help="EMA half-life, kimg (EDM: 500)")
+    add("--ema-rampup", type=ratio, default=0.05, help="EMA half-life at most this ratio of the images seen")
+    add("--dropout", type=number(float, 0, 1, hi_open=True), default=0.13, help="dropout rate (EDM: 0.13)")
+    add("--P-mean", type=number(float, -math.inf), default=-1.2, help="training ln(sigma) mean (EDM: -1.2)")
+    add("--P-std", type=positive, default=1.2, help="training ln(sigma) std (EDM: 1.2)")
+    add("--augment", type=number(float, 0, 1), metavar="P", help="EDM's augmentation (0.12; latents 0)")
     add("--arch", choices=list(ARCH_WIDTHS), help="NCSN++ (EDM-AOT's; cifar10's default), DDPM++ (else), ADM")
-    add("--model-channels", type=int, help="UNet base width (DDPM++/NCSN++ 128, ADM 192)")
-    add("--channel-mult", type=ints, help="width multiplier per resolution (2,2,2; ADM 1,2,3,4)")
-    add("--num-blocks", type=int, help="residual blocks per resolution (4; ADM 3)")
-    add("--attn-res", type=ints, help="self-attention resolutions (16; ADM 32,16,8)")
+    add("--model-channels", type=count, help="UNet base width (DDPM++/NCSN++ 128, ADM 192)")
+    add("--channel-mult", type=ints, help="width multiplier per level (2,2,2; ADM 1,2,3,4)")
+    add("--num-blocks", type=count, help="residual blocks per resolution (4; ADM 3)")
+    add("--attn-res", type=number(int, 0, many=True), help="attention resolutions (16; ADM 32,16,8; 0: none)")
     add("--tiny", action="store_true", help="a tiny UNet for CPU smoke runs")
-    add("--seed", type=int, default=0, help="init, data order, rounds, sigmas, dropout; the first image seed")
-    add("--log-every", type=int, default=100, help="steps between log lines")
-    add("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
-    add("--grid", type=int, default=64, help="images in each snapshot grid (seeds 0..N-1); 0: none")
+    add("--seed", type=number(int, 0, 2**63 - 1), default=0, help="weights, data, rounds; image i: seed + i")
+    add("--log-every", type=count, default=100, help="steps between log lines")
+    add("--snap-every", type=count, default=5000, help="steps between checkpoints and image grids")
+    add("--grid", type=number(int, 0), default=64, help="images in each snapshot grid (seeds 0..N-1)")
     add("--resume", help="run folder (its latest.pt) or checkpoint to continue")
     add("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
-    add("--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt")
+    add("--generate", type=number(int, 0), default=0, metavar="N", help="generate N images from --ckpt")
     add("--ckpt", help="--generate / --sweep-rho: a checkpoint of this file, or its run folder")
     add("--out", default="samples.npz", help="--generate's .npz (a .png grid beside it)")
-    add("--nfe", type=int, default=35, help="network evaluations per image, grids too (35 = 18 Heun steps)")
-    add("--rho", type=float, default=7.0, help="the sampler's schedule exponent (EDM: 7; AOT's best: 90)")
-    add("--gen-batch", type=int, default=256, help="images per sampling batch")
-    add("--sweep-rho", type=floats, nargs="?", const=[3, 5, 9, 16, 27, 47, 81, 140, 243, 421], metavar="RHOS",
-        help="Table 4 for --ckpt: FID over these rho (default Table 4's) x --sweep-steps")  # fmt: skip
+    add("--nfe", type=count, default=35, help="network evaluations per image, grids too (35 = 18 Heun steps)")
+    add("--rho", type=positive, default=7.0, help="the sampler's schedule exponent (EDM: 7; AOT's best: 90)")
+    add("--gen-batch", type=count, default=256, help="images per sampling batch")
+    rhos, table4 = number(float, 0, lo_open=True, many=True), [3, 5, 9, 16, 27, 47, 81, 140, 243, 421]
+    add("--sweep-rho", type=rhos, nargs="?", const=table4, metavar="RHOS", help="Table 4: FID, rho x steps")
     add("--sweep-steps", type=ints, default=[8, 14, 18], help="Heun steps of the sweep (Table 4)")
     add("--eval-args", type=str.split, default=[], help="more evaluate.py flags, e.g. '--ref-stats s.npz'")
-    add("--out-json", help="--sweep-rho: the table as JSON")
     add("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="fp32 (EDM's), TF32, bf16")
     add("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
-    positive = ("batch", "batch_gpu", "aot_pairs", "duration", "log_every", "snap_every", "nfe", "gen_batch")
-    for name in (*positive, "generate", "grid", "lr"):
-        if (v := getattr(args, name)) is not None and (v <= 0 if name in positive else v < 0):
-            p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'}, got {v}")
     if args.augment is None:  # EDM's 0.12; latents (tools/prepare_data.py --vae) are augmented only if asked
         args.augment = 0.0 if data_meta(args.data or "").get("kind") == "latents" else 0.12
-    if not 0 <= args.augment <= 1:
-        p.error(f"--augment is a probability in [0, 1], got {args.augment}")
     args.augment_dim = 9 if args.augment > 0 else 0  # the network's augment label (EDM's 9 dimensions)
     if not (args.ckpt if (sampling := args.generate or args.sweep_rho) else args.data):
         p.error("--generate and --sweep-rho need --ckpt" if sampling else "--data is required for training")
@@ -768,7 +771,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    sweep_rho(args) if args.sweep_rho else generate(args) if args.generate else train(args)
+    try:
+        sweep_rho(args) if args.sweep_rho else generate(args) if args.generate else train(args)
+    except OSError as e:  # a full disk, a read-only folder, a name too long: one line
+        fail(f"{e.filename or (args.out if args.generate else args.outdir)}: {e.strerror or e}")
+    except KeyboardInterrupt:  # Ctrl-C during --generate (training saves and exits itself)
+        raise SystemExit(130) from None
 
 
 # --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---

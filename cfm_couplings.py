@@ -1,29 +1,16 @@
 """CFM couplings: conditional flow matching with independent, minibatch-OT, Sinkhorn and reflow couplings.
 
-Flow matching (Lipman et al. 2023; Tong et al. 2024) regresses a velocity field v_theta(x, t) on the constant
-velocity x1 - x0 of the straight path x_t = t x1 + (1 - t) x0 from a noise x0 to an image x1 (LOOM Eq. 3).
-Which x0 goes with which x1 is the coupling, the one thing this file varies (--coupling):
-  independent  I-CFM: x0 and x1 drawn independently.
-  ot           OT-CFM / BatchOT: the exact minibatch plan, a permutation of the noise (scipy's Hungarian);
-               --ot-replace draws the pairs i.i.d. from it as torchcfm does; --ot-batch M solves on M.
-  sinkhorn     the entropic plan (log-domain Sinkhorn), pairs drawn from it; a failed solve saves and stops.
-  pairs        the fixed (noise, image) pairs of gen_pairs.py: reflow (Rectified Flow; LOOM's + reflow).
---cond gives the labels to the net and couples within each class (AOT Alg. 2). Block b of the sample stream
-(data order, flips, noise) depends only on (seed, b); rank 0 solves its coupling and broadcasts it.
-
-Convention: x_t = t x1 + (1 - t) x0, t = 0 the noise x0 ~ N(0, I), t = 1 the data in [-1, 1]; the net sees
-(x_t, --time-scale x t). Samplers from t = 0 to 1: euler, midpoint, dopri5 (torchdiffeq, atol = rtol = 1e-5).
-
-Commands: a CPU smoke run; LOOM Table 1's I-CFM, OT-CFM and LOOM-CFM + reflow rows on torchcfm's 35.7M UNet
-(--arch adm-cfm, the cifar10 default; docs/cfm_couplings.md has the paper's figures); 50,000 samples:
+A velocity field v_theta(x, t) regresses the constant velocity x1 - x0 of the straight path x_t = t x1 +
+(1 - t) x0 from a noise x0 to an image x1 (LOOM Eq. 3; Lipman et al. 2023, Tong et al. 2024). --coupling picks
+which x0 goes with which x1: independent (I-CFM), ot (the exact minibatch plan, a permutation of the noise;
+--ot-replace draws the pairs i.i.d. from it as torchcfm), sinkhorn (pairs drawn from the entropic plan) or
+pairs (gen_pairs.py's fixed pairs: reflow). --cond couples within each class (AOT Alg. 2). Step s's data,
+flips and noise depend on (seed, s) alone; rank 0 solves the coupling and broadcasts it. t = 0 is the noise
+x0 ~ N(0, I), t = 1 the data in [-1, 1]; samplers euler, midpoint, dopri5 (torchdiffeq). --generate runs on
+one device (many GPUs: gen_pairs.py, evaluate.py). LOOM Table 1's rows: docs/cfm_couplings.md.
     python cfm_couplings.py --data shapes --coupling ot --tiny --batch 64 --duration 0.02 --outdir runs/ot
-    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --data cifar10 --coupling independent \
-        --xflip random --outdir runs/icfm
     torchrun --standalone --nproc_per_node=4 cfm_couplings.py --data cifar10 --coupling ot --ot-replace \
         --xflip random --outdir runs/otcfm
-    python gen_pairs.py --ckpt runs/loom --num-pairs 1000000 --sampler-kw solver=dopri5 --out pairs.npz
-    torchrun --standalone --nproc_per_node=4 cfm_couplings.py --preset loom-reflow --pairs pairs.npz \
-        --init runs/loom --outdir runs/loom-reflow
     python cfm_couplings.py --generate 50000 --ckpt runs/otcfm --solver dopri5 --out samples.npz
 """
 
@@ -43,6 +30,7 @@ import zipfile
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchdiffeq
 import torchvision
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -53,7 +41,7 @@ COUPLINGS = ("independent", "ot", "sinkhorn", "pairs")
 SINKHORN_REG = 1e-3  # eps / mean cost: ~0.7 of the plan's mass on the optimal permutation at CIFAR-10 scale
 
 
-# --- CFM: the path, the loss, the ODE samplers ---
+# --- CFM: the path and loss, the velocity net, the ODE samplers ---
 
 
 def cfm_loss(net, x0, x1, t, labels=None, sigma_min=0.0, eps=None):
@@ -65,16 +53,13 @@ def cfm_loss(net, x0, x1, t, labels=None, sigma_min=0.0, eps=None):
     return (net(xt, t, labels) - (x1 - x0)).square().flatten(1).mean(1)
 
 
-class VelocityNet(nn.Module):
-    """v_theta(x, t, class_labels=None): the UNet of `arch` on (x, time_scale * t); int64/one-hot labels."""
-
+class VelocityNet(nn.Module):  # v_theta(x, t, class_labels=None): the UNet of `arch` on (x, time_scale * t)
     def __init__(self, img_resolution, img_channels, label_dim=0, time_scale=1000.0, arch="ddpmpp", **unet):
         super().__init__()
-        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.time_scale = time_scale
+        self.label_dim, self.time_scale = label_dim, time_scale
         self.model = make_unet(arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet)
 
-    def forward(self, x, t, class_labels=None):
+    def forward(self, x, t, class_labels=None):  # labels: int64 [N] or one-hot
         x, dim, y = x.float(), self.label_dim, class_labels
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
         if dim and y is None:
@@ -86,75 +71,54 @@ class VelocityNet(nn.Module):
 
 @torch.no_grad()
 def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, stats=None):
-    """LOOM Eq. 1-2: integrate dx/dt = v(x, t) from t = 0 (noise [N, C, H, W]) to 1 -> (images, NFE used).
-    euler: nfe steps x <- x + h v(x, t); midpoint: nfe / 2 steps x <- x + h v(x + h/2 v(x, t), t + h/2);
-    dopri5: torchdiffeq's odeint as torchcfm's compute_fid.py and the LOOM code call it, nfe ignored: its
-    function evaluations are returned (the batch is one ODE, so the batch size changes them) and `stats` gets
-    the attempted steps (6 evaluations each, FSAL; the LOOM code logs them as num_steps)."""
+    """LOOM Eq. 1-2: dx/dt = v(x, t) from the noise at t = 0 to t = 1 -> (images, NFE). euler: nfe steps of h;
+    midpoint: nfe / 2 steps x <- x + h v(x + h/2 v(x, t), t + h/2); dopri5: torchdiffeq's, as torchcfm's and
+    LOOM's code, nfe ignored, its function evaluations returned: the batch is one ODE (one error norm), so
+    they depend on the batch. stats gets the solver's steps (dopri5: attempted, 6 NFE each, LOOM's log)."""
     if solver == "dopri5":
-        from torchdiffeq import odeint
-
         if not (atol > 0 and rtol > 0):  # zero tolerances never accept a step
             raise ValueError(f"dopri5 needs atol > 0 and rtol > 0, got atol={atol}, rtol={rtol}")
-        n = dict(nfe_torchdiffeq=0, solver_steps=0, accepted_steps=0)
-
-        class F_:  # f(t, x), counted, with torchdiffeq's per-step callbacks
-            def __call__(self, t, x):
-                n["nfe_torchdiffeq"] += 1
-                return net(x, t, labels).to(x.dtype)
-
-            def callback_step(self, t0, y0, dt):
-                n["solver_steps"] += 1
-
-            def callback_accept_step(self, t0, y0, dt):
-                n["accepted_steps"] += 1
-
+        calls, steps, f = [], [], lambda t, x: calls.append(t) or net(x, t, labels).to(x.dtype)
+        f.callback_step = lambda t0, y0, dt: steps.append(t0)  # torchdiffeq calls it at each attempted step
         x = noise if noise.dtype == torch.float64 else noise.float()
-        x = odeint(F_(), x, torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device), method="dopri5",
-                   atol=atol, rtol=rtol)[-1]  # fmt: skip
-        stats.update(n, rejected_steps=n["solver_steps"] - n["accepted_steps"]) if stats is not None else None
-        return x, n["nfe_torchdiffeq"]
-    if solver not in ("euler", "midpoint"):
-        raise ValueError(f"unknown solver {solver!r}; expected euler, midpoint or dopri5")
-    if nfe < 1 or (solver == "midpoint" and nfe % 2):
-        raise ValueError(
-            f"{solver} needs {'an even NFE >= 2' if solver == 'midpoint' else 'NFE >= 1'}, got {nfe}"
-        )
-    steps, x = nfe if solver == "euler" else nfe // 2, noise
-    stats.update(solver_steps=steps) if stats is not None else None
-    for i in range(steps):
-        h, t = 1.0 / steps, i * (1.0 / steps)
-        x_mid = x if solver == "euler" else x + 0.5 * h * net(x, t, labels)
-        x = x + h * net(x_mid, t if solver == "euler" else t + 0.5 * h, labels)
+        t = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
+        x = torchdiffeq.odeint(f, x, t, method="dopri5", atol=atol, rtol=rtol)[-1]
+        stats.update(nfe_torchdiffeq=len(calls), solver_steps=len(steps)) if stats is not None else None
+        return x, len(calls)
+    if solver not in ("euler", "midpoint") or nfe < 1 or (solver == "midpoint" and nfe % 2):
+        raise ValueError(f"solver {solver!r} with NFE {nfe}: use euler (NFE >= 1), midpoint (even) or dopri5")
+    x, n, mid = noise, nfe if solver == "euler" else nfe // 2, solver == "midpoint"
+    stats.update(solver_steps=n) if stats is not None else None
+    for i in range(n):
+        h, t = 1.0 / n, i * (1.0 / n)
+        x = x + h * (net(x + 0.5 * h * net(x, t, labels), t + 0.5 * h, labels) if mid else net(x, t, labels))
     return x, nfe
 
 
-# --- the couplings of one block of noises x0 and images x1 ---
+# --- the couplings of one minibatch of noises x0 and images x1 ---
 
 
 def pair_cost(x0, x1, cost="sqeuclidean", dtype=torch.float64):
-    """LOOM Eq. 7's c(x, z): C[j, i] = ||x1_j - x0_i||^2 (sqeuclidean, the command line's default) or
-    ||x1_j - x0_i|| (l2), [n1, n0]: rows images, columns noises."""
+    """LOOM Eq. 7's c(x, z), [n1, n0] (rows images, columns noises): ||x1_j - x0_i||^2 (sqeuclidean, the
+    command line's default) or ||x1_j - x0_i|| (l2)."""
     c = torch.cdist(x1.flatten(1).to(dtype), x0.flatten(1).to(dtype))
     return c if cost == "l2" else c.square()
 
 
 def ot_permutation(x0, x1, cost="sqeuclidean"):
-    """Exact minibatch OT (BatchOT; LOOM Eq. 7 on one minibatch) -> perm, x0[perm[j]] the noise of x1[j]: the
-    images keep their place and labels, every noise is used once (uniform marginals: the plan is a
-    permutation). A float32 cost as torchcfm's: float64 made the solve 2-3x slower than torchcfm's."""
+    """Exact minibatch OT (LOOM Eq. 7 on one minibatch) -> perm, x0[perm[j]] the noise of x1[j]: images keep
+    their place and labels, every noise is used once. float32 costs as torchcfm's (float64: 2-3x slower)."""
     _, cols = linear_sum_assignment(pair_cost(x0, x1, cost, torch.float32).cpu().numpy())
     return torch.as_tensor(cols, dtype=torch.long, device=x0.device)
 
 
-def path_cost(x0, x1, cost="sqeuclidean"):
-    """c(x1_j, x0_j) per pair [N] (the diagonal of pair_cost), float64."""
+def path_cost(x0, x1, cost="sqeuclidean"):  # c(x1_j, x0_j) per pair [N], the diagonal of pair_cost, float64
     d = (x1.double() - x0.double()).flatten(1).square().sum(1)
     return d.sqrt() if cost == "l2" else d
 
 
-class SinkhornError(RuntimeError):
-    """The entropic plan degenerated or did not converge (raised; never replaced by independent pairs)."""
+class SinkhornError(RuntimeError):  # the entropic plan degenerated or did not converge (never replaced)
+    pass
 
 
 def sinkhorn_log_plan(c, reg=SINKHORN_REG, max_iter=2000, tol=1e-4):
@@ -203,8 +167,8 @@ def sinkhorn_pairs(log_p, replace=False, generator=None):
 
 def couple(x0, x1, labels, coupling, cost="sqeuclidean", reg=SINKHORN_REG, replace=False, iters=2000,
            generator=None):  # fmt: skip
-    """The coupling of one block -> (i0, i1): train on (x0[i0], x1[i1], labels[i1]). With labels it is solved
-    within each class (AOT Alg. 2): each class keeps its own noises. independent / pairs: the identity.
+    """The coupling of one minibatch -> (i0, i1): train on (x0[i0], x1[i1], labels[i1]). With labels it is
+    solved within each class (AOT Alg. 2): each class keeps its own noises. independent / pairs: the identity.
     ot with replace: torchcfm's draw, n of the optimal pairs uniformly with replacement (~63% distinct)."""
     i0, i1 = torch.arange(len(x1)), torch.arange(len(x1))
     if coupling in ("independent", "pairs"):
@@ -225,11 +189,10 @@ def couple(x0, x1, labels, coupling, cost="sqeuclidean", reg=SINKHORN_REG, repla
     return i0, i1
 
 
-# --- the interface of every method file ---
+# --- the interface of every method file; training data and pairs ---
 
 
-def build_net(net_kwargs):
-    """The trained network: a velocity field net(x, t, class_labels=None), t = 0 noise, t = 1 data."""
+def build_net(net_kwargs):  # the trained network: a velocity field net(x, t, class_labels=None), t = 0 noise
     return VelocityNet(**net_kwargs)
 
 
@@ -241,58 +204,91 @@ def ode_velocity(net, x, t, labels=None):  # dx/dt on the common clock: this fil
     return net(x, t, labels)
 
 
-def predict_x1(x, t, v):  # the image the velocity points at: x + (1 - t) v, the end of the straight path
-    return x + (1 - torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))) * v
-
-
-def noise_for_seeds(seeds, shape, label_dim=0):
-    """Image i's noise, then its label, from a generator seeded with seeds[i] (as every method file)."""
+def noise_for_seeds(seeds, shape, label_dim=0):  # image i's noise, then its label, from seeds[i] (all files)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens]) if gens else torch.empty(0, *shape)
     labels = torch.tensor([torch.randint(label_dim, [], generator=g) for g in gens]) if label_dim else None
     return noise, labels
 
 
-# --- data, pairs and checkpoints ---
+def generator_for(seed, *keys):  # a CPU generator from (seed, keys) alone: the same on every rank and device
+    s0, s1 = np.random.SeedSequence([seed, *keys]).generate_state(2)
+    return torch.Generator().manual_seed(int(s0) << 32 | int(s1))
+
+
+def batch_indices(n, batch, step, seed):
+    """Step `step`'s global data indices: consecutive slices of a stream of per-epoch permutations, each from
+    (seed, epoch) alone, so that the order does not depend on the number of processes."""
+    pos, out = step * batch + torch.arange(batch), torch.empty(batch, dtype=torch.long)
+    for e in (pos // n).unique().tolist():
+        order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + e) % 2**64))
+        out[pos // n == e] = order[pos[pos // n == e] % n]
+    return out
+
+
+def coupled_batch(args, step, images, labels, pairs, n, shape, device, rank=0, world=1):
+    """Step `step`'s global minibatch, coupled -> (x0, x1, labels, stats). Its data indices, --xflip random
+    coins (index i + N: image i mirrored) and noise depend on (seed, step) alone; rank 0 solves the coupling
+    and broadcasts it. Reflow pairs are used as made."""
+    idx = batch_indices(n, args.batch, step, args.seed)
+    if pairs is not None:
+        i = idx.numpy()
+        x0, x1 = (torch.from_numpy(np.asarray(pairs[k][i], np.float32)).to(device) for k in ("noise", "data"))
+        y = torch.from_numpy(np.asarray(pairs["label"][i], np.int64)).to(device) if args.cond else None
+    else:
+        if args.xflip == "random":  # torchcfm's RandomHorizontalFlip on each visit
+            idx = idx + n * (torch.rand(args.batch, generator=generator_for(args.seed, step, 5)) < 0.5)
+        x1, y = get_batch(images, labels, idx, device)
+        x0 = torch.randn([args.batch, *shape], generator=generator_for(args.seed, step, 1)).to(device)
+    t0, both = time.time(), torch.empty(2, args.batch, dtype=torch.long)
+    if rank == 0:
+        both = torch.stack(couple(x0, x1, y, args.coupling, args.cost, args.sinkhorn_reg, args.ot_replace,
+                                  args.sinkhorn_iters, generator_for(args.seed, step, 2)))  # fmt: skip
+    if world > 1:
+        torch.distributed.broadcast(both := both.to(device), 0)
+    i0, i1 = both.to(device)
+    stats = dict(cost_before=path_cost(x0, x1, args.cost).mean().item(), solve_s=time.time() - t0,
+                 changed=(i0 != i1).float().mean().item(),
+                 cost_after=path_cost(x0[i0], x1[i1], args.cost).mean().item())  # fmt: skip
+    return x0[i0], x1[i1], None if y is None else y[i1], stats
 
 
 def fail(msg):
     raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
 
 
-def data_meta(spec):
-    """tools/prepare_data.py's FILE.json beside FILE.npy ({"kind": "latents", "vae": ...}), or {}."""
+def data_meta(spec):  # tools/prepare_data.py's FILE.json beside FILE.npy ({"kind": "latents", ...}), or {}
     with contextlib.suppress(OSError, ValueError):
         return dict(json.load(open(spec[:-4] + ".json"))) if spec.endswith(".npy") else {}
     return {}
 
 
-def load_data(spec, data_dir="datasets"):
-    """--data cifar10 | shapes | FILE.npy (tools/prepare_data.py's array, memory-mapped so RSS is O(batch);
-    labels in FILE.labels.npy) | FILE.npz ('images', 'labels') -> uint8 [N, H, W, C], int64 labels or None."""
+def load_data(spec):
+    """--data cifar10 (in datasets/) | shapes | FILE.npy (tools/prepare_data.py's, memory-mapped; labels in
+    FILE.labels.npy) | FILE.npz ('images', 'labels') -> uint8 [N, H, W, C] (latents: float [N, C, H, W]),
+    int64 labels or None."""
     labels = None
-    if spec == "shapes":  # the smoke-test set: a disc (label 0) or a square (1) of random colour, size, place
-        n, res, rng = 4096, 16, np.random.default_rng(0)
-        yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
-        cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
-        r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
-        labels, fg, bg = rng.integers(0, 2, n), *rng.integers(0, 256, (2, n, 1, 1, 3))
-        disc, square = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2, np.maximum(abs(yy - cy), abs(xx - cx)) <= r
-        images = np.where(np.where(labels[:, None, None] == 0, disc, square)[..., None], fg, bg).astype(
-            np.uint8
-        )
     try:
-        if spec == "cifar10":
-            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+        if spec == "shapes":  # the smoke-test set: a disc (label 0) or a square (1) of random colour and size
+            n, res, rng = 4096, 16, np.random.default_rng(0)
+            yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+            cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
+            r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
+            labels, fg, bg = rng.integers(0, 2, n), *rng.integers(0, 256, (2, n, 1, 1, 3))
+            disc, square = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2, np.maximum(abs(yy - cy), abs(xx - cx))
+            images = np.where(np.where(labels[:, None, None] == 0, disc, square <= r)[..., None], fg, bg)
+            images = images.astype(np.uint8)
+        elif spec == "cifar10":
+            ds = torchvision.datasets.CIFAR10(root="datasets", train=True, download=True)
             images, labels = ds.data, np.asarray(ds.targets)
         elif spec.endswith(".npy"):
             images, lab = np.load(spec, mmap_mode="r"), spec[:-4] + ".labels.npy"
             labels = np.load(lab) if os.path.isfile(lab) else None
-        elif spec != "shapes":
+        else:
             with np.load(spec) as f:
                 images, labels = f["images"], f.get("labels")
-    except Exception as e:
-        fail(f"--data {spec}: {type(e).__name__} {e}; use cifar10 (cifar-10-python.tar.gz in {data_dir}/), "
+    except Exception as e:  # missing, truncated, a header that overstates N, no download: one line
+        fail(f"--data {spec}: {type(e).__name__} {e}; use cifar10 (cifar-10-python.tar.gz in datasets/), "
              "shapes, an .npy of tools/prepare_data.py or an .npz of 'images' (and 'labels')")  # fmt: skip
     n, *hwc = images.shape
     if data_meta(spec).get("kind") == "latents":  # tools/prepare_data.py --vae
@@ -300,8 +296,9 @@ def load_data(spec, data_dir="datasets"):
             fail(f"{spec}: latents must be float [N, C, H, H]; got {images.dtype} {images.shape}")
     elif images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
         fail(f"{spec}: images must be square uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
-    if labels is not None and (labels.shape != (n,) or labels.min() < 0):
-        fail(f"{spec}: labels must be class indices 0, 1, ... of shape [{n}]; got {labels.shape}")
+    if labels is not None and not (labels.shape == (n,) and labels.dtype.kind in "iu" and labels.min() >= 0
+                                   and labels.max() < 2**16):  # fmt: skip
+        fail(f"{spec}: labels must be integers in [0, 2^16), shape [{n}]; got {labels.dtype} {labels.shape}")
     return images, None if labels is None else torch.from_numpy(labels.astype(np.int64))
 
 
@@ -323,66 +320,78 @@ def get_batch(images, labels, idx, device):
 
 def load_pairs(path):
     """gen_pairs.py's uncompressed .npz -> its arrays memory-mapped (RAM O(batch)), 'meta' decoded (JSON)."""
-    out = {}
+    pairs = {}
     with zipfile.ZipFile(path) as z, open(path, "rb") as f:
-        for info in (i for i in z.infolist() if i.filename.endswith(".npy")):
+        for info in (i for i in z.infolist() if i.filename.endswith(".npy")):  # mapped where they lie
             if info.compress_type != zipfile.ZIP_STORED:
                 raise ValueError(f"{info.filename} is compressed; pairs files must be uncompressed")
-            f.seek(info.header_offset + 26)  # past the zip local header: its name and extra field lengths
+            f.seek(info.header_offset + 26)  # the local header: 30 bytes, a name and an extra field
             f.seek(info.header_offset + 30 + sum(struct.unpack("<HH", f.read(4))))
-            read = [0, np.lib.format.read_array_header_1_0, np.lib.format.read_array_header_2_0]
-            shape, fortran, dtype = read[np.lib.format.read_magic(f)[0]](f)
+            major, _ = np.lib.format.read_magic(f)
+            shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{major}_0")(f)
             if dtype.hasobject:
                 raise ValueError(f"{info.filename} holds Python objects")
-            key, order = info.filename[:-4], "F" if fortran else "C"
-            if shape == ():  # 'meta': JSON text
-                out[key] = np.frombuffer(f.read(dtype.itemsize), dtype)[0]
-            else:
-                out[key] = np.memmap(path, dtype, "r", f.tell(), shape, order)
-    return dict(out, meta=json.loads(str(out["meta"]))) if "meta" in out else out
-
-
-def latent_pairs(pairs):  # gen_pairs.py's pairs of a teacher trained on tools/prepare_data.py's latents
-    return pairs.get("meta", {}).get("data", {}).get("kind") == "latents"
+            arr = np.memmap(path, dtype, "r", f.tell(), shape, "F" if fortran else "C") if shape else None
+            pairs[info.filename[:-4]] = arr if shape else np.frombuffer(f.read(dtype.itemsize), dtype)[0]
+    return dict(pairs, meta=json.loads(str(pairs.get("meta", "{}"))))
 
 
 def check_pairs(pairs, path, cond):
-    """A pairs file's problem as one line before training (non-finite values stop it at the first step)
-    -> (shape [C, H, W], label_dim)."""
-    if [k for k in ("noise", "data") if k not in pairs]:
-        fail(f"{path} has no 'noise' and 'data' arrays (found {sorted(pairs)}); make pairs with gen_pairs.py")
-    x0, x1, lab = pairs["noise"], pairs["data"], pairs.get("label")
-    C = (1, 3, 4) if latent_pairs(pairs) else (1, 3)  # images, or a latent teacher's pairs
-    if x0.ndim != 4 or x0.shape != x1.shape or x0.shape[1] not in C or x0.shape[2] != x0.shape[3]:
-        fail(f"{path}: 'noise' and 'data' must both be [N, C, H, W] with C in {C} and H = W; got "
-             f"{tuple(x0.shape)} and {tuple(x1.shape)}")  # fmt: skip
+    """A pairs file's problem as one line before training (non-finite values stop it at its first step)
+    -> (shape [C, H, W], classes: 0 unless cond)."""
+    x0, x1, lab = pairs.get("noise"), pairs.get("data"), pairs.get("label")
+    C = (1, 3, 4) if (pairs["meta"].get("data") or {}).get("kind") == "latents" else (1, 3)  # SD latents: 4
+    shapes = [getattr(v, "shape", ()) for v in (x0, x1)]  # both [N, C, H, H]
+    if len(shapes[0]) != 4 or shapes[0] != shapes[1] or shapes[0][1] not in C or shapes[0][2] != shapes[0][3]:
+        fail(f"{path}: 'noise' and 'data' must both be [N, C, H, W] with C in {C} and H = W; got {shapes}")
     if not len(x0) or x0.dtype.kind != "f" or x1.dtype.kind != "f":
         fail(f"{path}: 'noise' and 'data' must be float16/32/64 with at least one pair")
     if lab is not None and (lab.shape != (len(x0),) or lab.dtype.kind not in "iu" or lab.min() < 0):
         fail(f"{path}: 'label' must be class indices >= 0 of shape [{len(x0)}], got {lab.dtype} {lab.shape}")
     if cond and lab is None:
         fail(f"--cond, but {path} has no 'label' array (its generator was unconditional)")
-    label_dim = int(pairs.get("meta", {}).get("label_dim") or int(np.max(lab)) + 1) if cond else 0
+    label_dim = int(pairs["meta"].get("label_dim") or int(np.max(lab)) + 1) if cond else 0
     if cond and int(np.max(lab)) >= label_dim:
         fail(f"{path}: labels reach {int(np.max(lab))}, beyond its {label_dim} classes")
-    return tuple(x0.shape[1:]), label_dim
+    return shapes[0][1:], label_dim
 
 
-def load_checkpoint(path):
-    """One of our checkpoints (a run folder: its latest.pt), CRC-checked, loaded without executing code."""
+# --- checkpoints and run folders ---
+
+
+def load_checkpoint(path, methods=(METHOD,)):
+    """A checkpoint of `methods` (a run folder: its latest.pt), CRC- and structure-checked, loaded without
+    executing code, with the keys this file reads; anything else is one line."""
     path = os.path.join(path, "latest.pt") if os.path.isdir(path) else path
     try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()  # torch.load checks no CRC: flipped bytes would load as changed weights
+        with zipfile.ZipFile(path) as z:  # torch.load checks no CRC: flipped bits would load changed weights
+            bad = z.testzip()  # and a member marked "directory" would load as uninitialised memory
+            bad = bad or next((i.filename for i in z.infolist() if i.is_dir() or i.external_attr & 16), None)
         if bad:
-            raise ValueError(f"its member {bad} fails its CRC check")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, cut off, corrupt or foreign (never unpickled unsafely): one line
+            fail(f"{path} is corrupt: its member {bad} is damaged; use an intact ckpt-*.pt beside it")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, cut off or foreign (never unpickled unsafely): one line
         fail(f"cannot load {path}: {e!r:.300}; use an intact ckpt-*.pt beside it")
+    if (kind := ckpt.get("method") if isinstance(ckpt, dict) else type(ckpt).__name__) not in methods:
+        fail(f"{path} is a {kind!r} checkpoint, not {' or '.join(map(repr, methods))}")
+    if missing := [k for k in ("net_kwargs", "net", "ema", "step") if k not in ckpt]:
+        fail(f"{path} has no {', '.join(missing)}: not a whole checkpoint")
+    if ckpt.get("version") not in range(VERSION + 1):
+        fail(f"{path} is a version {ckpt.get('version')!r} checkpoint; this code reads versions <= {VERSION}")
+    return ckpt
 
 
-def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held for the process's life)
-    """Rank 0: lock --outdir; write over a run only if resumed or --overwrite; clean up after a kill."""
+@contextlib.contextmanager
+def fits(path):  # a net built or loaded from a file: a wrong shape or an unknown arch is one line
+    try:
+        yield
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        fail(f"cannot build the network of {path}: {type(e).__name__} {str(e).strip().splitlines()[0][:200]}")
+
+
+def claim_outdir(outdir, ckpt, overwrite, resume=None, _held={}):  # noqa: B006 (locks held for the process's life)
+    """Rank 0: lock --outdir; write over a run only if it is the one resumed or --overwrite; remove a killed
+    run's temporary files; on resume cut log.jsonl back to the checkpoint."""
     os.makedirs(outdir, exist_ok=True)
     if (lock := os.path.abspath(os.path.join(outdir, ".lock"))) not in _held:
         try:
@@ -391,13 +400,18 @@ def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held f
             _held.pop(lock)
             fail(f"{outdir} is locked by a running job; wait for it or use another --outdir")
     runs = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
-    if runs and ckpt is None and not overwrite:
-        fail(f"{outdir} holds a run at step {int(runs[-1][5:-3])}: pass --resume {outdir} to continue it, "
+    src = resume and os.path.realpath(os.path.join(resume, "latest.pt") if os.path.isdir(resume) else resume)
+    ours = ckpt is not None and os.path.dirname(src) == os.path.realpath(outdir)  # this folder's own run
+    if runs and not ours and not overwrite:
+        n = int(runs[-1][5:-3])
+        fail(f"{outdir} holds another run (step {n}); resume {resume} into its own folder or pass --overwrite"
+             if resume else f"{outdir} holds a run at step {n}: pass --resume {outdir} to continue it, "
              "--overwrite to replace it, or choose another --outdir")  # fmt: skip
-    for name in os.listdir(outdir):
-        if ".tmp" in name or (ckpt is None and (name in runs or name in ("latest.pt", "log.jsonl"))):
+    replaced = [] if ours else [*runs, "latest.pt", "log.jsonl"]  # a new run starts from an empty folder
+    for name in os.listdir(outdir):  # only what this file writes: a killed run's temporaries, a replaced run
+        if re.fullmatch(r"(ckpt-\d+\.pt|log\.jsonl)\.tmp", name) or name in replaced:
             os.remove(os.path.join(outdir, name))
-    if ckpt is not None and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):  # cut back to the ckpt
+    if ours and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):  # cut back to the ckpt
         with open(log) as f:  # lines cut off by a kill are dropped
             keep = [s for s in f if (m := re.match(r'{"step": (\d+),.*}\n', s)) and int(m[1]) <= ckpt["step"]]
         with open(log + ".tmp", "w") as f:
@@ -405,136 +419,68 @@ def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held f
         os.replace(log + ".tmp", log)
 
 
-def setup():
-    """(ddp, rank, world size, device): under torchrun one process per GPU (NCCL) or CPU process (gloo)."""
-    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+# --- training: torchcfm's and LOOM's loop, nanoGPT-style ---
+
+
+def train(args):
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()  # torchrun: a process per GPU or CPU (gloo)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if ddp:
         torch.cuda.set_device(device) if cuda else None
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
-    return ddp, rank, world, device
-
-
-def generator_for(seed, *keys):  # a CPU generator from (seed, keys) alone: the same on every rank and device
-    s0, s1 = np.random.SeedSequence([seed, *keys]).generate_state(2)
-    return torch.Generator().manual_seed(int(s0) << 32 | int(s1))
-
-
-def batch_indices(n, batch, step, seed):
-    """Step `step`'s global data indices: consecutive slices of a stream of per-epoch permutations, each from
-    (seed, epoch) alone, so that the order does not depend on the number of processes."""
-    pos, out = step * batch + torch.arange(batch), torch.empty(batch, dtype=torch.long)
-    for e in (pos // n).unique().tolist():
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
-        out[pos // n == e] = order[pos[pos // n == e] % n]
-    return out
-
-
-def coupled_block(args, b, images, labels, pairs, n, shape, device, rank=0, world=1):
-    """Block b (--ot-batch or --batch samples), coupled -> (x0, x1, labels, stats). Its data indices, --xflip
-    random coins (index i + N: image i mirrored) and noise depend on (seed, b) alone; rank 0 solves the
-    coupling and broadcasts it (or its failure). Reflow pairs are used as made."""
-    block = args.ot_batch or args.batch
-    idx = batch_indices(n, block, b, args.seed)
-    if args.xflip == "random" and pairs is None:  # torchcfm's RandomHorizontalFlip on each visit
-        idx = idx + n * (torch.rand(block, generator=generator_for(args.seed, b, 5)) < 0.5)
-    if pairs is not None:
-        i = idx.numpy()
-        x0, x1 = (torch.from_numpy(np.asarray(pairs[k][i], np.float32)).to(device) for k in ("noise", "data"))
-        y = torch.from_numpy(np.asarray(pairs["label"][i], np.int64)).to(device) if args.cond else None
-    else:
-        x1, y = get_batch(images, labels, idx, device)
-        x0 = torch.randn([block, *shape], generator=generator_for(args.seed, b, 1)).to(device)
-    t0, error, i0, i1 = time.time(), None, *torch.full((2, block), -1)  # -1: rank 0's solve raised
-    if rank == 0:
-        try:
-            i0, i1 = couple(x0, x1, y, args.coupling, args.cost, args.sinkhorn_reg, args.ot_replace,
-                            args.sinkhorn_iters, generator_for(args.seed, b, 2))  # fmt: skip
-        except SinkhornError as e:
-            error = e
-    if world > 1:
-        both = torch.cat([i0, i1]).to(device)
-        torch.distributed.broadcast(both, 0)
-        i0, i1 = both.cpu().chunk(2)
-    if error is not None or i0[0] < 0:
-        raise error or SinkhornError(f"rank 0's Sinkhorn solve of block {b} failed")
-    i0, i1 = i0.to(device), i1.to(device)
-    stats = dict(cost_before=path_cost(x0, x1, args.cost).mean().item(),
-                 changed=(i0 != i1).float().mean().item(),
-                 cost_after=path_cost(x0[i0], x1[i1], args.cost).mean().item(),
-                 solve_s=(time.time() - t0) / (block // args.batch))  # per training step  # fmt: skip
-    return x0[i0], x1[i1], None if y is None else y[i1], stats
-
-
-# --- training: torchcfm's and LOOM's loop, nanoGPT-style ---
-
-
-def train(args):
-    ddp, rank, world, device = setup()
-    batch_rank = args.batch // world
-    batch_gpu = args.batch_gpu or batch_rank
-    if args.batch % world or batch_rank % batch_gpu or args.ot_batch % args.batch:
-        fail(f"--batch {args.batch} must divide among the {world} processes in chunks of --batch-gpu "
-             f"{batch_gpu}, and --ot-batch {args.ot_batch} must be a multiple of --batch")  # fmt: skip
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt.get("method") != METHOD:
-        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
-    images = labels = pairs = None
-    meta, latent = {}, False  # tools/prepare_data.py's JSON of --data (none for reflow pairs)
+    batch_rank, batch_gpu = args.batch // world, args.batch_gpu or args.batch // world
+    if args.batch % world or batch_rank % batch_gpu:
+        fail(f"--batch {args.batch} must split into {world} process(es) x a multiple of --batch-gpu")
+    ckpt, images, labels, pairs = load_checkpoint(args.resume) if args.resume else None, None, None, None
     if args.coupling == "pairs":  # reflow: the generator's (noise, image, label) rows
-        if not os.path.isfile(args.pairs):
-            fail(f"pairs file not found: {args.pairs} (make it with gen_pairs.py)")
         try:
             pairs = load_pairs(args.pairs)
-        except (ValueError, OSError, zipfile.BadZipFile) as e:
-            fail(f"cannot read {args.pairs} as an uncompressed .npz of pairs: {e}")
+        except (ValueError, OSError, zipfile.BadZipFile, struct.error) as e:
+            fail(f"cannot read {args.pairs} as an uncompressed .npz of pairs (gen_pairs.py's): {e}")
         (C, res, _), label_dim = check_pairs(pairs, args.pairs, args.cond)
-        meta, latent = pairs.get("meta", {}).get("data", {}), latent_pairs(pairs)  # a latent teacher's pairs
-        n_data = len(pairs["noise"])
+        meta, n_data = pairs["meta"].get("data") or {}, len(pairs["noise"])  # a latent teacher's pairs
     else:
-        images, labels = load_data(args.data, args.data_dir)
+        images, labels = load_data(args.data)
         if args.cond and labels is None:
             fail(f"--cond needs class labels, but {args.data} has none")
         label_dim, meta = int(labels.max()) + 1 if args.cond else 0, data_meta(args.data)
-        latent = meta.get("kind") == "latents"  # tools/prepare_data.py --vae: [N, C, H, W] floats
-        res, C = (images.shape[2], images.shape[1]) if latent else (images.shape[1], images.shape[3])
+        hwc = meta.get("kind") != "latents"  # images [N, H, W, C]; tools/prepare_data.py --vae: [N, C, H, W]
+        res, C = (images.shape[1], images.shape[3]) if hwc else (images.shape[2], images.shape[1])
         labels, n_data = labels if args.cond else None, len(images) * (2 if args.xflip == "copies" else 1)
-    if (block := args.ot_batch or args.batch) > n_data:
-        fail(f"the coupling block ({block} = --ot-batch or --batch) exceeds the {n_data} training samples")
-    if res % 2 ** (len(args.channel_mult) - 1):
-        fail(f"image size {res} is not divisible by 2^(levels - 1) of --channel-mult {args.channel_mult}")
-    net_kwargs = dict(img_resolution=res, img_channels=C, label_dim=label_dim, time_scale=args.time_scale,
-                      arch=args.arch, model_channels=args.model_channels, channel_mult=args.channel_mult,
+    latent = meta.get("kind") == "latents"  # latents (or a latent teacher's pairs): no image grids
+    if args.batch > n_data or res % 2 ** (len(args.channel_mult) - 1):
+        fail(f"--batch {args.batch} exceeds the {n_data} samples, or --channel-mult does not divide {res}")
+    net_kwargs = dict(img_resolution=res, img_channels=C, label_dim=label_dim, time_scale=1.0, arch=args.arch,
+                      model_channels=args.model_channels, channel_mult=args.channel_mult,
                       num_blocks=args.num_blocks, attn_resolutions=args.attn_res,
                       dropout=args.dropout)  # fmt: skip
-    init = load_checkpoint(args.init) if args.init and ckpt is None else None
-    if init is not None and init.get("method") not in ("cfm_couplings", "loom_cfm"):
-        fail(f"--init {args.init} is a {init.get('method')!r} checkpoint; it needs a flow checkpoint")
-    if init is not None:  # e.g. 2-Rect-Flow from the 1-RF weights: their architecture, this run's dropout
-        net_kwargs = dict(init["net_kwargs"], dropout=args.dropout)
-    k = net_kwargs = ckpt["net_kwargs"] if ckpt is not None else net_kwargs
-    if (k["img_resolution"], k["img_channels"], k["label_dim"]) != (res, C, label_dim):
-        fail(f"{args.resume or args.init} was trained on other data ({k['img_resolution']}^2 x "
-             f"{k['img_channels']}, {k['label_dim']} classes): use data of its shape, --cond")  # fmt: skip
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    net = build_net(net_kwargs).to(device).train()
-    if init is not None:
-        net.load_state_dict(init["ema"] if init.get("ema") is not None else init["net"])
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    init = load_checkpoint(args.init, ("cfm_couplings", "loom_cfm")) if args.init and ckpt is None else None
     step = nimg = 0
-    if ckpt is not None:
-        net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
-        step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+    with fits(args.resume or args.init or f"--arch {args.arch}"):
+        if init is not None:  # e.g. 2-Rect-Flow from the 1-RF weights: their architecture, this run's dropout
+            net_kwargs = dict(init["net_kwargs"], dropout=args.dropout)
+        k = net_kwargs = ckpt["net_kwargs"] if ckpt is not None else net_kwargs
+        if (k["img_resolution"], k["img_channels"], k["label_dim"]) != (res, C, label_dim):
+            fail(f"{args.resume or args.init} was trained on other data ({k['img_resolution']}^2 x "
+                 f"{k['img_channels']}, {k['label_dim']} classes): use its data and --cond")  # fmt: skip
+        torch.manual_seed(args.seed)  # the same initial weights on every rank
+        net = build_net(net_kwargs).to(device).train()
+        if init is not None:
+            net.load_state_dict(init["ema"] if init.get("ema") is not None else init["net"])
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+        if ckpt is not None:
+            net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+            step, nimg = ckpt["step"], ckpt["state"]["nimg"]
     if rank == 0:
-        claim_outdir(args.outdir, ckpt, args.overwrite)
-        with open(os.path.join(args.outdir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
-        print(f"{n_data} training {'pairs' if pairs else 'images'} {(C, res, res)}, {label_dim} classes, "
-              f"{sum(p.numel() for p in net.parameters())} parameters ({net_kwargs['arch']}), {world} "
-              f"process(es) on {device}, coupling {args.coupling} over blocks of {block}, from step {step}",
-              flush=True)  # fmt: skip
+        claim_outdir(args.outdir, ckpt, args.overwrite, args.resume)  # the flags are in every checkpoint
+        print(f"{n_data} samples {(C, res, res)}, {label_dim} classes, {world} process(es) on {device}, "
+              f"coupling {args.coupling}, from step {step}", flush=True)  # fmt: skip
+        if ckpt is not None and (saved := ckpt["state"].get("world", world)) != world:  # the dropout seed
+            print(f"note: saved with {saved} process(es), resumed with {world}: the per-rank dropout streams "
+                  "change from here on; the data order, couplings, t and noise do not")  # fmt: skip
     torch.backends.cudnn.benchmark = True  # full fp32 unless --precision tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
     model = torch.compile(net) if args.compile else net  # what is called; net and ema are what is stored
@@ -543,38 +489,14 @@ def train(args):
     stop = []  # SIGINT/SIGTERM: a checkpoint at the end of the step, then exit 128 + signal (a requeue)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: stop.append(signum))
-    total_steps, spb, cached = math.ceil(args.duration * 1e6 / args.batch), block // args.batch, None
+    total_steps, sums, t_log, step_log = math.ceil(args.duration * 1e6 / args.batch), {}, time.time(), step
     grid_noise, grid_labels = noise_for_seeds(range(args.grid), (C, res, res), label_dim)
-    sums, t_log, step_log, t0, step0 = {}, time.time(), step, time.time(), step
-
-    def checkpoint(grid):  # rank 0: all a bit-exact resume needs (blocks are re-drawn from their seeds)
-        name, path = f"ckpt-{step:07d}.pt", os.path.join(args.outdir, f"ckpt-{step:07d}.pt")
-        torch.save(dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
-                        net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
-                        state=dict(nimg=nimg), data=meta), path + ".tmp")  # fmt: skip
-        os.replace(path + ".tmp", path)  # atomic: a kill never leaves a half-written checkpoint
-        os.symlink(name, os.path.join(args.outdir, "latest.tmp"))
-        os.replace(os.path.join(args.outdir, "latest.tmp"), os.path.join(args.outdir, "latest.pt"))
-        if grid and args.grid and not latent:  # EMA samples of the grid seeds
-            lab = None if grid_labels is None else grid_labels.to(device)
-            x, _ = sample(ema, grid_noise.to(device), args.nfe, lab, args.solver, args.atol, args.rtol)
-            path, nrow = os.path.join(args.outdir, f"grid-{step:07d}.png"), math.ceil(math.sqrt(len(x)))
-            torchvision.utils.save_image((x.cpu() + 1) / 2, path, nrow=nrow, padding=0)
-
     while step < total_steps:
-        s0, s1 = np.random.SeedSequence([args.seed * world + rank, step]).generate_state(2)
-        torch.manual_seed(int(s0) << 32 | int(s1))  # dropout from (seed, rank, step): no RNG state to store
-        if cached is None or cached[0] != step // spb:  # a new block: draw it and couple it
-            try:
-                block_args = (images, labels, pairs, n_data, (C, res, res), device, rank, world)
-                cached = (step // spb, *coupled_block(args, step // spb, *block_args))
-            except SinkhornError as e:  # keep what was trained, then stop with one line
-                checkpoint(False) if rank == 0 else None
-                torch.distributed.barrier() if ddp else None
-                fail(f"{e} (step {step}); checkpoint saved, continue with --resume {args.outdir}")
-        lo = (step % spb) * args.batch + rank * batch_rank  # this rank's rows of the step in the block
-        x0, x1, y = (None if v is None else v[lo : lo + batch_rank] for v in cached[1:4])
-        g, mine = generator_for(args.seed, step, 3), slice(rank * batch_rank, (rank + 1) * batch_rank)
+        torch.manual_seed(generator_for(args.seed * world + rank, step).initial_seed())  # dropout: no state
+        x0, x1, y, rec = coupled_batch(args, step, images, labels, pairs, n_data, (C, res, res), device, rank,
+                                       world)  # fmt: skip
+        mine = slice(rank * batch_rank, (rank + 1) * batch_rank)  # this rank's rows of the global minibatch
+        x0, x1, y, g = x0[mine], x1[mine], None if y is None else y[mine], generator_for(args.seed, step, 3)
         t = torch.rand(args.batch, generator=g)[mine].to(device)  # t, eps of the global batch: any world size
         eps = torch.randn([args.batch, C, res, res], generator=g)[mine].to(device) if args.sigma_min else None
         ramp = round(args.lr_rampup * 1e6)  # lr x min(images, ramp) / ramp from 0: torchcfm's, LOOM's warm-up
@@ -592,12 +514,9 @@ def train(args):
             loss_sum += loss.item() * batch_gpu / batch_rank
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf).item()
         opt.step()
-        with torch.no_grad():  # EMA, a fixed decay per step (torchcfm, LOOM)
-            for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
-                p_ema.copy_(p.detach().lerp(p_ema, args.ema_decay))
-            for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
-                b_ema.copy_(b)
-        rec = dict(loss=loss_sum, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"], **cached[4])
+        for p_ema, p in zip(ema.state_dict().values(), net.state_dict().values(), strict=True):
+            p_ema.copy_(p.lerp(p_ema, args.ema_decay))  # EMA, a decay per step (torchcfm, LOOM); buffers stay
+        rec.update(loss=loss_sum, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
         sums, nimg, step = {k: sums.get(k, 0.0) + v for k, v in rec.items()}, nimg + args.batch, step + 1
         flags = torch.tensor([bool(stop), not math.isfinite(loss_sum + grad_norm)], device=device).float()
         torch.distributed.all_reduce(flags) if ddp else None  # every rank stops together
@@ -611,19 +530,32 @@ def train(args):
             rec = dict(step=step, kimg=nimg / 1000, **dict(zip(sums, (mean / world).tolist(), strict=True)),
                        sec_per_step=(time.time() - t_log) / (step - step_log))  # fmt: skip
             if rank == 0:
-                text = " ".join(f"{k}={v:.5g}" if type(v) is float else f"{k}={v}" for k, v in rec.items())
-                eta = round((time.time() - t0) / (step - step0) * (total_steps - step))
-                text = text.replace(f"step={step}", f"step={step}/{total_steps}", 1)
-                print(text, f"eta={eta // 60}m{eta % 60:02d}s", flush=True)
+                print(" ".join(f"{k}={v:.5g}" if type(v) is float else f"{k}={v}" for k, v in rec.items()))
                 with open(os.path.join(args.outdir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
             sums, t_log, step_log = {}, time.time(), step
-        if step % args.snap_every == 0 or done or stopping:
-            checkpoint(True) if rank == 0 else None
+        if step % args.snap_every == 0 or done or stopping:  # all a bit-exact resume needs; rank 0 saves
+            weights = [*net.state_dict().values(), *ema.state_dict().values()]  # the same on every rank
+            if not all(w.isfinite().all() for w in weights if w.is_floating_point()):
+                fail(f"non-finite weights at step {step}: not saved; the newest checkpoint is the last good")
+            if rank == 0:
+                path = os.path.join(args.outdir, name := f"ckpt-{step:07d}.pt")
+                ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
+                            net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                            state=dict(nimg=nimg, world=world), kimg=nimg / 1000, data=meta)  # fmt: skip
+                with open(path + ".tmp", "wb") as f:  # through a Python file: a full disk is an OSError
+                    torch.save(ckpt, f)
+                os.replace(path + ".tmp", path)  # atomic: a kill never leaves a half-written checkpoint
+                os.symlink(name, path + ".tmp")
+                os.replace(path + ".tmp", os.path.join(args.outdir, "latest.pt"))
+            if rank == 0 and args.grid and not latent:  # EMA samples of the grid seeds
+                lab = None if grid_labels is None else grid_labels.to(device)
+                x = sample(ema, grid_noise.to(device), args.nfe, lab, args.solver)[0].cpu()
+                path, nrow = os.path.join(args.outdir, f"grid-{step:07d}.png"), math.ceil(math.sqrt(len(x)))
+                torchvision.utils.save_image((x + 1) / 2, path, nrow=nrow, padding=0)
             torch.distributed.barrier() if ddp else None
         if stopping:
-            if rank == 0:
-                print(f"stopped by a signal at step {step}: continue with --resume {args.outdir}", flush=True)
+            print(f"stopped at step {step}: continue with --resume {args.outdir}") if rank == 0 else None
             break
     if ddp:
         torch.distributed.barrier(), torch.distributed.destroy_process_group()
@@ -633,65 +565,51 @@ def train(args):
 
 @torch.no_grad()
 def generate(args):
-    """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA -> an .npz ('images'
-    uint8 NHWC, 'seeds', 'labels'; latent data: 'latents' and the decoded images) written atomically, and a
-    PNG grid of the first 64 beside it."""
+    """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA on one device -> an .npz
+    ('images' uint8 NHWC, 'seeds', 'labels'; latent data: 'latents' and the decoded images) written
+    atomically, and a PNG grid of the first 64 beside it."""
     from tqdm import tqdm
 
-    if os.path.exists(args.out) and not args.overwrite:
-        fail(f"{args.out} exists; pass --overwrite to replace it")
-    ddp, rank, world, device = setup()
-    ckpt = load_checkpoint(args.ckpt)
-    if ckpt.get("method") != METHOD:
-        fail(f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; sample it with that method's file")
-    k = ckpt["net_kwargs"]
-    net = build_net(k).eval().requires_grad_(False)
-    net.load_state_dict(ckpt["ema"])
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
-    model = torch.compile(net.to(device)) if args.compile else net.to(device)
-    seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
-    shape += (k["img_resolution"],) * 2
-    latent = (meta := ckpt.get("data", {})).get("kind") == "latents"  # decoded by the VAE it was encoded with
-    vae = load_vae(meta["vae"]).to(device) if latent else None
-    hwc = (meta["image_resolution"],) * 2 + (3,) if latent else (*shape[1:], shape[0])
-    xs, ys, nfes = [torch.empty(0, *hwc, dtype=torch.uint8)], [torch.empty(0).long()], []
-    zs = [torch.empty(0, *shape)]
-    for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
-        noise, lab = noise_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"])
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-            lab, st = lab if lab is None else lab.to(device), {}
-            x, nfe = sample(model, noise.to(device), args.nfe, lab, args.solver, args.atol, args.rtol, st)
-        nfes.append((nfe, st["solver_steps"]))
-        if latent:  # tools/prepare_data.py stored the VAE's latents times "scale"
+    png = os.path.splitext(args.out)[0] + ".png"
+    with open(f"{args.out}.lock", "a") as lock:  # held while it runs: another job on this --out stops at once
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fail(f"{args.out} is being written by a running job; wait for it or use another --out")
+        if not args.overwrite and (old := [p for p in (args.out, png) if os.path.exists(p)]):
+            fail(f"{old[0]} exists; pass --overwrite to replace it")
+        ckpt = load_checkpoint(args.ckpt)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        with fits(args.ckpt):
+            k, meta = ckpt["net_kwargs"], ckpt.get("data") or {}
+            net = build_net(k).eval().requires_grad_(False).to(device)
+            net.load_state_dict(ckpt["ema"])
+        latent = meta.get("kind") == "latents"  # decoded by the VAE it was encoded with
+        vae = load_vae(meta["vae"]).to(device) if latent else None
+        shape, xs, ys, zs = (k["img_channels"], k["img_resolution"], k["img_resolution"]), [], [], []
+        seeds = range(args.seed, args.seed + args.generate)
+        for i in tqdm(range(0, args.generate, args.gen_batch), unit="batch"):
+            noise, lab = noise_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"])
+            lab = lab if lab is None else lab.to(device)
+            x, nfe = sample(net, noise.to(device), args.nfe, lab, args.solver)
+            if not x.isfinite().all():
+                fail(f"--ckpt {args.ckpt} gives non-finite samples (NaN/inf weights?); nothing written")
             zs.append(x.cpu())
-            x = vae.decode(x / meta["scale"]).sample.float()
-        xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        ys.append(torch.zeros(len(x), dtype=torch.long) if lab is None else lab.cpu())
-    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy(), nfes, torch.cat(zs).numpy())] * world
-    torch.distributed.all_gather_object(parts, parts[0]) if ddp else None
-    if rank == 0:
-        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
-        seeds = np.arange(args.seed, args.seed + len(order))
-        out = dict(images=np.concatenate([p[1] for p in parts])[order], seeds=seeds)
-        if k["label_dim"]:
-            out["labels"] = np.concatenate([p[2] for p in parts])[order]
-        if latent:  # the raw samples too
-            out["latents"] = np.concatenate([p[4] for p in parts])[order]
+            x = vae.decode(x / meta["scale"]).sample.float() if latent else x  # latents were stored x scale
+            xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+            ys.append(lab)
+        out = dict(images=torch.cat(xs).numpy(), seeds=np.arange(args.seed, args.seed + args.generate))
+        out.update(labels=torch.cat(ys).cpu().numpy()) if k["label_dim"] else None
+        out.update(latents=torch.cat(zs).numpy()) if latent else None  # the raw samples too
         with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
             np.savez(f, **out)
         os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
         grid = torch.from_numpy(out["images"][:64]).permute(0, 3, 1, 2).float() / 255
-        torchvision.utils.save_image(
-            grid, args.out[:-4] + ".png", nrow=math.ceil(math.sqrt(len(grid))), padding=0
-        )
-        nfe, steps = np.mean([v for p in parts for v in p[3]], 0)
-        print(f"wrote {len(order)} images to {args.out} ({args.solver}: mean NFE {nfe:.1f} = network calls, "
-              f"{steps:.1f} solver steps per batch of {args.gen_batch})")  # fmt: skip
-    torch.distributed.destroy_process_group() if ddp else None
+        torchvision.utils.save_image(grid, png, nrow=math.ceil(math.sqrt(len(grid))), padding=0)
+        print(f"wrote {args.generate} images to {args.out} and {png} ({args.solver}: NFE {nfe} per batch)")
 
 
-def load_vae(name):
-    """tools/prepare_data.py's diffusers AutoencoderKL: a folder or a model id (Hugging Face cache)."""
+def load_vae(name):  # tools/prepare_data.py's diffusers AutoencoderKL: a folder or a model id (HF cache)
     from diffusers import AutoencoderKL
     from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -710,86 +628,93 @@ PRESETS = {"loom-reflow": dict(coupling="pairs", lr=2e-5, lr_rampup=5.12, batch=
                                ema_decay=0.9999, grad_clip=1.0, xflip="off", duration=200.0)}  # fmt: skip
 
 
+def number(cast, lo, hi=math.inf, lo_open=False, hi_open=False):  # argparse type: a finite number in range
+    def parse(s):
+        v = cast(s)
+        if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)):
+            raise argparse.ArgumentTypeError(f"{s} is not in {'[('[lo_open]}{lo}, {hi}{'])'[hi_open]}")
+        return v
+
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Flow matching: independent / OT / Sinkhorn / reflow couplings.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 allow_abbrev=False)  # fmt: skip
-    add, ints = p.add_argument, lambda s: [int(v) for v in s.split(",") if v]
+    add, ints = p.add_argument, lambda s: [number(int, 1)(v) for v in s.split(",") if v]
+    count, batch, pos = number(int, 1), number(int, 1, 2**20), number(float, 0, lo_open=True)
     add("--preset", choices=sorted(PRESETS), help="a paper's settings as defaults (flags given win)")
     add("--coupling", default="ot", choices=COUPLINGS, help="how noise is paired with data")
-    add("--data", help="cifar10 | shapes (synthetic) | FILE.npy (tools/prepare_data.py) | FILE.npz")
-    add("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
+    add("--data", help="cifar10 (in datasets/) | shapes | FILE.npy (tools/prepare_data.py) | FILE.npz")
     add("--pairs", help="--coupling pairs: a gen_pairs.py .npz (noise, data, label)")
-    add("--outdir", default="runs/cfm", help="checkpoints, grids, log.jsonl, args.json")
+    add("--outdir", default="runs/cfm", help="checkpoints (with the flags), grids, log.jsonl")
     add("--cond", action="store_true", help="class-conditional: labels to the net, coupled within each class")
     add("--xflip", default="off", choices=["off", "random", "copies"], help="random: each visit (torchcfm)")
     add("--cost", default="sqeuclidean", choices=["sqeuclidean", "l2"], help="transport cost (torchcfm's)")
-    add("--ot-batch", type=int, default=0, help="samples per coupling problem (k x --batch; 0: --batch)")
-    add("--ot-replace", action="store_true", help="draw the block's pairs i.i.d. from the plan (torchcfm)")
-    add("--sinkhorn-reg", type=float, default=SINKHORN_REG, help="entropic eps / mean cost. Without --ot-"
+    add("--ot-replace", action="store_true", help="draw the pairs i.i.d. from the plan (torchcfm)")
+    add("--sinkhorn-reg", type=pos, default=SINKHORN_REG, help="entropic eps / mean cost. Without --ot-"
         "replace both marginals stay exact, but the pairs leave the plan (TV 0.123, not 0.016)")  # fmt: skip
-    add("--sinkhorn-iters", type=int, default=2000, help="Sinkhorn iterations before it raises")
-    add("--sigma-min", type=float, default=0.0, help="path noise sigma of LOOM Eq. 3 (torchcfm: 0)")
+    add("--sinkhorn-iters", type=count, default=2000, help="Sinkhorn iterations before it raises")
+    add("--sigma-min", type=number(float, 0), default=0.0, help="path noise sigma, LOOM Eq. 3 (torchcfm: 0)")
     add("--arch", choices=["ddpmpp", "adm", "adm-cfm"], help="UNet (adm-cfm: torchcfm's; cifar10's default)")
-    add("--time-scale", type=float, default=1.0, help="the UNet sees time_scale * t (torchcfm, LOOM: 1)")
-    add("--batch", type=int, default=128, help="global batch per optimizer step (torchcfm, LOOM: 128)")
-    add("--batch-gpu", type=int, help="samples per forward pass (accumulating to the per-process batch)")
-    add("--lr", type=float, default=2e-4, help="Adam learning rate (torchcfm: 2e-4)")
-    add("--lr-rampup", type=float, default=0.64, help="lr warm-up from 0, Mimg (torchcfm: 5k steps x 128)")
-    add("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    add("--ema-decay", type=float, default=0.9999, help="EMA decay per step (torchcfm, LOOM: 0.9999)")
-    add("--duration", type=float, default=51.2, help="training length, Mimg (torchcfm: 400k steps x 128)")
+    add("--batch", type=batch, default=128, help="global batch per optimizer step (torchcfm, LOOM: 128)")
+    add("--batch-gpu", type=batch, help="samples per forward pass (accumulating to the per-process batch)")
+    add("--lr", type=pos, default=2e-4, help="Adam learning rate (torchcfm: 2e-4)")
+    add("--lr-rampup", type=number(float, 0), default=0.64, help="lr warm-up, Mimg (torchcfm: 5k x 128)")
+    add("--grad-clip", type=number(float, 0), default=1.0, help="gradient-norm clip (0: off)")
+    add("--ema-decay", type=number(float, 0, 1), default=0.9999, help="EMA decay per step (torchcfm: 0.9999)")
+    add("--duration", type=pos, default=51.2, help="training length, Mimg (torchcfm: 400k steps x 128)")
     add("--init", help="start from this flow checkpoint's EMA weights, in its architecture (reflow)")
-    add("--model-channels", type=int, default=128, help="UNet base width (torchcfm: 128)")
+    add("--model-channels", type=count, default=128, help="UNet base width (torchcfm: 128)")
     add("--channel-mult", type=ints, default=[1, 2, 2, 2], help="width multipliers (torchcfm: 1,2,2,2)")
-    add("--num-blocks", type=int, default=2, help="residual blocks per resolution (torchcfm: 2)")
+    add("--num-blocks", type=count, default=2, help="residual blocks per resolution (torchcfm: 2)")
     add("--attn-res", type=ints, default=[16], help="resolutions with self-attention (torchcfm: 16)")
-    add("--dropout", type=float, default=0.1, help="dropout (torchcfm: 0.1)")
+    add("--dropout", type=number(float, 0, 1, hi_open=True), default=0.1, help="dropout (torchcfm: 0.1)")
     add("--tiny", action="store_true", help="a tiny UNet for CPU smoke runs")
-    add("--seed", type=int, default=0, help="init, data order, noise, t; the first --generate seed")
-    add("--log-every", type=int, default=100, help="steps between log lines")
-    add("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
-    add("--grid", type=int, default=64, help="images in each snapshot grid (seeds 0..N-1); 0: none")
+    add("--seed", type=number(int, 0, 2**63 - 1), default=0, help="init, data, noise, t; 1st --generate seed")
+    add("--log-every", type=count, default=100, help="steps between log lines")
+    add("--snap-every", type=count, default=5000, help="steps between checkpoints and image grids")
+    add("--grid", type=number(int, 0), default=64, help="images in each snapshot grid (seeds 0..N-1)")
     add("--resume", help="run folder (its latest.pt) or checkpoint to continue")
     add("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
-    add("--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt")
+    add("--generate", type=number(int, 0), default=0, metavar="N", help="generate N images from --ckpt")
     add("--ckpt", help="--generate: a checkpoint of this file, or its run folder")
     add("--out", default="samples.npz", help="--generate's .npz (a .png grid beside it)")
     add("--solver", default="euler", choices=["euler", "midpoint", "dopri5"], help="ODE solver (grids too)")
-    add("--nfe", type=int, default=100, help="network evaluations of euler / midpoint (grids too)")
-    add("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (torchcfm, LOOM)")
-    add("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (torchcfm, LOOM)")
-    add("--gen-batch", type=int, default=256, help="images per sampling batch (one dopri5 ODE: its NFE)")
-    add(
-        "--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="fp32 (the papers'), TF32, bf16"
-    )
-    add("--compile", action="store_true", help="torch.compile the network")
+    add("--nfe", type=count, default=100, help="network evaluations of euler / midpoint (grids too)")
+    add("--gen-batch", type=batch, default=256, help="images per sampling batch (one dopri5 ODE: its NFE)")
+    add("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="training: fp32 (the papers')")
+    add("--compile", action="store_true", help="training: torch.compile the network")
     if (preset := p.parse_known_args(argv)[0].preset) is not None:
         p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
-    positive = ("batch", "batch_gpu", "duration", "log_every", "snap_every", "nfe", "gen_batch", "atol")
-    positive += ("rtol", "sinkhorn_iters", "sinkhorn_reg", "time_scale")
-    for name in (*positive, "generate", "grid", "lr", "lr_rampup", "ot_batch", "sigma_min", "grad_clip"):
-        if (v := getattr(args, name)) is not None and (v <= 0 if name in positive else v < 0):
-            p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'}, got {v}")
     pairs = args.coupling == "pairs"
     if args.generate and not args.ckpt:
         p.error("--generate N needs --ckpt")
     if not args.generate and (not args.pairs if pairs else not args.data):
-        p.error(
-            "--coupling pairs needs --pairs FILE.npz" if pairs else f"--coupling {args.coupling} needs --data"
-        )
-    if not args.generate and (pairs and (args.xflip != "off" or args.ot_batch) or not pairs and args.pairs):
-        p.error("--xflip, --ot-batch: no meaning for reflow pairs; --pairs is only read by --coupling pairs")
+        p.error(f"--coupling {args.coupling} needs " + ("--pairs FILE.npz" if pairs else "--data"))
+    if not args.generate and (pairs and args.xflip != "off" or not pairs and args.pairs):
+        p.error("--xflip has no meaning for reflow pairs; --pairs is only read by --coupling pairs")
+    if not args.channel_mult or (args.solver == "midpoint" and args.nfe % 2):
+        p.error("--channel-mult needs at least one level, --solver midpoint an even --nfe")
     args.arch = args.arch or ("adm-cfm" if args.data == "cifar10" else "ddpmpp")
-    if args.tiny:
-        args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
+    if args.tiny:  # adm-cfm's GroupNorms have 32 groups
+        args.channel_mult, args.num_blocks, args.attn_res = [1, 2], 1, [8]
+        args.model_channels = 32 if args.arch == "adm-cfm" else 16
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    generate(args) if args.generate else train(args)
+    try:
+        generate(args) if args.generate else train(args)
+    except OSError as e:  # a full disk, a read-only folder, a name too long: one line
+        fail(f"{e.filename or (args.out if args.generate else args.outdir)}: {e.strerror or e}")
+    except KeyboardInterrupt:  # Ctrl-C during --generate (training saves and exits itself)
+        raise SystemExit(130) from None
+    except SinkhornError as e:  # the last checkpoint is the newest good state
+        fail(f"{e}; continue from the last checkpoint with --resume {args.outdir}")
 
 
 # --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---

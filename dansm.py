@@ -2,21 +2,16 @@
 Rectified Flow Models via Lengthening Inter-Path Distance", ICLR 2025).
 
 Rectified flow (RFM) regresses the velocity z - x of the straight paths x_t = (1 - t) x + t z between images x
-and noises z (Eq. 1-2). Where two paths pass close (Eq. 3-5) their targets conflict and training slows down;
-DANSM lengthens these inter-path distances by shortening the paths (Eq. 11): a pool of --match-size images and
-as many fresh noises is matched greedily, each image in order taking the nearest unused noise (Alg. 1), so the
-noise marginal stays N(0, I). The batches consume the matched pools (a pool may outlast a batch or an epoch).
---matcher hungarian is Immiscible Diffusion's optimal assignment of the same pool, --matcher none plain RFM;
---objective dm is Sec. 5.8's epsilon-prediction diffusion model with DDIM. --report prints Table 2 (length,
-d_avg, d_min, t*_avg, t*_min of random and matched paths) and with --ckpt Table 3's preferable paths.
+and noises z (Eq. 1-2). Where two paths pass close (Eq. 3-5) their targets conflict; DANSM lengthens these
+inter-path distances by shortening the paths (Eq. 11): a pool of --match-size images and as many fresh noises
+is matched greedily, each image in order taking the nearest unused noise (Alg. 1), so the noise marginal stays
+N(0, I); the batches consume the matched pools. --matcher hungarian is Immiscible Diffusion's assignment,
+--matcher none plain RFM, --objective dm Sec. 5.8's diffusion model (Table 4). --report prints Table 2 and,
+with --ckpt, Table 3's preferable paths. Convention (Eq. 1): t = 0 data, t = 1 noise; the network sees
+(x_t, 999 t) and predicts z - x; Euler runs from t = 1 to 0 on the public code's grid (docs/dansm.md).
 
-Convention (Eq. 1): t = 0 is the data, t = 1 the noise; the network sees (x_t, 999 t) and predicts z - x;
-Euler runs from t = 1 down to 0. The public code's clock is s = 1 - t: its t ~ U[1e-3, 1) and sampling grid
-s_i = 1e-3 + i (1 - 1e-3) / steps are ours at t = 1 - s (--t-min). docs/dansm.md gives each default's source.
-
-Commands: a CPU smoke run on a 16x16 "shapes" set made in-process; the paper's CIFAR-10 RFM run (Table 1:
-batch 250, match-size 10,000, 500 epochs = 25 Mimg); Tables 2 and 3 with 50K paths per row (no flips, as the
-paper); 50,000 images with 10 Euler steps, image i from seed i for any number of GPUs:
+CPU smoke run; the paper's CIFAR-10 run (Table 1); Tables 2-3 (50K paths per row, no flips, as the paper);
+50,000 images in one process (gen_pairs.py and evaluate.py sample on many GPUs):
     python dansm.py --data shapes --tiny --batch 64 --match-size 256 --duration 0.02 --outdir runs/dansm
     torchrun --standalone --nproc_per_node=4 dansm.py --data cifar10 --outdir runs/dansm-cifar10
     python dansm.py --report --data cifar10 --xflip off --match-sizes 10,100,1000,10000,100000 --paths 2000
@@ -27,6 +22,7 @@ paper); 50,000 images with 10 Euler steps, image i from seed i for any number of
 import argparse
 import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
@@ -49,20 +45,20 @@ MATCHERS = ("greedy", "hungarian", "none")
 # --- DANSM: the flow, the matching, the inter-path metrics, the samplers ---
 
 
-def rfm_loss(net, x, z, t, labels=None):
+def rfm_loss(net, x, z, t):
     """DANSM Eq. 2 per sample [N]: ||(z - x) - v(x_t, t)||^2 at x_t = (1 - t) x + t z (Eq. 1)."""
     tb = t.reshape(-1, *[1] * (x.ndim - 1))
-    return ((z - x) - net((1 - tb) * x + tb * z, t, labels)).square().flatten(1).mean(1)
+    return ((z - x) - net((1 - tb) * x + tb * z, t)).square().flatten(1).mean(1)
 
 
 def dm_alpha_bar(device=None):  # Sec. 5.8: DDPM's linear beta schedule, 1e-4 to 0.02 over 1000 steps
     return torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64, device=device), 0)
 
 
-def dm_loss(net, x, z, t_index, labels=None):
+def dm_loss(net, x, z, t_index):
     """Sec. 5.8's epsilon prediction per sample [N]: ||z - eps(sqrt(ab) x + sqrt(1 - ab) z, t)||^2."""
     ab = dm_alpha_bar(x.device)[t_index].float().reshape(-1, *[1] * (x.ndim - 1))
-    return (z - net(ab.sqrt() * x + (1 - ab).sqrt() * z, t_index.float(), labels)).square().flatten(1).mean(1)
+    return (z - net(ab.sqrt() * x + (1 - ab).sqrt() * z, t_index.float())).square().flatten(1).mean(1)
 
 
 def greedy_match(x, z, chunk=1024):
@@ -86,60 +82,39 @@ def greedy_match(x, z, chunk=1024):
     return perm
 
 
-def hungarian_match(x, z, cost="mse"):
-    """Immiscible Diffusion's matcher (Sec. 5.6): scipy's optimal assignment of the pool (CPU, O(n^3)); cost
-    mse: the mean squared distance, as the public code's hungarian_algo_manager.py; l2: Eq. 11's lengths."""
+def hungarian_match(x, z):
+    """Immiscible Diffusion's matcher (Sec. 5.6): scipy's optimal assignment (CPU, O(n^3)) for the public
+    code's cost, the mean squared distance (hungarian_algo_manager.py)."""
     from scipy.optimize import linear_sum_assignment
 
-    c = torch.cdist(x.flatten(1).double(), z.flatten(1).double())
-    c = c.square() / x[0].numel() if cost == "mse" else c
+    c = torch.cdist(x.flatten(1).double(), z.flatten(1).double()).square() / x[0].numel()
     return torch.as_tensor(linear_sum_assignment(c.cpu().numpy())[1], dtype=torch.long, device=x.device)
 
 
-def match(x, z, matcher, chunk=1024, labels=None, cost="mse"):
-    """perm for a pool: image i trains with z[perm[i]]. With labels each class is matched among the noises
-    at its own positions: labels stay independent of the noise (as AOT's Alg. 2; the paper: unconditional)."""
-    if matcher not in MATCHERS:
-        raise ValueError(f"unknown matcher {matcher!r}; expected one of {MATCHERS}")
-    perm = torch.arange(len(x), device=x.device)
-    groups = (
-        [perm.clone()] if labels is None else [torch.nonzero(labels == k).flatten() for k in labels.unique()]
-    )
-    for g in groups if matcher != "none" else []:
-        sub = greedy_match(x[g], z[g], chunk) if matcher == "greedy" else hungarian_match(x[g], z[g], cost)
-        perm[g] = g[sub]
-    return perm
+def match(x, z, matcher, chunk=1024):  # perm for a pool: image i trains with z[perm[i]]
+    if matcher == "none":
+        return torch.arange(len(x), device=x.device)
+    return greedy_match(x, z, chunk) if matcher == "greedy" else hungarian_match(x, z)
 
 
-def path_length(x, z):
-    """||z_i - x_i|| per path [N], float64."""
+def path_length(x, z):  # ||z_i - x_i|| per path [N], float64
     return (z.double() - x.double()).flatten(1).norm(dim=1)
-
-
-def inter_path_distance(x1, z1, x2, z2):
-    """DANSM Eq. 3-5, batched -> (dist, t*): with V = x2 - x1, U = z2 - z1 the gap (1 - t) V + t U is closest
-    at t = V.(V - U) / |V - U|^2 clipped to [0, 1] (Eq. 4); parallel paths (U = V): t* = 0."""
-    v, u = (x2 - x1).flatten(1).double(), (z2 - z1).flatten(1).double()
-    w = v - u
-    denom = w.square().sum(1)
-    t = torch.where(denom > 0, (v * w).sum(1) / denom.clamp_min(1e-300), torch.zeros_like(denom)).clamp(0, 1)
-    return ((1 - t)[:, None] * v + t[:, None] * u).norm(dim=1), t
 
 
 def path_rows(x, z, rows, chunk=1024):
     """Per-path terms of Tables 2-3 for the paths `rows` of a set (x, z), each against all others: length,
     d_avg and t_avg (the mean inter-path distance and its t*), d_min and t_min (the nearest other path's, Sec.
-    3.2's minimal distance). From Gram matrices in float64 -> dict of float64 [len(rows)]."""
+    3.2's minimal distance). Eq. 3-5 from Gram matrices in float64 -> dict of float64 [len(rows)]."""
     xf, zf = x.flatten(1).double(), z.flatten(1).double()
     n, xx, zz, xz = len(xf), xf.square().sum(1), zf.square().sum(1), (xf * zf).sum(1)
     out = {k: [] for k in ("d_avg", "t_avg", "d_min", "t_min")}
     for lo in range(0, len(rows), chunk):
         r = rows[lo : lo + chunk].to(xf.device)
-        vv = xx[r, None] + xx[None] - 2 * xf[r] @ xf.T  # |x_j - x_i|^2
-        uu = zz[r, None] + zz[None] - 2 * zf[r] @ zf.T
-        vu = xz[None] - zf[r] @ xf.T - xf[r] @ zf.T + xz[r, None]  # (x_j - x_i).(z_j - z_i)
-        ww = (vv - 2 * vu + uu).clamp_min(0)
-        t = torch.where(ww > 0, (vv - vu) / ww.clamp_min(1e-300), torch.zeros_like(ww)).clamp(0, 1)  # Eq. 4
+        vv = xx[r, None] + xx[None] - 2 * xf[r] @ xf.T  # |V|^2, V = x_j - x_i
+        uu = zz[r, None] + zz[None] - 2 * zf[r] @ zf.T  # |U|^2, U = z_j - z_i
+        vu = xz[None] - zf[r] @ xf.T - xf[r] @ zf.T + xz[r, None]  # V.U
+        ww = (vv - 2 * vu + uu).clamp_min(0)  # Eq. 4: t* = V.(V - U) / |V - U|^2 in [0, 1]; U = V: 0
+        t = torch.where(ww > 0, (vv - vu) / ww.clamp_min(1e-300), torch.zeros_like(ww)).clamp(0, 1)
         d = ((1 - t) ** 2 * vv + 2 * t * (1 - t) * vu + t**2 * uu).clamp_min(0).sqrt()  # Eq. 5
         me = torch.arange(len(r)), r
         d[me], t[me] = 0.0, 0.0
@@ -151,34 +126,28 @@ def path_rows(x, z, rows, chunk=1024):
     return dict(length=path_length(x[r], z[r]), **{k: torch.cat(v) for k, v in out.items()})
 
 
-def path_stats(x, z, chunk=1024):
-    """Tables 2-3 for a set of paths: the means of path_rows' terms over all of them."""
-    return {k: v.mean().item() for k, v in path_rows(x, z, torch.arange(len(x)), chunk).items()}
-
-
 @torch.no_grad()
-def euler_sample(net, z, steps, labels=None, t_min=0.0):
+def euler_sample(net, z, steps, t_min=0.0):
     """RFM: x <- x - h v(x, t_i), h = 1 / steps, on the public code's grid (rectified_flow_sampling.py:
     s_i = t_min + i (1 - t_min) / steps at s = 1 - t), from t = 1 - t_min towards 0."""
     x, h = z, 1.0 / steps
     for i in range(steps):
-        x = x - h * net(x, 1 - t_min - i * h * (1 - t_min), labels)
+        x = x - h * net(x, 1 - t_min - i * h * (1 - t_min))
     return x
 
 
 def ddim_timesteps(steps):
-    """The public code's DDIM timesteps (framework_ddim/diffusion_sampling.py, as ermongroup's DDIM): skip =
-    1000 // steps, reversed(range(0, 1000, skip)); one more than asked where 1000 % steps (3: 999, 666, 333,
-    0), below 999 where not (10: 900, ..., 0)."""
+    """The public code's DDIM timesteps (framework_ddim/diffusion_sampling.py, as ermongroup's DDIM):
+    reversed(range(0, 1000, 1000 // steps)); one more than asked where 1000 % steps (3: 999, 666, 333, 0)."""
     return list(reversed(range(0, 1000, 1000 // steps)))
 
 
 @torch.no_grad()
-def ddim_sample(net, z, steps, labels=None):
+def ddim_sample(net, z, steps):
     """DM: deterministic DDIM (eta = 0), ending at alpha_bar = 1 (the public code's after its last step)."""
     ab, x, ts = dm_alpha_bar(z.device), z, torch.tensor(ddim_timesteps(steps), device=z.device)
     for j, t in enumerate(ts):
-        eps = net(x, t.float(), labels)
+        eps = net(x, t.float())
         x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
         a_next = ab[ts[j + 1]] if j + 1 < len(ts) else torch.ones((), dtype=ab.dtype, device=z.device)
         x = (a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps).float()
@@ -190,23 +159,19 @@ def ddim_sample(net, z, steps, labels=None):
 
 class FlowNet(nn.Module):
     """The UNet as v(x_t, t) (rfm: predicts z - x, sees time_scale t; t_min: its sampling grid's) or
-    eps(x_t, t) (dm: predicts z, sees the integer timestep). class_labels: int64 [N] or one-hot."""
+    eps(x_t, t) (dm: predicts z, sees the integer timestep). Unconditional, as the paper's runs (label_dim:
+    0; older checkpoints store it)."""
 
     def __init__(self, img_resolution, img_channels, label_dim=0, objective="rfm", time_scale=1000.0,
                  t_min=0.0, arch="ddpmpp", **unet):  # fmt: skip
         super().__init__()
-        self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
-        self.objective, self.time_scale, self.t_min = objective, time_scale, t_min
-        self.model = make_unet(arch, img_resolution, img_channels, img_channels, label_dim=label_dim, **unet)
+        self.img_resolution, self.img_channels, self.objective = img_resolution, img_channels, objective
+        self.time_scale, self.t_min = time_scale, t_min
+        self.model = make_unet(arch, img_resolution, img_channels, img_channels, **unet)
 
-    def forward(self, x, t, class_labels=None):
-        x, dim, y = x.float(), self.label_dim, class_labels
+    def forward(self, x, t, class_labels=None):  # class_labels: the interface's; always None here
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
-        if dim and y is None:
-            raise ValueError("this network is class-conditional: pass class labels (int64 [N] or one-hot)")
-        if dim:
-            y = (y.reshape(-1, dim) if y.is_floating_point() else F.one_hot(y.long(), dim)).float()
-        return self.model(x, self.time_scale * t, y if dim else None).float()
+        return self.model(x.float(), self.time_scale * t).float()
 
 
 def build_net(net_kwargs):
@@ -219,31 +184,22 @@ def sample(net, noise, nfe, labels=None):
     if nfe < 1:
         raise ValueError(f"need at least one step, got NFE {nfe}")
     if getattr(net, "objective", "rfm") == "dm":
-        return ddim_sample(net, noise, nfe, labels), len(ddim_timesteps(nfe))
-    return euler_sample(net, noise, nfe, labels, getattr(net, "t_min", 0.0)), nfe
+        return ddim_sample(net, noise, nfe), len(ddim_timesteps(nfe))
+    return euler_sample(net, noise, nfe, getattr(net, "t_min", 0.0)), nfe
 
 
 def ode_start(net, noise):  # x at t = 0 of the common clock (noise at 0): the noise itself
     return noise
 
 
-def ode_velocity(net, x, t, labels=None):
-    """dx/dt on the common clock (t = 0 noise, 1 data): this file's time is s = 1 - t, so -v(x, 1 - t)."""
+def ode_velocity(net, x, t, labels=None):  # dx/dt on the common clock (0 noise, 1 data): -v(x, 1 - t)
     if getattr(net, "objective", "rfm") == "dm":
         raise ValueError("ode_velocity is defined for the rfm objective only")
-    return -net(x, 1 - torch.as_tensor(t, dtype=torch.float32, device=x.device), labels)
+    return -net(x, 1 - torch.as_tensor(t, dtype=torch.float32, device=x.device))
 
 
-def predict_x1(x, t, v):  # the image the velocity points at, x - t v (t in this file's convention)
-    return x - torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1)) * v
-
-
-def noise_for_seeds(seeds, shape, label_dim=0):
-    """Image i's noise, then its uniform class label, from a generator seeded with seeds[i]."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    noise = torch.stack([torch.randn(shape, generator=g) for g in gens]) if gens else torch.empty(0, *shape)
-    labels = torch.tensor([torch.randint(label_dim, [], generator=g) for g in gens]) if label_dim else None
-    return noise, labels
+def noise_for_seeds(seeds, shape):  # image i's noise from a generator seeded with seeds[i]
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 def generator_for(seed, *keys):  # a CPU generator from (seed, keys) alone: the same on any rank and device
@@ -258,51 +214,49 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
 
 
+def why(e):  # an exception's first line, for fail()
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
 def make_shapes(n=4096, res=16, seed=0):
-    """The smoke-test set: a disc (label 0) or a square (1) of random colour, size and place on a random
-    background -> uint8 [n, res, res, 3], int64 labels [n]."""
+    """The smoke-test set: a disc or a square of random colour, size and place -> uint8 [n, res, res, 3]."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
     cy, cx = (rng.uniform(0.25, 0.75, (2, n, 1, 1)) * res).astype(np.float32)
     r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
-    labels, fg, bg = rng.integers(0, 2, n), *rng.integers(0, 256, (2, n, 1, 1, 3))
+    kind, fg, bg = rng.integers(0, 2, n), *rng.integers(0, 256, (2, n, 1, 1, 3))
     disc, square = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2, np.maximum(abs(yy - cy), abs(xx - cx)) <= r
-    mask = np.where(labels[:, None, None] == 0, disc, square)[..., None]
-    return np.where(mask, fg, bg).astype(np.uint8), labels
+    return np.where(np.where(kind[:, None, None] == 0, disc, square)[..., None], fg, bg).astype(np.uint8)
 
 
-def data_meta(spec):
-    """tools/prepare_data.py's FILE.json beside FILE.npy ({"kind": "latents", "vae": ...}), or {}."""
+def data_meta(spec):  # tools/prepare_data.py's FILE.json beside FILE.npy ({"kind": "latents", ...}), or {}
     with contextlib.suppress(OSError, ValueError):
         return dict(json.load(open(spec[:-4] + ".json"))) if spec.endswith(".npy") else {}
     return {}
 
 
 def load_data(spec, data_dir="datasets"):
-    """--data cifar10 | shapes | FILE.npy (tools/prepare_data.py's array, memory-mapped so RSS is O(batch);
-    labels in FILE.labels.npy) | FILE.npz ('images', 'labels') -> uint8 [N, H, W, C], int64 labels or None."""
-    labels = None
+    """--data cifar10 | shapes | FILE.npy (tools/prepare_data.py's, memory-mapped: RSS O(batch)) | FILE.npz
+    ('images') -> uint8 [N, H, W, C] (latents: float [N, C, H, W]). Labels are not read (unconditional)."""
     if spec == "cifar10":
         import torchvision
 
         try:
-            ds = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True)
+            images = torchvision.datasets.CIFAR10(root=data_dir, train=True, download=True).data
         except Exception as e:
             fail(f"CIFAR-10 is not in {data_dir}/ and cannot be downloaded ({type(e).__name__}): put "
                  f"cifar-10-python.tar.gz in {data_dir}/")  # fmt: skip
-        images, labels = ds.data, np.asarray(ds.targets)
     elif spec == "shapes":
-        images, labels = make_shapes()
+        images = make_shapes()
     elif spec.endswith((".npy", ".npz")) and os.path.isfile(spec):
-        try:
+        try:  # truncated, or an .npy header promising more rows than the file holds: one line
             if spec.endswith(".npy"):
-                images, lab = np.load(spec, mmap_mode="r"), spec[:-4] + ".labels.npy"
-                labels = np.load(lab) if os.path.isfile(lab) else None
+                images = np.load(spec, mmap_mode="r")
             else:
                 with np.load(spec) as f:
-                    images, labels = f["images"], f.get("labels")
-        except (ValueError, KeyError, OSError) as e:
-            fail(f"cannot read {spec} ({e}): expected uint8 images [N, H, W, C] (.npz: 'images', 'labels')")
+                    images = f["images"]
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
+            fail(f"cannot read {spec} ({why(e)}): expected uint8 images [N, H, W, C] (.npz: 'images')")
     else:
         fail(f"--data {spec!r} not found: use cifar10, shapes, an .npy of tools/prepare_data.py or an .npz")
     n, *hwc = images.shape
@@ -311,14 +265,12 @@ def load_data(spec, data_dir="datasets"):
             fail(f"{spec}: latents must be float [N, C, H, H]; got {images.dtype} {images.shape}")
     elif images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
         fail(f"{spec}: images must be square uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
-    if labels is not None and (labels.shape != (n,) or labels.min() < 0):
-        fail(f"{spec}: labels must be class indices 0, 1, ... of shape [{n}]; got {labels.shape}")
-    return images, None if labels is None else torch.from_numpy(labels.astype(np.int64))
+    return images
 
 
-def get_batch(images, labels, idx, device):
-    """Data index i >= N is the mirror image of i - N (--xflip) -> floats in [-1, 1] (latents as they are),
-    labels. A memory-mapped array is read row by row (pread): mapped pages would stay resident."""
+def get_batch(images, idx, device):
+    """Data index i >= N is the mirror image of i - N (--xflip copies) -> floats in [-1, 1] (latents as they
+    are). A memory-mapped array is read row by row (pread): mapped pages would stay resident."""
     i, row, latent = (idx % len(images)).numpy(), images[0].nbytes, images.dtype != np.uint8
     if isinstance(images, np.memmap):
         with open(images.filename, "rb") as f:
@@ -328,35 +280,44 @@ def get_batch(images, labels, idx, device):
         x = images[i]
     y = torch.from_numpy(np.array(x if latent else x.transpose(0, 3, 1, 2), order="C")).to(device).float()
     y = y if latent else y / 127.5 - 1
-    y = torch.where((idx >= len(images)).to(device)[:, None, None, None], y.flip(3), y)
-    return y, None if labels is None else labels[i].to(device)
+    return torch.where((idx >= len(images)).to(device)[:, None, None, None], y.flip(3), y)
 
 
-def load_checkpoint(path):
-    """One of our checkpoints (a run folder: its latest.pt), CRC-checked, loaded without executing code."""
+def load_checkpoint(path, resume=False):
+    """One of our checkpoints (a run folder: its latest.pt), CRC and zip structure checked, loaded without
+    executing code -> the entries this file reads (to resume: the optimizer and run state too)."""
     path = os.path.join(path, "latest.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        fail(f"checkpoint not found: {path}")
-    try:
+    try:  # a flipped "directory" bit passes the CRC check but loads uninitialised memory: refuse it too
         with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-            bad = bad and f"its member {bad} fails its CRC check"
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        bad = f"not a complete torch checkpoint ({str(e) or type(e).__name__})"
+            dirs = [i.filename for i in z.infolist() if i.is_dir() or i.external_attr & 0x10]
+            bad = z.testzip() or next(iter(dirs), None)
+        ckpt = {} if bad else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, cut off or foreign: never unpickled unsafely
+        fail(f"cannot read {path} as a weights-only checkpoint: {why(e)}")
     if bad:
-        fail(f"{path} is corrupt: {bad}; resume from an intact ckpt-*.pt beside it")
+        fail(f"{path} is corrupt: its member {bad} is damaged; resume from an intact ckpt-*.pt beside it")
+    keys = ("method", "version", "net_kwargs", "net", "ema", "step") + (("opt", "state") if resume else ())
+    if not isinstance(ckpt, dict) or ckpt.get("method") != METHOD:
+        fail(f"{path} is not a {METHOD}.py checkpoint (a dict with method {METHOD!r})")
+    if missing := [k for k in keys if k not in ckpt or k == "net_kwargs" and not isinstance(ckpt[k], dict)]:
+        fail(f"{path} lacks {', '.join(missing)}")
+    if not isinstance(ckpt["version"], int) or ckpt["version"] > VERSION:
+        fail(f"{path} is a version {ckpt['version']} checkpoint; this file reads versions <= {VERSION}")
+    return {k: ckpt[k] for k in (*keys, "data") if k in ckpt}
+
+
+def restore(ckpt, path):  # a checkpoint's EMA network for sampling; one line if it does not build or load
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a foreign file: never unpickled unsafely
-        why = (str(e).strip() or type(e).__name__).splitlines()[0]
-        fail(f"cannot read {path} as a weights-only torch checkpoint: {why}")
+        net = build_net(ckpt["net_kwargs"])
+        net.load_state_dict(ckpt["ema"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        fail(f"{path}: its network does not build or load ({why(e)})")
+    return net.eval().requires_grad_(False)
 
 
-def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held for the process's life)
-    """Rank 0: lock --outdir (a second job stops at once); never write over a run unless it is resumed or
-    --overwrite; remove a killed run's temporary files; on resume cut log.jsonl back to the resumed step."""
-    import fcntl
-
+def claim_outdir(outdir, ckpt, src, overwrite, _held={}):  # noqa: B006 (locks held for the process's life)
+    """Rank 0: lock --outdir (a second job stops at once); write over a run only when resuming it (src: the
+    checkpoint's folder) or with --overwrite; remove our temporary files; on resume cut log.jsonl back."""
     os.makedirs(outdir, exist_ok=True)
     if (lock := os.path.abspath(os.path.join(outdir, ".lock"))) not in _held:
         f = _held[lock] = open(lock, "a+")  # noqa: SIM115
@@ -367,13 +328,15 @@ def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held f
             fail(f"{outdir} is locked by a running job ({f.read()}); wait for it or use another --outdir")
         f.truncate(0), f.write(f"pid {os.getpid()} on {os.uname().nodename}"), f.flush()
     runs = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
-    if runs and ckpt is None and not overwrite:
-        fail(f"{outdir} holds a run at step {int(runs[-1][5:-3])}: pass --resume {outdir} to continue it, "
-             "--overwrite to replace it, or choose another --outdir")  # fmt: skip
-    for name in os.listdir(outdir):
-        if ".tmp" in name or (ckpt is None and (name in runs or name in ("latest.pt", "log.jsonl"))):
+    new = ckpt is None or src != os.path.realpath(outdir)  # a new run, or one resumed from another folder
+    if runs and new and not overwrite:
+        how = f"resume {src} into its own folder" if ckpt else f"continue it with --resume {outdir}"
+        fail(f"{outdir} holds another run (step {int(runs[-1][5:-3])}); {how} or pass --overwrite")
+    for name in os.listdir(outdir):  # only names this file writes: never a user's notes.tmp2024
+        if re.fullmatch(r"(ckpt-\d+\.pt|log\.jsonl)\.tmp\d*|latest\.tmp", name) or (
+                new and (name in runs or name in ("latest.pt", "log.jsonl"))):  # fmt: skip
             os.remove(os.path.join(outdir, name))
-    if ckpt is not None and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):
+    if not new and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):
         with open(log) as f:
             keep = []
             for s in f:  # lines cut off by a kill or not ours are dropped, and steps after the checkpoint
@@ -385,19 +348,9 @@ def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held f
 
 
 def atomic_save(obj, path):  # a kill or a full disk never leaves a half-written file under the final name
-    torch.save(obj, f"{path}.tmp{os.getpid()}")
+    with open(f"{path}.tmp{os.getpid()}", "wb") as f:  # through a Python file: a full disk is an OSError
+        torch.save(obj, f)
     os.replace(f"{path}.tmp{os.getpid()}", path)
-
-
-def setup():
-    """(ddp, rank, world size, device): under torchrun one process per GPU (NCCL) or CPU process (gloo)."""
-    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if ddp:
-        torch.cuda.set_device(device) if cuda else None
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
-    return ddp, rank, world, device
 
 
 def batch_indices(n, batch, step, seed):
@@ -405,7 +358,7 @@ def batch_indices(n, batch, step, seed):
     (seed, epoch) alone, so that the order does not depend on the number of processes."""
     pos, out = step * batch + torch.arange(batch), torch.empty(batch, dtype=torch.long)
     for e in (pos // n).unique().tolist():
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + e) % 2**64))
         out[pos // n == e] = order[pos[pos // n == e] % n]
     return out
 
@@ -414,52 +367,55 @@ def batch_indices(n, batch, step, seed):
 
 
 def train(args):
-    ddp, rank, world, device = setup()
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()  # under torchrun: one process per GPU or CPU
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if ddp:
+        torch.cuda.set_device(device) if cuda else None
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
     batch_rank = args.batch // world
     batch_gpu = args.batch_gpu or batch_rank
-    if args.batch % world:
-        fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
-    if batch_rank % batch_gpu:
-        fail(f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank}")
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt.get("method") != METHOD:
-        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
-    images, labels = load_data(args.data, args.data_dir)
-    if args.cond and labels is None:
-        fail(f"--cond needs class labels, but {args.data} has none")
-    label_dim, meta = int(labels.max()) + 1 if args.cond else 0, data_meta(args.data)
+    if args.batch % world or batch_rank % batch_gpu:
+        fail(f"--batch {args.batch} (global) must split into {world} processes and chunks of --batch-gpu")
+    ckpt = load_checkpoint(args.resume, resume=True) if args.resume else None
+    images, meta = load_data(args.data, args.data_dir), data_meta(args.data)
     latent = meta.get("kind") == "latents"  # tools/prepare_data.py --vae: [N, C, H, W] floats
     res, C = (images.shape[2], images.shape[1]) if latent else (images.shape[1], images.shape[3])
-    labels, rfm = labels if args.cond else None, args.objective == "rfm"
     if res % 2 ** (len(args.channel_mult) - 1):
         fail(f"image size {res} is not divisible by 2^(levels - 1) of --channel-mult {args.channel_mult}")
-    net_kwargs = dict(img_resolution=res, img_channels=C, label_dim=label_dim, objective=args.objective,
-                      time_scale=args.time_scale if rfm else 1.0, t_min=args.t_min if rfm else 0.0,
-                      arch=args.arch, model_channels=args.model_channels, channel_mult=args.channel_mult,
-                      num_blocks=args.num_blocks, attn_resolutions=args.attn_res,
-                      dropout=args.dropout)  # fmt: skip
-    if ckpt is not None:  # the run's own network, on data of its shape and classes
-        net_kwargs = ckpt["net_kwargs"]
-        if [net_kwargs[k] for k in ("img_resolution", "img_channels", "label_dim")] != [res, C, label_dim]:
-            fail(f"--resume {args.resume} was trained on other data: resume it with the data it had")
-    rfm, t_min = net_kwargs["objective"] == "rfm", net_kwargs.get("t_min", 0.0)  # the run's own recipe
+    rfm = args.objective == "rfm"
+    net_kwargs = ckpt["net_kwargs"] if ckpt else dict(
+        img_resolution=res, img_channels=C, objective=args.objective, arch=args.arch,
+        time_scale=args.time_scale if rfm else 1.0, t_min=args.t_min if rfm else 0.0, dropout=args.dropout,
+        model_channels=args.model_channels, channel_mult=args.channel_mult, num_blocks=args.num_blocks,
+        attn_resolutions=args.attn_res)  # fmt: skip
+    if [net_kwargs.get("img_resolution"), net_kwargs.get("img_channels")] != [res, C]:
+        fail(f"--resume {args.resume} was trained on other data: resume it with the data it had")
+    rfm, t_min = net_kwargs.get("objective", "rfm") == "rfm", net_kwargs.get("t_min", 0.0)  # the run's recipe
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    net = build_net(net_kwargs).to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), args.lr)  # torch's default Adam, as the public code
-    step = nimg = 0
-    if ckpt is not None:
-        net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
-        step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+    try:
+        net = build_net(net_kwargs).to(device).train()
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), args.lr)  # torch's default Adam, as the public code
+        step = nimg = 0
+        if ckpt is not None:
+            for m, k in ((net, "net"), (ema, "ema"), (opt, "opt")):
+                m.load_state_dict(ckpt[k])
+            step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        fail(f"--resume {args.resume}: the network or state does not load ({why(e)})")
     n_data = len(images) * (2 if args.xflip == "copies" else 1)
     ms = args.batch if args.matcher == "none" else args.match_size  # plain RFM: pools of one batch
     if rank == 0:
-        claim_outdir(args.outdir, ckpt, args.overwrite)
-        with open(os.path.join(args.outdir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        r = args.resume and os.path.realpath(args.resume)  # the run folder, or the checkpoint's
+        src = r and (r if os.path.isdir(r) else os.path.dirname(r))
+        claim_outdir(args.outdir, ckpt, src, args.overwrite)
         n_par = sum(p.numel() for p in net.parameters())
         print(f"{n_data} data indices, {n_par} parameters, {world} process(es) on {device}, from step "
               f"{step}; matcher {args.matcher}, pools of {ms}", flush=True)  # fmt: skip
+        if ckpt and ckpt["state"].get("world", world) != world:  # dropout is seeded from (seed, rank, world)
+            print(f"note: saved with {ckpt['state']['world']} process(es), resumed with {world}: the per-rank"
+                  " dropout masks change from here on; the data order, pools and t do not")  # fmt: skip
     torch.backends.cudnn.benchmark = True  # full fp32 unless --precision tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
     model = torch.compile(net) if args.compile else net  # what is called; net and ema are what is stored
@@ -469,28 +425,26 @@ def train(args):
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: stop.append(signum))
     pools, total_steps = {}, math.ceil(args.duration * 1e6 / args.batch)
-    grid_noise, grid_labels = noise_for_seeds(range(args.grid), (C, res, res), label_dim)
+    grid_noise = noise_for_seeds(range(args.grid), (C, res, res)) if args.grid and not latent else None
     sums, t_log, step_log = torch.zeros(4, dtype=torch.float64), time.time(), step
-    t0, step0 = t_log, step
     while step < total_steps:
         s0, s1 = np.random.SeedSequence([args.seed * world + rank, step]).generate_state(2)
         torch.manual_seed(int(s0) << 32 | int(s1))  # dropout from (seed, rank, step): no RNG state to store
         lo, hi, got = step * args.batch, (step + 1) * args.batch, []  # the global batch's stream positions
         for p in range(lo // ms, (hi - 1) // ms + 1):  # Alg. 1 on pool p: ms images and noises, (seed, p)
             if p not in pools:
-                x, y = get_batch(images, labels, batch_indices(n_data, ms, p, args.seed), device)
+                x = get_batch(images, batch_indices(n_data, ms, p, args.seed), device)
                 z = torch.randn([ms, C, res, res], generator=generator_for(args.seed, p, 1)).to(device)
                 perm, t_match = torch.empty(ms, dtype=torch.long, device=device), time.time()
                 if rank == 0:
-                    perm = match(x, z, args.matcher, args.match_chunk, y, args.hungarian_cost)
+                    perm = match(x, z, args.matcher)
                 torch.distributed.broadcast(perm, 0) if ddp else None  # rank 0's matching for everyone
                 pools = {q: v for q, v in pools.items() if q >= p - 1}
                 lengths = [path_length(x, z).mean().item(), path_length(x, z[perm]).mean().item()]
-                pools[p] = (x, z[perm], y, *lengths, time.time() - t_match)  # image i gets z[perm[i]]
+                pools[p] = (x, z[perm], *lengths, time.time() - t_match)  # image i gets z[perm[i]]
             got.append((pools[p], slice(max(lo - p * ms, 0), min(hi - p * ms, ms))))
         mine = slice(rank * batch_rank, (rank + 1) * batch_rank)
         x, z = (torch.cat([q[k][s] for q, s in got])[mine] for k in (0, 1))
-        y = None if labels is None else torch.cat([q[2][s] for q, s in got])[mine]
         g = generator_for(args.seed, step, 3)  # t of the global batch: independent of the world size
         if rfm:  # the public code's t ~ U[t_min, 1) on its clock s = 1 - t
             t = ((1 - t_min) * torch.rand(args.batch, generator=g))[mine].to(device)
@@ -500,12 +454,12 @@ def train(args):
         for group in opt.param_groups:  # linear lr ramp-up over --lr-rampup Mimg (the public code: none)
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss_sum, loss_fn = 0.0, rfm_loss if rfm else dm_loss
+        loss_sum = 0.0
         for j, c in enumerate(chunks := range(0, batch_rank, batch_gpu)):  # --batch-gpu per forward pass
-            sl = slice(c, c + batch_gpu)
             sync = contextlib.nullcontext() if j == len(chunks) - 1 or not ddp else model.no_sync()
             with sync, torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-                loss = loss_fn(model, x[sl], z[sl], t[sl], None if y is None else y[sl]).mean()  # Eq. 2
+                sl = slice(c, c + batch_gpu)
+                loss = (rfm_loss if rfm else dm_loss)(model, x[sl], z[sl], t[sl]).mean()  # Eq. 2
                 (loss * batch_gpu / batch_rank).backward()
             loss_sum += loss.item() * batch_gpu / batch_rank
         if args.grad_clip:
@@ -518,8 +472,8 @@ def train(args):
             for b_ema, b in zip(ema.buffers(), net.buffers(), strict=True):
                 b_ema.copy_(b)
         nimg, step = nimg + args.batch, step + 1
-        lengths = [sum(q[i] for q, _ in got) / len(got) for i in (3, 4)]
-        match_s = sum(q[5] * (s.stop - s.start) / ms for q, s in got)  # a pool's seconds shared by its rows
+        match_s = sum(q[4] * (s.stop - s.start) / ms for q, s in got)  # a pool's seconds shared by its rows
+        lengths = [sum(q[i] for q, _ in got) / len(got) for i in (2, 3)]  # before and after matching
         sums += torch.tensor([loss_sum, *lengths, match_s], dtype=torch.float64)
         flags = torch.tensor([float(bool(stop)), float(not math.isfinite(loss_sum))], device=device)
         torch.distributed.all_reduce(flags) if ddp else None  # every rank stops together
@@ -529,37 +483,31 @@ def train(args):
         if step % args.log_every == 0 or done or stopping:
             mean = (sums / (step - step_log) / world).to(device)
             torch.distributed.all_reduce(mean) if ddp else None
-            sec = (time.time() - t_log) / (step - step_log)
-            names = ("loss", "len_before", "len_after", "match_s")
-            rec = dict(
-                step=step, kimg=nimg / 1000, **dict(zip(names, mean.tolist(), strict=True)), sec_per_step=sec
-            )
-            rec["match_frac"] = rec["match_s"] / sec
-            eta = round((time.time() - t0) / (step - step0) * (total_steps - step))
+            rec = dict(zip(("loss", "len_before", "len_after", "match_s"), mean.tolist(), strict=True))
+            rec |= dict(kimg=nimg / 1000, sec_per_step=(time.time() - t_log) / (step - step_log))
             if rank == 0:
-                text = " ".join(f"{k}={v:.5g}" if type(v) is float else f"{k}={v}" for k, v in rec.items())
-                hms = f"{eta // 3600}h{eta // 60 % 60:02d}m" if eta > 3599 else f"{eta // 60}m{eta % 60:02d}s"
-                print(text.replace(f"step={step}", f"step={step}/{total_steps}", 1), f"eta={hms}", flush=True)
+                print(f"step={step}/{total_steps}", *(f"{k}={v:.5g}" for k, v in rec.items()), flush=True)
+                rec = dict(step=step, **rec)
                 with open(os.path.join(args.outdir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(dict(rec, eta_s=eta)) + "\n")
+                    f.write(json.dumps(rec) + "\n")
             sums, t_log, step_log = sums.zero_(), time.time(), step
-        if rank == 0 and (step % args.snap_every == 0 or done or stopping):  # pools: rebuilt from their seeds
-            name = f"ckpt-{step:07d}.pt"
+        if not (step % args.snap_every == 0 or done or stopping):
+            continue
+        if not all(v.isfinite().all() for v in [*net.state_dict().values(), *ema.state_dict().values()]):
+            fail(f"non-finite weights at step {step}: not saved; the newest checkpoint is the last good one")
+        if rank == 0:  # pools are rebuilt from their seeds on resume
             ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
                         net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
-                        state=dict(nimg=nimg), data=meta)  # fmt: skip
-            atomic_save(ckpt, os.path.join(args.outdir, name))
+                        state=dict(nimg=nimg, world=world), data=meta)  # fmt: skip
+            atomic_save(ckpt, os.path.join(args.outdir, name := f"ckpt-{step:07d}.pt"))
             os.symlink(name, os.path.join(args.outdir, "latest.tmp"))
             os.replace(os.path.join(args.outdir, "latest.tmp"), os.path.join(args.outdir, "latest.pt"))
-            if args.grid and not latent:  # EMA samples of the grid seeds
-                lab = None if grid_labels is None else grid_labels.to(device)
-                x, _ = sample(ema, grid_noise.to(device), args.nfe, lab)
+            if grid_noise is not None:  # EMA samples of the grid seeds
+                x = (sample(ema, grid_noise.to(device), args.nfe)[0].cpu() + 1) / 2
                 path, nrow = os.path.join(args.outdir, f"grid-{step:07d}.png"), math.ceil(math.sqrt(len(x)))
-                save_image((x.cpu() + 1) / 2, path, nrow=nrow, padding=0)
+                save_image(x, path, nrow=nrow, padding=0)
         if stopping:
-            print(
-                f"stopped by signal at step {step}: resume with --resume {args.outdir}"
-            ) if rank == 0 else None
+            print(f"stopped by signal at step {step}: resume with --resume {args.outdir}", flush=True)
             break
     if ddp:
         torch.distributed.barrier(), torch.distributed.destroy_process_group()
@@ -570,7 +518,7 @@ def train(args):
 # --- the report (Tables 2 and 3) and generation ---
 
 
-def report_set(images, n_data, size, matcher, keep, seed, device, chunk=1024):
+def report_set(images, n_data, size, matcher, keep, seed, device):
     """Table 2's paths for one match-size: pools of `size` consecutive positions of the epoch stream matched
     as in training, as many as cover every data index (a pool larger than the data spans several epochs, as
     the public code's pool of noises outlives an epoch). Each data index of `keep` then takes one of its
@@ -581,14 +529,13 @@ def report_set(images, n_data, size, matcher, keep, seed, device, chunk=1024):
     order = torch.randperm(len(idx), generator=generator_for(seed, size, 4))
     first = torch.full((n_data,), len(idx), dtype=torch.long)
     chosen = order[first.scatter_reduce_(0, idx[order], torch.arange(len(idx)), "amin")[keep]]
-    x, _ = get_batch(images, None, keep, device)
+    x = get_batch(images, keep, device)
     z = torch.empty_like(x)
     for p in range(n_pools):
-        mine = torch.nonzero((chosen >= p * size) & (chosen < (p + 1) * size)).flatten()
-        if len(mine):
-            xp, _ = get_batch(images, None, idx[p * size : (p + 1) * size], device)
+        if len(mine := torch.nonzero((chosen >= p * size) & (chosen < (p + 1) * size)).flatten()):
+            xp = get_batch(images, idx[p * size : (p + 1) * size], device)
             zp = torch.randn([size, *x.shape[1:]], generator=generator_for(seed, p, 1)).to(device)
-            z[mine.to(device)] = zp[match(xp, zp, matcher, chunk)][(chosen[mine] - p * size).to(device)]
+            z[mine.to(device)] = zp[match(xp, zp, matcher)][(chosen[mine] - p * size).to(device)]
     return x, z, n_pools
 
 
@@ -603,12 +550,13 @@ def summarize(per_path, n_ref):
     return out
 
 
+@torch.no_grad()
 def report(args):
     """Table 2 (random paths and each match-size), with --ckpt Table 3's preferable paths (each image's noise
     by Euler on the model's ODE from t = 0 to 1). Every row is a set of --ref-paths paths (default: one per
     data index), the same in every row, its metrics averaged over --paths of them, each against the set."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    images, _ = load_data(args.data, args.data_dir)
+    images = load_data(args.data, args.data_dir)
     n_data = len(images) * (2 if args.xflip == "copies" else 1)
     if args.ref_paths > n_data:
         fail(f"--ref-paths {args.ref_paths} exceeds the {n_data} data indices of {args.data}")
@@ -617,22 +565,17 @@ def report(args):
     sampled, rows = torch.randperm(n_ref, generator=g)[: min(args.paths, n_ref)].sort().values, []
     for ms in [0, *args.match_sizes]:  # 0: random pairs (the RFM baseline), one pool of the whole data
         size, matcher = (ms, "greedy") if ms else (n_data, "none")
-        x, z, n_pools = report_set(images, n_data, size, matcher, keep, args.seed, device, args.match_chunk)
-        stats = summarize(path_rows(x, z, sampled, args.match_chunk), n_ref)
-        rows.append(dict(paths=f"ms {ms}" if ms else "random", pools=n_pools, pool_size=size, **stats))
+        x, z, n_pools = report_set(images, n_data, size, matcher, keep, args.seed, device)
+        rows.append(dict(paths=f"ms {ms}" if ms else "random", pools=n_pools, pool_size=size,
+                         **summarize(path_rows(x, z, sampled), n_ref)))  # fmt: skip
     if args.ckpt:
-        ckpt = load_checkpoint(args.ckpt)
-        k = ckpt.get("net_kwargs", {})
-        if ckpt.get("method") != METHOD or k.get("objective") != "rfm" or k.get("label_dim"):
-            fail(f"--ckpt {args.ckpt}: preferable paths need an unconditional rfm checkpoint of {METHOD}.py")
-        net = build_net(k).eval().requires_grad_(False).to(device)
-        net.load_state_dict(ckpt["ema"])
-        x, h = get_batch(images, None, keep, device)[0], 1.0 / args.invert_steps
-        z = x.clone()
-        with torch.no_grad():
-            for i in range(args.invert_steps):  # each image's noise by the model: Euler from t = 0 up to 1
-                z = torch.cat([zj + h * net(zj, i * h) for zj in z.split(256)])
-        stats = summarize(path_rows(x, z, sampled, args.match_chunk), n_ref)
+        net, x = restore(load_checkpoint(args.ckpt), args.ckpt).to(device), get_batch(images, keep, device)
+        if net.objective != "rfm" or [net.img_channels, net.img_resolution] != list(x.shape[1:3]):
+            fail(f"--ckpt {args.ckpt}: preferable paths need an rfm checkpoint trained on data like --data's")
+        z, h = x.clone(), 1.0 / args.invert_steps
+        for i in range(args.invert_steps):  # each image's noise by the model: Euler from t = 0 up to 1
+            z = torch.cat([zj + h * net(zj, i * h) for zj in z.split(256)])
+        stats = summarize(path_rows(x, z, sampled), n_ref)
         rows.append(dict(paths="preferable", pools=0, pool_size=0, **stats))
     flips = " (with x-flips)" if n_data > len(images) else ""
     print(f"{args.data}: {n_data} data indices{flips}; each row is a set of {n_ref} paths (one per data "
@@ -644,71 +587,50 @@ def report(args):
         pools = f"{r['pools']} x {r['pool_size']}" if r["pools"] else "-"
         cells = [f"{r[k]:8.4f} +-{r[k + '_se']:<6.2g}" for k in keys]
         print(f"{r['paths']:>12} {pools:>13} " + " ".join(cells))
-    if args.out_json:
-        with open(f"{args.out_json}.tmp{os.getpid()}", "w") as f:
-            json.dump(
-                dict(data=args.data, data_indices=n_data, ref_paths=n_ref, paths=len(sampled), rows=rows), f
-            )
-        os.replace(f"{args.out_json}.tmp{os.getpid()}", args.out_json)
     return rows
 
 
 @torch.no_grad()
 def generate(args):
-    """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA -> an .npz ('images'
-    uint8 NHWC, 'seeds', 'labels'; latent data: 'latents' and the decoded images) written atomically, and a
+    """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA, one process -> an .npz
+    ('images' uint8 NHWC, 'seeds'; latent data: 'latents' and the decoded images) written atomically and a
     PNG grid of the first 64 beside it."""
     from tqdm import tqdm
 
-    if os.path.exists(args.out) and not args.overwrite:
-        fail(f"{args.out} exists; pass --overwrite to replace it")
-    ddp, rank, world, device = setup()
-    ckpt = load_checkpoint(args.ckpt)
-    if ckpt.get("method") != METHOD:
-        fail(f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; sample it with that method's file")
-    k = ckpt["net_kwargs"]
-    net = build_net(k).eval().requires_grad_(False)
-    net.load_state_dict(ckpt["ema"])
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
-    model = torch.compile(net.to(device)) if args.compile else net.to(device)
-    seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
-    shape += (k["img_resolution"],) * 2
-    latent = (meta := ckpt.get("data", {})).get("kind") == "latents"  # decoded by the VAE it was encoded with
-    vae = load_vae(meta["vae"]).to(device) if latent else None
-    hwc = (meta["image_resolution"],) * 2 + (3,) if latent else (*shape[1:], shape[0])
-    zs = [torch.empty(0, *shape)]
-    xs, ys = [torch.empty(0, *hwc, dtype=torch.uint8)], [torch.empty(0, dtype=torch.long)]
-    for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
-        noise, lab = noise_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"])
-        with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-            x, nfe = sample(model, noise.to(device), args.nfe, lab if lab is None else lab.to(device))
-        if latent:  # tools/prepare_data.py stored the VAE's latents times "scale"
-            zs.append(x.cpu())
-            x = vae.decode(x / meta["scale"]).sample.float()
-        xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        ys.append(torch.zeros(len(x), dtype=torch.long) if lab is None else lab)
-    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy(), torch.cat(zs).numpy())] * world
-    torch.distributed.all_gather_object(parts, parts[0]) if ddp else None
-    if rank == 0:
-        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
-        out = dict(
-            images=np.concatenate([p[1] for p in parts])[order], seeds=args.seed + np.arange(len(order))
-        )
-        if k["label_dim"]:
-            out["labels"] = np.concatenate([p[2] for p in parts])[order]
-        if latent:  # the raw samples too
-            out["latents"] = np.concatenate([p[3] for p in parts])[order]
-        with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
-            np.savez(f, **out)
-        os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
-        grid = torch.from_numpy(out["images"][:64]).permute(0, 3, 1, 2).float() / 255
-        save_image(grid, args.out[:-4] + ".png", nrow=math.ceil(math.sqrt(len(grid))), padding=0)
-        print(f"wrote {len(order)} images to {args.out} (NFE {nfe} per image)")
-    torch.distributed.destroy_process_group() if ddp else None
+    out, png = args.out, os.path.splitext(args.out)[0] + ".png"
+    with open(f"{out}.lock", "a+") as lock:  # one job per --out
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fail(f"{out} is being written by another job; wait for it or choose another --out")
+        if (old := [f for f in (out, png) if os.path.exists(f)]) and not args.overwrite:
+            fail(f"{' and '.join(old)} exist; pass --overwrite to replace them")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        net = restore(ckpt := load_checkpoint(args.ckpt), args.ckpt).to(device)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+        model, meta = torch.compile(net) if args.compile else net, ckpt.get("data", {})
+        vae = load_vae(meta["vae"]).to(device) if meta.get("kind") == "latents" else None  # latents' own VAE
+        seeds, shape, xs, zs = range(args.seed, args.seed + args.generate), (net.img_channels,), [], []
+        for i in tqdm(range(0, len(seeds), args.gen_batch), unit="batch"):
+            noise = noise_for_seeds(seeds[i : i + args.gen_batch], shape + (net.img_resolution,) * 2)
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
+                x, nfe = sample(model, noise.to(device), args.nfe)
+            if not torch.isfinite(x).all():
+                fail(f"{args.ckpt} gives non-finite samples (broken weights): nothing written")
+            if vae is not None:  # tools/prepare_data.py stored the VAE's latents times "scale"
+                zs.append(x.cpu())
+                x = vae.decode(x / meta["scale"]).sample.float()
+            xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        arrays = dict(images=torch.cat(xs).numpy(), seeds=np.array(seeds))
+        with open(f"{out}.tmp{os.getpid()}", "wb") as f:
+            np.savez(f, **arrays, **({"latents": torch.cat(zs).numpy()} if zs else {}))
+        os.replace(f"{out}.tmp{os.getpid()}", out)
+        grid = torch.from_numpy(arrays["images"][:64]).permute(0, 3, 1, 2).float() / 255
+        save_image(grid, png, nrow=math.ceil(math.sqrt(len(grid))), padding=0)
+        print(f"wrote {len(seeds)} images to {out} (NFE {nfe} per image)")
 
 
-def load_vae(name):
-    """tools/prepare_data.py's diffusers AutoencoderKL: a folder or a model id (Hugging Face cache)."""
+def load_vae(name):  # tools/prepare_data.py's diffusers AutoencoderKL: a folder or a model id (HF cache)
     from diffusers import AutoencoderKL
     from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -722,79 +644,70 @@ def load_vae(name):
 # --- command line ---
 
 
+def number(cast, lo, hi=math.inf, lo_open=False):  # argparse type: a finite number in range
+    def parse(s):
+        v = cast(s)
+        if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and v <= hi):
+            raise argparse.ArgumentTypeError(f"{s} is not in {'(' if lo_open else '['}{lo}, {hi}]")
+        return v
+
+    return parse
+
+
+def ints(s):  # argparse type: a non-empty list of positive integers, e.g. 1,2,2,2
+    return [number(int, 1)(v) for v in s.split(",")]
+
+
 def parse_args(argv=None):
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(
-        description="DANSM (see the docstring)", allow_abbrev=False, formatter_class=fmt
-    )
-    add, ints = p.add_argument, lambda s: [int(v) for v in s.split(",") if v]
+    p = argparse.ArgumentParser(description="DANSM (see the docstring)", allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    add, n0, n1, below1 = p.add_argument, number(int, 0), number(int, 1), number(float, 0, 1 - 1e-12)
+    pos = number(float, 0, lo_open=True)
     add("--data", help="cifar10 | shapes (synthetic) | FILE.npy (tools/prepare_data.py) | FILE.npz")
     add("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
-    add("--outdir", default="runs/dansm", help="checkpoints, grids, log.jsonl, args.json")
-    add("--cond", action="store_true", help="class-conditional (labels from the data; matched per class)")
+    add("--outdir", default="runs/dansm", help="checkpoints, grids, log.jsonl")
     add("--xflip", choices=["off", "copies"], help="mirror images as data indices (copies; latents: off)")
-    add("--objective", default="rfm", choices=["rfm", "dm"], help="rectified flow or Sec. 5.8's DM")
-    add("--matcher", default="greedy", choices=MATCHERS, help="Alg. 1 | Immiscible's | plain RFM")
-    add(
-        "--hungarian-cost",
-        default="mse",
-        choices=["mse", "l2"],
-        help="--matcher hungarian's cost (public: mse)",
-    )
-    add(
-        "--match-size", type=int, default=10000, help="images (and noises) per matched pool (Table 1: 10,000)"
-    )
-    add("--match-chunk", type=int, default=1024, help="distance-matrix rows at a time (memory)")
-    add("--batch", type=int, default=250, help="global batch per optimizer step (the paper: 250)")
-    add("--batch-gpu", type=int, help="images per forward pass (accumulating to the per-process batch)")
-    add("--lr", type=float, default=1e-4, help="Adam learning rate (public code: 1e-4, constant)")
-    add("--lr-rampup", type=float, default=0, help="linear lr warm-up, Mimg (public code: none)")
-    add("--grad-clip", type=float, default=1.0, help="gradient-norm clip (public config: 1; 0: off)")
-    add("--ema-decay", type=float, default=0.9999, help="EMA decay per step (public README: 0.9999)")
+    add("--objective", default="rfm", choices=["rfm", "dm"], help="rectified flow | Sec. 5.8's DM (Table 4)")
+    add("--matcher", default="greedy", choices=MATCHERS, help="Alg. 1 | Immiscible's (MSE cost) | plain RFM")
+    add("--match-size", type=n1, default=10000, help="images (and noises) per matched pool (Table 1: 10,000)")
+    add("--batch", type=number(int, 1, 2**20), default=250, help="global batch per step (the paper: 250)")
+    add("--batch-gpu", type=n1, help="images per forward pass (accumulating to the per-process batch)")
+    add("--lr", type=pos, default=1e-4, help="Adam learning rate (public code: 1e-4, constant)")
+    add("--lr-rampup", type=number(float, 0), default=0, help="linear lr warm-up, Mimg (public code: none)")
+    add("--grad-clip", type=number(float, 0), default=1.0, help="gradient-norm clip (public: 1; 0: off)")
+    add("--ema-decay", type=number(float, 0, 1), default=0.9999, help="EMA decay per step (public: 0.9999)")
     add("--ema-warmup", action=argparse.BooleanOptionalAction, default=True, help="score-sde's EMA warm-up")
-    add("--duration", type=float, default=25, help="training length, Mimg (Table 1: 500 epochs = 25 Mimg)")
-    add("--t-min", type=float, default=1e-3, help="t ~ U[0, 1 - t_min) and its Euler grid (public: 1e-3)")
-    add("--time-scale", type=float, default=999, help="the network sees time-scale * t (public code: 999)")
+    add("--duration", type=pos, default=25, help="training length, Mimg (Table 1: 500 epochs = 25 Mimg)")
+    add("--t-min", type=below1, default=1e-3, help="t ~ U[0, 1 - t_min) and its Euler grid (public: 1e-3)")
+    add("--time-scale", type=pos, default=999, help="the network sees time-scale * t (public code: 999)")
     add("--arch", default="ddpmpp", choices=["ddpmpp", "ncsnpp", "adm", "adm-cfm"], help="the UNet")
-    add("--model-channels", type=int, default=128, help="UNet base width (public: 128)")
+    add("--model-channels", type=n1, default=128, help="UNet base width (public: 128)")
     add("--channel-mult", type=ints, default=[1, 2, 2, 2], help="width per resolution (public: 1,2,2,2)")
-    add("--num-blocks", type=int, default=4, help="residual blocks per resolution (public: 4)")
+    add("--num-blocks", type=n1, default=4, help="residual blocks per resolution (public: 4)")
     add("--attn-res", type=ints, default=[16], help="self-attention resolutions (public: 16)")
-    add("--dropout", type=float, default=0.15, help="dropout (public CIFAR-10 RFM config: 0.15)")
+    add("--dropout", type=below1, default=0.15, help="dropout (public CIFAR-10 RFM config: 0.15)")
     add("--tiny", action="store_true", help="a tiny UNet for CPU smoke runs")
-    add("--seed", type=int, default=0, help="init, data order, pools, t, dropout; the first --generate seed")
-    add("--log-every", type=int, default=100, help="steps between log lines")
-    add("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
-    add("--grid", type=int, default=64, help="images in each snapshot grid (seeds 0..N-1); 0: none")
+    add("--seed", type=number(int, 0, 2**63 - 1), default=0, help="all draws; --generate's first seed")
+    add("--log-every", type=n1, default=100, help="steps between log lines")
+    add("--snap-every", type=n1, default=5000, help="steps between checkpoints and image grids")
+    add("--grid", type=n0, default=64, help="images in each snapshot grid (seeds 0..N-1); 0: none")
     add("--resume", help="run folder (its latest.pt) or checkpoint to continue")
     add("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
     add("--report", action="store_true", help="print Table 2 (and 3 with --ckpt) for --data")
     add("--match-sizes", type=ints, default=[10, 100, 1000, 10000], help="--report: its match-sizes")
-    add("--paths", type=int, default=2000, help="--report: paths sampled per row (each against the set)")
-    add("--ref-paths", type=int, default=0, help="--report: paths per row's set (0: one per data index)")
-    add("--invert-steps", type=int, default=100, help="--report --ckpt: Euler steps from data to noise")
-    add("--out-json", help="--report: also write the table as JSON")
-    add("--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt")
+    add("--paths", type=n1, default=2000, help="--report: paths sampled per row (each against the set)")
+    add("--ref-paths", type=n0, default=0, help="--report: paths per row's set (0: one per data index)")
+    add("--invert-steps", type=n1, default=100, help="--report --ckpt: Euler steps from data to noise")
+    add("--generate", type=n0, default=0, metavar="N", help="generate N images from --ckpt (one process)")
     add("--ckpt", help="--generate, --report: a checkpoint of this file, or its run folder")
     add("--out", default="samples.npz", help="--generate's .npz (a .png grid beside it)")
-    add("--nfe", type=int, default=10, help="network evaluations per image, grids too (Euler; dm: DDIM)")
-    add("--gen-batch", type=int, default=256, help="images per sampling batch")
-    add(
-        "--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="fp32 (the paper's), TF32, bf16"
-    )
+    add("--nfe", type=n1, default=10, help="network evaluations per image, grids too (Euler; dm: DDIM)")
+    add("--gen-batch", type=n1, default=256, help="images per sampling batch")
+    add("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="fp32 (the paper's) | TF32")
     add("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
-    positive = ("batch", "batch_gpu", "duration", "log_every", "snap_every", "nfe", "gen_batch", "match_size",
-                "match_chunk", "paths", "invert_steps")  # fmt: skip
-    for name in (*positive, "generate", "grid", "lr", "lr_rampup", "ref_paths"):
-        if (v := getattr(args, name)) is not None and (v <= 0 if name in positive else v < 0):
-            p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'}, got {v}")
-    if min(args.match_sizes, default=1) < 1 or not 0 <= args.t_min < 1:
-        p.error("--match-sizes must be >= 1 and --t-min in [0, 1)")
     if not (args.ckpt if args.generate else args.data):
-        p.error(
-            "--generate N needs --ckpt" if args.generate else "--data is required for training and --report"
-        )
+        p.error("--generate N needs --ckpt" if args.generate else "--data is needed to train or --report")
     if args.xflip is None:  # latents (tools/prepare_data.py --vae) are mirrored only if asked
         args.xflip = "off" if data_meta(args.data or "").get("kind") == "latents" else "copies"
     if args.tiny:
@@ -804,9 +717,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.report:
-        return report(args)
-    generate(args) if args.generate else train(args)
+    try:
+        if args.report:
+            return report(args)
+        generate(args) if args.generate else train(args)
+    except OSError as e:  # a full disk, a read-only folder, a name too long: one line
+        fail(f"{e.filename or (args.out if args.generate else args.outdir)}: {e.strerror or e}")
+    except KeyboardInterrupt:  # Ctrl-C during --generate or --report (training saves and exits itself)
+        raise SystemExit(130) from None
 
 
 # --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---

@@ -10,7 +10,7 @@ floats in [-1, 1], quantised as EDM: (x * 127.5 + 128).clip(0, 255) -> uint8.
 
 Commands: a CPU smoke run on a 16x16 "shapes" set made in-process (minutes on 2 cores); EDM's CIFAR-10 run
 (DDPM++, batch 512, lr 1e-3, 200 Mimg, augmentation p = 0.12; --cond: conditional, --arch ncsnpp: VE net);
-50,000 images, image i from seed i for any number of GPUs (--S-churn: Alg. 2):
+50,000 images in one process, image i from seed i (--S-churn: Alg. 2; many GPUs: gen_pairs.py, evaluate.py):
     python edm_teacher.py --data shapes --outdir runs/edm-shapes --tiny --duration 0.1 --lr-rampup 0
     torchrun --standalone --nproc_per_node=8 edm_teacher.py --data cifar10 --outdir runs/edm-cifar10
     python edm_teacher.py --generate 50000 --ckpt runs/edm-cifar10 --nfe 35 --out samples.npz
@@ -21,6 +21,7 @@ folders, EDM dataset zips and ImageNet-64 a --data array.
 import argparse
 import contextlib
 import copy
+import fcntl
 import json
 import math
 import os
@@ -256,6 +257,23 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
 
 
+def number(cast, lo, hi=math.inf, lo_open=False, hi_open=False):  # argparse type: a finite number in range
+    def parse(s):
+        v = cast(s)
+        if not ((lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi) and abs(v) < math.inf):
+            span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"{s} is not in {span}")
+        return v
+
+    return parse
+
+
+def ints(s):  # argparse type: "2,2,2" -> [2, 2, 2]
+    if not (v := [number(int, 1)(x) for x in s.split(",") if x]):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of positive integers")
+    return v
+
+
 def make_shapes(n=4096, res=16, seed=0):
     """The smoke-test set: a disc (label 0) or a square (1) of random colour, size and place on a random
     background -> uint8 [n, res, res, 3], int64 labels [n]."""
@@ -300,7 +318,7 @@ def load_data(spec, data_dir="datasets"):
             else:
                 with np.load(spec) as f:
                     images, labels = f["images"], f.get("labels")
-        except (ValueError, KeyError, OSError) as e:
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:  # truncated or foreign
             fail(f"cannot read {spec} ({e}): expected uint8 images [N, H, W, C] (.npz: 'images', 'labels')")
     else:
         fail(f"--data {spec!r} not found: use cifar10, shapes, an .npy of tools/prepare_data.py or an .npz")
@@ -310,14 +328,16 @@ def load_data(spec, data_dir="datasets"):
             fail(f"{spec}: latents must be float [N, C, H, H]; got {images.dtype} {images.shape}")
     elif images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
         fail(f"{spec}: images must be square uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
-    if labels is not None and (labels.shape != (n,) or labels.min() < 0):
-        fail(f"{spec}: labels must be class indices 0, 1, ... of shape [{n}]; got {labels.shape}")
+    if labels is not None and not (labels.dtype.kind in "iu" and labels.shape == (n,)
+                                   and 0 <= labels.min() <= labels.max() < 2**16):  # fmt: skip
+        fail(f"{spec}: labels must be integer class indices in [0, 65536) of shape [{n}]; got {labels.dtype} "
+             f"{labels.shape}")  # fmt: skip
     return images, None if labels is None else torch.from_numpy(labels.astype(np.int64))
 
 
 def get_batch(images, labels, idx, device):
-    """Data index i >= N is the mirror image of i - N (--xflip) -> floats in [-1, 1] (latents as they are),
-    labels. A memory-mapped array is read row by row (pread): mapped pages would stay resident."""
+    """Data index i >= N is the mirror image of i - N (--xflip copies) -> floats in [-1, 1] (latents as they
+    are), labels. A memory-mapped array is read row by row (pread): mapped pages would stay resident."""
     i, row, latent = (idx % len(images)).numpy(), images[0].nbytes, images.dtype != np.uint8
     if isinstance(images, np.memmap):
         with open(images.filename, "rb") as f:
@@ -331,48 +351,69 @@ def get_batch(images, labels, idx, device):
     return y, None if labels is None else labels[i].to(device)
 
 
-def load_checkpoint(path):
-    """One of our checkpoints (a run folder: its latest.pt), CRC-checked, loaded without executing code."""
+def load_checkpoint(path, method=None):
+    """One of our checkpoints (a run folder: its latest.pt; `method`: of that method only), CRC- and
+    structure-checked, loaded without executing code, with the keys a method file reads."""
     path = os.path.join(path, "latest.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         fail(f"checkpoint not found: {path}")
     try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-            bad = bad and f"its member {bad} fails its CRC check"
+        with zipfile.ZipFile(path) as z:  # CRCs, and no member flagged a folder (torch would read garbage)
+            folders = (i.filename for i in z.infolist() if i.is_dir() or i.external_attr & 0x10)
+            crc, folder = z.testzip(), next(folders, None)
+            bad = crc and f"its member {crc} fails its CRC check"
+            bad = bad or folder and f"its member {folder} is damaged"
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         bad = f"not a complete torch checkpoint ({str(e) or type(e).__name__})"
     if bad:
         fail(f"{path} is corrupt: {bad}; resume from an intact ckpt-*.pt beside it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign file: never unpickled unsafely
         why = (str(e).strip() or type(e).__name__).splitlines()[0]
         fail(f"cannot read {path} as a weights-only torch checkpoint: {why}")
+    keys = ("method", "version", "net_kwargs", "net", "ema", "step")
+    if missing := [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else list(keys):
+        fail(f"{path} is not a checkpoint of this project: it lacks {', '.join(missing)}")
+    if method and ckpt["method"] != method:
+        fail(f"{path} is a {ckpt['method']!r} checkpoint, not {method!r}: use that method's file")
+    if not (isinstance(ckpt["version"], int) and ckpt["version"] <= VERSION):
+        fail(f"{path} has version {ckpt['version']!r}, this {METHOD}.py reads up to {VERSION}: update it")
+    return ckpt
 
 
-def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held for the process's life)
-    """Rank 0: lock --outdir (a second job stops at once); never write over a run unless it is resumed or
-    --overwrite; remove a killed run's temporary files; on resume cut log.jsonl back to the resumed step."""
-    import fcntl
-
-    os.makedirs(outdir, exist_ok=True)
-    if (lock := os.path.abspath(os.path.join(outdir, ".lock"))) not in _held:
-        f = _held[lock] = open(lock, "a+")  # noqa: SIM115
+def lock(path, name, flag, _held={}):  # noqa: B006 (locks held for the process's life)
+    """A second job on `name` stops at once with one line naming the holder."""
+    if (path := os.path.abspath(path)) not in _held:
+        f = _held[path] = open(path, "a+")  # noqa: SIM115
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            f.seek(0), _held.pop(lock)
-            fail(f"{outdir} is locked by a running job ({f.read()}); wait for it or use another --outdir")
+            f.seek(0), _held.pop(path)
+            fail(f"{name} is locked by a running job ({f.read()}); wait for it or use another {flag}")
         f.truncate(0), f.write(f"pid {os.getpid()} on {os.uname().nodename}"), f.flush()
+
+
+def claim_outdir(outdir, ckpt, overwrite, resume=None):
+    """Rank 0: lock --outdir; never write over a run, or resume another run into its folder, without
+    --overwrite; remove a killed run's temporary files; on resume cut log.jsonl back to the resumed step."""
+    os.makedirs(outdir, exist_ok=True)
+    lock(os.path.join(outdir, ".lock"), outdir, "--outdir")
     runs = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
-    if runs and ckpt is None and not overwrite:
+    src = resume and os.path.realpath(resume if os.path.isdir(resume) else os.path.dirname(resume) or ".")
+    other = ckpt is not None and src not in (None, os.path.realpath(outdir))
+    if runs and not overwrite and other:
+        fail(f"{outdir} holds another run (step {int(runs[-1][5:-3])}); resume {resume} into its own folder "
+             "or pass --overwrite")  # fmt: skip
+    if runs and not overwrite and ckpt is None:
         fail(f"{outdir} holds a run at step {int(runs[-1][5:-3])}: pass --resume {outdir} to continue it, "
              "--overwrite to replace it, or choose another --outdir")  # fmt: skip
-    for name in os.listdir(outdir):
-        if ".tmp" in name or (ckpt is None and (name in runs or name in ("latest.pt", "log.jsonl"))):
+    new = ckpt is None or other  # a new run drops the old run's files (a killed run's early log too)
+    for name in os.listdir(outdir):  # only names this file writes, matched exactly
+        tmp = re.fullmatch(r"ckpt-\d+\.pt\.tmp\d+|latest\.tmp|log\.jsonl\.tmp", name)
+        if tmp or (new and (name in runs or name in ("latest.pt", "log.jsonl"))):
             os.remove(os.path.join(outdir, name))
-    if ckpt is not None and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):
+    if not new and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):
         with open(log) as f:
             keep = []
             for s in f:  # lines cut off by a kill or not ours are dropped, and steps after the checkpoint
@@ -384,7 +425,8 @@ def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held f
 
 
 def atomic_save(obj, path):  # a kill or a full disk never leaves a half-written file under the final name
-    torch.save(obj, f"{path}.tmp{os.getpid()}")
+    with open(f"{path}.tmp{os.getpid()}", "wb") as f:  # through a Python file: a full disk is an OSError
+        torch.save(obj, f)
     os.replace(f"{path}.tmp{os.getpid()}", path)
 
 
@@ -410,9 +452,7 @@ def train(args):
         fail(f"--batch {args.batch} is the global batch and must be divisible by the {world} processes")
     if batch_rank % batch_gpu:
         fail(f"--batch-gpu {batch_gpu} must divide the per-process batch {batch_rank}")
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt.get("method") != METHOD:
-        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
+    ckpt = load_checkpoint(args.resume, METHOD) if args.resume else None
     images, labels = load_data(args.data, args.data_dir)
     if args.cond and labels is None:
         fail(f"--cond needs class labels, but {args.data} has none")
@@ -425,25 +465,33 @@ def train(args):
                       model_channels=args.model_channels, channel_mult=args.channel_mult, arch=args.arch,
                       num_blocks=args.num_blocks, attn_resolutions=args.attn_res,
                       dropout=args.dropout)  # fmt: skip
-    if ckpt is not None:  # the run's own network, on data of its shape and classes
-        net_kwargs = ckpt["net_kwargs"]
-        if [net_kwargs[k] for k in ("img_resolution", "img_channels", "label_dim")] != [res, C, label_dim]:
-            fail(f"--resume {args.resume} was trained on other data: resume it with the data it had")
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    net = build_net(net_kwargs).to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), args.lr, betas=(0.9, 0.999), fused=device.type == "cuda" or None)
     step = nimg = 0
-    if ckpt is not None:
-        net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
-        step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    try:  # a checkpoint whose network does not build or load: one line
+        if ckpt is not None:  # the run's own network, on data of its shape and classes
+            net_kwargs, keys = ckpt["net_kwargs"], ("img_resolution", "img_channels", "label_dim")
+            if [net_kwargs[k] for k in keys] != [res, C, label_dim]:
+                fail(f"--resume {args.resume} was trained on other data: resume it with the data it had")
+        net = build_net(net_kwargs).to(device).train()
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        fused = device.type == "cuda" or None
+        opt = torch.optim.Adam(net.parameters(), args.lr, betas=(0.9, 0.999), fused=fused)
+        if ckpt is not None:
+            net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+            step, nimg = ckpt["step"], ckpt["state"]["nimg"]
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        why = " ".join(str(e).split()[:30]) or repr(e)  # the first words, on one line
+        fail(f"cannot build the network of {args.resume or 'these flags'}: {why}")
     if rank == 0:
-        claim_outdir(args.outdir, ckpt, args.overwrite)
-        with open(os.path.join(args.outdir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        claim_outdir(args.outdir, ckpt, args.overwrite, args.resume)
         n_par = sum(p.numel() for p in net.parameters())
         print(f"{len(images)} images {images.shape[1:]}, {n_par} parameters, {world} process(es) on "
               f"{device}, from step {step}", flush=True)  # fmt: skip
+        if ckpt is not None and (saved := ckpt["state"].get("world", world)) != world:  # see the step's seed
+            print(f"note: saved with {saved} process(es), resumed with {world}: the per-rank noise streams "
+                  "(sigma, noise, augmentation, dropout) change from here on; the data order does "
+                  "not")  # fmt: skip
     torch.backends.cudnn.benchmark = True  # as EDM; full fp32 unless --precision tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
     model = torch.compile(net) if args.compile else net  # what is called; net and ema are what is stored
@@ -452,7 +500,7 @@ def train(args):
     stop = []  # SIGINT/SIGTERM: a checkpoint at the end of the step, then exit 128 + signal (a requeue)
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, lambda signum, frame: stop.append(signum))
-    n_data, total = len(images) * (2 if args.xflip else 1), round(args.duration * 1e6)
+    n_data, total = len(images) * (2 if args.xflip == "copies" else 1), round(args.duration * 1e6)
     total_steps = math.ceil(total / args.batch)
     grid_noise, grid_labels = noise_for_seeds(range(args.grid), (C, res, res), label_dim)
     loss_sum, t_log, step_log = torch.zeros((), device=device), time.time(), step
@@ -469,7 +517,7 @@ def train(args):
             y, aug = edm_augment(y, args.augment) if args.augment > 0 else (y, None)  # App. F.2
             sync = contextlib.nullcontext() if j == len(chunks) - 1 or not ddp else model.no_sync()
             with sync, torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-                loss = edm_loss(model, y, lab, P_mean=args.P_mean, P_std=args.P_std, augment_labels=aug)
+                loss = edm_loss(model, y, lab, augment_labels=aug)  # Table 1: P_mean -1.2, P_std 1.2
                 loss.sum().mul(1 / len(idx)).backward()  # EDM: the sum over the batch / the per-rank batch
             loss_sum += loss.detach().mean() * len(chunk) / len(idx)
         for p in (p for p in net.parameters() if p.grad is not None):  # EDM: non-finite entries replaced
@@ -500,11 +548,16 @@ def train(args):
                 with open(os.path.join(args.outdir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(dict(rec, eta_s=eta)) + "\n")
             loss_sum, t_log, step_log = loss_sum.zero_(), time.time(), step
+        if step % args.snap_every == 0 or done or stopping:  # every rank checks: the weights are the same
+            weights = [v for m in (net, ema) for v in m.state_dict().values() if v.is_floating_point()]
+            if not all(v.isfinite().all() for v in weights):
+                fail(f"non-finite weights at step {step}: not saved; the newest checkpoint is the last good "
+                     "one")  # fmt: skip
         if rank == 0 and (step % args.snap_every == 0 or done or stopping):  # all a bit-exact resume needs
             name = f"ckpt-{step:07d}.pt"
             ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
                         net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
-                        state=dict(nimg=nimg), data=meta)  # fmt: skip
+                        state=dict(nimg=nimg, world=world), data=meta)  # fmt: skip
             atomic_save(ckpt, os.path.join(args.outdir, name))
             os.symlink(name, os.path.join(args.outdir, "latest.tmp"))
             os.replace(os.path.join(args.outdir, "latest.tmp"), os.path.join(args.outdir, "latest.pt"))
@@ -528,64 +581,59 @@ def batch_indices(n, batch, step, seed):
     (seed, epoch) alone, so that the order does not depend on the number of processes."""
     pos, out = step * batch + torch.arange(batch), torch.empty(batch, dtype=torch.long)
     for e in (pos // n).unique().tolist():
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + e) % 2**64))
         out[pos // n == e] = order[pos[pos // n == e] % n]
     return out
 
 
 @torch.no_grad()
 def generate(args):
-    """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA -> an .npz ('images'
-    uint8 NHWC, 'seeds', 'labels'; latent data: 'latents' and the decoded images) written atomically, and a
-    PNG grid of the first 64 beside it."""
+    """--generate N: the images of seeds --seed ... --seed + N - 1 from --ckpt's EMA, in this one process
+    (many GPUs: gen_pairs.py or evaluate.py) -> an .npz ('images' uint8 NHWC, 'seeds', 'labels'; latent data:
+    'latents' and the decoded images) written atomically, and a PNG grid of the first 64 beside it."""
     from tqdm import tqdm
 
-    if os.path.exists(args.out) and not args.overwrite:
-        fail(f"{args.out} exists; pass --overwrite to replace it")
-    ddp, rank, world, device = setup()
-    ckpt = load_checkpoint(args.ckpt)
-    if ckpt.get("method") != METHOD:
-        fail(f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; sample it with that method's file")
-    k = ckpt["net_kwargs"]
-    net = build_net(k).eval().requires_grad_(False)
-    net.load_state_dict(ckpt["ema"])
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        fail("--generate runs in one process; sample with gen_pairs.py or evaluate.py on many GPUs")
+    png = os.path.splitext(args.out)[0] + ".png"
+    lock(f"{args.out}.lock", args.out, "--out")
+    if not args.overwrite and (taken := [p for p in (args.out, png) if os.path.exists(p)]):
+        fail(f"{taken[0]} exists; pass --overwrite to replace it")
+    ckpt = load_checkpoint(args.ckpt, METHOD)
+    k, meta = ckpt["net_kwargs"], ckpt.get("data", {})
+    try:
+        net = build_net(k).eval().requires_grad_(False)
+        net.load_state_dict(ckpt["ema"])
+        shape = (k["img_channels"], k["img_resolution"], k["img_resolution"])
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        fail(f"cannot build the network of {args.ckpt}: {' '.join(str(e).split()[:30]) or repr(e)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
     model = torch.compile(net.to(device)) if args.compile else net.to(device)
-    seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
-    shape += (k["img_resolution"],) * 2
-    latent = (meta := ckpt.get("data", {})).get("kind") == "latents"  # decoded by the VAE it was encoded with
-    vae = load_vae(meta["vae"]).to(device) if latent else None
-    hwc = (meta["image_resolution"],) * 2 + (3,) if latent else (*shape[1:], shape[0])
-    zs = [torch.empty(0, *shape)]
-    xs, ys = [torch.empty(0, *hwc, dtype=torch.uint8)], [torch.empty(0, dtype=torch.long)]
-    for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
+    vae = load_vae(meta["vae"]).to(device) if (latent := meta.get("kind") == "latents") else None
+    churn = dict(S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+    seeds, xs, ys, zs = range(args.seed, args.seed + args.generate), [], [], []
+    for i in tqdm(range(0, len(seeds), args.gen_batch), unit="batch"):
         noise, lab, gens = noise_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"], True)
-        churn = dict(S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-            lab = lab if lab is None else lab.to(device)
-            x, _ = sample(model, noise.to(device), args.nfe, lab, generator=gens, **churn)
+            dev_lab = lab if lab is None else lab.to(device)
+            x, _ = sample(model, noise.to(device), args.nfe, dev_lab, generator=gens, **churn)
+        if not x.isfinite().all():
+            fail(f"non-finite samples from {args.ckpt} (seeds {seeds[i]}...): nothing written")
         if latent:  # tools/prepare_data.py stored the VAE's latents times "scale"
             zs.append(x.cpu())
             x = vae.decode(x / meta["scale"]).sample.float()
         xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        ys.append(torch.zeros(len(x), dtype=torch.long) if lab is None else lab)
-    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy(), torch.cat(zs).numpy())] * world
-    torch.distributed.all_gather_object(parts, parts[0]) if ddp else None
-    if rank == 0:
-        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
-        seeds = np.arange(args.seed, args.seed + len(order))
-        out = dict(images=np.concatenate([p[1] for p in parts])[order], seeds=seeds)
-        if k["label_dim"]:
-            out["labels"] = np.concatenate([p[2] for p in parts])[order]
-        if latent:  # the raw samples too
-            out["latents"] = np.concatenate([p[3] for p in parts])[order]
-        with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
-            np.savez(f, **out)
-        os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
-        grid = torch.from_numpy(out["images"][:64]).permute(0, 3, 1, 2).float() / 255
-        save_image(grid, args.out[:-4] + ".png", nrow=math.ceil(math.sqrt(len(grid))), padding=0)
-        print(f"wrote {len(order)} images to {args.out} (NFE {2 * ((args.nfe + 1) // 2) - 1} per image)")
-    torch.distributed.destroy_process_group() if ddp else None
+        ys.append(lab)
+    out = dict(images=torch.cat(xs).numpy(), seeds=np.arange(seeds.start, seeds.stop))
+    out |= dict(labels=torch.cat(ys).numpy()) if k["label_dim"] else {}
+    out |= dict(latents=torch.cat(zs).numpy()) if latent else {}  # the raw samples too
+    with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
+        np.savez(f, **out)
+    os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
+    grid = torch.from_numpy(out["images"][:64]).permute(0, 3, 1, 2).float() / 255
+    save_image(grid, png, nrow=math.ceil(math.sqrt(len(grid))), padding=0)
+    print(f"wrote {len(seeds)} images to {args.out} (NFE {2 * ((args.nfe + 1) // 2) - 1} per image)")
 
 
 def load_vae(name):
@@ -607,58 +655,52 @@ ARCH_WIDTHS = {"ddpmpp": (128, [2, 2, 2], 4, [16]), "ncsnpp": (128, [2, 2, 2], 4
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="EDM: train a denoiser or generate images.", allow_abbrev=False,
+    p = argparse.ArgumentParser(description="EDM: train a denoiser, or --generate images in one process "
+                                "(many GPUs: gen_pairs.py, evaluate.py).", allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    add, ints = p.add_argument, lambda s: [int(v) for v in s.split(",") if v]
+    add, count, size, seed = p.add_argument, number(int, 0), number(int, 1, 2**20), number(int, 0, 2**63 - 1)
+    pos, nonneg, prob = number(float, 0, lo_open=True), number(float, 0), number(float, 0, 1)
     add("--data", help="cifar10 | shapes (synthetic) | FILE.npy (tools/prepare_data.py) | FILE.npz")
     add("--data-dir", default="datasets", help="where --data cifar10 is looked for / downloaded")
-    add("--outdir", default="runs/edm", help="checkpoints, grids, log.jsonl, args.json")
+    add("--outdir", default="runs/edm", help="checkpoints, grids, log.jsonl")
     add("--cond", action="store_true", help="class-conditional (labels from the data)")
-    add("--xflip", action="store_true", help="add a mirrored copy of every image to the data")
-    add("--batch", type=int, default=512, help="global batch per optimizer step (EDM CIFAR-10: 512)")
-    add("--batch-gpu", type=int, help="images per forward pass (accumulating to the per-process batch)")
-    add("--lr", type=float, default=1e-3, help="Adam learning rate (EDM CIFAR-10: 1e-3)")
-    add("--lr-rampup", type=float, default=10, help="linear lr warm-up, Mimg (EDM: 10)")
-    add("--duration", type=float, default=200, help="training length, Mimg (EDM CIFAR-10: 200)")
-    add("--ema-halflife", type=float, default=500, help="EMA half-life, kimg (EDM: 500)")
-    add("--ema-rampup", type=float, default=0.05, help="EMA half-life at most this ratio of the images seen")
-    add("--dropout", type=float, default=0.13, help="dropout (EDM CIFAR-10: 0.13)")
-    add("--P-mean", type=float, default=-1.2, help="mean of ln(sigma) in training (EDM: -1.2)")
-    add("--P-std", type=float, default=1.2, help="std of ln(sigma) in training (EDM: 1.2)")
-    add("--augment", type=float, metavar="P", help="EDM's augmentation probability (0.12; latents 0)")
+    add("--xflip", default="off", choices=["off", "copies"], help="copies: add a mirrored copy of each image")
+    add("--batch", type=size, default=512, help="global batch per optimizer step (EDM CIFAR-10: 512)")
+    add("--batch-gpu", type=size, help="images per forward pass (accumulating to the per-process batch)")
+    add("--lr", type=pos, default=1e-3, help="Adam learning rate (EDM CIFAR-10: 1e-3)")
+    add("--lr-rampup", type=nonneg, default=10, help="linear lr warm-up, Mimg (EDM: 10)")
+    add("--duration", type=pos, default=200, help="training length, Mimg (EDM CIFAR-10: 200)")
+    add("--ema-halflife", type=nonneg, default=500, help="EMA half-life, kimg (EDM: 500)")
+    add("--ema-rampup", type=nonneg, default=0.05, help="EMA half-life <= this x images seen")
+    add("--dropout", type=number(float, 0, 1, hi_open=True), default=0.13, help="EDM CIFAR-10: 0.13")
+    add("--augment", type=prob, metavar="P", help="EDM's augmentation probability (0.12; latents: 0)")
     add("--augment-dim", type=int, choices=[0, 9], help="augment label width (9 with --augment)")
     add("--arch", default="ddpmpp", choices=list(ARCH_WIDTHS), help="DDPM++ (vp), NCSN++ (ve), ADM")
-    add("--model-channels", type=int, help="UNet base width (DDPM++/NCSN++ 128, ADM 192)")
+    add("--model-channels", type=size, help="UNet base width (DDPM++/NCSN++ 128, ADM 192)")
     add("--channel-mult", type=ints, help="width multiplier per resolution (2,2,2; ADM 1,2,3,4)")
-    add("--num-blocks", type=int, help="residual blocks per resolution (4; ADM 3)")
+    add("--num-blocks", type=size, help="residual blocks per resolution (4; ADM 3)")
     add("--attn-res", type=ints, help="self-attention resolutions (16; ADM 32,16,8)")
     add("--tiny", action="store_true", help="a tiny UNet for CPU smoke runs")
-    add("--seed", type=int, default=0, help="init, data order, noise, dropout; the first --generate seed")
-    add("--log-every", type=int, default=100, help="steps between log lines")
-    add("--snap-every", type=int, default=5000, help="steps between checkpoints and image grids")
-    add("--grid", type=int, default=64, help="images in each snapshot grid (seeds 0..N-1); 0: none")
+    add("--seed", type=seed, default=0, help="init, data order, noise; the first --generate seed")
+    add("--log-every", type=number(int, 1), default=100, help="steps between log lines")
+    add("--snap-every", type=number(int, 1), default=5000, help="steps between checkpoints and image grids")
+    add("--grid", type=count, default=64, help="images in each snapshot grid (seeds 0..N-1); 0: none")
     add("--resume", help="run folder (its latest.pt) or checkpoint to continue")
     add("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
-    add("--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt")
+    add("--generate", type=count, default=0, metavar="N", help="generate N images from --ckpt in one process")
     add("--ckpt", help="--generate: a checkpoint of this file, or its run folder")
     add("--out", default="samples.npz", help="--generate's .npz (a .png grid beside it)")
-    add("--nfe", type=int, default=35, help="network evaluations per image, grids too (35 = 18 Heun steps)")
-    add("--gen-batch", type=int, default=256, help="images per sampling batch")
-    add("--S-churn", type=float, default=0.0, help="EDM Alg. 2 stochasticity (0: the ODE)")
-    add("--S-min", type=float, default=0.0, help="churn only for sigma >= S_min")
-    add("--S-max", type=float, default=float("inf"), help="churn only for sigma <= S_max")
-    add("--S-noise", type=float, default=1.0, help="churn noise scale")
+    add("--nfe", type=size, default=35, help="network evaluations per image, grids too (35 = 18 Heun steps)")
+    add("--gen-batch", type=size, default=256, help="images per sampling batch")
+    add("--S-churn", type=nonneg, default=0.0, help="EDM Alg. 2 stochasticity (0: the ODE)")
+    add("--S-min", type=nonneg, default=0.0, help="churn only for sigma >= S_min")
+    add("--S-max", type=nonneg, default=float("inf"), help="churn only for sigma <= S_max")
+    add("--S-noise", type=nonneg, default=1.0, help="churn noise scale")
     add("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="fp32 (EDM's), TF32, bf16")
     add("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
-    positive = ("batch", "batch_gpu", "duration", "log_every", "snap_every", "nfe", "gen_batch")
-    for name in (*positive, "generate", "grid", "lr"):
-        if (v := getattr(args, name)) is not None and (v <= 0 if name in positive else v < 0):
-            p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'}, got {v}")
     if args.augment is None:  # EDM's 0.12; latents (tools/prepare_data.py --vae) are augmented only if asked
         args.augment = 0.0 if data_meta(args.data or "").get("kind") == "latents" else 0.12
-    if not 0 <= args.augment <= 1:
-        p.error(f"--augment is a probability in [0, 1], got {args.augment}")
     args.augment_dim = (9 if args.augment > 0 else 0) if args.augment_dim is None else args.augment_dim
     if args.augment > 0 and args.augment_dim != 9:
         p.error(f"--augment {args.augment} conditions the network on a 9-dim label: pass --augment-dim 9")
@@ -672,7 +714,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    generate(args) if args.generate else train(args)
+    try:
+        generate(args) if args.generate else train(args)
+    except OSError as e:  # a full disk, a read-only folder, a name too long: one line
+        fail(f"{e.filename or (args.out if args.generate else args.outdir)}: {e.strerror or e}")
+    except KeyboardInterrupt:  # Ctrl-C during --generate (training saves and exits itself)
+        raise SystemExit(130) from None
 
 
 # --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---

@@ -6,9 +6,7 @@ as `edm_teacher.py --generate` and `gen_pairs.py`), for any number of processes.
 calls; beside it stand the method's own figure (dopri5: torchdiffeq's) and the solver's steps (LOOM's log).
 Only the method files' interface is used (METHOD, build_net, sample, ode_start, ode_velocity); a fork's file
 is named by `--method FILE.py`. `--protocol` sets a paper's evaluation (one line each in --help; more in
-docs/evaluate.md). Straightness and curvature are measured on the common flow clock: an EDM-family path x(t)
-with noise level sigma = sigma_max (1 - t) is mapped to y = x / (1 + sigma) at s = 1 / (1 + sigma), the
-rectified-flow path s x1 + (1 - s) noise of its lines.
+docs/evaluate.md). Straightness and curvature are measured on the common flow clock (ode_metrics).
 
     python evaluate.py --protocol loom --ckpt runs/loom-cifar10 runs/otcfm --nfe 4,8,12 \\
         --sampler-kw solver=midpoint --metrics fid,curvature --out results/loom.json
@@ -18,9 +16,11 @@ rectified-flow path s x1 + (1 - s) noise of its lines.
 import argparse
 import contextlib
 import datetime
+import fcntl
 import importlib.util  # binds importlib too
 import inspect
 import json
+import math
 import os
 import re
 import zipfile
@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 METHODS = ("edm_teacher", "aot_edm", "lmm", "cfm_couplings", "loom_cfm", "dansm")  # a checkpoint names one
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's TorchScript TF-Inception, looked for in /tmp
+LOCKS = {}  # --out -> its open .lock file, held by this process
 
 PROTOCOLS = {  # name: (one line for --help and the JSON, defaults)
     "edm": ("EDM Sec. 5: TF-Inception (clean-fid legacy_tensorflow), CIFAR-10 train statistics, 50k images "
@@ -62,8 +63,6 @@ PAPER_FID = {
 
 
 # --- the metrics ---
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017): clean-fid's own function."""
     from cleanfid import fid
@@ -88,11 +87,8 @@ def kernel_distance(feats1, feats2, num_subsets=100, max_subset_size=1000, seed=
     """KID (Binkowski et al. 2018): clean-fid's kernel_distance, its random subsets seeded here."""
     from cleanfid import fid
 
-    state = np.random.get_state()
-    np.random.seed(seed)
-    kid = float(fid.kernel_distance(feats1, feats2, num_subsets, max_subset_size))
-    np.random.set_state(state)
-    return kid
+    np.random.seed(seed)  # clean-fid draws the subsets from numpy's global generator
+    return float(fid.kernel_distance(feats1, feats2, num_subsets, max_subset_size))
 
 
 def inception_score(logits, splits=10):
@@ -151,41 +147,22 @@ def ode_metrics(module, net, noise, labels=None, steps=100, grid=None):
 
 
 # --- feature networks: uint8 NHWC images or [-1, 1] float NCHW samples -> features (and logits for IS) ---
-class RandomCNN(nn.Module):
-    """Tests only, not FID: fixed random features of 4x4-pooled images, and a random 10-way head (IS)."""
+def torchvision_inception(random=False):
+    """torcheval 0.0.7's FIDInceptionV3 (LOOM's FID network): a bilinear resize to 299 of floats in [0, 1],
+    then torchvision's Inception-v3 with its ImageNet weights and transform_input (as torchvision sets them),
+    fc removed -> 2048 features. random=True: fixed-seed random weights (tests only)."""
+    from torchvision.models import Inception_V3_Weights, inception_v3
 
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.register_buffer("w", torch.randn(48, 64, generator=g))
-        self.register_buffer("head", torch.randn(10, 64, generator=g) * 4)
-
-    def forward(self, x):  # x: [N, 3, H, W] in [0, 255]
-        return torch.tanh(F.adaptive_avg_pool2d(x / 127.5 - 1, 4).flatten(1) @ self.w)
-
-
-class TorchvisionInception(nn.Module):
-    """torcheval 0.0.7's FIDInceptionV3 (LOOM's FID network): torchvision's Inception-v3 with its ImageNet
-    weights and transform_input (as torchvision sets them), fc removed -> 2048 features, after a bilinear
-    resize to 299 of floats in [0, 1]. random=True: fixed-seed random weights (tests only)."""
-
-    def __init__(self, random=False):
-        super().__init__()
-        from torchvision.models import Inception_V3_Weights, inception_v3
-
-        weights = None if random else Inception_V3_Weights.DEFAULT
-        try:
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                kw = dict(aux_logits=True, init_weights=False, transform_input=True)
-                self.model = inception_v3(weights=weights, **kw)
-        except Exception as e:
-            name, where = os.path.basename(weights.url), os.path.join(torch.hub.get_dir(), "checkpoints")
-            fail(f"cannot load torchvision's Inception-v3 ({type(e).__name__}): put {name} in {where}/")
-        self.model.fc = nn.Identity()
-
-    def forward(self, x):
-        return self.model(F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False))
+    weights = None if random else Inception_V3_Weights.DEFAULT
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = inception_v3(weights=weights, aux_logits=True, init_weights=False, transform_input=True)
+    except Exception as e:
+        name, where = os.path.basename(weights.url), os.path.join(torch.hub.get_dir(), "checkpoints")
+        fail(f"cannot load torchvision's Inception-v3 ({type(e).__name__}): put {name} in {where}/")
+    model.fc = nn.Identity()
+    return nn.Sequential(nn.Upsample(size=(299, 299), mode="bilinear", align_corners=False), model)
 
 
 def build_extractor(kind, device, logits=False):
@@ -194,10 +171,11 @@ def build_extractor(kind, device, logits=False):
     random-inception floats in [0, 1] as LOOM's code (real images u / 255, samples (x + 1) / 2 clamped)."""
     floats, head = kind in ("torcheval", "random-inception"), None
     if floats:
-        model = TorchvisionInception(random=kind == "random-inception")
-    elif kind == "random-cnn":
-        model = RandomCNN()
-        head = model.head.double() if logits else None
+        model = torchvision_inception(random=kind == "random-inception")
+    elif kind == "random-cnn":  # tests only, not FID: fixed random features of 4x4-pooled images, 10 logits
+        g = torch.Generator().manual_seed(0)
+        w, head = torch.randn(48, 64, generator=g).to(device), (torch.randn(10, 64, generator=g) * 4).double()
+        model = lambda x: torch.tanh(F.adaptive_avg_pool2d(x / 127.5 - 1, 4).flatten(1) @ w)  # noqa: E731
     else:
         from cleanfid import features
 
@@ -212,7 +190,7 @@ def build_extractor(kind, device, logits=False):
         if logits and len(w) != 1:
             fail(f"{path} has no unique [1008, 2048] softmax weight: not TF-Inception")
         head = w[0].detach().double().to(device) if logits else None
-    model = model.to(device).eval().requires_grad_(False)
+    model = model.to(device).eval().requires_grad_(False) if kind != "random-cnn" else model
 
     @torch.no_grad()
     def extract(images):
@@ -234,36 +212,54 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
 
 
+def claim_out(out, written, overwrite, rank):
+    """Before any work: outputs that exist (the exact names) need --overwrite; rank 0 locks OUT.lock."""
+    if long := [n for n in [*written, f"{out}.tmp{os.getpid()}"] if len(os.path.basename(n)) > 255]:
+        fail(f"{out}: the name is too long ({os.path.basename(long[0])} is over 255 characters)")
+    if (old := [n for n in written if os.path.exists(n)]) and not overwrite:
+        fail(f"{old[0]} exists; pass --overwrite to replace it")
+    if rank == 0 and out not in LOCKS:  # a missing or read-only folder: an OSError, one line in main()
+        lock = LOCKS[out] = open(f"{out}.lock", "a+")  # noqa: SIM115  (held for the life of the process)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0), LOCKS.pop(out)
+            fail(f"{out} is locked by a running job ({lock.read()}); wait for it or choose another --out")
+        lock.truncate(0), lock.write(f"pid {os.getpid()} on {os.uname().nodename}"), lock.flush()
+
+
 def load_checkpoint(spec, method=None):
     """(module, ckpt) for a checkpoint (or run folder) of this project: CRC-checked, loaded without executing
     code, its tensors memory-mapped; the module is the project's file it names, or the fork's `method`."""
-    url = spec.startswith(("http://", "https://"))
-    if url or spec.endswith(".pkl"):
-        pt = (os.path.basename(spec) if url else spec).removesuffix(".pkl") + ".pt"
-        fail(f"{spec} is {'a URL' if url else 'an EDM snapshot'}: convert it first with "
-             f"python tools/convert_edm.py {spec} {pt} and pass {pt}")  # fmt: skip
+    if spec.endswith(".pkl") or "://" in spec:  # never unpickled or downloaded here
+        fail(f"{spec} is an EDM snapshot: convert it first with python tools/convert_edm.py {spec} OUT.pt")
     path = os.path.join(spec, "latest.pt") if os.path.isdir(spec) else spec
     if not os.path.isfile(path):
         fail(f"checkpoint not found: {spec} (a .pt checkpoint or a run folder)")
-    try:
+    try:  # CRCs, and no member flagged a directory (torch would load uninitialised memory for it)
         with zipfile.ZipFile(path) as z:
-            if bad := z.testzip():
-                fail(f"{path} is corrupt: its member {bad} fails its CRC check")
+            bad, infos = z.testzip(), z.infolist()
+        bad = bad or next((i.filename for i in infos if i.is_dir() or i.external_attr & 0x10), None)
+        if bad:
+            fail(f"{path} is corrupt: its member {bad} is damaged (CRC or zip structure)")
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a cut-off or foreign file: never unpickled unsafely
         why = (str(e) or type(e).__name__).splitlines()[0]
         fail(f"{path} is corrupt or not a weights-only torch checkpoint: {why}")
-    if method is None and ckpt.get("method") not in METHODS:
-        fail(f"{spec}: unknown method {ckpt.get('method')!r}; this project's are {', '.join(METHODS)} "
-             "(a fork's checkpoint: --method path/to/file.py)")  # fmt: skip
-    if method is None:
-        module = importlib.import_module(ckpt["method"])
-    elif not (method.endswith(".py") and os.path.isfile(method)):
+    kw = ckpt.get("net_kwargs") if isinstance(ckpt, dict) else None
+    if not isinstance(kw, dict) or not {"img_channels", "img_resolution"} <= kw.keys() or "net" not in ckpt:
+        fail(f"{path} is not a checkpoint of this project: no net, or no net_kwargs with the image shape")
+    if method and not (method.endswith(".py") and os.path.isfile(method)):
         fail(f"--method {method} is not a .py file")
-    else:
+    if method:  # a fork's file, named by the user: a checkpoint never chooses which code runs
         spec_ = importlib.util.spec_from_file_location(os.path.basename(method)[:-3], method)
         spec_.loader.exec_module(module := importlib.util.module_from_spec(spec_))
-    if (version := ckpt.get("version", 1)) > getattr(module, "VERSION", 1):
+    elif ckpt.get("method") in METHODS:
+        module = importlib.import_module(ckpt["method"])
+    else:
+        fail(f"{spec}: unknown method {ckpt.get('method')!r}; this project's are {', '.join(METHODS)} "
+             "(a fork's checkpoint: --method path/to/file.py)")  # fmt: skip
+    if not isinstance(version := ckpt.get("version", 1), int) or version > getattr(module, "VERSION", 1):
         fail(f"{spec}: a version {version} {ckpt['method']} checkpoint; this code reads <= {module.VERSION}")
     return module, ckpt
 
@@ -320,10 +316,10 @@ def reference(args, images, extract, rank, world):
     else:
         what = f"data {args.ref_data} {args.ref_split} ({len(images)} images)"
         if args.ref_num:  # the official LOOM draw: with replacement, seeded
-            g = torch.Generator().manual_seed(args.ref_seed)  # LOOM's RandomSampler, index for index
+            g = torch.Generator().manual_seed(42)  # LOOM's RandomSampler with its seed, index for index
             draw = torch.utils.data.RandomSampler(range(len(images)), True, args.ref_num, generator=g)
             images = images[list(draw)]
-            what += f", {args.ref_num} drawn with replacement by RandomSampler(seed {args.ref_seed})"
+            what += f", {args.ref_num} drawn with replacement by RandomSampler(seed 42)"
     idx = list(range(len(images)))[rank::world]
     mine = [extract(np.asarray(images[idx[i : i + args.batch]]))[0] for i in range(0, len(idx), args.batch)]
     feats = gather_rows(idx, np.concatenate(mine) if mine else np.zeros((0, extract.dim)), world)
@@ -340,12 +336,12 @@ def gather_rows(indices, rows, world):
     return np.concatenate([p[1] for p in parts])[order]
 
 
-def inputs_for_seeds(seeds, shape, label_dim=0):
+def inputs_for_seeds(seeds, shape, label_dim=0, device="cpu"):
     """Image i: noise, then its uniform label, from torch.Generator(seeds[i]), returned with it."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
     labels = torch.stack([torch.randint(label_dim, [], generator=g) for g in gens]) if label_dim else None
-    return noise, labels, gens
+    return noise.to(device), labels if labels is None else labels.to(device), gens
 
 
 def run_sampler(module, net, noise, nfe, labels, gens, sample_kw=None, stats=None):
@@ -357,8 +353,8 @@ def run_sampler(module, net, noise, nfe, labels, gens, sample_kw=None, stats=Non
     hook = net.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         x, used = module.sample(net, noise, nfe, labels, **kw)
-    except ValueError as e:
-        fail(f"{module.METHOD} cannot sample with NFE {nfe}: {e}")
+    except (TypeError, ValueError, AssertionError) as e:  # an NFE or --sampler-kw value, a dt underflow
+        fail(f"{module.METHOD} cannot sample with NFE {nfe} and --sampler-kw {sample_kw or {}}: {e!r}")
     finally:
         hook.remove()
     if not torch.isfinite(x).all():  # NaN would quantise to black images and still give a finite FID
@@ -367,10 +363,8 @@ def run_sampler(module, net, noise, nfe, labels, gens, sample_kw=None, stats=Non
 
 
 # --- the evaluation ---
-
-
 def check_before_work(args, feature_dim):
-    """Every checkpoint, the reference, the flags, before any sampling -> [(spec, module, ckpt)], images."""
+    """Every checkpoint, the reference, the flags, before any sampling -> models, reference images."""
     ref = {"fid", "kid"} & set(args.metrics)
     if "is" in args.metrics and args.features not in ("clean-fid", "random-cnn"):
         fail("IS uses TF-Inception's logits: pass --features clean-fid (or drop is from --metrics)")
@@ -414,7 +408,13 @@ def check_before_work(args, feature_dim):
             fail(f"{module.METHOD}.sample takes no {unknown} (--sampler-kw)")
         if {"straightness", "curvature"} & set(args.metrics) and not hasattr(module, "ode_velocity"):
             fail(f"{spec}: {module.METHOD} exports no ode_velocity; drop straightness and curvature")
-        models[i] += (latent and importlib.import_module("edm_teacher").load_vae(meta["vae"]),)  # or False
+        try:  # a wrong shape, an unknown arch
+            net = module.build_net(ckpt["net_kwargs"])
+            net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"])
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+            fail(f"{spec}: its weights do not fit its network ({type(e).__name__}: {str(e).splitlines()[0]})")
+        vae = latent and importlib.import_module("edm_teacher").load_vae(meta["vae"])  # or False
+        models[i] = (spec, module, ckpt, net.eval().requires_grad_(False), vae)
     return models, images
 
 
@@ -427,11 +427,11 @@ def evaluate(args):
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # the papers' fp32
-    if args.out and os.path.exists(args.out) and not args.overwrite:
-        fail(f"{args.out} exists; pass --overwrite to replace it")
-    if args.out and not os.access(folder := os.path.dirname(os.path.abspath(args.out)), os.W_OK | os.X_OK):
-        fail(f"cannot write to {folder}: the folder is missing or not writable")
     metrics, random_features = args.metrics, args.features.startswith("random")
+    figure = args.out and args.figures and "fid" in metrics  # FID against NFE, beside the JSON
+    figure = figure and f"{os.path.splitext(args.out)[0]}-fid_vs_nfe.png"
+    if args.out:  # before any work
+        claim_out(args.out, [n for n in (args.out, figure) if n], args.overwrite, rank)
     image_metrics = [m for m in metrics if m in ("fid", "kid", "is")]
     models, images = check_before_work(args, 64 if args.features == "random-cnn" else 2048)
     extract = build_extractor(args.features, device, "is" in metrics) if image_metrics else None
@@ -461,13 +461,12 @@ def evaluate(args):
             out["kid"] = kernel_distance(feats, ref[2])
         if "is" in metrics:
             logits = gather_rows(seeds, np.concatenate([p[1] for p in parts]), world)
-            out["is"], out["is_std"] = inception_score(logits, args.is_splits)
+            out["is"], out["is_std"] = inception_score(logits)  # Salimans et al.'s 10 splits
         return out
 
-    for spec, module, ckpt, vae in models:
-        net = module.build_net(ckpt["net_kwargs"])
-        net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"])
-        net, vae = net.eval().requires_grad_(False).to(device), vae and vae.requires_grad_(False).to(device)
+    while models:  # one network on the device at a time
+        spec, module, ckpt, net, vae = models.pop(0)
+        net, vae = net.to(device), vae and vae.requires_grad_(False).to(device)
         k, name = ckpt["net_kwargs"], os.path.basename(os.path.normpath(spec))
         shape, label_dim = (k["img_channels"], k["img_resolution"], k["img_resolution"]), k.get("label_dim")
         label = None if random_features else paper_label(ckpt)
@@ -477,14 +476,12 @@ def evaluate(args):
                 seeds = list(range(args.seed + j * args.num_images, args.seed + (j + 1) * args.num_images))
                 seeds, xs = seeds[rank::world], []
                 for i in tqdm(range(0, len(seeds), args.batch), disable=rank != 0, desc=f"{name} NFE {nfe}"):
-                    noise, labels, gens = inputs_for_seeds(seeds[i : i + args.batch], shape, label_dim)
-                    labels, st = None if labels is None else labels.to(device), {}
-                    x, used, calls = run_sampler(module, net, noise.to(device), nfe, labels, gens,
-                                                 args.sampler_kw, st)  # fmt: skip
+                    noise, labels, g = inputs_for_seeds(seeds[i : i + args.batch], shape, label_dim, device)
+                    x, used, n = run_sampler(module, net, noise, nfe, labels, g, args.sampler_kw, st := {})
                     if vae:  # latents times "scale" (prepare_data.py) -> images in [-1, 1], 32 at a time
                         x = torch.cat([vae.decode(z).sample for z in (x / ckpt["data"]["scale"]).split(32)])
                     xs.append(x.cpu())
-                    counts.append((calls, used, st.get("solver_steps")))
+                    counts.append((n, used, st.get("solver_steps")))
                 runs.append(score(torch.cat(xs) if xs else torch.zeros(0, *shape), seeds))
             parts = [counts] * world
             torch.distributed.all_gather_object(parts, counts) if ddp else None
@@ -504,10 +501,9 @@ def evaluate(args):
             seeds, per = list(range(args.seed, args.seed + args.ode_num))[rank::world], {}
             steps, kind = args.ode_steps, args.ode_grid
             for i in range(0, len(seeds), args.batch):
-                noise, labels, _ = inputs_for_seeds(seeds[i : i + args.batch], shape, label_dim)
-                labels = None if labels is None else labels.to(device)
+                noise, labels, _ = inputs_for_seeds(seeds[i : i + args.batch], shape, label_dim, device)
                 try:  # e.g. dansm's DM objective has no ODE velocity
-                    m, _, times = ode_metrics(module, net, noise.to(device), labels, steps, kind)
+                    m, _, times = ode_metrics(module, net, noise, labels, steps, kind)
                 except ValueError as e:
                     fail(f"{spec}: {e}")
                 for key, v in m.items():
@@ -521,16 +517,13 @@ def evaluate(args):
             save()
     if rank == 0:
         print_table(results, protocol)
-        fid_rows = args.out and args.figures and any("fid" in r for r in results)
-        save(write_figures(results, args.out, random_features) if fid_rows else [])
+        save(write_figures(results, figure, random_features) if figure else [])
     if ddp:
         torch.distributed.barrier(), torch.distributed.destroy_process_group()
     return results
 
 
 # --- figures and the table ---
-
-
 def paper_label(ckpt):
     """The paper row a checkpoint reproduces, from its method, flags and conditioning (None: no row)."""
     method, a, cond = ckpt.get("method"), ckpt.get("args") or {}, ckpt["net_kwargs"].get("label_dim")
@@ -543,8 +536,8 @@ def paper_label(ckpt):
     return "LOOM-CFM + reflow" if label == "2-Rect-Flow" and a.get("preset") == "loom-reflow" else label
 
 
-def write_figures(results, out, random_features=False):
-    """<out>-fid_vs_nfe.png beside the JSON: one line per checkpoint, its paper's figures (each in its own
+def write_figures(results, path, random_features=False):
+    """FID against NFE at path (OUT-fid_vs_nfe.png): one line per checkpoint, its paper's figures (each in its
     protocol) as crosses; random test features go on an axis that says so, without the papers' figures."""
     import matplotlib.pyplot as plt
 
@@ -562,14 +555,13 @@ def write_figures(results, out, random_features=False):
     ax.set(xscale="log", yscale="log", xlabel="NFE (network calls)", ylabel=ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.savefig(path := f"{os.path.splitext(out)[0]}-fid_vs_nfe.png", dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return [path]
 
 
 def print_table(results, protocol):
-    print(f"protocol {protocol['name']} ({protocol['source']}); features {protocol['features']}; "
-          f"reference {protocol['reference']}")  # fmt: skip
+    print("; ".join(f"{k} {v}" for k, v in protocol.items()))  # name, source, features, reference
     keys = ("nfe_requested", "nfe", "nfe_reported", "solver_steps", "fid", "fid_std", "kid", "is", "is_std",
             "straightness", "straightness_rel", "curvature")  # fmt: skip
     for r in results:
@@ -578,8 +570,6 @@ def print_table(results, protocol):
 
 
 # --- command line ---
-
-
 def sampler_kw(text):
     """'solver=dopri5,atol=1e-5,steps=4' -> {'solver': 'dopri5', 'atol': 1e-05, 'steps': 4}."""
     out = {}
@@ -593,37 +583,46 @@ def sampler_kw(text):
     return out
 
 
+def number(cast, lo, hi=math.inf, lo_open=False):  # argparse type: a finite number in range
+    def parse(s):
+        v = cast(s)
+        if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and v <= hi):
+            raise argparse.ArgumentTypeError(f"{s} is not in {'(' if lo_open else '['}{lo}, {hi}]")
+        return v
+
+    return parse
+
+
 def parse_args(argv=None):
     epilog = "protocols:\n" + "\n".join(f"  {k:<5} {v[0]}" for k, v in PROTOCOLS.items())
     epilog += "\nlatents: FID/KID/IS score the VAE-decoded images; straightness/curvature stay on the latents"
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=epilog, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add, ints, words = p.add_argument, lambda s: [int(v) for v in s.split(",") if v], lambda s: s.split(",")
+    positive = number(int, 1)
+    add, words, ints = p.add_argument, lambda s: s.split(","), lambda s: [positive(v) for v in s.split(",")]
     add("--ckpt", nargs="+", required=True, help="checkpoints (.pt or run folder; EDM .pkl: convert_edm.py)")
     add("--method", help="a forked method file (path/to/file.py) that made every --ckpt")
     add("--protocol", choices=sorted(PROTOCOLS), help="a paper's evaluation as defaults (see below)")
     add("--nfe", type=ints, default=[1, 2], help="network evaluations per image, a list (default 1,2)")
-    add("--num-images", type=int, default=50000, help="images per (checkpoint, NFE, seed range) (50000)")
+    add("--num-images", type=positive, default=50000, help="images per (checkpoint, NFE, seed range) (50000)")
     add("--sampler-kw", type=sampler_kw, default={}, help="keywords for sample(): solver=dopri5,atol=1e-5")
-    add("--seed", type=int, default=0, help="image i uses seed + i")
-    add("--batch", type=int, default=250, help="images per sampling / feature batch and process (250)")
+    add("--seed", type=number(int, 0, 2**63 - 1), default=0, help="image i uses seed + i")
+    add("--batch", type=number(int, 1, 2**20), default=250, help="images per batch and process (250)")
     add("--metrics", type=words, default=["fid", "kid"], help="fid,kid,is,straightness,curvature (fid,kid)")
     add("--features", default="clean-fid", choices=["clean-fid", "torcheval"], help="TF-Inception or LOOM's")
-    add("--fid-seeds", type=int, default=1, help="disjoint seed ranges (EDM, LMM: 3)")
+    add("--fid-seeds", type=positive, default=1, help="disjoint seed ranges (EDM, LMM: 3)")
     add("--fid-stat", default="min", choices=["min", "mean"], help="over seed ranges: EDM's min, LMM's mean")
-    add("--is-splits", type=int, default=10, help="Inception Score splits (Salimans et al.: 10)")
     add("--dataset", default="cifar10", help="clean-fid reference statistics: dataset name (cifar10)")
-    add("--dataset-res", type=int, default=32, help="clean-fid reference statistics: resolution (32)")
+    add("--dataset-res", type=positive, default=32, help="clean-fid reference statistics: resolution (32)")
     add("--dataset-split", default="train", help="clean-fid reference statistics: split (train)")
     add("--ref-stats", help="reference .npz with mu, sigma (and feats for KID)")
     add("--ref-data", help="reference from images: cifar10 | FILE.npy (tools/prepare_data.py) | FILE.npz")
     add("--ref-split", default="train", choices=["train", "test"], help="--ref-data cifar10 split")
-    add("--ref-num", type=int, default=0, help="draw this many reference images with replacement (0: all)")
-    add("--ref-seed", type=int, default=42, help="seed of that draw (the LOOM evaluator: 42)")
+    add("--ref-num", type=number(int, 0), default=0, help="draw this many, with replacement (0: all)")
     add("--data-dir", default="datasets", help="where cifar10 is looked for / downloaded")
-    add("--ode-steps", type=int, default=100, help="Heun steps of the straightness/curvature solve (100)")
+    add("--ode-steps", type=positive, default=100, help="Heun steps of the straightness ODE (100)")
     add("--ode-grid", choices=["rho", "uniform"], help="its grid (default: rho for EDM family, else uniform)")
-    add("--ode-num", type=int, default=256, help="samples for straightness/curvature (256)")
+    add("--ode-num", type=positive, default=256, help="samples for straightness/curvature (256)")
     add("--out", help="results JSON (config, protocol, results), figures beside it")
     add("--overwrite", action="store_true", help="replace an existing --out")
     add("--no-figures", dest="figures", action="store_false", help="no FID-vs-NFE PNG beside --out")
@@ -634,16 +633,17 @@ def parse_args(argv=None):
     args.features = args.test_features or args.features  # random-weight feature networks: tests only
     if unknown := set(args.metrics) - {"fid", "kid", "is", "straightness", "curvature"}:
         p.error(f"unknown metric(s) {sorted(unknown)}; choose from fid,kid,is,straightness,curvature")
-    for name in ("num_images", "batch", "fid_seeds", "ode_steps", "ode_num", "is_splits"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.ref_num < 0 or not args.nfe or min(args.nfe) < 1:
-        p.error("--ref-num must be >= 0 and --nfe positive integers, e.g. 1,2,4")
     return args
 
 
 def main(argv=None):
-    return evaluate(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        return evaluate(args)
+    except OSError as e:  # a full disk, a read-only folder, a name too long: one line
+        fail(f"{e.filename or args.out}: {e.strerror or e}")
+    except KeyboardInterrupt:  # Ctrl-C: the rows done are in --out
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ labels)` of its method file; EDM: 18 Heun steps = 35 NFE). Batch b holds pairs b
 next batch, so the file is bit-identical for any number of processes at a given --batch; another --batch
 changes data at float-rounding level only (convolution kernels depend on the batch shape).
 
-Output: an uncompressed .npz that readers memory-map (`load_pairs`): noise, data [N, C, H, W] (float32 or
-float16, not quantised), label [N] int64 (conditional only), meta (JSON: the checkpoint, its training set
+Output: an uncompressed .npz that lmm.py and cfm_couplings.py memory-map: noise, data [N, C, H, W] (float32
+or float16, not quantised), label [N] int64 (conditional only), meta (JSON: the checkpoint, its training set
 `dataset` (lmm.py's default --data), sampler, NFE, seed, `data`: the teacher's data meta; a teacher trained on
 tools/prepare_data.py --vae latents makes latent pairs, meta data {"kind": "latents", "vae", "scale", ...}).
 OUT.partial/ holds one preallocated .npy per array while it runs: each process writes its batches' rows there,
@@ -28,10 +28,10 @@ import importlib
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import shutil
-import struct
 import zipfile
 import zlib
 from inspect import signature
@@ -88,19 +88,27 @@ def load_model(spec, device, method=None):
     path = os.path.join(spec, "latest.pt") if os.path.isdir(spec) else spec
     if not os.path.isfile(path):
         fail(f"checkpoint not found: {spec} (a .pt checkpoint or a run folder)")
-    try:
+    try:  # CRCs, and no member flagged a directory (torch would load uninitialised memory for it)
         with zipfile.ZipFile(path) as z:
-            if bad := z.testzip():
-                fail(f"{path} is corrupt: its member {bad} fails its CRC check")
+            bad, infos = z.testzip(), z.infolist()
+        bad = bad or next((i.filename for i in infos if i.is_dir() or i.external_attr & 0x10), None)
+        if bad:
+            fail(f"{path} is corrupt: its member {bad} is damaged (CRC or zip structure)")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a cut-off or foreign file: never unpickled unsafely
         why = (str(e) or type(e).__name__).splitlines()[0]
         fail(f"{path} is corrupt or not a weights-only torch checkpoint: {why}")
+    kw = ckpt.get("net_kwargs") if isinstance(ckpt, dict) else None
+    if not isinstance(kw, dict) or not {"img_channels", "img_resolution"} <= kw.keys() or "net" not in ckpt:
+        fail(f"{path} is not a checkpoint of this project: no net, or no net_kwargs with the image shape")
     module = load_method(ckpt.get("method"), method)
-    if (version := ckpt.get("version", 1)) > getattr(module, "VERSION", 1):
+    if not isinstance(version := ckpt.get("version", 1), int) or version > getattr(module, "VERSION", 1):
         fail(f"{spec}: a version {version} {ckpt['method']} checkpoint; this code reads <= {module.VERSION}")
-    net = module.build_net(ckpt["net_kwargs"])
-    net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"])
+    try:  # a wrong shape, an unknown arch
+        net = module.build_net(kw)
+        net.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["net"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        fail(f"{path}: its weights do not fit its network ({type(e).__name__}: {str(e).splitlines()[0]})")
     return module, net.eval().requires_grad_(False).to(device), ckpt, path
 
 
@@ -129,6 +137,8 @@ def generate(args):
     if rank == 0:
         if not os.access(os.path.dirname(out), os.W_OK | os.X_OK):  # a folder, writable
             fail(f"cannot write to {os.path.dirname(out)}: the folder is missing or not writable")
+        if len(os.path.basename(work)) > 255:  # OUT.partial/: the longest name written
+            fail(f"{out}: the name is too long (with .partial over 255 characters)")
         if out not in LOCKS:  # one writer per --out: held for the life of the process
             lock = LOCKS[out] = open(out + ".lock", "a+")  # noqa: SIM115
             try:
@@ -181,14 +191,12 @@ def generate(args):
         print(f"{n_batches - len(todo)} of {n_batches} batches present; {world} process(es) on {device}")
     for b in tqdm(todo[rank::world], disable=rank != 0, unit="batch"):
         lo, hi = b * args.batch, min((b + 1) * args.batch, args.num_pairs)
-        try:  # a TypeError with --sampler-kw: a keyword sample() passes on (EDM's churn) but nobody takes
+        try:  # TypeError: a keyword sample() passes on (EDM's churn) that nobody takes
             with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
                 x0, x1, y, used = make_pairs(module, model, lo, hi, args.seed, shape, label_dim, args.nfe,
                                              args.batch, device, args.sampler_kw)  # fmt: skip
-        except TypeError as e:
-            if not args.sampler_kw:
-                raise
-            fail(f"--sampler-kw {args.sampler_kw}: {ckpt['method']}.sample refuses it ({e})")
+        except (TypeError, ValueError, AssertionError) as e:  # a keyword or value it refuses, a dt underflow
+            fail(f"--sampler-kw {args.sampler_kw}: {ckpt['method']}.sample refuses it ({e!r})")
         if not torch.isfinite(x1).all():
             fail(f"the teacher made non-finite samples among pairs {lo}-{hi - 1}; no pairs file was written")
         for key, rows in (("noise", x0), ("data", x1), ("label", y), ("nfe", torch.tensor([used]))):
@@ -234,6 +242,16 @@ def sampler_kw(text):
     return out
 
 
+def number(cast, lo, hi=math.inf, lo_open=False):  # argparse type: a finite number in range
+    def parse(s):
+        v = cast(s)
+        if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and v <= hi):
+            raise argparse.ArgumentTypeError(f"{s} is not in {'(' if lo_open else '['}{lo}, {hi}]")
+        return v
+
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Make (noise, teacher sample) pairs from any checkpoint.",
@@ -243,51 +261,31 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--ckpt", help="the teacher: our checkpoint (.pt or run folder); EDM .pkl: tools/convert_edm.py")
     add("--method", help="a forked method file (path/to/file.py) that made --ckpt; default: the project's")
-    add("--num-pairs", type=int, default=1_000_000, help="number of pairs")
+    add("--num-pairs", type=number(int, 1), default=1_000_000, help="number of pairs")
     add("--out", help="output .npz (uncompressed; OUT.partial/ while it is made)")
     add("--overwrite", action="store_true", help="replace an existing --out")
-    add("--nfe", type=int, default=35, help="network evaluations per pair (EDM: 35 = 18 Heun steps)")
+    add("--nfe", type=number(int, 1), default=35, help="network evaluations per pair (EDM: 35 = 18 Heun)")
     add("--sampler-kw", type=sampler_kw, default={}, help="keywords for sample(), e.g. solver=dopri5")
-    add("--seed", type=int, default=0, help="pair i uses seed + i")
-    add("--batch", type=int, default=512, help="pairs per sampling batch (the unit of resumption)")
+    add("--seed", type=number(int, 0, 2**63 - 1), default=0, help="pair i uses seed + i")
+    add("--batch", type=number(int, 1, 2**20), default=512, help="pairs per batch (the unit of resumption)")
     add("--dtype", choices=["float32", "float16"], default="float32", help="storage dtype of noise, data")
     add("--cond", action="store_true", help="the teacher is class-conditional: draw labels")
-    add(
-        "--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="fp32 (the papers'), tf32, bf16"
-    )
+    add("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="the papers' fp32, tf32, bf16")
     add("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
     if not args.ckpt or not args.out or not args.out.endswith(".npz"):
         p.error("--ckpt and --out FILE.npz are required")
-    for name in ("num_pairs", "nfe", "batch"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
 
 
 def main(argv=None):
-    generate(parse_args(argv))
-
-
-def load_pairs(path):
-    """Memory-map the arrays of an uncompressed .npz (noise, data, label): nothing is read into RAM until
-    indexed. Returns a dict of np.memmap, with 'meta' decoded from JSON."""
-    out = {}
-    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
-        for i in z.infolist():
-            if i.compress_type != zipfile.ZIP_STORED:
-                raise ValueError(f"{path}: {i.filename} is compressed; pairs files must be uncompressed")
-            f.seek(i.header_offset + 26)  # the zip local file header: name and extra field lengths
-            f.seek(i.header_offset + 30 + sum(struct.unpack("<HH", f.read(4))))
-            major, _ = np.lib.format.read_magic(f)
-            shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{major}_0")(f)
-            if dtype.hasobject:
-                raise ValueError(f"{path}: {i.filename} holds Python objects; refusing to load it")
-            key, order, at = i.filename.removesuffix(".npy"), "F" if fortran else "C", f.tell()
-            out[key] = np.memmap(path, dtype, "r", at, shape, order) if shape else np.fromfile(f, dtype, 1)[0]
-    if "meta" in out:
-        out["meta"] = json.loads(str(out["meta"]))
-    return out
+    args = parse_args(argv)
+    try:
+        generate(args)
+    except OSError as e:  # a full disk, a read-only folder, a name too long: one line
+        fail(f"{e.filename or args.out}: {e.strerror or e}")
+    except KeyboardInterrupt:  # Ctrl-C: the batches made stay in OUT.partial/ for a rerun
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ images with VQGAN's adaptive weight (Eq. 5). Sampling (App. A.4): x = sigma_max 
 N_theta(x, sigma_t), x = x_hat + sigma_t' eta over a few indices t of EDM's schedule (Table 7).
 Convention: x0 ~ N(0, I) is the noise, x1 the image in [-1, 1], sigma in [0.002, 80] (80: the noise end).
 Choices the paper leaves open are flags, explained in docs/lmm.md. Commands: a CPU smoke run on pairs of
-gen_pairs.py; the paper's CIFAR-10 run (Table 6; the real images are the dataset the pairs' meta names);
-50,000 images at Table 7's steps (0, 1):
+gen_pairs.py; the paper's CIFAR-10 run (Table 6; D's real images: the dataset the pairs' meta names);
+50,000 images at Table 7's step indices (0, 1) on one GPU (many GPUs: gen_pairs.py, evaluate.py):
     python lmm.py --pairs pairs_shapes.npz --outdir runs/lmm-shapes --tiny --loss l2 --adv-start off
-    torchrun --standalone --nproc_per_node=4 lmm.py --pairs pairs_cifar10.npz --init edm_cifar10_cond.pt
+    torchrun --standalone --nproc_per_node=4 lmm.py --pairs pairs_cifar10.npz --cond
     python lmm.py --generate 50000 --ckpt runs/lmm --nfe 2 --out lmm-nfe2.npz    # or --step-indices 0,3,5
 """
 
@@ -194,21 +194,17 @@ CTM_BACKBONES = ("deit_base_distilled_patch16_224", "tf_efficientnet_lite0")  # 
 
 def _timm_net(name, pretrained):
     import timm
+    from huggingface_hub.constants import HF_HUB_CACHE
 
     if not timm.is_model(name):
         fail(f"--disc-backbones: {name!r} is not a timm model (CTM uses {','.join(CTM_BACKBONES)})")
     try:
         return timm.create_model(name, pretrained=pretrained)
     except Exception as e:
-        if not pretrained:
-            raise
-        from huggingface_hub import constants
-
         hub = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or name
-        fail(f"cannot load the ImageNet weights of {name} for --disc ctm ({type(e).__name__}): timm looks "
-             f"for model.safetensors (or pytorch_model.bin) of the Hugging Face repo {hub} in "
-             f"{constants.HF_HUB_CACHE}/ ($HF_HUB_CACHE); fetch it there (huggingface-cli download {hub}) "
-             "or use --disc patch")  # fmt: skip
+        fail(f"cannot load the ImageNet weights of {name} for --disc ctm ({type(e).__name__}): timm reads "
+             f"model.safetensors of the Hugging Face repo {hub} from {HF_HUB_CACHE}/ ($HF_HUB_CACHE); fetch "
+             f"it (huggingface-cli download {hub}) or use --disc patch")  # fmt: skip
 
 
 class TimmFeatures(nn.Module):
@@ -409,6 +405,11 @@ def sample(net, noise, nfe, labels=None, step_indices=None, generator=None, **sc
     s.update({"steps" if k == "sched_steps" else k: v for k, v in schedule.items()})
     if isinstance(step_indices, (str, int)):  # --sampler-kw step_indices=0:1:2 (its commas split keywords)
         step_indices = [int(t) for t in str(step_indices).split(":") if t]
+    if not (all(isinstance(v, int | float) and math.isfinite(v) for v in s.values()) and s["rho"] > 0
+            and 0 < s["sigma_min"] < s["sigma_max"] and s["steps"] == int(s["steps"]) >= 1):  # fmt: skip
+        raise ValueError(
+            f"the schedule needs finite numbers, 0 < sigma_min < sigma_max, rho > 0, steps >= 1: {s}"
+        )
     steps = nfe_steps(nfe, s["steps"], step_indices)
     return lmm_sampler(net, noise, lmm_schedule(**s), steps, labels, generator), len(steps)
 
@@ -427,25 +428,16 @@ def ode_velocity(net, x, t, labels=None):
     return (net(x, sigma, class_labels=labels) - x) * (s["sigma_max"] / sigma).reshape(-1, 1, 1, 1)
 
 
-def inputs_for_seeds(seeds, shape, label_dim=0):
-    """Image i's noise, then its label, from a generator seeded with seeds[i] (as gen_pairs: LMM image s
-    starts from teacher pair s's noise); the generators then draw its sampler noise."""
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-    labels = torch.stack([torch.randint(label_dim, [], generator=g) for g in gens]) if label_dim else None
-    return noise, labels, gens
-
-
-# --- pairs, real images and checkpoints ---
+# --- pairs, real images, checkpoints, run folders ---
 
 
 def fail(msg):
     raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
 
 
-def load_pairs(path, cond="auto"):
+def load_pairs(path, cond=False):
     """gen_pairs.py's uncompressed .npz (noise, data [N, C, H, W], label [N], meta), memory-mapped (RSS
-    O(batch)) -> (arrays with meta decoded, (C, H, W), classes: 0 if unconditional or --cond off)."""
+    O(batch)) -> (arrays with meta decoded, (C, H, W), classes: 0 unless --cond)."""
     pairs = {}
     try:
         with zipfile.ZipFile(path) as z, open(path, "rb") as f:
@@ -454,9 +446,8 @@ def load_pairs(path, cond="auto"):
                     raise ValueError(f"{info.filename} is compressed")
                 f.seek(info.header_offset + 26)  # the local header: 30 bytes, a name and an extra field
                 f.seek(info.header_offset + 30 + sum(struct.unpack("<HH", f.read(4))))
-                fmt = np.lib.format
-                read = fmt.read_array_header_1_0 if fmt.read_magic(f)[0] == 1 else fmt.read_array_header_2_0
-                shape, fortran, dtype = read(f)
+                major, _ = np.lib.format.read_magic(f)
+                shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{major}_0")(f)
                 arr = np.memmap(path, dtype, "r", f.tell(), shape, "F" if fortran else "C") if shape else None
                 pairs[info.filename[:-4]] = arr if shape else np.frombuffer(f.read(dtype.itemsize), dtype)[0]
         pairs["meta"] = json.loads(str(pairs.get("meta", "{}")))
@@ -470,13 +461,19 @@ def load_pairs(path, cond="auto"):
     C = (1, 3, 4) if (pairs["meta"].get("data") or {}).get("kind") == "latents" else (1, 3)  # SD latents: 4
     if x0.ndim != 4 or x0.shape != x1.shape or x0.shape[1] not in C or x0.shape[2] != x0.shape[3]:
         fail(f"{path}: 'noise' and 'data' must both be [N, C, H, W], C in {C}, H = W: {x0.shape}, {x1.shape}")
+    if not len(x0) or x0.dtype.kind != "f" or x1.dtype.kind != "f":
+        fail(f"{path}: 'noise' and 'data' must be float16/32/64 with at least one pair")
+    if lab is not None and (lab.shape != x0.shape[:1] or lab.dtype.kind not in "iu" or lab.min() < 0):
+        fail(f"{path}: 'label' must be class indices >= 0 of shape [{len(x0)}], got {lab.dtype} {lab.shape}")
     for lo in range(0, len(x0), 1 << 14):  # in chunks: RAM O(chunk)
         for k in ("noise", "data"):
             if not (ok := np.isfinite(pairs[k][lo : lo + (1 << 14)]).reshape(-1, x0[0].size).all(1)).all():
                 fail(f"{path}: '{k}' is not finite (NaN/inf) in pair {lo + int(np.argmin(ok))}")
-    if cond == "on" and lab is None:
-        fail(f"--cond on, but {path} has no 'label' array (the teacher was unconditional)")
-    label_dim = 0 if lab is None or cond == "off" else int(pairs["meta"].get("label_dim") or lab.max() + 1)
+    if cond and lab is None:
+        fail(f"--cond, but {path} has no 'label' array (the teacher was unconditional)")
+    label_dim = int(pairs["meta"].get("label_dim") or lab.max() + 1) if cond else 0
+    if cond and lab.max() >= label_dim:
+        fail(f"{path}: labels reach {lab.max()}, beyond its {label_dim} classes")
     return pairs, tuple(x0.shape[1:]), label_dim
 
 
@@ -498,10 +495,13 @@ def load_data(spec):
         else:
             images, lab = np.load(spec, mmap_mode="r"), spec.removesuffix(".npy") + ".labels.npy"
             labels = np.load(lab) if os.path.isfile(lab) else None
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
         fail(f"cannot read --data {spec} ({e}): use cifar10, an .npz ('images', 'labels') or an .npy")
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or not len(images):
         fail(f"{spec}: images must be uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
+    if labels is not None and not (labels.shape == images.shape[:1] and labels.dtype.kind in "iu"
+                                   and labels.min() >= 0 and labels.max() < 1 << 16):  # fmt: skip
+        fail(f"{spec}: labels must be class indices in [0, 65536), one per image; got {labels.dtype}")
     return images, None if labels is None else torch.from_numpy(labels.astype(np.int64))
 
 
@@ -513,24 +513,32 @@ def get_batch(images, labels, idx, device):
     return y, None if labels is None else labels[i].to(device)
 
 
-def load_checkpoint(path):
-    """One of our checkpoints (a run folder: its latest.pt), CRC-checked, loaded without executing code."""
+def load_checkpoint(path, methods=(METHOD,)):
+    """A checkpoint of `methods` (a run folder: its latest.pt) holding what this file reads, its zip checked
+    (CRC, every member a file), loaded without executing code."""
     path = os.path.join(path, "latest.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         fail(f"checkpoint not found: {path}")
     try:
         with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-            bad = bad and f"its member {bad} fails its CRC check"
+            dirs = (i.filename for i in z.infolist() if i.is_dir() or i.external_attr & 0x10)  # torch: files
+            bad = z.testzip() or next(dirs, None)
+            bad = bad and f"its member {bad} is damaged"
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         bad = f"not a complete torch checkpoint ({str(e) or type(e).__name__})"
     if bad:
         fail(f"{path} is corrupt: {bad}; resume from an intact ckpt-*.pt beside it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign file: never unpickled unsafely
-        why = (str(e).strip() or type(e).__name__).splitlines()[0]
-        fail(f"cannot read {path} as a weights-only torch checkpoint: {why}")
+        fail(f"cannot read {path} as a weights-only torch checkpoint: {(str(e) or repr(e)).splitlines()[0]}")
+    keys = ("method", "version", "net_kwargs", "net", "ema", "step")
+    if missing := [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]:
+        fail(f"{path} is not a checkpoint of this project: it has no {missing}")
+    if ckpt["method"] not in methods or not isinstance(ckpt["version"], int) or ckpt["version"] > VERSION:
+        fail(f"{path} is a {ckpt['method']!r} checkpoint, version {ckpt['version']}: lmm.py takes "
+             f"{'/'.join(methods)} up to version {VERSION}")  # fmt: skip
+    return ckpt
 
 
 def load_init(path, shape, label_dim):
@@ -539,41 +547,50 @@ def load_init(path, shape, label_dim):
     if path.endswith(".pkl"):
         pt = os.path.basename(path).removesuffix(".pkl") + ".pt"
         fail(f"--init {path} is an EDM snapshot: convert it with python tools/convert_edm.py {path} {pt}")
-    init = load_checkpoint(path)
-    if init.get("method") not in ("lmm", "edm_teacher", "aot_edm"):
-        fail(f"--init {path} is a {init.get('method')!r} checkpoint; it needs an EDM-family one")
+    init = load_checkpoint(path, ("lmm", "edm_teacher", "aot_edm"))
     keys = ("img_channels", "img_resolution", "label_dim", "augment_dim", "sigma_data", "model_channels")
     keys += ("arch", "channel_mult", "num_blocks", "attn_resolutions")
     arch = {k: init["net_kwargs"][k] for k in keys if k in init["net_kwargs"]}
-    theirs = (arch["img_channels"], arch["img_resolution"], arch["img_resolution"], arch.get("label_dim", 0))
+    theirs = tuple(arch.get(k, 0) for k in ("img_channels", "img_resolution", "img_resolution", "label_dim"))
     if theirs != (*shape, label_dim):
         fail(f"--init {path} makes (C, H, W, classes) {theirs} but the pairs are {(*shape, label_dim)}: make "
-             "the pairs with that teacher (gen_pairs.py --cond for its classes, no --cond off)")  # fmt: skip
+             "the pairs with that teacher (gen_pairs.py --cond for its classes, lmm.py --cond)")  # fmt: skip
     return arch, init["ema"] if init.get("ema") is not None else init["net"]
 
 
-def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held for the process's life)
-    """Rank 0: lock --outdir (a second job stops at once); never write over a run unless it is resumed or
-    --overwrite; remove a killed run's temporary files; on resume cut log.jsonl back to the resumed step."""
+def hold_lock(path, what, _held={}):  # noqa: B006 (locks held for the process's life)
+    """fcntl.flock on `path`: a second job on the same output stops at once, naming the holder."""
     import fcntl
 
-    os.makedirs(outdir, exist_ok=True)
-    if (lock := os.path.abspath(os.path.join(outdir, ".lock"))) not in _held:
-        f = _held[lock] = open(lock, "a+")  # noqa: SIM115
+    if (path := os.path.abspath(path)) not in _held:
+        f = _held[path] = open(path, "a+")  # noqa: SIM115
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            f.seek(0), _held.pop(lock)
-            fail(f"{outdir} is locked by a running job ({f.read()}); wait for it or use another --outdir")
+            f.seek(0), _held.pop(path)
+            fail(f"{what} is locked by a running job ({f.read()}); wait for it or write elsewhere")
         f.truncate(0), f.write(f"pid {os.getpid()} on {os.uname().nodename}"), f.flush()
+
+
+def claim_outdir(outdir, ckpt, resume, overwrite):
+    """Rank 0: lock --outdir; never write over a run unless it is the one resumed or --overwrite; remove a
+    killed run's temporary files; on resume cut log.jsonl back to the resumed step."""
+    os.makedirs(outdir, exist_ok=True)
+    hold_lock(os.path.join(outdir, ".lock"), outdir)
     runs = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
-    if runs and ckpt is None and not overwrite:
+    src = resume and os.path.realpath(resume if os.path.isdir(resume) else os.path.dirname(resume))
+    new = ckpt is None or src != os.path.realpath(outdir)  # a new run here, or another folder's checkpoint
+    if runs and new and not overwrite and ckpt is None:
         fail(f"{outdir} holds a run at step {int(runs[-1][5:-3])}: pass --resume {outdir} to continue it, "
              "--overwrite to replace it, or choose another --outdir")  # fmt: skip
-    for name in os.listdir(outdir):
-        if ".tmp" in name or (ckpt is None and (name in runs or name in ("latest.pt", "log.jsonl"))):
+    if runs and new and not overwrite:  # resuming another folder's run here would mix the two
+        fail(f"{outdir} holds another run (step {int(runs[-1][5:-3])}); resume {resume} into its own folder "
+             "or pass --overwrite")  # fmt: skip
+    for name in os.listdir(outdir):  # only the names this file writes
+        tmp = re.fullmatch(r"(ckpt-\d+\.pt|latest\.pt|log\.jsonl)\.tmp\d*|latest\.tmp", name)
+        if tmp or (new and (name in runs or name in ("latest.pt", "log.jsonl"))):
             os.remove(os.path.join(outdir, name))
-    if ckpt is not None and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):
+    if not new and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):
         with open(log) as f:
             keep = []
             for s in f:  # lines cut off by a kill or not ours are dropped, and steps after the checkpoint
@@ -585,19 +602,9 @@ def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held f
 
 
 def atomic_save(obj, path):  # a kill or a full disk never leaves a half-written file under the final name
-    torch.save(obj, f"{path}.tmp{os.getpid()}")
+    with open(f"{path}.tmp{os.getpid()}", "wb") as f:  # through a Python file: a full disk is an OSError
+        torch.save(obj, f)
     os.replace(f"{path}.tmp{os.getpid()}", path)
-
-
-def setup():
-    """(ddp, rank, world size, device): under torchrun one process per GPU (NCCL) or CPU process (gloo)."""
-    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if ddp:
-        torch.cuda.set_device(device) if cuda else None
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
-    return ddp, rank, world, device
 
 
 def batch_indices(n, batch, step, seed):
@@ -605,7 +612,7 @@ def batch_indices(n, batch, step, seed):
     (seed, epoch) alone, so that the order does not depend on the number of processes."""
     pos, out = step * batch + torch.arange(batch), torch.empty(batch, dtype=torch.long)
     for e in (pos // n).unique().tolist():
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed((seed * 1_000_003 + e) % 2**64))
         out[pos // n == e] = order[pos[pos // n == e] % n]
     return out
 
@@ -614,17 +621,20 @@ def batch_indices(n, batch, step, seed):
 
 
 def train(args):
-    ddp, rank, world, device = setup()
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()  # torchrun: one process per GPU or CPU
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if ddp:
+        torch.cuda.set_device(device) if cuda else None
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if ddp else (0, 1)
     batch_rank = args.batch // world
     batch_gpu = args.batch_gpu or batch_rank
     if args.batch % world or batch_rank % batch_gpu:
         fail(f"--batch {args.batch} (global) must split into {world} processes and chunks of --batch-gpu")
     ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt.get("method") != METHOD:
-        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
     pairs, shape, label_dim = load_pairs(args.pairs, args.cond)
     n_pairs, d_label_dim = len(pairs["noise"]), 0 if args.disc_uncond else label_dim
-    if args.sot and (min(args.sot) < 0 or max(args.sot) >= args.sched_steps):
+    if args.sot and max(args.sot) >= args.sched_steps:
         fail(f"--sot {args.sot}: indices must lie in 0..{args.sched_steps - 1} (--sched-steps)")
     total = round(args.duration * 1e6)
     adv = args.adv_start >= 0 and args.adv_start * 1000 < total
@@ -640,8 +650,9 @@ def train(args):
         images, real_labels = load_data(data)
         if (images.shape[3], *images.shape[1:3]) != shape:
             fail(f"{data}: images are {images.shape[1:]} but the pairs are {shape}: use the same size")
-        if label_dim and real_labels is None:
-            fail(f"the pairs are class-conditional but {data} has no labels for the discriminator")
+        if label_dim and (real_labels is None or real_labels.max() >= label_dim):
+            fail(f"the pairs are class-conditional ({label_dim} classes) but {data} has no labels for the "
+                 "discriminator or labels beyond them")  # fmt: skip
         real_labels, n_real = real_labels if label_dim else None, len(images) * (1 + (args.xflip == "copies"))
     schedule = dict(SCHEDULE, steps=args.sched_steps)
     net_kwargs = dict(img_resolution=shape[-1], img_channels=shape[0], label_dim=label_dim, arch=args.arch,
@@ -650,14 +661,15 @@ def train(args):
                       dropout=args.dropout)  # fmt: skip
     arch, init = load_init(args.init, shape, label_dim) if args.init and ckpt is None else ({}, None)
     net_kwargs = dict(net_kwargs, **arch) if ckpt is None else ckpt["net_kwargs"]  # --init: the teacher's
-    if [net_kwargs[k] for k in ("img_channels", "img_resolution", "label_dim")] != [*shape[:2], label_dim]:
-        fail(f"--resume {args.resume} was trained on other pairs: resume it with the pairs it had")
+    made_for = [net_kwargs.get(k) for k in ("img_channels", "img_resolution", "label_dim")]
+    if made_for != [*shape[:2], label_dim]:
+        fail(f"--resume {args.resume} was trained on other pairs or --cond: resume it with the pairs it had")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    net = build_net(net_kwargs).to(device).train()
     try:
+        net = build_net(net_kwargs).to(device).train()
         net.load_state_dict(init) if init is not None else None
-    except RuntimeError as e:
-        fail(f"--init {args.init}: its weights do not fit its net_kwargs ({' '.join(str(e).split())[:200]})")
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        fail(f"{args.resume or args.init}: its network does not build ({' '.join(str(e).split())[:200]})")
     if net.model.map_augment is not None:  # EDM's augmentation conditioning: LMM never uses it
         net.model.map_augment.requires_grad_(False)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -671,17 +683,22 @@ def train(args):
     lp = make_lpips(device, args.lpips_random_trunk) if args.loss == "lpips" else None
     step, nimg, adv_step0 = 0, 0, None  # adv_step0: the first adversarial step, which sets the G/D phase
     if ckpt is not None:
-        net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
-        if adv and ckpt["state"].get("disc") is not None:
-            load_disc_state(disc, ckpt["state"]["disc"]), opt_d.load_state_dict(ckpt["state"]["disc_opt"])
-        step, nimg, adv_step0 = ckpt["step"], ckpt["state"]["nimg"], ckpt["state"].get("adv_step0")
+        try:
+            net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+            if adv and ckpt["state"].get("disc") is not None:
+                load_disc_state(disc, ckpt["state"]["disc"]), opt_d.load_state_dict(ckpt["state"]["disc_opt"])
+            step, nimg, adv_step0 = ckpt["step"], ckpt["state"]["nimg"], ckpt["state"].get("adv_step0")
+        except (TypeError, ValueError, KeyError, RuntimeError) as e:
+            fail(f"--resume {args.resume} does not fit this run ({' '.join(str(e).split())[:200]})")
     if rank == 0:
-        claim_outdir(args.outdir, ckpt, args.overwrite)
-        with open(os.path.join(args.outdir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        claim_outdir(args.outdir, ckpt, args.resume, args.overwrite)
         n_par, start = sum(p.numel() for p in net.parameters()), f" from --init {args.init}" * bool(init)
         print(f"{n_pairs} pairs {shape}, {label_dim} classes, {n_par} parameters{start}, {world} process(es) "
               f"on {device}, from step {step}", flush=True)  # fmt: skip
+        if ckpt is not None and ckpt["state"].get("world", world) != world:  # the step seeds below
+            print(f"note: saved with {ckpt['state']['world']} process(es), resumed with {world}: the per-rank"
+                  " noise (sigma, DiffAugment) changes from here on; the data order does not")  # fmt: skip
         if adv:
             print(f"from {args.adv_start:g} kimg: --disc {args.disc}, G on 1 step in {args.g_period}; real"
                   f" images for the discriminator: {data} ({len(images)} images)", flush=True)  # fmt: skip
@@ -798,11 +815,14 @@ def train(args):
                     f.write(json.dumps(rec) + "\n")
             sums, counts, t_log, step_log = {}, {}, time.time(), step
         if rank == 0 and (step % args.snap_every == 0 or done or stopping):  # all a bit-exact resume needs
-            state = dict(nimg=nimg, adv_step0=adv_step0, disc=disc_state(disc) if adv else None)
-            state["disc_opt"] = opt_d.state_dict() if adv else None
+            state = dict(nimg=nimg, adv_step0=adv_step0, world=world, disc=disc_state(disc) if adv else None,
+                         disc_opt=opt_d.state_dict() if adv else None)  # fmt: skip
             ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
                         net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
                         state=state, data=meta)  # fmt: skip
+            if not all(v.isfinite().all() for v in (*ckpt["net"].values(), *ckpt["ema"].values())):
+                fail(f"non-finite weights at step {step}: not saved; the newest checkpoint is the last good"
+                     " one")  # fmt: skip
             atomic_save(ckpt, os.path.join(args.outdir, name := f"ckpt-{step:07d}.pt"))
             os.symlink(name, os.path.join(args.outdir, "latest.tmp"))
             os.replace(os.path.join(args.outdir, "latest.tmp"), os.path.join(args.outdir, "latest.pt"))
@@ -820,62 +840,50 @@ def train(args):
 
 @torch.no_grad()
 def generate(args):
-    """--generate N: the images of seeds --seed ... --seed + N - 1 (the same for any number of processes) from
-    --ckpt's EMA -> an .npz ('images' uint8 NHWC, 'seeds', 'labels'; latent pairs: 'latents' and the decoded
-    images), atomically, and a PNG grid beside it."""
+    """--generate N on one device (many: gen_pairs.py, evaluate.py): image i from seed --seed + i (its noise,
+    label and sampler noise, as gen_pairs.py's pair i) by --ckpt's EMA -> --out .npz ('images' uint8 NHWC,
+    'seeds', 'labels'; latents: 'latents' too) and a .png grid beside it."""
     from tqdm import tqdm
 
-    if os.path.exists(args.out) and not args.overwrite:
-        fail(f"{args.out} exists; pass --overwrite to replace it")
-    if not os.access(os.path.dirname(os.path.abspath(args.out)), os.W_OK):
-        fail(f"cannot write {args.out}: its folder is missing or not writable; create it")
-    ddp, rank, world, device = setup()
-    ckpt = load_checkpoint(args.ckpt)
-    if ckpt.get("method") != METHOD:
-        fail(f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; sample it with that method's file")
-    k = ckpt["net_kwargs"]
-    net = build_net(k).eval().requires_grad_(False)
-    net.load_state_dict(ckpt["ema"])
+    png, seeds = args.out.removesuffix(".npz") + ".png", range(args.seed, args.seed + args.generate)
+    hold_lock(f"{args.out}.lock", args.out)
+    if (old := [p for p in (args.out, png) if os.path.exists(p)]) and not args.overwrite:
+        fail(f"{old[0]} exists; pass --overwrite to replace it")
+    ckpt, device = load_checkpoint(args.ckpt), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = ckpt.get("data") or {}
     try:
+        net = build_net(ckpt["net_kwargs"]).eval().requires_grad_(False)
+        net.load_state_dict(ckpt["ema"])
         steps = nfe_steps(args.nfe, net.schedule["steps"], args.step_indices)
-    except ValueError as e:
-        fail(str(e))
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        fail(f"--ckpt {args.ckpt}: {' '.join(str(e).split())[:200]}")
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
     model = torch.compile(net.to(device)) if args.compile else net.to(device)
-    seeds, shape = list(range(args.seed, args.seed + args.generate))[rank::world], (k["img_channels"],)
-    shape += (k["img_resolution"],) * 2
-    latent = (meta := ckpt.get("data", {})).get("kind") == "latents"  # decoded by the VAE it was encoded with
-    vae = load_vae(meta["vae"]).to(device) if latent else None
-    hwc = (meta["image_resolution"],) * 2 + (3,) if latent else (*shape[1:], shape[0])
-    zs = [torch.empty(0, *shape)]
-    xs, ys = [torch.empty(0, *hwc, dtype=torch.uint8)], [torch.empty(0, dtype=torch.long)]
-    for i in tqdm(range(0, len(seeds), args.gen_batch), disable=rank != 0, unit="batch"):
-        noise, lab, gens = inputs_for_seeds(seeds[i : i + args.gen_batch], shape, k["label_dim"])
+    vae = load_vae(meta["vae"]).to(device) if meta.get("kind") == "latents" else None  # its encoder's VAE
+    shape, n_cls = (net.img_channels, net.img_resolution, net.img_resolution), net.label_dim
+    out = dict(images=[], seeds=[torch.tensor(seeds)], labels=[], latents=[])
+    for i in tqdm(range(0, args.generate, args.gen_batch), unit="batch"):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + args.gen_batch]]
+        noise = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+        lab = torch.stack([torch.randint(n_cls, [], generator=g) for g in gens]) if n_cls else None
         with torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-            lab = lab if lab is None else lab.to(device)
-            x, _ = sample(model, noise.to(device), len(steps), lab, steps, generator=gens)
-        if latent:  # tools/prepare_data.py stored the VAE's latents times "scale"
-            zs.append(x.cpu())
+            x, _ = sample(
+                model, noise, len(steps), lab if lab is None else lab.to(device), steps, generator=gens
+            )
+        if vae is not None:  # tools/prepare_data.py stored the VAE's latents times "scale"
+            out["latents"].append(x.cpu())
             x = vae.decode(x / meta["scale"]).sample.float()
-        xs.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
-        ys.append(torch.zeros(len(x), dtype=torch.long) if lab is None else lab.cpu())
-    parts = [(seeds, torch.cat(xs).numpy(), torch.cat(ys).numpy(), torch.cat(zs).numpy())] * world
-    torch.distributed.all_gather_object(parts, parts[0]) if ddp else None
-    if rank == 0:
-        order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
-        out = dict(images=np.concatenate([p[1] for p in parts])[order])
-        out["seeds"] = args.seed + np.arange(len(order))
-        if k["label_dim"]:
-            out["labels"] = np.concatenate([p[2] for p in parts])[order]
-        if latent:  # the raw samples too
-            out["latents"] = np.concatenate([p[3] for p in parts])[order]
-        with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
-            np.savez(f, **out)
-        os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
-        grid = torch.from_numpy(out["images"][:64]).permute(0, 3, 1, 2).float() / 255
-        save_image(grid, args.out[:-4] + ".png", nrow=math.ceil(math.sqrt(len(grid))), padding=0)
-        print(f"wrote {len(order)} images to {args.out} (steps {list(steps)}, NFE {len(steps)})", flush=True)
-    torch.distributed.destroy_process_group() if ddp else None
+        if not x.isfinite().all():
+            fail(f"--ckpt {args.ckpt} makes non-finite samples (seed {seeds[i]} on): nothing written")
+        out["images"].append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu())
+        out["labels"] += [] if lab is None else [lab]
+    out = {name: torch.cat(v).numpy() for name, v in out.items() if v}
+    with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
+        np.savez(f, **out)
+    os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
+    grid = torch.from_numpy(out["images"][:64]).permute(0, 3, 1, 2).float() / 255
+    save_image(grid, png, nrow=math.ceil(math.sqrt(len(grid))), padding=0)
+    print(f"wrote {args.generate} images to {args.out} (steps {list(steps)}, NFE {len(steps)})", flush=True)
 
 
 def load_vae(name):
@@ -902,76 +910,77 @@ PRESETS = {"cifar10": dict(lr=4e-4, channel_mult=[2, 2, 2], sched_steps=18, dura
 PRESET_ALL = dict(arch="ddpmpp", model_channels=128, num_blocks=4, attn_res=[16], adv_start=40960)
 
 
+def number(cast, lo, hi=math.inf, lo_open=False, many=False):  # argparse type: finite numbers in range
+    def parse(s):
+        v = [cast(x) for x in s.split(",") if x] if many else [cast(s)]
+        if not v or not all(math.isfinite(x) and (lo < x if lo_open else lo <= x) and x <= hi for x in v):
+            raise argparse.ArgumentTypeError(f"{s} is not in {'(' if lo_open else '['}{lo}, {hi}]")
+        return v if many else v[0]
+
+    return parse
+
+
 def parse_args(argv=None):
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = argparse.ArgumentParser(description="LMM: train or sample", allow_abbrev=False, formatter_class=fmt)
-    add, hide, ints = p.add_argument, argparse.SUPPRESS, lambda s: [int(v) for v in s.split(",") if v]
+    add, hide, ints, count = p.add_argument, argparse.SUPPRESS, number(int, 0, many=True), number(int, 1)
+    pos, nonneg, batch = number(float, 0, lo_open=True), number(float, 0), number(int, 1, 1 << 20)
     add("--pairs", help="pairs .npz of gen_pairs.py (noise, data, optional label)")
     add("--data", help="D's real images: cifar10 | FILE.npy | FILE.npz (default: the pairs' teacher's)")
     add("--xflip", default="random", choices=["off", "random", "copies"], help="mirror D's reals (CTM)")
-    add("--outdir", default="runs/lmm", help="checkpoints, grids, log.jsonl, args.json")
+    add("--outdir", default="runs/lmm", help="checkpoints, grids, log.jsonl")
     add("--preset", default="cifar10", choices=sorted(PRESETS), help="LMM Table 6 column")
-    add("--cond", default="auto", choices=["auto", "on", "off"], help="use the pairs' class labels")
-    add("--batch", type=int, default=512, help="global batch per optimizer step (Table 6: 512)")
-    add("--batch-gpu", type=int, help="pairs per forward pass (accumulating to the per-process batch)")
-    add("--lr", type=float, help="N_theta's RAdam learning rate (preset; CIFAR-10: 4e-4)")
-    add("--lr-d", type=float, default=2e-3, help="D's RAdam learning rate (Table 6: 2e-3)")
-    add("--ema-decay", type=float, default=0.999, help="EMA decay per N_theta step (Table 6: 0.999)")
-    add("--duration", type=float, help="training length, Mimg (preset; CIFAR-10: 51.2 = 100k steps)")
+    add("--cond", action="store_true", help="class-conditional: train on the pairs' labels")
+    add("--batch", type=batch, default=512, help="global batch per optimizer step (Table 6: 512)")
+    add("--batch-gpu", type=batch, help="pairs per forward pass (accumulating to the per-process batch)")
+    add("--lr", type=pos, help="N_theta's RAdam learning rate (preset; CIFAR-10: 4e-4)")
+    add("--lr-d", type=pos, default=2e-3, help="D's RAdam learning rate (Table 6: 2e-3)")
+    add("--ema-decay", type=number(float, 0, 1), default=0.999, help="EMA decay per N_theta step (Table 6)")
+    add("--duration", type=pos, help="training length, Mimg (preset; CIFAR-10: 51.2 = 100k steps)")
     add("--loss", default="lpips", choices=["lpips", "l2"], help="the distance of Eq. 3")
-    add("--lpips-res", type=int, default=224, help="LPIPS size with the adversary (App. A.4: 224)")
-    add("--lpips-res-pre", type=int, default=64, help="LPIPS image size before it (App. A.4: 64)")
+    add("--lpips-res", type=count, default=224, help="LPIPS size with the adversary (App. A.4: 224)")
+    add("--lpips-res-pre", type=count, default=64, help="LPIPS image size before it (App. A.4: 64)")
     add("--lpips-random-trunk", action="store_true", help=hide)  # tests: LPIPS with a random VGG16
     add("--sot", type=ints, default=[], help="Sampling-Optimised Training: train only at these step indices")
-    add("--sot-start", type=float, default=0.0, help="kimg where --sot starts (the +SOT recipe: 40960)")
-    add("--sched-steps", type=int, help="EDM schedule length (preset: 18; 40 at 64x64)")
-    add("--adv-start", type=lambda s: -1.0 if s == "off" else float(s), help="kimg where Eq. 5 starts; off")
+    add("--sot-start", type=nonneg, default=0.0, help="kimg where --sot starts (the +SOT recipe: 40960)")
+    add("--sched-steps", type=count, help="EDM schedule length (preset: 18; 40 at 64x64)")
+    add("--adv-start", type=lambda s: -1.0 if s == "off" else nonneg(s), help="kimg where Eq. 5 starts; off")
     add("--disc", default="ctm", choices=["ctm", "patch"], help="CTM's projected D | a patch D (offline)")
     add("--disc-backbones", type=lambda s: s.split(","), help=f"timm networks ({','.join(CTM_BACKBONES)})")
-    add("--disc-res", type=int, default=224, help="feature networks' input size (App. A.4: 224)")
+    add("--disc-res", type=number(int, 32), default=224, help="feature networks' input size (App. A.4: 224)")
     add("--disc-uncond", action="store_true", help="unconditional D heads (CTM's public CIFAR-10 code)")
     add("--disc-random-weights", action="store_true", help=hide)  # tests: random feature networks
-    add("--g-period", type=int, default=2, help="N_theta on 1 step in K, D on the others (CTM: 2); 1: both")
-    add("--lambda-lines", type=float, default=0.5, help="weight of L_lines with the adversarial loss")
-    add("--adapt-clamp", type=lambda s: [float(v) for v in s.split(",")], default=[0.01, 10.0], help="LO,HI")
+    add("--g-period", type=count, default=2, help="N_theta on 1 step in K, D on the others (CTM: 2); 1: both")
+    add("--lambda-lines", type=nonneg, default=0.5, help="weight of L_lines with the adversarial loss")
+    add("--adapt-clamp", type=number(float, 0, many=True), default=[0.01, 10.0], help="LO,HI")
     add("--init", metavar="TEACHER", help="start N_theta from this EDM-family checkpoint, its arch")
     add("--arch", choices=["ddpmpp", "adm"], help="N_theta's network (preset: ddpmpp)")
-    add("--model-channels", type=int, help="UNet base width (preset: 128; ADM 192)")
-    add("--channel-mult", type=ints, help="width multiplier per resolution (preset)")
-    add("--num-blocks", type=int, help="residual blocks per resolution (preset)")
+    add("--model-channels", type=count, help="UNet base width (preset: 128; ADM 192)")
+    add("--channel-mult", type=number(int, 1, many=True), help="width multiplier per resolution (preset)")
+    add("--num-blocks", type=count, help="residual blocks per resolution (preset)")
     add("--attn-res", type=ints, help="self-attention resolutions (preset)")
-    add("--dropout", type=float, help="dropout (preset; EDM CIFAR-10: 0.13)")
+    add("--dropout", type=number(float, 0, math.nextafter(1, 0)), help="dropout (preset; EDM CIFAR-10: 0.13)")
     add("--tiny", action="store_true", help="a tiny UNet for CPU smoke runs")
-    add("--seed", type=int, default=0, help="init, data order, draws; the first --generate seed")
-    add("--log-every", type=int, default=100, help="steps between log lines")
-    add("--snap-every", type=int, default=2000, help="steps between checkpoints and image grids")
-    add("--grid", type=int, default=64, help="images per snapshot grid at NFE 1 and 2; 0: none")
+    add("--seed", type=number(int, 0, 2**63 - 1), default=0, help="init, data order; first --generate seed")
+    add("--log-every", type=count, default=100, help="steps between log lines")
+    add("--snap-every", type=count, default=2000, help="steps between checkpoints and image grids")
+    add("--grid", type=number(int, 0), default=64, help="images per snapshot grid at NFE 1 and 2; 0: none")
     add("--resume", help="run folder (its latest.pt) or checkpoint to continue")
     add("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
-    add("--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt")
+    add("--generate", type=number(int, 0), default=0, metavar="N", help="generate N images from --ckpt")
     add("--ckpt", help="--generate: a checkpoint of this file, or its run folder")
     add("--out", default="samples.npz", help="--generate's .npz (a .png grid beside it)")
-    add("--nfe", type=int, default=1, help="network evaluations per image (1-4: Table 7's step indices)")
+    add("--nfe", type=count, default=1, help="network evaluations per image (1-4: Table 7's step indices)")
     add("--step-indices", type=ints, help="--generate: explicit step indices, e.g. 0,3,5")
-    add("--gen-batch", type=int, default=256, help="images per sampling batch")
-    add(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "tf32", "bf16"],
-        help="fp32 (the paper's), TF32, bf16 autocast",
-    )
+    add("--gen-batch", type=count, default=256, help="images per sampling batch")
+    add("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="the paper's: fp32")
     add("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
     for k, v in {**PRESET_ALL, **PRESETS[args.preset]}.items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.tiny:
         args.model_channels, args.channel_mult, args.num_blocks, args.attn_res = 16, [1, 2], 1, [8]
-    positive = ("batch", "batch_gpu", "duration", "log_every", "snap_every", "sched_steps", "lpips_res",
-                "lpips_res_pre", "gen_batch", "g_period")  # fmt: skip
-    for name in (*positive, "generate", "grid", "lr", "lr_d"):
-        if (v := getattr(args, name)) is not None and (v <= 0 if name in positive else v < 0):
-            p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'}, got {v}")
-    if len(args.adapt_clamp) != 2 or not 0 <= args.adapt_clamp[0] <= args.adapt_clamp[1]:
+    if len(args.adapt_clamp) != 2 or args.adapt_clamp[0] > args.adapt_clamp[1]:
         p.error("--adapt-clamp takes two numbers 0 <= LOW <= HIGH: LOW,HIGH (CTM: 0.01,10)")
     if not (args.ckpt if args.generate else args.pairs):
         p.error("--generate N needs --ckpt" if args.generate else "--pairs is required for training")
@@ -980,7 +989,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    generate(args) if args.generate else train(args)
+    try:
+        generate(args) if args.generate else train(args)
+    except OSError as e:  # a full disk, a read-only folder, a name too long: one line
+        fail(f"{e.filename or (args.out if args.generate else args.outdir)}: {e.strerror or e}")
+    except KeyboardInterrupt:  # Ctrl-C during --generate (training saves and exits itself)
+        raise SystemExit(130) from None
 
 
 # --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---

@@ -7,9 +7,7 @@ the CFM step (Eq. 3) on the new pairs: the total cost never increases (Theorem 1
 
 Convention: x_t = t x1 + (1 - t) x0 + sigma eps, t = 0 the noise x0 ~ N(0, I), t = 1 the image x1 in [-1, 1];
 t fed to the net as is; cost ||x - z|| (both as the official code; Sec. 3.1 squares it: --cost sqeuclidean).
-Noise id j is a function of (--seed, j) alone. Samplers: euler, midpoint, dopri5 (torchdiffeq, atol = rtol =
-1e-5). Commands: a CPU smoke run; LOOM Table 1's "LOOM-CFM, 4 caches" (adm-cfm, batch 128 on 4 GPUs, ~1000
-epochs; App. D's "fixed source": --no-reassign); 50,000 images at the paper's midpoint 8 NFE:
+Commands (every Table 1 row: docs/loom_cfm.md): a CPU smoke run; "LOOM-CFM, 4 caches"; 50,000 images:
     python loom_cfm.py --data shapes --tiny --batch 64 --duration 0.02 --outdir runs/loom-shapes
     torchrun --standalone --nproc_per_node=4 loom_cfm.py --data cifar10 --xflip random --outdir runs/loom
     python loom_cfm.py --generate 50000 --ckpt runs/loom --solver midpoint --nfe 8 --out loom8.npz
@@ -32,6 +30,7 @@ import torch
 import torch.nn.functional as F
 import torchdiffeq
 import torchvision
+import tqdm
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
@@ -82,9 +81,8 @@ def ot_permutation(x0, x1, cost="l2"):
 
 
 def loom_reassign(tau, slots, x1, z, cost="l2"):
-    """LOOM Eq. 9-10: z[j] is the noise of slot slots[j] (id tau[slots[j]]), x1[j] its image. omega solves
-    Eq. 9; tau_k = omega_k o tau_{k-1} in place (ids move only between this minibatch's slots, so tau stays a
-    permutation). -> perm: image j now holds noise z[perm[j]]."""
+    """LOOM Eq. 9-10: z[j] is the noise of slot slots[j], x1[j] its image; omega (Eq. 9) -> tau_k = omega_k o
+    tau_{k-1} in place (ids move only between these slots: tau stays a permutation); x1[j] gets z[perm[j]]."""
     perm = ot_permutation(z, x1, cost).cpu()
     tau[slots] = tau[slots][perm]
     return perm
@@ -99,9 +97,8 @@ def splitmix64(x):  # SplitMix64's output function on int64 tensors (wrapping; >
 
 
 def noise_for_ids(ids, seed, shape, device=None):
-    """Noise ids [B] -> N(0, I) noise [B, *shape] float32, a pure function of (seed, id) on every rank and
-    device: SplitMix64 of (seed, id, element) -> 53-bit uniforms -> Box-Muller in float64. The paper stores
-    a generator seed per noise (Sec. 3.3); here only tau is stored, and no per-sample loop runs."""
+    """Noise ids [B] -> N(0, I) noise [B, *shape] float32 of (seed, id) alone, on every rank and device:
+    SplitMix64 of (seed, id, element) -> 53-bit uniforms -> Box-Muller in float64 (Sec. 3.3 stores seeds)."""
     d, key = math.prod(shape), int(splitmix64(torch.tensor(int(seed), dtype=torch.long)))
     half = (d + 1) // 2
     ids = torch.as_tensor(ids, dtype=torch.long, device=device)
@@ -117,21 +114,17 @@ def generator_for(seed, *keys):  # a CPU generator of (seed, keys) alone: the sa
 
 
 def minibatch_slots(n_data, caches, batch, step, seed, random_flip=False):
-    """Alg. 1 line 3: the global minibatch -> (data indices [batch], slots = cache * n_data + index): the
-    permutation of (seed, epoch) without its last partial batch and one random cache per image (Sec. 3.2).
-    random_flip (the official code's): epochs run over n_data / 2 images, each visit mirrored with
-    probability 1/2 as data index i + n_data / 2 (with caches of its own)."""
+    """Alg. 1 line 3: the global minibatch -> (data indices [batch], slots = cache * n_data + index): epoch
+    permutations of (seed, epoch), no partial batch, a random cache per image (Sec. 3.2). random_flip (the
+    official code's): epochs over n_data / 2 images, each mirrored with prob. 1/2 as index i + n_data / 2."""
     n_epoch = n_data // 2 if random_flip else n_data
     epoch, j = divmod(step, n_epoch // batch)
-    idx = torch.randperm(n_epoch, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    idx = torch.randperm(n_epoch, generator=torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64))
     idx = idx[j * batch : (j + 1) * batch]
     if random_flip:
         idx = idx + n_epoch * (torch.rand(batch, generator=generator_for(seed, step, 5)) < 0.5)
     cache = torch.randint(caches, (batch,), generator=generator_for(seed, step, 4))
     return idx, cache * n_data + idx
-
-
-# --- the interface of every method file (sample: the ODE samplers), data and checkpoints ---
 
 
 def build_net(net_kwargs):  # the trained network: a velocity field net(x, t), t = 0 noise, t = 1 data
@@ -140,16 +133,18 @@ def build_net(net_kwargs):  # the trained network: a velocity field net(x, t), t
 
 @torch.no_grad()
 def sample(net, noise, nfe, labels=None, solver="euler", atol=1e-5, rtol=1e-5, stats=None):
-    """LOOM Eq. 1-2, dx/dt = v(x, t) from the noise at t = 0 to t = 1 -> (images, NFE). euler: nfe steps of
-    h; midpoint: nfe / 2 steps x <- x + h v(x + h/2 v(x, t), t + h/2); dopri5: torchdiffeq's, as torchcfm and
-    LOOM's code, nfe ignored, its function evaluations returned: the batch is one ODE (one error norm), so
-    they depend on the batch. stats gets the solver's steps (dopri5: attempted, 6 NFE each, LOOM's log)."""
+    """LOOM Eq. 1-2, dx/dt = v(x, t) from the noise at t = 0 to t = 1 -> (images, NFE). euler: nfe steps of h;
+    midpoint: nfe / 2 steps x <- x + h v(x + h/2 v(x, t), t + h/2); dopri5: torchdiffeq's (nfe ignored; the
+    batch is one ODE, so its NFE depends on the batch). stats: the solver's (attempted) steps, LOOM's log."""
     if solver == "dopri5":
         calls, steps, f = [], [], lambda t, x: calls.append(t) or net(x, t).to(x.dtype)
         f.callback_step = lambda t0, y0, dt: steps.append(t0)  # torchdiffeq calls it at each attempted step
         x = noise if noise.dtype == torch.float64 else noise.float()
         t = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
-        x = torchdiffeq.odeint(f, x, t, method="dopri5", atol=atol, rtol=rtol)[-1]
+        try:  # tolerances it cannot meet (0, an underflow) or of another type: a bad argument
+            x = torchdiffeq.odeint(f, x, t, method="dopri5", atol=atol, rtol=rtol)[-1]
+        except (AssertionError, TypeError) as e:
+            raise ValueError(f"dopri5 with atol={atol!r}, rtol={rtol!r}: {e}") from None
         stats.update(nfe_torchdiffeq=len(calls), solver_steps=len(steps)) if stats is not None else None
         return x, len(calls)
     if solver not in ("euler", "midpoint") or nfe < 1 or (solver == "midpoint" and nfe % 2):
@@ -170,24 +165,13 @@ def ode_velocity(net, x, t, labels=None):  # dx/dt on the common clock: this fil
     return net(x, t)
 
 
-def predict_x1(x, t, v):  # the image the velocity points at: the end of the straight path through x
-    return x + (1 - torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))) * v
-
-
 def fail(msg):
     raise SystemExit(f"error: {msg}")  # one line for the user, exit code 1, no traceback
 
 
-def data_meta(spec):
-    """tools/prepare_data.py's FILE.json beside FILE.npy ({"kind": "latents", "vae": ...}), or {}."""
-    with contextlib.suppress(OSError, ValueError):
-        return dict(json.load(open(spec[:-4] + ".json"))) if spec.endswith(".npy") else {}
-    return {}
-
-
 def load_data(spec):
-    """--data cifar10 | shapes | FILE.npy (memory-mapped) | FILE.npz ('images') -> uint8 [N, H, W, C]
-    (tools/prepare_data.py's latents: float [N, C, H, W])."""
+    """--data cifar10 | shapes | FILE.npy (memory-mapped) | FILE.npz ('images') -> (uint8 [N, H, W, C], meta);
+    tools/prepare_data.py's latents (so says FILE.json beside FILE.npy) are float [N, C, H, W]."""
     if spec == "shapes":  # the smoke-test set: a disc or square of random colour, size and place
         n, res, rng = 4096, 16, np.random.default_rng(0)
         yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
@@ -195,22 +179,25 @@ def load_data(spec):
         r = rng.uniform(0.12, 0.3, (n, 1, 1)).astype(np.float32) * res
         kind, fg, bg = rng.integers(0, 2, n), *rng.integers(0, 256, (2, n, 1, 1, 3))
         disc, square = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2, np.maximum(abs(yy - cy), abs(xx - cx)) <= r
-        return np.where(np.where(kind[:, None, None] == 0, disc, square)[..., None], fg, bg).astype(np.uint8)
-    try:
+        images = np.where(np.where(kind[:, None, None] == 0, disc, square)[..., None], fg, bg)
+        return images.astype(np.uint8), {}
+    try:  # a missing, truncated or foreign file: one line
         if spec == "cifar10":
             images = torchvision.datasets.CIFAR10(root="datasets", train=True, download=True).data
         else:
             images = np.load(spec, mmap_mode="r") if spec.endswith(".npy") else np.load(spec)["images"]
+        js = spec[:-4] + ".json"  # tools/prepare_data.py's, beside its .npy
+        meta = dict(json.load(open(js))) if spec.endswith(".npy") and os.path.isfile(js) else {}  # noqa: SIM115
     except Exception as e:
         fail(f"--data {spec}: {type(e).__name__} {e}; use cifar10 (cifar-10-python.tar.gz in datasets/), "
              "shapes, an .npy of tools/prepare_data.py or an .npz of 'images'")  # fmt: skip
     n, *hwc = images.shape
-    if data_meta(spec).get("kind") == "latents":  # tools/prepare_data.py --vae
+    if meta.get("kind") == "latents":  # tools/prepare_data.py --vae
         if images.dtype not in (np.float16, np.float32) or len(hwc) != 3 or hwc[1] != hwc[2] or not n:
             fail(f"{spec}: latents must be float [N, C, H, H]; got {images.dtype} {images.shape}")
     elif images.dtype != np.uint8 or len(hwc) != 3 or hwc[2] not in (1, 3) or hwc[0] != hwc[1] or not n:
         fail(f"{spec}: images must be square uint8 [N, H, W, C], C 1 or 3; got {images.dtype} {images.shape}")
-    return images
+    return images, meta
 
 
 def get_batch(images, idx, device):  # data indices -> [-1, 1] floats (latents as they are); i >= N: mirrored
@@ -221,37 +208,48 @@ def get_batch(images, idx, device):  # data indices -> [-1, 1] floats (latents a
 
 
 def load_checkpoint(path):
-    """One of our checkpoints (a run folder: its latest.pt), CRC-checked, loaded without executing code."""
+    """A checkpoint of this file (a run folder: its latest.pt), checked, loaded without running code."""
     path = os.path.join(path, "latest.pt") if os.path.isdir(path) else path
-    try:
+    try:  # torch.load checks neither CRCs nor the zip's structure: flipped bits would load as other weights
         with zipfile.ZipFile(path) as z:
-            bad = z.testzip()  # torch.load checks no CRC: flipped bytes would load as changed weights
+            dirs = [i.filename for i in z.infolist() if i.is_dir() or i.external_attr & 0x10]  # flipped bit 4
+            bad = z.testzip() or (dirs and dirs[0])
         if bad:
-            raise ValueError(f"its member {bad} fails its CRC check")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, cut off, corrupt or foreign (never unpickled unsafely): one line
+            fail(f"{path} is corrupt: its member {bad} is damaged; use an intact ckpt-*.pt beside it")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, cut off or foreign (never unpickled unsafely): one line
         fail(f"cannot load {path}: {e!r:.300}; use an intact ckpt-*.pt beside it")
+    ok = isinstance(ckpt, dict) and (ckpt.get("method"), ckpt.get("version")) == (METHOD, VERSION)
+    if missing := [k for k in ("net_kwargs", "net", "ema", "opt", "step", "state") if not (ok and k in ckpt)]:
+        fail(f"{path} is not a {METHOD}.py checkpoint of version {VERSION}: it lacks {', '.join(missing)}")
+    return ckpt
 
 
-def claim_outdir(outdir, ckpt, overwrite, _held={}):  # noqa: B006 (locks held for the process's life)
-    """Rank 0: lock --outdir; write over a run only if resumed or --overwrite; clean up after a kill."""
-    os.makedirs(outdir, exist_ok=True)
-    if (lock := os.path.abspath(os.path.join(outdir, ".lock"))) not in _held:
+def lock(path, _held={}):  # noqa: B006 (flocks held for the process's life): a second job on one output stops
+    if (path := os.path.abspath(path)) not in _held:
         try:
-            fcntl.flock(_held.setdefault(lock, open(lock, "a")), fcntl.LOCK_EX | fcntl.LOCK_NB)  # noqa: SIM115
-        except OSError:
-            _held.pop(lock)
-            fail(f"{outdir} is locked by a running job; wait for it or use another --outdir")
+            fcntl.flock(f := open(path, "a"), fcntl.LOCK_EX | fcntl.LOCK_NB)  # noqa: SIM115
+        except BlockingIOError:
+            fail(f"{path} is locked by a running job; wait for it or choose another output")
+        _held[path] = f
+
+
+def claim_outdir(outdir, resume, step, overwrite):
+    """Rank 0: lock --outdir; replace a run only if resumed from it or --overwrite; clean up after a kill."""
+    os.makedirs(outdir, exist_ok=True)
+    lock(os.path.join(outdir, ".lock"))
     runs = sorted(n for n in os.listdir(outdir) if re.fullmatch(r"ckpt-\d+\.pt", n))
-    if runs and ckpt is None and not overwrite:
+    src = resume and os.path.realpath(resume)  # the folder of the resumed run
+    fresh = not resume or os.path.realpath(outdir) != (src if os.path.isdir(src) else os.path.dirname(src))
+    if runs and fresh and not overwrite:
         fail(f"{outdir} holds a run at step {int(runs[-1][5:-3])}: pass --resume {outdir} to continue it, "
              "--overwrite to replace it, or choose another --outdir")  # fmt: skip
-    for name in os.listdir(outdir):
-        if ".tmp" in name or (ckpt is None and (name in runs or name in ("latest.pt", "log.jsonl"))):
+    old = (*runs, "latest.pt", "log.jsonl") if fresh else ()  # a new run replaces the old one
+    for name in os.listdir(outdir):  # exactly the names this file writes, never a user's notes.tmp
+        if name in old or re.fullmatch(r"(ckpt-\d+\.pt|log\.jsonl)\.tmp", name):
             os.remove(os.path.join(outdir, name))
-    if ckpt is not None and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):  # cut back to the ckpt
-        with open(log) as f:  # lines cut off by a kill are dropped
-            keep = [s for s in f if (m := re.match(r'{"step": (\d+),.*}\n', s)) and int(m[1]) <= ckpt["step"]]
+    if not fresh and os.path.isfile(log := os.path.join(outdir, "log.jsonl")):  # cut back to the checkpoint
+        keep = [s for s in open(log) if (m := re.match(r'{"step": (\d+),.*}\n', s)) and int(m[1]) <= step]  # noqa: SIM115
         with open(log + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(log + ".tmp", log)
@@ -271,9 +269,7 @@ def train(args):
     if args.batch % world or batch_rank % batch_gpu:
         fail(f"--batch {args.batch} must split into {world} process(es) x a multiple of --batch-gpu")
     ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and ckpt.get("method") != METHOD:
-        fail(f"--resume {args.resume} is a {ckpt.get('method')!r} checkpoint, not {METHOD!r}")
-    images, meta = load_data(args.data), data_meta(args.data)
+    images, meta = load_data(args.data)
     latent = meta.get("kind") == "latents"  # tools/prepare_data.py --vae: [N, C, H, W] floats
     res, C = (images.shape[2], images.shape[1]) if latent else (images.shape[1], images.shape[3])
     n_data, shape = len(images) * (1 if args.xflip == "off" else 2), (C, res, res)  # i + N: image i mirrored
@@ -283,21 +279,25 @@ def train(args):
     net_kwargs = dict(img_resolution=res, img_channels=C, label_dim=0, time_scale=1.0, dropout=args.dropout,
                       arch=args.arch, model_channels=args.model_channels, channel_mult=args.channel_mult,
                       num_blocks=args.num_blocks, attn_resolutions=args.attn_res)  # fmt: skip
-    if ckpt is not None:  # the run's own network, and an assignment of these images and caches
+    st = dict(tau=torch.arange(n_eff), nimg=0, n_data=n_data, caches=args.caches)  # Alg. 1: tau_0 = Id
+    if ckpt is not None:  # the run's own network and assignment
         net_kwargs, st = ckpt["net_kwargs"], ckpt["state"]
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    try:  # a checkpoint with other shapes or an unknown arch: one line
         if (st["n_data"], st["caches"], net_kwargs["img_resolution"]) != (n_data, args.caches, res):
             fail(f"--resume {args.resume} is an assignment of {st['n_data']} images x {st['caches']} caches, "
                  f"but this run has {n_data} x {args.caches}: use its --data, --xflip, --caches")  # fmt: skip
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    net = build_net(net_kwargs).to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), args.lr)
-    tau, step, nimg = torch.arange(n_eff), 0, 0  # Alg. 1: tau_0 = Id, noise id s starts in slot s
-    if ckpt is not None:
-        net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["opt"])
-        tau, step, nimg = ckpt["state"]["tau"].clone(), ckpt["step"], ckpt["state"]["nimg"]
+        net = build_net(net_kwargs).to(device).train()
+        ema = copy.deepcopy(net).eval().requires_grad_(False)
+        opt = torch.optim.Adam(net.parameters(), args.lr)
+        if ckpt is not None:
+            net.load_state_dict(ckpt["net"]), ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+        tau, nimg, step = st["tau"].clone(), st["nimg"], ckpt["step"] if ckpt else 0
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        fail(f"cannot build the network of {args.resume or 'these flags'}: {e!r:.300}")
     if rank == 0:
-        claim_outdir(args.outdir, ckpt, args.overwrite)  # the flags are in every checkpoint
+        claim_outdir(args.outdir, args.resume, step, args.overwrite)  # the flags are in every checkpoint
         print(f"{n_data} images x {args.caches} caches, {world} process(es) on {device}, from step {step}")
     torch.backends.cudnn.benchmark = True  # full fp32 unless --precision tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
@@ -312,15 +312,13 @@ def train(args):
         # Alg. 1 on the global minibatch, the same on every rank: its images and the noise their slots hold
         idx, slots = minibatch_slots(n_data, args.caches, args.batch, step, args.seed, args.xflip == "random")
         x1, z = get_batch(images, idx, device), noise_for_ids(tau[slots], args.seed, shape, device)
-        t_solve, perm = time.time(), torch.arange(args.batch)
-        if not args.no_reassign:
-            perm = ot_permutation(z, x1, args.cost).cpu() if rank == 0 else perm  # Eq. 9 on rank 0
-            if ddp:
-                torch.distributed.broadcast(perm := perm.to(device), 0)
-                perm = perm.cpu()
-            tau[slots] = tau[slots][perm]  # Eq. 10: tau_k = omega_k o tau_{k-1}
-        x0 = z[perm.to(device)]
-        rec = dict(swaps=int((perm != torch.arange(args.batch)).sum()), solve_s=time.time() - t_solve,
+        t_solve, perm = time.time(), torch.arange(args.batch, device=device)
+        if not args.no_reassign:  # Eq. 9 on rank 0 (a global solve, as the official code), sent to every rank
+            perm = ot_permutation(z, x1, args.cost) if rank == 0 else perm
+            torch.distributed.broadcast(perm, 0) if ddp else None
+            tau[slots] = tau[slots][perm.cpu()]  # Eq. 10: tau_k = omega_k o tau_{k-1}
+        x0 = z[perm]
+        rec = dict(swaps=int((perm.cpu() != torch.arange(args.batch)).sum()), solve_s=time.time() - t_solve,
                    cost_before=path_cost(z, x1, args.cost).mean().item(),
                    cost_after=path_cost(x0, x1, args.cost).mean().item())  # Fig. 9-12  # fmt: skip
         # the CFM step (Eq. 3) on this rank's rows of the global minibatch
@@ -343,9 +341,7 @@ def train(args):
         for p_ema, p in zip(ema.state_dict().values(), net.state_dict().values(), strict=True):
             p_ema.copy_(p.lerp(p_ema, args.ema_decay))  # EMA; the buffers (constant filters) stay themselves
         rec.update(loss=loss_sum, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"])
-        nimg += args.batch
-        sums = {k: sums.get(k, 0.0) + v for k, v in rec.items()}
-        step += 1
+        nimg, step, sums = nimg + args.batch, step + 1, {k: sums.get(k, 0.0) + v for k, v in rec.items()}
         flags = torch.tensor([bool(stop), not math.isfinite(loss_sum + grad_norm)], device=device).float()
         torch.distributed.all_reduce(flags) if ddp else None  # every rank stops together
         if flags[1]:
@@ -357,121 +353,125 @@ def train(args):
             rec = dict(step=step, kimg=nimg / 1000, **dict(zip(sums, vals.tolist(), strict=True)),
                        sec_per_step=(time.time() - t_log) / (step - step_log))  # fmt: skip
             if rank == 0:
-                text = " ".join(f"{k}={v:.5g}" if type(v) is float else f"{k}={v}" for k, v in rec.items())
                 eta = round((time.time() - t0) / (step - step0) * (total_steps - step))
-                text = text.replace(f"step={step}", f"step={step}/{total_steps}", 1)
-                print(text, f"eta={eta // 60}m{eta % 60:02d}s", flush=True)
+                text = " ".join(f"{k}={v:.5g}" for k, v in rec.items() if k != "step")
+                print(f"step={step}/{total_steps} {text} eta={eta // 60}m{eta % 60:02d}s", flush=True)
                 with open(os.path.join(args.outdir, "log.jsonl"), "a") as f:
                     f.write(json.dumps(rec) + "\n")
             sums, t_log, step_log = {}, time.time(), step
         if rank == 0 and (step % args.snap_every == 0 or done or stopping):  # all a bit-exact resume needs
+            if not all(v.isfinite().all() for m in (net, ema) for v in m.state_dict().values()):
+                fail(f"non-finite weights at step {step}: not saved; the newest checkpoint is the last "
+                     "good one")  # fmt: skip
             out = os.path.join(args.outdir, name := f"ckpt-{step:07d}.pt")
-            torch.save(dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
+            ckpt = dict(method=METHOD, version=VERSION, args=vars(args), net_kwargs=net_kwargs, step=step,
                 net=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), kimg=nimg / 1000,
-                state=dict(nimg=nimg, tau=tau, n_data=n_data, caches=args.caches), data=meta),
-                f"{out}.tmp")  # fmt: skip
+                state=dict(nimg=nimg, tau=tau, n_data=n_data, caches=args.caches), data=meta)  # fmt: skip
+            with open(f"{out}.tmp", "wb") as f:  # a full disk: an OSError (one line), not a RuntimeError
+                torch.save(ckpt, f)
             os.replace(f"{out}.tmp", out), os.symlink(name, f"{out}.tmp")  # atomic: never half-written
             os.replace(f"{out}.tmp", os.path.join(args.outdir, "latest.pt"))
         if stopping:
             print(f"stopped at step {step}; --resume {args.outdir} continues the run") if rank == 0 else None
             break
-    if ddp:
-        torch.distributed.barrier(), torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group() if ddp else None
     if stop:
         raise SystemExit(128 + stop[0])
 
 
 @torch.no_grad()
 def generate(args):
-    """--generate N: the images of seeds --seed ... --seed + N - 1 (fresh noise, not the training caches) from
-    --ckpt's EMA on one device -> an .npz ('images' uint8 NHWC, 'seeds'; latent data: 'latents' and the
-    decoded images) written atomically, and a PNG grid.
-    gen_pairs.py and evaluate.py sample any checkpoint on many GPUs and under --precision / --compile."""
-    if os.path.exists(args.out) and not args.overwrite:
-        fail(f"{args.out} exists; pass --overwrite to replace it")
+    """--generate N on one device (many: gen_pairs.py, evaluate.py): image i from seed --seed + i by --ckpt's
+    EMA -> .npz ('images' uint8 NHWC, 'seeds'; latents: 'latents' too) written atomically, and a .png grid."""
+    png = os.path.splitext(args.out)[0] + ".png"
+    lock(f"{args.out}.lock")
+    if not args.overwrite and (there := [f for f in (args.out, png) if os.path.exists(f)]):
+        fail(f"{there[0]} exists; pass --overwrite to replace it")
     ckpt, device = load_checkpoint(args.ckpt), torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if ckpt.get("method") != METHOD:
-        fail(f"--ckpt {args.ckpt} is a {ckpt.get('method')!r} checkpoint; sample it with that method's file")
-    k, seeds, out = ckpt["net_kwargs"], np.arange(args.seed, args.seed + args.generate), []
-    shape = (k["img_channels"], k["img_resolution"], k["img_resolution"])
-    net = build_net(k).eval().requires_grad_(False).to(device)
-    net.load_state_dict(ckpt["ema"])
-    latent = (meta := ckpt.get("data", {})).get("kind") == "latents"  # decoded by the VAE it was encoded with
-    vae = load_vae(meta["vae"]).to(device) if latent else None
-    for i in range(0, args.generate, args.gen_batch):  # with dopri5 the NFE depends on the batch: one ODE
-        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i : i + args.gen_batch]]  # as every file
+    try:  # a checkpoint with other shapes or an unknown arch: one line
+        net = build_net(k := ckpt["net_kwargs"]).eval().requires_grad_(False).to(device)
+        net.load_state_dict(ckpt["ema"])
+        meta = dict(ckpt.get("data", {}))  # latents: the VAE that decodes them
+        shape = (k["img_channels"], k["img_resolution"], k["img_resolution"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        fail(f"cannot build the network of {args.ckpt}: {e!r:.300}")
+    if latent := meta.get("kind") == "latents":  # decoded by tools/prepare_data.py's diffusers VAE
+        try:  # diffusers or the VAE missing, unreadable or not a VAE: one line
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(v := meta["vae"], local_files_only=not os.path.isdir(v))
+        except Exception as e:
+            fail(f"cannot load the VAE {meta['vae']} of {args.ckpt} ({type(e).__name__}): put its diffusers "
+                 "files there or in the Hugging Face cache")  # fmt: skip
+    seeds, out = range(args.seed, args.seed + args.generate), []
+    for i in tqdm.trange(0, args.generate, args.gen_batch, unit="batch"):  # dopri5: a batch is one ODE
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + args.gen_batch]]  # as every file
         noise = torch.stack([torch.randn(shape, generator=g) for g in gens])
-        x, nfe = sample(net, noise.to(device), args.nfe, None, args.solver)  # latents: decoded (were x scale)
-        out.append((x, vae.decode(x / meta["scale"]).sample.float() if latent else x))
-        print(f"{i + len(noise)}/{args.generate} images, {args.solver} NFE {nfe}", flush=True)
+        x, _ = sample(net, noise.to(device), args.nfe, None, args.solver)
+        if not x.isfinite().all():  # NaN weights would write black images
+            fail(f"--ckpt {args.ckpt} gave non-finite samples (its weights are broken); nothing written")
+        out.append((x, vae.to(device).decode(x / meta["scale"]).sample.float() if latent else x))
     images = (torch.cat([x for _, x in out]) * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
     raw = dict(latents=torch.cat([z for z, _ in out]).cpu().numpy()) if latent else {}  # the raw samples too
     with open(f"{args.out}.tmp{os.getpid()}", "wb") as f:
-        np.savez(f, images=images.cpu().numpy(), seeds=seeds, **raw)
+        np.savez(f, images=images.cpu().numpy(), seeds=np.array(seeds), **raw)
     os.replace(f"{args.out}.tmp{os.getpid()}", args.out)
-    torchvision.utils.save_image(images[:64].permute(0, 3, 1, 2) / 255, args.out[:-4] + ".png", nrow=8)
+    torchvision.utils.save_image(images[:64].permute(0, 3, 1, 2) / 255, png, nrow=8)
 
 
-def load_vae(name):
-    """tools/prepare_data.py's diffusers AutoencoderKL: a folder or a model id (Hugging Face cache)."""
-    from diffusers import AutoencoderKL
-    from huggingface_hub.constants import HF_HUB_CACHE
+def number(cast, lo, hi=math.inf, lo_open=False):  # argparse type: a finite number in range
+    def parse(s):
+        v = cast(s)
+        if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and v <= hi):
+            raise argparse.ArgumentTypeError(f"{s} is not in {'(' if lo_open else '['}{lo}, {hi}]")
+        return v
 
-    try:
-        return AutoencoderKL.from_pretrained(name, local_files_only=not os.path.isdir(name)).eval()
-    except Exception as e:  # missing, unreadable or not a VAE: one line with the reason
-        fail(f"cannot load the VAE {name} of this checkpoint's latents ({type(e).__name__}): put its "
-             f"diffusers files at {name} or in {HF_HUB_CACHE}/models--{name.replace('/', '--')}")  # fmt: skip
+    return parse
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="LOOM-CFM: train a flow on a persistent assignment, or generate.",
         allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    add, ints = p.add_argument, lambda s: [int(v) for v in s.split(",") if v]
+    add, ints = p.add_argument, lambda s: [number(int, 1)(v) for v in s.split(",") if v]
+    count, real, batch = number(int, 1), number(float, 0), number(int, 1, 2**20)
     add("--data", help="cifar10 (in datasets/) | shapes | FILE.npy (tools/prepare_data.py) | FILE.npz")
     add("--outdir", default="runs/loom", help="checkpoints (with the flags) and log.jsonl")
-    add("--xflip", default="off", choices=["off", "random", "copies"], help="random (official code): each "
-        "visit mirrored with prob. 1/2, the mirror with own caches; copies: both every epoch")  # fmt: skip
-    add("--caches", type=int, default=4, help="noises per image, Sec. 3.2 (Table 1: 4; official config: 6)")
+    add("--xflip", default="off", choices=["off", "random", "copies"], help="random: as the official code")
+    add("--caches", type=count, default=4, help="noises per image, Sec. 3.2 (Table 1: 4; official config: 6)")
     add("--cost", default="l2", choices=["l2", "sqeuclidean"], help="c(x, z) = ||x - z|| (App. B) or squared")
     add("--no-reassign", action="store_true", help="App. D's fixed source: tau stays the identity")
-    add("--sigma-min", type=float, default=1e-7, help="sigma of the CFM path, Eq. 3 (Table 4: 1e-7)")
-    add("--arch", choices=["ddpmpp", "ncsnpp", "adm", "adm-cfm"], help="UNet (default: adm-cfm, torchcfm's "
-        "and LOOM's 35.7M net, for --data cifar10, else ddpmpp)")  # fmt: skip
-    add("--batch", type=int, default=128, help="global batch = the LOOM minibatch (Table 4: 128)")
-    add("--batch-gpu", type=int, help="images per forward pass (accumulating to the per-process batch)")
-    add("--lr", type=float, default=2e-4, help="Adam learning rate (Table 4: 2e-4)")
-    add("--lr-rampup", type=float, default=0.64, help="linear lr warm-up, Mimg (Table 4: 5k steps of 128)")
-    add("--grad-clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
-    add("--ema-decay", type=float, default=0.9999, help="EMA decay per step (Table 4: 0.9999)")
-    add("--duration", type=float, default=50.0, help="training length, Mimg (~1000 epochs)")
-    add("--model-channels", type=int, default=128, help="UNet base width (Table 4: 128)")
+    add("--sigma-min", type=real, default=1e-7, help="sigma of the CFM path, Eq. 3 (Table 4: 1e-7)")
+    add("--arch", choices=["ddpmpp", "ncsnpp", "adm", "adm-cfm"], help="UNet (cifar10: adm-cfm, else ddpmpp)")
+    add("--batch", type=batch, default=128, help="global batch = the LOOM minibatch (Table 4: 128)")
+    add("--batch-gpu", type=batch, help="images per forward pass (accumulating to the per-process batch)")
+    add("--lr", type=number(float, 0, lo_open=True), default=2e-4, help="Adam learning rate (Table 4: 2e-4)")
+    add("--lr-rampup", type=real, default=0.64, help="linear lr warm-up, Mimg (Table 4: 5k steps of 128)")
+    add("--grad-clip", type=real, default=1.0, help="gradient-norm clip (0: none)")
+    add("--ema-decay", type=number(float, 0, 1), default=0.9999, help="EMA decay per step (Table 4: 0.9999)")
+    add("--duration", type=number(float, 0, lo_open=True), default=50.0, help="training length, Mimg")
+    add("--model-channels", type=count, default=128, help="UNet base width (Table 4: 128)")
     add("--channel-mult", type=ints, default=[1, 2, 2, 2], help="width multiplier per resolution (Table 4)")
-    add("--num-blocks", type=int, default=2, help="residual blocks per resolution (Table 4: 2)")
+    add("--num-blocks", type=number(int, 0), default=2, help="residual blocks per resolution (Table 4: 2)")
     add("--attn-res", type=ints, default=[16], help="self-attention resolutions (Table 4: 16)")
-    add("--dropout", type=float, default=0.1, help="dropout (Table 4: 0.1)")
+    add("--dropout", type=number(float, 0, 1), default=0.1, help="dropout (Table 4: 0.1)")
     add("--tiny", action="store_true", help="a tiny UNet for CPU smoke runs")
-    add("--seed", type=int, default=0, help="init, data order, caches, noise ids, t; first --generate seed")
-    add("--log-every", type=int, default=100, help="steps between log lines")
-    add("--snap-every", type=int, default=5000, help="steps between checkpoints")
+    add("--seed", type=number(int, 0, 2**63 - 1), default=0, help="init, data, noise ids, t; --generate")
+    add("--log-every", type=count, default=100, help="steps between log lines")
+    add("--snap-every", type=count, default=5000, help="steps between checkpoints")
     add("--resume", help="run folder (its latest.pt) or checkpoint to continue, with its assignment")
     add("--overwrite", action="store_true", help="replace a run in --outdir or an existing --out")
-    add("--generate", type=int, default=0, metavar="N", help="generate N images from --ckpt")
+    add("--generate", type=number(int, 0), default=0, metavar="N", help="generate N images from --ckpt")
     add("--ckpt", help="--generate: a checkpoint of this file, or its run folder")
     add("--out", default="samples.npz", help="--generate's .npz (a .png grid beside it)")
     add("--solver", default="midpoint", choices=["euler", "midpoint", "dopri5"], help="ODE solver (dopri5: "
-        "atol = rtol = 1e-5 as the official code)")  # fmt: skip
-    add("--nfe", type=int, default=8, help="network evaluations of euler / midpoint (the paper: 4, 8, 12)")
-    add("--gen-batch", type=int, default=256, help="images per sampling batch (one ODE for dopri5)")
+        "atol = rtol = 1e-5, as the official code)")  # fmt: skip
+    add("--nfe", type=count, default=8, help="network evaluations of euler / midpoint (the paper: 4, 8, 12)")
+    add("--gen-batch", type=batch, default=256, help="images per sampling batch (one ODE for dopri5)")
     add("--precision", default="fp32", choices=["fp32", "tf32", "bf16"], help="fp32 (the paper's)")
     add("--compile", action="store_true", help="torch.compile the network")
     args = p.parse_args(argv)
-    positive = ("batch", "batch_gpu", "duration", "log_every", "snap_every", "nfe", "gen_batch", "caches")
-    for name in (*positive, "generate", "lr", "lr_rampup", "sigma_min"):
-        if (v := getattr(args, name)) is not None and (v <= 0 if name in positive else v < 0):
-            p.error(f"--{name.replace('_', '-')} must be {'> 0' if name in positive else '>= 0'}, got {v}")
-    if not 0 <= args.ema_decay <= 1 or args.grad_clip < 0 or (args.solver == "midpoint" and args.nfe % 2):
-        p.error("--ema-decay must be in [0, 1], --grad-clip >= 0, --nfe even for --solver midpoint")
+    if not args.channel_mult or (args.solver == "midpoint" and args.nfe % 2):
+        p.error("--channel-mult needs a multiplier, --solver midpoint an even --nfe")
     if not (args.ckpt if args.generate else args.data):
         p.error("--generate N needs --ckpt" if args.generate else "--data is required for training")
     args.arch = args.arch or ("adm-cfm" if args.data == "cifar10" else "ddpmpp")
@@ -483,7 +483,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    generate(args) if args.generate else train(args)
+    try:
+        generate(args) if args.generate else train(args)
+    except OSError as e:  # a full disk, a read-only folder, a name too long: one line
+        fail(f"{e.filename or (args.out if args.generate else args.outdir)}: {e.strerror or e}")
+    except KeyboardInterrupt:  # Ctrl-C during --generate (training saves and exits itself)
+        raise SystemExit(130) from None
 
 
 # --- UNet: identical in every file that builds a net (EDM's SongUNet / DhariwalUNet keys) ---

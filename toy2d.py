@@ -1,49 +1,30 @@
 """toy2d.py: every method of this project on the papers' toy problems, side by side, plus analytic checks.
 
-One command on a CPU trains every method with the same small MLP, the same budget and the same seeds, and
-prints what each paper claims in numbers: how straight the learned ODE trajectories are (LMM Table 1), how
-good the samples are at 1, 2, 4 and 8 network evaluations, and whether the field at the start of sampling
-points at the data or at a false basin of attraction (the mean). It imports the methods' own functions
-(losses, couplings, samplers, `ode_velocity`) from their files; only the network is swapped for an MLP.
+One command on a CPU trains every method with the same small MLP, budget and seeds, and prints what each
+paper claims in numbers: how straight the learned ODE paths are (LMM Table 1), sample quality at 1, 2, 4
+and 8 network evaluations, and where the field at the start of sampling points (LMM's false basin, the
+mean). It imports the methods' own losses, couplings and samplers from their files, with their defaults
+(the exceptions are named at the constants below); only the UNet is swapped for an MLP.
 
-Problems (points are vectors; every method sees them as [N, D, 1, 1] "images", the layout its code is
-written for):
-  mix128  LMM Table 1: source N(0, I_128); target two equal-weight Gaussians at (-1, -1, 0, ...) and
-          (1, 1, 0, ...), std 0.1 in dims 1-2 and 1 in dims 3-128.
-  gauss2d LOOM Fig. 1: N(0, I_2) -> N(0, I_2); the ideal map is the identity, the ideal field zero.
-  moons   for pictures: eight Gaussians -> two moons in 2-D. The diffusion methods (EDM, AOT-EDM, LMM) are
-          skipped here: their source is N(0, sigma_max^2 I) by construction.
+Problems (points are passed to the methods as [N, D, 1, 1] images):
+  mix128  LMM Table 1: N(0, I_128) -> two equal Gaussians at +-(1, 1, 0, ...), std 0.1 in dims 1-2, 1 after.
+  gauss2d LOOM Fig. 1: N(0, I_2) -> N(0, I_2); the ideal map is the identity.
+  moons   eight Gaussians -> two moons (pictures; the diffusion methods start from N(0, 80^2 I): skipped).
+Methods: edm, aot, lmm (on pairs gen_pairs.make_pairs draws from edm), icfm / bot128 / bot256 / sinkhorn
+(cfm_couplings), loom, rf1 / rf2 (reflow on rf1's pairs from its weights) / dansm (dansm.py).
+Reported: straightness (LMM Table 1) and curvature on one clock for both families (see `solve`); sliced W2,
+energy distance and mode balance against fresh target samples at NFE 1, 2, 4, 8 and a fine ODE solve.
+Analytic checks: LOOM Eq. 4 (the I-CFM field on gauss2d); LMM App. A.2 Eq. 20 (E<x1*, x0> under exact
+batch OT <= sqrt(2 log n / d)); the random-pairing path length on mix128 (DANSM Table 2's "random").
 
-Methods (file; what is trained):
-  edm (edm_teacher: DSM, Heun sampler), aot (aot_edm: DSM on Hungarian-matched rounds), lmm (lmm: Eq. 3 on
-  pairs that gen_pairs.make_pairs draws from the edm teacher), icfm / bot128 / bot256 / sinkhorn
-  (cfm_couplings: independent, exact minibatch OT on blocks of 128 and 256, entropic OT), loom (loom_cfm:
-  persistent assignment), rf1 / rf2 / dansm (dansm: rectified flow on random pairs, reflow on rf1's pairs
-  starting from its weights, greedy matching).
-
-Reported per method: straightness (LMM Table 1: sum of ||dx/dt - (x1 - x0)|| dt along the ODE, raw and
-relative to ||x1 - x0||) and curvature (mean 1 - cos of successive velocities), both on the common clock
-(t = 0 noise, t = 1 data; evaluate.ode_metrics); sliced W2, energy distance and mode balance against fresh
-target samples at NFE 1, 2, 4, 8 (each method's own sampler) and a fine ODE solve.
-
-Analytic checks (pass/fail): (1) LOOM Eq. 4, the I-CFM field on gauss2d; (2) LMM App. A.2 Eq. 20,
-E<x1*, x0> under exact batch OT against sqrt(2 log n / d); (3) the random-pairing path length on mix128
-against sqrt(d (1 + var + mean^2)) (DANSM Table 2's "random" column).
-
-Commands
-  The default run (mix128, every method, all checks; a few minutes on 2 CPU cores):
-    python toy2d.py --out toy_results
-  All three problems (the 2-D ones for pictures):
-    python toy2d.py --problem all --out toy_all
-  A quick run (every method on mix128 with a small budget, the checks on a small grid; under a minute):
-    python toy2d.py --quick --out toy_results_quick
-  Some methods on one problem:
-    python toy2d.py --problem moons --methods icfm,bot256,loom,rf2 --out toy_moons
+Commands (docs/toy2d.md has the results):
+    python toy2d.py --quick --outdir toy_quick      # mix128, every method, small budget, the checks
+    python toy2d.py --outdir toy_results            # mix128, 1,500 steps per method, the full check grid
+    python toy2d.py --problem moons --methods icfm,bot256,loom,rf2 --outdir toy_moons
 """
 
 import argparse
 import copy
-import csv
 import importlib
 import json
 import math
@@ -71,12 +52,16 @@ METHODS = {  # name -> (method file, family, label)
 }
 PROBLEMS = ("mix128", "gauss2d", "moons")
 NFES = (1, 2, 4, 8)
-SIGMA_DATA = 1.0  # the toy targets have unit scale, so EDM's sigma_data (0.5 for images) is 1 here
-SINKHORN_REG = 0.05  # cfm_couplings' default, relative to the mean cost
-LOOM_CACHES = 4  # LOOM Table 4 (CIFAR-10)
-AOT_ROUND = 512  # AOT's N for CIFAR-10
-DANSM_POOL = 1024  # match-size: a pool of images and as many noises
-LMM_TEACHER_NFE = 35  # EDM's 18 Heun steps
+# The settings that differ from the files' defaults, and why:
+SIGMA_DATA = 1.0  # the toy targets have unit scale (EDM's sigma_data is 0.5 for images in [-1, 1])
+SINKHORN_REG = 0.05  # cfm_couplings' 1e-3 puts ~0.7 of the plan on the optimal permutation at CIFAR-10
+# scale; on mix128 it needs ~2,000 iterations (2 s) a step and on gauss2d it does not converge. 0.05 of the
+# mean cost takes ~0.06 s a step: a blurred plan (0.11 of its mass on the optimal permutation on mix128).
+DANSM_POOL = 1024  # DANSM's match-size (10,000 images) is more than the toy's training set
+# The files' defaults, for the parts the toy draws itself:
+LOOM_CACHES = 4  # loom_cfm --caches (LOOM Table 1)
+AOT_ROUND = 512  # aot_edm --aot-pairs (AOT Sec. 5.1)
+LMM_TEACHER_NFE = 35  # gen_pairs --nfe (EDM's 18 Heun steps)
 
 
 # --- problems: a source as a function of standard-normal z, and a target sampler ---
@@ -89,9 +74,8 @@ class Problem:
         self.gaussian_source = name != "moons"
 
     def source(self, z):
-        """x0 from standard-normal z [N, D]. moons: eight Gaussians (std 0.1 at radius 2) made exactly from a
-        2-D normal: its angle picks the centre (octant), its within-octant angle and its radius (independent
-        of the angle) rebuild a standard 2-D normal offset."""
+        """x0 from standard-normal z [N, D]. moons: eight Gaussians (std 0.1 at radius 2), exactly: z's octant
+        picks the centre; its angle within the octant and its radius rebuild a standard 2-D normal offset."""
         if self.gaussian_source:
             return z
         angle = torch.atan2(z[:, 1], z[:, 0]) % (2 * math.pi)
@@ -132,12 +116,10 @@ class Problem:
 
 
 class MLP(nn.Module):
-    """The UNet's interface, model(x [N, D, 1, 1], noise_labels [N], class_labels, augment_labels) -> [N, D,
-    1, 1]. The noise label (EDM's ln(sigma) / 4, or 1000 t) gets the UNet's positional embedding. Output:
-    an MLP of [x, embedding] plus a per-dimension gain g(label) times x. The gain makes the fields that are
-    linear in x (the exact fields of Gaussian dimensions, e.g. LOOM Eq. 4, or an LMM line's end x / (1 +
-    sigma)) exactly representable, so that what the toy shows is each method's field, not the MLP's
-    difficulty in multiplying x by a function of t."""
+    """The UNet's interface: model(x [N, D, 1, 1], noise_labels [N], ...) -> [N, D, 1, 1], with the UNet's
+    positional embedding of the noise label. An MLP of [x, embedding] plus a per-dimension gain g(label) * x:
+    the gain makes fields linear in x (Gaussian dimensions, LOOM Eq. 4) exactly representable, so the toy
+    shows each method's field, not the MLP's difficulty in multiplying x by a function of t."""
 
     def __init__(self, dim, width=256, depth=3, emb=64):
         super().__init__()
@@ -183,16 +165,15 @@ def flat(x):
 
 
 def fit(net, step_loss, cfg, name):
-    """Adam, gradients clipped at norm 1, the learning rate decayed linearly to zero over the last half, and
-    an EMA of the weights (decay 0.995, or shorter for short runs: its memory is at most a tenth of them),
-    which is what is returned; the global RNG is seeded once, so a
-    method's run is a function of cfg.seed."""
-    ema, decay = copy.deepcopy(net).requires_grad_(False), min(0.995, 1 - 10 / cfg.steps)
+    """Adam, gradients clipped at norm 1, lr decayed linearly to 0 over the last half; returns the EMA (decay
+    0.995, or a memory of a tenth of a short run). The global RNG is seeded once: a run is a function of
+    cfg.seed."""
+    ema, decay = copy.deepcopy(net).requires_grad_(False), min(0.995, 1 - 10 / cfg.train_steps)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, 2 * (1 - s / cfg.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, 2 * (1 - s / cfg.train_steps)))
     torch.manual_seed(cfg.seed + 1)
     t0, losses = time.time(), []
-    for step in range(cfg.steps):
+    for step in range(cfg.train_steps):
         loss = step_loss(step).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -203,17 +184,16 @@ def fit(net, step_loss, cfg, name):
             for p_ema, p in zip(ema.parameters(), net.parameters(), strict=True):
                 p_ema.lerp_(p, 1 - decay)
         losses.append(loss.item())
-    print(
-        f"  {name:9s} {cfg.steps} steps in {time.time() - t0:5.1f} s, final loss {sum(losses[-50:]) / 50:.4f}"
-    )
+    tail = sum(losses[-50:]) / len(losses[-50:])
+    print(f"  {name:9s} {cfg.train_steps} steps in {time.time() - t0:5.1f} s, final loss {tail:.4f}")
     return ema.eval()
 
 
 class Stream:
     """The training set (a fixed sample of the target, as a dataset is) in epochs, and fresh noise."""
 
-    def __init__(self, data, problem, seed):
-        self.data, self.problem, self.seed, self.order, self.pos = data, problem, seed, None, len(data)
+    def __init__(self, data, problem):
+        self.data, self.problem, self.order, self.pos = data, problem, None, len(data)
 
     def images(self, n):
         out = []
@@ -233,7 +213,7 @@ def train_method(name, problem, data, cfg, trained):
     """-> (module, net). `trained` holds the nets trained so far (rf2 and lmm need rf1 and edm)."""
     module = importlib.import_module(METHODS[name][0])
     net = toy_net(module, problem.dim, cfg.width, cfg.depth, cfg.seed)
-    s, B = Stream(data, problem, cfg.seed), cfg.batch
+    s, B = Stream(data, problem), cfg.batch
 
     if module.METHOD in ("edm_teacher", "aot_edm"):
         blocks = {}
@@ -252,12 +232,9 @@ def train_method(name, problem, data, cfg, trained):
             return module.edm_loss(net, img(y), sigma, img(eps), sigma_data=SIGMA_DATA)
 
     elif name == "lmm":  # LMM Eq. 3 on the EDM teacher's (noise, sample) pairs, drawn by gen_pairs
-        teacher_module, teacher = trained["edm"]
+        todo = (0, cfg.num_pairs, cfg.seed, (problem.dim, 1, 1), 0, LMM_TEACHER_NFE, 1024, "cpu")
         with torch.no_grad():
-            noise, x1, _, _ = gen_pairs.make_pairs(
-                teacher_module, teacher, 0, cfg.n_pairs, cfg.seed, (problem.dim, 1, 1), 0, LMM_TEACHER_NFE,
-                1024, "cpu",
-            )  # fmt: skip
+            noise, x1, _, _ = gen_pairs.make_pairs(*trained["edm"], *todo)
 
         def step_loss(step):
             i = torch.randint(len(noise), (B,))
@@ -271,20 +248,15 @@ def train_method(name, problem, data, cfg, trained):
                 idx, slots = module.minibatch_slots(len(data), LOOM_CACHES, B, step, cfg.seed)
                 x1 = data[idx]
                 x0 = problem.source(flat(module.noise_for_ids(tau[slots], cfg.seed, (problem.dim,))))
-                x0 = x0[module.loom_reassign(tau, slots, img(x1), img(x0), "sqeuclidean")]  # Sec. 3.1's cost
+                x0 = x0[module.loom_reassign(tau, slots, img(x1), img(x0))]
             else:
                 x1, x0 = s.images(B), s.noise(B)
                 if name in ("bot128", "bot256"):  # BatchOT: exact OT on each block of the batch
                     k = int(name[3:])
-                    x0 = torch.cat(
-                        [
-                            x0[j : j + k][module.ot_permutation(x0[j : j + k], x1[j : j + k])]
-                            for j in range(0, B, k)
-                        ]
-                    )
-                elif name == "sinkhorn":
-                    # OT-CFM (Tong et al.): pairs drawn i.i.d. from the entropic plan, as torchcfm does
-                    i0, i1 = module.couple(x0, x1, None, "sinkhorn", reg=SINKHORN_REG, replace=True)
+                    x0 = torch.cat([x0[j : j + k][module.ot_permutation(x0[j : j + k], x1[j : j + k])]
+                                    for j in range(0, B, k)])  # fmt: skip
+                elif name == "sinkhorn":  # the entropic plan, pairs drawn from it (cfm_couplings.couple)
+                    i0, i1 = module.couple(x0, x1, None, "sinkhorn", reg=SINKHORN_REG)
                     x0, x1 = x0[i0], x1[i1]
             return module.cfm_loss(net, img(x0), img(x1), torch.rand(B))  # LOOM Eq. 3 / CFM
 
@@ -293,7 +265,7 @@ def train_method(name, problem, data, cfg, trained):
             rf1_module, rf1 = trained["rf1"]
             net.load_state_dict(rf1.state_dict())
             g = torch.Generator().manual_seed(cfg.seed + 2)
-            z = problem.source(torch.randn(cfg.n_pairs, problem.dim, generator=g))
+            z = problem.source(torch.randn(cfg.num_pairs, problem.dim, generator=g))
             with torch.no_grad():
                 pair_x = flat(rf1_module.sample(rf1, img(z), cfg.reflow_steps)[0])
         pool = {}
@@ -379,13 +351,12 @@ def path_metrics(states, t):
 
 @torch.no_grad()
 def evaluate_method(name, module, net, problem, z, ref, cfg):
-    family = METHODS[name][1]
     row = dict(method=name, label=METHODS[name][2], quality={})
     noise = img(problem.source(z))
     for nfe in NFES:
         x, used = module.sample(net, noise, nfe)
         row["quality"][str(nfe)] = dict(quality(problem, flat(x), ref), nfe_used=used)
-    grid = evaluate.ode_grid(cfg.ode_steps, "rho" if family == "diffusion" else "uniform")
+    grid = evaluate.ode_grid(cfg.ode_steps, "rho" if METHODS[name][1] == "diffusion" else "uniform")
     states, t = solve(module, net, noise, grid)
     row["quality"]["fine"] = dict(quality(problem, states[:, -1], ref), nfe_used=2 * cfg.ode_steps - 1)
     row.update({k: v.mean().item() for k, v in path_metrics(states, t).items()})
@@ -395,14 +366,13 @@ def evaluate_method(name, module, net, problem, z, ref, cfg):
 
 @torch.no_grad()
 def field_at_start(module, net, problem, lim=3.0, n=15):
-    """Where the field at t = 0 points, at grid points g of the first two noise dims (the others 0): x + v,
-    the end of the current straight line (LMM Table 1's green arrows). A basin of attraction shows up as
-    many arrows ending at one point."""
+    """x + v at t = 0 (LMM Table 1's green arrows) on a grid g of the first two noise dims (the others 0): a
+    basin of attraction shows up as many arrows ending at one point."""
     a = torch.linspace(-lim, lim, n)
     g = torch.stack(torch.meshgrid(a, a, indexing="xy"), -1).reshape(-1, 2)
     z = torch.zeros(len(g), problem.dim)
     z[:, :2] = g
-    x = getattr(module, "ode_start", lambda net, z: z)(net, img(z))
+    x = module.ode_start(net, img(z))
     end = flat(x + module.ode_velocity(net, x, 0.0))[:, :2]
     return g, end
 
@@ -413,12 +383,9 @@ def plot_problem(problem, rows, nets, z, ref, cfg, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["method"] for r in rows]
-    cols = min(4, len(names))
-    nrows = math.ceil(len(names) / cols)
+    cols, lim, x0 = min(4, len(rows)), 3.5, problem.source(z)[:, :2]
+    nrows = math.ceil(len(rows) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.6 * nrows), squeeze=False)
-    x0 = problem.source(z)[:, :2]
-    lim = 3.5
     for ax, row in zip(axes.flat, rows, strict=False):
         module, net = nets[row["method"]]
         traj = row["paths"]
@@ -430,19 +397,12 @@ def plot_problem(problem, rows, nets, z, ref, cfg, path):
         ax.scatter(*traj[:, -1].T, s=6, c="tab:cyan", zorder=3, label="sample")
         ax.quiver(*g.T, *(end - g).T, color="tab:green", angles="xy", scale_units="xy", scale=4, width=0.004)
         title = f"{row['label']}\nstraightness {row['straightness']:.2f} ({row['straightness_rel']:.3f})"
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
         ax.set_title(title, fontsize=9)
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
     for ax in list(axes.flat)[len(rows) :]:
         ax.axis("off")
     axes.flat[0].legend(loc="lower left", fontsize=6, markerscale=3)
-    fig.suptitle(
-        f"{problem.name}: first two dims; black: ODE trajectories, green: x + v at t = 0 (length / 4)",
-        fontsize=10,
-    )
+    fig.suptitle(f"{problem.name}: first two dims; black: ODE paths, green: x + v at t = 0 (length / 4)")
     fig.tight_layout()
     fig.savefig(path, dpi=cfg.dpi)
     plt.close(fig)
@@ -457,9 +417,7 @@ def check_loom_eq4(module, net, tol, n=4096, seed=7):
     (1 - t)^2) (sigma = sigma_min = 0 here). Relative L2 error over y ~ p_t, t ~ U[0, 1]."""
     g = torch.Generator().manual_seed(seed)
     t = torch.rand(n, generator=g)
-    y = (
-        torch.randn(n, 2, generator=g) * (t**2 + (1 - t) ** 2).sqrt()[:, None]
-    )  # p_t = N(0, (t^2 + (1-t)^2) I)
+    y = torch.randn(n, 2, generator=g) * (t**2 + (1 - t) ** 2).sqrt()[:, None]  # p_t = N(0, t^2 + (1-t)^2)
     exact = y * ((2 * t - 1) / (t**2 + (1 - t) ** 2))[:, None]
     err = ((flat(net(img(y), t)) - exact).norm() / exact.norm()).item()
     return dict(name="LOOM Eq. 4 (I-CFM field on gauss2d)", value=err, bound=tol, passed=err <= tol)
@@ -500,67 +458,28 @@ def check_path_length(data, n=20000, seed=3, tol=0.01):
     x = data[torch.randint(len(data), (n,), generator=g)]
     z = torch.randn(n, data.shape[1], generator=g)
     measured = dansm.path_length(x, z).mean().item()
-    d = data.shape[1]
-    predicted = math.sqrt(
-        d * (1 + data.double().var(0).mean().item() + data.double().mean(0).square().mean().item())
-    )
+    x64 = data.double()
+    predicted = math.sqrt(data.shape[1] * (1 + x64.var(0).mean().item() + x64.mean(0).square().mean().item()))
     err = abs(measured / predicted - 1)
     return dict(name="random path length vs sqrt(d (1 + var + mean^2)) on mix128", value=err, bound=tol,
                 passed=err <= tol, measured=measured, predicted=predicted)  # fmt: skip
 
 
-def plot_batch_ot(check, path, dpi):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for d in sorted({c["d"] for c in check["grid"]}):
-        cs = [c for c in check["grid"] if c["d"] == d]
-        ns = [c["n"] for c in cs]
-        (line,) = a.plot(ns, [c["similarity"] for c in cs], "o-", label=f"d={d}")
-        a.plot(ns, [c["bound"] for c in cs], "--", c=line.get_color())
-        b.plot(ns, [c["velocity_lb"] for c in cs], "o-", c=line.get_color(), label=f"d={d}")
-        b.plot(ns, [max(0, 1 - 2 * c["bound"]) for c in cs], "--", c=line.get_color())
-    for ax in (a, b):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size n")
-    a.set_ylabel("E<x1*, x0> (solid), sqrt(2 log n / d) (dashed)")
-    b.set_ylabel("||x0||^2/d - 2 E<x1*, x0> (solid), 1 - 2 bound (dashed)")
-    a.legend(fontsize=7)
-    a.set_title("LMM Eq. 20: batch-OT similarity", fontsize=9)
-    b.set_title("Eq. 17: velocity^2 / d at t = 0 stays large", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-
-
 # --- the run ---
 
 
-def atomic_write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def print_table(problem, rows, ref_row):
-    cols = ["NFE1", "NFE2", "NFE4", "NFE8", "fine"]
     print(f"\n{problem}: straightness (rel.), curvature, sliced W2 at NFE 1/2/4/8/fine, energy distance and "
           f"mode-0 fraction at NFE 1 and fine")  # fmt: skip
-    head = f"{'method':17s} {'straight':>8s} {'(rel)':>6s} {'curv':>6s} " + " ".join(f"{c:>6s}" for c in cols)
+    keys = ["1", "2", "4", "8", "fine"]
+    head = f"{'method':17s} {'straight':>8s} {'(rel)':>6s} {'curv':>6s}   NFE1   NFE2   NFE4   NFE8   fine"
     print(head + f" {'ED1':>6s} {'EDfine':>6s} {'mode1':>5s} {'modeF':>5s}")
     for r in rows + [ref_row]:
-        q = r["quality"]
-        keys = ["1", "2", "4", "8", "fine"]
-        line = f"{r['label']:17s} " + (
-            f"{r['straightness']:8.3f} {r['straightness_rel']:6.3f} {r['curvature']:6.3f} "
-            if "straightness" in r
-            else f"{'':8s} {'':6s} {'':6s} "
-        )
-        line += " ".join(f"{q[k]['sw2']:6.3f}" if k in q else f"{'':6s}" for k in keys)
+        q, line = r["quality"], f"{r['label']:17s} " + " " * 23
+        if "straightness" in r:
+            line = f"{r['label']:17s} {r['straightness']:8.3f} {r['straightness_rel']:6.3f} "
+            line += f"{r['curvature']:6.3f} "
+        line += " ".join(f"{q[k]['sw2']:6.3f}" if k in q else " " * 6 for k in keys)
         a, f = q.get("1", q["fine"]), q["fine"]
         print(line + f" {a['energy']:6.3f} {f['energy']:6.3f} {a['mode0']:5.2f} {f['mode0']:5.2f}")
 
@@ -574,38 +493,32 @@ def run_problem(name, methods, cfg):
     for m, dep in (("lmm", "edm"), ("rf2", "rf1")):  # a student needs its teacher
         if m in need and dep not in need:
             need.insert(need.index(m), dep)
-    print(f"\n== {name}: training {', '.join(need)} (batch {cfg.batch}, {cfg.steps} steps each)")
-    data = problem.target(cfg.n_train, cfg.seed)
-    ref = problem.target(cfg.n_eval, cfg.seed + 100)
-    z = torch.randn(cfg.n_eval, problem.dim, generator=torch.Generator().manual_seed(cfg.seed + 200))
-    nets, rows, t0 = {}, [], time.time()
+    print(f"\n== {name}: training {', '.join(need)} (batch {cfg.batch}, {cfg.train_steps} steps each)")
+    data = problem.target(cfg.num_train, cfg.seed)
+    ref = problem.target(cfg.num_eval, cfg.seed + 100)
+    z = torch.randn(cfg.num_eval, problem.dim, generator=torch.Generator().manual_seed(cfg.seed + 200))
+    nets, t0 = {}, time.time()
     for m in need:
         nets[m] = train_method(m, problem, data, cfg, nets)
-    for m in methods:
-        rows.append(evaluate_method(m, *nets[m], problem, z, ref, cfg))
-    floor = quality(problem, problem.target(cfg.n_eval, cfg.seed + 300), ref)
-    ref_row = dict(method="target", label="(fresh target)", quality={"fine": floor})
-    print_table(name, rows, ref_row)
+    rows = [evaluate_method(m, *nets[m], problem, z, ref, cfg) for m in methods]
+    floor = quality(problem, problem.target(cfg.num_eval, cfg.seed + 300), ref)
+    print_table(name, rows, dict(method="target", label="(fresh target)", quality={"fine": floor}))
     if cfg.plots:
-        plot_problem(problem, rows, nets, z, ref, cfg, os.path.join(cfg.out, f"{name}.png"))
+        plot_problem(problem, rows, nets, z, ref, cfg, os.path.join(cfg.outdir, f"{name}.png"))
     print(f"{name}: {time.time() - t0:.1f} s")
-    return dict(rows=rows, target_floor=floor, dim=problem.dim), nets, data
+    return dict(rows=rows, target_floor=floor, dim=problem.dim), nets
 
 
-def run_checks(results, nets, cfg):
-    checks = []
-    if "gauss2d" in nets and "icfm" in nets["gauss2d"]:
-        checks.append(check_loom_eq4(*nets["gauss2d"]["icfm"], tol=cfg.eq4_tol))
-    else:
+def run_checks(nets, cfg):
+    if "icfm" not in nets.get("gauss2d", {}):
         print("\n== check (1): training I-CFM on gauss2d")
         problem = Problem("gauss2d")
-        m = train_method("icfm", problem, problem.target(cfg.n_train, cfg.seed), cfg, {})
-        checks.append(check_loom_eq4(*m, tol=cfg.eq4_tol))
+        data = problem.target(cfg.num_train, cfg.seed)
+        nets = {"gauss2d": {"icfm": train_method("icfm", problem, data, cfg, {})}}
+    checks = [check_loom_eq4(*nets["gauss2d"]["icfm"], tol=cfg.eq4_tol)]
     dims, sizes = ((2, 32, 512), (16, 256)) if cfg.quick else ((2, 8, 32, 128, 512), (16, 64, 256, 1024))
     checks.append(check_batch_ot(dims, sizes))
-    if cfg.plots:
-        plot_batch_ot(checks[-1], os.path.join(cfg.out, "batch_ot_bound.png"), cfg.dpi)
-    checks.append(check_path_length(Problem("mix128").target(cfg.n_train, cfg.seed)))
+    checks.append(check_path_length(Problem("mix128").target(cfg.num_train, cfg.seed)))
     print("\n== analytic checks")
     for c in checks:
         print(f"  [{'pass' if c['passed'] else 'FAIL'}] {c['name']}: {c['value']:.4f} (limit {c['bound']:g})")
@@ -613,72 +526,69 @@ def run_checks(results, nets, cfg):
 
 
 def run(cfg):
-    os.makedirs(cfg.out, exist_ok=True)
-    t0 = time.time()
-    results, nets = {}, {}
+    os.makedirs(cfg.outdir, exist_ok=True)
+    t0, results, nets = time.time(), {}, {}
     for name in cfg.problem:
-        results[name], nets[name], _ = run_problem(name, cfg.methods, cfg)
-    checks = run_checks(results, nets, cfg) if cfg.checks else []
+        results[name], nets[name] = run_problem(name, cfg.methods, cfg)
+    checks = run_checks(nets, cfg) if cfg.checks else []
     for res in results.values():
         for r in res["rows"]:
             r.pop("paths")
     out = dict(config=vars(cfg), problems=results, checks=checks, seconds=time.time() - t0)
-    atomic_write(os.path.join(cfg.out, "results.json"), json.dumps(out, indent=1))
-    with open(os.path.join(cfg.out, "results.csv.tmp"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["problem", "method", "nfe", "nfe_used", "sw2", "energy", "mode0", "straightness",
-                    "straightness_rel", "curvature"])  # fmt: skip
-        for p, res in results.items():
-            for r in res["rows"]:
-                for k, q in r["quality"].items():
-                    w.writerow([p, r["method"], k, q["nfe_used"], q["sw2"], q["energy"], q["mode0"],
-                                r["straightness"], r["straightness_rel"], r["curvature"]])  # fmt: skip
-    os.replace(os.path.join(cfg.out, "results.csv.tmp"), os.path.join(cfg.out, "results.csv"))
-    print(f"\nwrote {cfg.out}/results.json, results.csv and figures in {time.time() - t0:.1f} s")
+    path = os.path.join(cfg.outdir, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"\nwrote {path} and the figures in {time.time() - t0:.1f} s")
     return out
+
+
+def number(cast, lo, hi=math.inf):  # argparse type: a finite number in [lo, hi]
+    def parse(s):
+        v = cast(s)
+        if not (math.isfinite(v) and lo <= v <= hi):
+            raise argparse.ArgumentTypeError(f"{s} is not in [{lo}, {hi}]")
+        return v
+
+    return parse
+
+
+QUICK = dict(train_steps=(1500, 200), num_train=(8192, 4096), num_eval=(2000, 500), num_pairs=(32768, 4096),
+             ode_steps=(100, 20), reflow_steps=(100, 30))  # fmt: skip
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--problem", default="mix128", help=f"comma list of {', '.join(PROBLEMS)}, or all")
-    p.add_argument("--methods", default="all", help=f"comma list of {', '.join(METHODS)}, or all")
-    p.add_argument("--quick", action="store_true", help="small budget and check grid (< 60 s on mix128)")
-    p.add_argument("--out", default="toy_results", help="folder for results.json, results.csv and PNGs")
-    p.add_argument("--steps", type=int, help="training steps per method (default 1500; quick 300)")
-    p.add_argument(
-        "--batch", type=int, default=256, help="training batch (BOT-CFM 256 solves OT on all of it)"
-    )
-    p.add_argument("--n-train", type=int, help="training-set size (default 8192; quick 4096)")
-    p.add_argument("--n-pairs", type=int, help="teacher pairs for lmm and rf2 (default 32768; quick 8192)")
-    p.add_argument("--n-eval", type=int, help="samples per metric (default 2000; quick 1000)")
-    p.add_argument("--width", type=int, default=256, help="MLP width")
-    p.add_argument("--depth", type=int, default=3, help="MLP hidden layers")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--ode-steps", type=int, help="Heun steps of the fine solve (default 100; quick 40)")
-    p.add_argument("--reflow-steps", type=int, default=100, help="Euler steps rf1 takes to make rf2's pairs")
-    p.add_argument("--eq4-tol", type=float, default=0.15, help="check (1): relative L2 error allowed")
-    p.add_argument("--no-checks", dest="checks", action="store_false", help="skip the analytic checks")
-    p.add_argument("--no-plots", dest="plots", action="store_false", help="skip the figures")
-    p.add_argument("--dpi", type=int, default=110)
-    p.add_argument("--seed", type=int, default=0)
+    add, count = p.add_argument, number(int, 1, 2**31)
+    add("--problem", default="mix128", help=f"comma list of {', '.join(PROBLEMS)}, or all")
+    add("--methods", default="all", help=f"comma list of {', '.join(METHODS)}, or all")
+    add("--quick", action="store_true", help="the small budget below and check grid (~90 s on one core)")
+    add("--outdir", default="toy_results", help="folder for results.json and the figures")
+    add("--train-steps", type=count, help="training steps per method (default 1500; quick 200)")
+    add("--batch", type=int, default=256, choices=(256, 512), help="training batch (BOT-CFM 256: all of it)")
+    add("--num-train", type=count, help="training-set size, >= 2 x --batch (default 8192; quick 4096)")
+    add("--num-pairs", type=count, help="teacher pairs for lmm and rf2 (default 32768; quick 4096)")
+    add("--num-eval", type=count, help="samples per metric (default 2000; quick 500)")
+    add("--width", type=count, default=256, help="MLP width")
+    add("--depth", type=count, default=3, help="MLP hidden layers")
+    add("--lr", type=number(float, 1e-12, 1.0), default=1e-3, help="Adam learning rate")
+    add("--ode-steps", type=count, help="Heun steps of the fine solve (default 100; quick 20)")
+    add("--reflow-steps", type=count, help="Euler steps of rf1 for rf2's pairs (default 100; quick 30)")
+    add("--eq4-tol", type=number(float, 0.0), default=0.15, help="check (1): relative L2 error allowed")
+    add("--no-checks", dest="checks", action="store_false", help="skip the analytic checks")
+    add("--no-plots", dest="plots", action="store_false", help="skip the figures")
+    add("--dpi", type=count, default=110, help="figure resolution")
+    add("--seed", type=number(int, 0, 2**31), default=0, help="data, nets, training and evaluation draws")
     args = p.parse_args(argv)
-    quick = args.quick
     args.problem = list(PROBLEMS) if args.problem == "all" else args.problem.split(",")
     args.methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
     for kind, given, known in (("problem", args.problem, PROBLEMS), ("method", args.methods, METHODS)):
-        bad = [x for x in given if x not in known]
-        if bad:
+        if bad := [x for x in given if x not in known]:
             p.error(f"unknown {kind} {', '.join(bad)}; expected {', '.join(known)} or all")
-    for key, full, small in (("steps", 1500, 300), ("n_train", 8192, 4096), ("n_eval", 2000, 1000),
-                             ("ode_steps", 100, 40), ("n_pairs", 32768, 8192)):  # fmt: skip
-        if getattr(args, key) is None:
-            setattr(args, key, small if quick else full)
-    if args.batch not in (256, 512):
-        p.error(
-            f"--batch must be 256 or 512 (BOT-CFM's blocks of 256, AOT's rounds of 512), got {args.batch}"
-        )
-    if args.steps < 1 or args.n_train < args.batch * 2:
-        p.error("need --steps >= 1 and --n-train >= 2 x --batch")
+    for key, (full, quick) in QUICK.items():
+        setattr(args, key, getattr(args, key) or (quick if args.quick else full))
+    if args.num_train < args.batch * 2:
+        p.error(f"--num-train must be at least 2 x --batch = {2 * args.batch}")
     return args
 
 

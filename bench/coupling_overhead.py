@@ -11,7 +11,7 @@ against independent CFM, dansm against plain rectified flow, aot_edm against edm
 Part 1 runs each method's own training loop (`main`) on CIFAR-10 shapes (10,240 synthetic 3 x 32 x 32
 images, unconditional) and keeps the median `sec_per_step` of its log after --warmup steps; everything a
 coupling costs is inside it (noise, cost matrix, solve, reordering). Where the solve falls on one step in
-several (--ot-batch, AOT's rounds, DANSM's pools), its amortised share (the mean logged solve_s / match_s)
+several (AOT's rounds, DANSM's pools), its amortised share (the mean logged solve_s / match_s)
 is added to the median. Part 2 times the solvers alone on the training device: exact OT, Sinkhorn and DANSM's
 greedy matching for n = 128 .. 2048, then DANSM greedy vs Hungarian for pools of 1,000 .. 10,000.
 
@@ -52,7 +52,6 @@ GROUPS = {
     "flow": {
         "independent": (cfm_couplings, ["--coupling", "independent"], False),
         "ot": (cfm_couplings, ["--coupling", "ot"], False),
-        "ot (ot-batch 1024)": (cfm_couplings, ["--coupling", "ot", "--ot-batch", "1024"], True),
         "sinkhorn": (cfm_couplings, ["--coupling", "sinkhorn"], False),  # the default reg (1e-3)
         "loom (4 caches)": (loom_cfm, ["--caches", "4"], False),
     },

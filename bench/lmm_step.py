@@ -93,7 +93,7 @@ def main(argv=None):
                         [
                             "--pairs", pairs, "--data", data, "--outdir", outdir, "--batch", str(args.batch),
                             "--duration", str(args.batch * args.steps / 1e6), "--log-every", "1",
-                            "--grid", "0", "--lpips-random-trunk", *NETS[net], *flags,
+                            "--grid", "0", "--lpips-random-trunk", "--cond", *NETS[net], *flags,
                         ]
                     )  # fmt: skip
                 with open(os.path.join(outdir, "log.jsonl")) as f:  # generator steps log L_lines

@@ -326,3 +326,53 @@ def test_every_import_failure_is_one_line(tmp_path, fake_persistence, name, snap
     msg = str(e.value)
     assert msg.startswith("error: ") and "\n" not in msg and str(path) in msg, (name, msg)
     assert not os.path.exists(PWNED)
+
+
+class _Alarm(BaseException):  # not an Exception: import_edm_pickle must not turn it into its one-line error
+    pass
+
+
+def _dag(depth, leaf):
+    """A tree of `depth` levels whose two children are one object: depth objects, 2**depth paths."""
+    for _ in range(depth):
+        leaf = dict(_parameters={}, _buffers={}, _modules={"a": FakePersistent("Block", leaf), "b": None})
+        leaf["_modules"]["b"] = leaf["_modules"]["a"]
+    return leaf
+
+
+def test_a_small_pickle_of_shared_children_is_refused_at_once(tmp_path, fake_persistence):
+    # 2**40 paths through 40 objects (a few KB): following every path would never end (time doubles per level)
+    import signal
+
+    nested = [1]
+    for _ in range(40):
+        nested = [nested, nested]
+    net = random_net(dict(img_resolution=16, img_channels=3, label_dim=4, augment_dim=9, **TINY_NET))
+    write_snapshot(tmp_path / "kwargs.pkl", net, dict(EDM_KWARGS, extra=nested))  # a real tree, odd kwargs
+    (tmp_path / "modules.pkl").write_bytes(
+        pickle.dumps(dict(ema=FakePersistent("EDMPrecond", dict(_dag(40, {}), _init_kwargs=EDM_KWARGS))))
+    )
+    assert (tmp_path / "modules.pkl").stat().st_size < 8000
+    old = signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(_Alarm()))
+    try:
+        for name, words in (
+            ("modules.pkl", "appears twice: not a tree"),
+            ("kwargs.pkl", "init kwargs hold other values"),
+        ):
+            signal.alarm(30)
+            with pytest.raises(SystemExit, match=words) as e:
+                C.import_edm_pickle(str(tmp_path / name))
+            signal.alarm(0)
+            assert "\n" not in str(e.value)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, fake_persistence):
+    net = random_net(dict(img_resolution=16, img_channels=3, label_dim=4, augment_dim=9, **TINY_NET))
+    write_snapshot(tmp_path / "snap.pkl", net, EDM_KWARGS)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot write") as e:
+        C.main([str(tmp_path / "snap.pkl"), str(tmp_path / "file" / "out.pt")])
+    assert "\n" not in str(e.value)

@@ -254,7 +254,7 @@ def test_checks_come_before_any_sampling_and_rows_done_are_kept(tmp_path, npz_da
             ["--protocol", "lmm", "--ckpt", two_ckpts[0], "--out", str(tmp_path / "p.json")]
         )  # not CIFAR-10
     (tmp_path / "file").write_text("")  # an --out whose folder is a file: nobody can write there
-    with pytest.raises(SystemExit, match="cannot write to"):
+    with pytest.raises(SystemExit, match="o.json.lock: Not a directory"):  # an OSError, one line
         V.main(
             ["--ckpt", two_ckpts[0], "--metrics", "straightness", "--out", str(tmp_path / "file" / "o.json")]
         )
@@ -326,14 +326,14 @@ def test_loom_fid_is_torchevals_arithmetic_on_torchvisions_inception(monkeypatch
     extract = V.build_extractor("random-inception", "cpu")
     ours = V.torcheval_fid(extract(real)[0], extract(fake)[0])
     # torcheval's own network with the same random weights: its constructor, its resize, its sums
-    ours_net, real_v3 = V.TorchvisionInception(random=True), torchvision.models.inception_v3
+    ours_net, real_v3 = V.torchvision_inception(random=True)[1], torchvision.models.inception_v3
 
     def quick(weights):  # torchvision's slow default init skipped: the weights are loaded below
         return real_v3(weights=weights, aux_logits=True, init_weights=False)
 
     monkeypatch.setattr(torcheval_fid.models, "inception_v3", quick)
     theirs = torcheval_fid.FIDInceptionV3(weights=None)
-    theirs.model.load_state_dict(ours_net.model.state_dict())
+    theirs.model.load_state_dict(ours_net.state_dict())
     theirs.model.transform_input = True  # as torchvision sets it for its ImageNet weights
     metric = FrechetInceptionDistance(model=theirs)
     metric.update(torch.from_numpy(real).permute(0, 3, 1, 2).float() / 255, is_real=True)
@@ -370,8 +370,8 @@ def test_paper_figures_follow_the_conditioning_and_never_meet_random_features(
     seen = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: seen.append(fig.axes[0]))
     rows = [dict(ckpt="a", method="edm_teacher", label="EDM cond", nfe=35, fid=2.0)]
-    V.write_figures(rows, str(tmp_path / "r.json"))
-    V.write_figures(rows, str(tmp_path / "r.json"), random_features=True)
+    V.write_figures(rows, str(tmp_path / "r.png"))
+    V.write_figures(rows, str(tmp_path / "r.png"), random_features=True)
     assert (
         seen[0].get_ylabel() == "FID" and len(seen[0].lines) == 3
     )  # our line, the paper's cross, the legend key
@@ -416,8 +416,8 @@ def test_protocols_set_their_papers_defaults_and_flags_override():
     lmm = V.parse_args(["--protocol", "lmm", "--ckpt", "x.pt"])
     assert lmm.metrics == ["fid", "is"] and lmm.fid_stat == "mean" and lmm.fid_seeds == 3
     loom = V.parse_args(["--protocol", "loom", "--ckpt", "x.pt", "--fid-seeds", "2"])
-    assert (loom.features, loom.ref_data, loom.ref_split, loom.ref_num, loom.ref_seed, loom.num_images) == (
-        "torcheval", "cifar10", "test", 10000, 42, 50000,
+    assert (loom.features, loom.ref_data, loom.ref_split, loom.ref_num, loom.num_images) == (
+        "torcheval", "cifar10", "test", 10000, 50000,
     )  # fmt: skip
     assert loom.fid_seeds == 2 and loom.ode_grid == "uniform"  # a flag given wins over the protocol
     with pytest.raises(SystemExit):
@@ -522,3 +522,60 @@ def test_every_flow_files_dopri5_is_torchdiffeqs_and_reports_both_nfe_figures(me
                                        "rtol": 1e-9}, stats)  # fmt: skip
     assert used == ["dopri5"] and torch.allclose(x, x0 * math.e, rtol=1e-7)
     assert calls == reported == stats["nfe_torchdiffeq"] == 2 + 6 * stats["solver_steps"]
+
+
+def test_outputs_are_never_overwritten_and_a_second_job_stops_at_once(tmp_path, npz_data, two_ckpts):
+    import fcntl
+
+    (tmp_path / "r-fid_vs_nfe.png").write_bytes(b"an earlier figure")  # the figure, not only the JSON
+    with pytest.raises(SystemExit, match="r-fid_vs_nfe.png exists; pass --overwrite"):
+        run_eval(tmp_path, npz_data, [two_ckpts[0]], name="r.json")
+    assert (tmp_path / "r-fid_vs_nfe.png").read_bytes() == b"an earlier figure"
+    fd = os.open(tmp_path / "q.json.lock", os.O_RDWR | os.O_CREAT)  # a running job on q.json
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"pid 4242 on node7")
+    with pytest.raises(SystemExit, match=r"q.json is locked by a running job \(pid 4242 on node7\)"):
+        run_eval(tmp_path, npz_data, [two_ckpts[0]], name="q.json")
+    os.close(fd)
+    (tmp_path / "q.json.tmp_backup").write_text("a user's file")
+    res, _ = run_eval(tmp_path, npz_data, [two_ckpts[0]], ["--nfe", "1"], name="q.json")  # the holder ended
+    assert (
+        res["figures"] == [str(tmp_path / "q-fid_vs_nfe.png")] and (tmp_path / "q.json.tmp_backup").exists()
+    )
+
+
+def test_wrong_checkpoints_sampler_values_and_os_errors_are_one_line(
+    tmp_path, npz_data, two_ckpts, monkeypatch
+):
+    from test_gen_pairs import wrong_checkpoints
+
+    for path, words in wrong_checkpoints(two_ckpts[0], tmp_path).items():
+        with pytest.raises(SystemExit, match=re.escape(words)) as e:
+            run_eval(tmp_path, npz_data, [path], name="w.json")
+        assert "\n" not in str(e.value) and path in str(e.value)
+    flow, _ = flow_ckpt(tmp_path)
+    for kw in (
+        "solver=dopri5,atol=0",
+        "solver=rk99",
+        "solver=dopri5,atol=abc",
+        "solver=dopri5,atol=1e-300,rtol=1e-300",
+    ):
+        with pytest.raises(SystemExit, match="cannot sample with NFE 1 and --sampler-kw") as e:
+            run_eval(tmp_path, npz_data, [flow], ["--sampler-kw", kw], name="s.json")
+        assert "\n" not in str(e.value)
+    for flag, value in (("--seed", "-1"), ("--batch", str(2**20 + 1)), ("--nfe", "1,0"), ("--nfe", "nan"),
+                        ("--ref-num", "-1"), ("--ode-steps", "inf")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            V.parse_args(["--ckpt", "x.pt", flag, value])
+        assert e.value.code == 2, (flag, value)
+    with pytest.raises(SystemExit, match="the name is too long"):  # its figure's name: before any work
+        run_eval(tmp_path, npz_data, [two_ckpts[0]], name="r" * 245 + ".json")
+    monkeypatch.setattr(
+        json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+    )
+    with pytest.raises(SystemExit, match=r"full.json: No space left on device$"):  # a full disk
+        run_eval(tmp_path, npz_data, [two_ckpts[0]], name="full.json")
+    monkeypatch.setattr(V, "check_before_work", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:  # Ctrl-C: exit 130, no traceback
+        run_eval(tmp_path, npz_data, [two_ckpts[0]], name="c.json")
+    assert e.value.code == 130

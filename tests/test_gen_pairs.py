@@ -3,7 +3,9 @@
 import json
 import math
 import os
+import pathlib
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -12,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+import cfm_couplings as C
 import edm_teacher as E
 import gen_pairs as G
-from conftest import ROOT, run_script
+from conftest import ROOT, TINY_NET, run_script
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -60,7 +63,7 @@ def test_pairs_identical_for_one_and_two_ranks_and_two_batch_sizes(teacher_ckpt,
     assert (
         meta["nfe_used"] == 5 and meta["seed"] == 100 and meta["num"] == 14 and len(meta["weights_crc"]) == 8
     )
-    mm = G.load_pairs(str(tmp_path / "a.npz"))  # memory-mapped, the meta decoded
+    mm = C.load_pairs(str(tmp_path / "a.npz"))  # memory-mapped by its readers, the meta decoded
     assert isinstance(mm["data"], np.memmap) and np.array_equal(mm["data"], a["data"]) and mm["meta"] == meta
     # pair i is edm_teacher's image seed + i: same noise and label, and data = its sampler output
     noise, labels = E.noise_for_seeds(range(100, 114), (3, 16, 16), label_dim=3)
@@ -162,7 +165,7 @@ def test_pairs_of_a_gaussian_teacher_are_its_ode_endpoints():
     assert (x1.double() - exact).abs().max() < 1e-3 * (exact - 0.2).abs().max()
 
 
-def test_load_pairs_memory_maps_instead_of_reading(tmp_path):
+def test_the_readers_memory_map_the_pairs_instead_of_reading(tmp_path):
     n, shape = 4096, (3, 32, 32)  # 2 x 48 MiB of float32
     path = tmp_path / "big.npz"
     rng = np.random.default_rng(0)
@@ -174,10 +177,10 @@ def test_load_pairs_memory_maps_instead_of_reading(tmp_path):
     probe = (
         "import os, sys, numpy as np\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "import gen_pairs\n"
+        "import cfm_couplings\n"
         "rss = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) * 1024\n"
         "before = rss()\n"
-        f"p = gen_pairs.load_pairs({str(path)!r})\n"
+        f"p = cfm_couplings.load_pairs({str(path)!r})\n"
         "rows = p['data'][[5, 1000, 4000]]\n"
         "print(rss() - before, float(rows.sum()), p['noise'].shape, p['label'][4095])\n"
     )
@@ -189,11 +192,11 @@ def test_load_pairs_memory_maps_instead_of_reading(tmp_path):
     assert float(out[1]) == pytest.approx(float(np.concatenate(chunks)[[5, 1000, 4000]].sum()), rel=1e-5)
     # np.savez files (uncompressed) read the same way
     np.savez(tmp_path / "small.npz", noise=chunks[0][:3], label=np.arange(3))
-    small = G.load_pairs(str(tmp_path / "small.npz"))
+    small = C.load_pairs(str(tmp_path / "small.npz"))
     assert np.array_equal(small["noise"], chunks[0][:3]) and small["label"].tolist() == [0, 1, 2]
     np.savez_compressed(tmp_path / "zip.npz", noise=chunks[0][:3])
     with pytest.raises(ValueError, match="compressed"):
-        G.load_pairs(str(tmp_path / "zip.npz"))
+        C.load_pairs(str(tmp_path / "zip.npz"))
 
 
 def one_line_error(excinfo, *words):
@@ -246,13 +249,14 @@ def interrupted_run(flags, monkeypatch, after=1):
 
     def make_then_stop(*a, **k):
         if len(calls) == after:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # Ctrl-C: exit 130, the batches made stay
         calls.append(1)
         return real(*a, **k)
 
     monkeypatch.setattr(G, "make_pairs", make_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:
         G.main(flags)
+    assert e.value.code == 130
     monkeypatch.undo()
 
 
@@ -289,3 +293,79 @@ def test_a_forked_method_file_is_run_only_when_named(teacher_ckpt, tmp_path):
     G.main(pairs_flags(teacher_ckpt, tmp_path / "e.npz", num=4))
     f, e_ = read(tmp_path / "f.npz"), read(tmp_path / "e.npz")
     assert np.array_equal(f["noise"], e_["noise"]) and not np.array_equal(f["data"], e_["data"])
+
+
+def flag_a_member_as_directory(src, dst):
+    """Set bit 4 ("directory", MS-DOS attributes) of a tensor member's central-directory record: the CRCs
+    still pass, and torch would load that tensor from uninitialised memory."""
+    data = bytearray(pathlib.Path(src).read_bytes())
+    pos = data.index(b"PK\x01\x02")
+    while b"/data/" not in data[pos + 46 : pos + 46 + struct.unpack_from("<H", data, pos + 28)[0]]:
+        pos = data.index(b"PK\x01\x02", pos + 1)
+    data[pos + 38] |= 0x10
+    pathlib.Path(dst).write_bytes(bytes(data))
+
+
+def wrong_checkpoints(teacher_ckpt, tmp_path):
+    """Well-formed files with the wrong content, and a structurally damaged zip -> {path: expected words}."""
+    ck = torch.load(teacher_ckpt, weights_only=True)
+    flag_a_member_as_directory(teacher_ckpt, tmp_path / "dir.pt")
+    files = {"tensor.pt": (torch.zeros(3), "not a checkpoint of this project"),
+             "nokw.pt": ({k: v for k, v in ck.items() if k != "net_kwargs"}, "not a checkpoint of this project"),
+             "shape.pt": (dict(ck, ema={k: v[:1] for k, v in ck["ema"].items()}), "do not fit"),
+             "arch.pt": (dict(ck, net_kwargs=dict(ck["net_kwargs"], arch="nope")), "do not fit"),
+             "future.pt": (dict(ck, version="2"), "version 2")}  # fmt: skip
+    for name, (obj, _) in files.items():
+        torch.save(obj, tmp_path / name)
+    return {str(tmp_path / "dir.pt"): "is damaged", **{str(tmp_path / n): w for n, (_, w) in files.items()}}
+
+
+def test_damaged_or_wrong_checkpoints_are_one_line_errors(teacher_ckpt, tmp_path):
+    for path, words in wrong_checkpoints(teacher_ckpt, tmp_path).items():
+        with pytest.raises(SystemExit) as e:
+            G.main(pairs_flags(path, tmp_path / "o.npz", num=2))
+        one_line_error(e, path, words)
+    assert not os.path.exists(tmp_path / "o.npz.partial")
+
+
+def test_bad_numbers_are_argparse_errors(teacher_ckpt, tmp_path):
+    for flag, value in (("--seed", "-1"), ("--seed", str(2**63)), ("--batch", str(2**20 + 1)), ("--nfe", "nan"),
+                        ("--num-pairs", "inf"), ("--batch", "0")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            G.parse_args([*pairs_flags(teacher_ckpt, tmp_path / "o.npz"), flag, value])
+        assert e.value.code == 2, (flag, value)
+
+
+def flow_teacher(tmp_path):
+    torch.manual_seed(0)
+    kw = dict(img_resolution=16, img_channels=3, label_dim=0, dropout=0.0, **TINY_NET)
+    sd = C.build_net(kw).state_dict()
+    torch.save(
+        dict(method="cfm_couplings", version=1, args={}, net_kwargs=kw, net=sd, ema=sd, step=0),
+        tmp_path / "f.pt",
+    )
+    return str(tmp_path / "f.pt")
+
+
+def test_sampler_values_a_method_refuses_and_os_errors_are_one_line(teacher_ckpt, tmp_path, monkeypatch):
+    flow = flow_teacher(tmp_path)
+    kws = [
+        "solver=dopri5,atol=0",
+        "solver=rk99",
+        "solver=dopri5,atol=abc",
+        "solver=dopri5,atol=1e-300,rtol=1e-300",
+    ]
+    for i, kw in enumerate(kws):  # values sample() refuses, tolerances that underflow torchdiffeq's dt
+        flags = pairs_flags(flow, tmp_path / f"o{i}.npz", num=2, extra=["--sampler-kw", kw])
+        with pytest.raises(SystemExit) as e:
+            G.main([f for f in flags if f != "--cond"])
+        one_line_error(e, "--sampler-kw", "cfm_couplings.sample refuses it")
+    with pytest.raises(SystemExit) as e:  # OUT.partial would be a name over 255 characters: before any work
+        G.main(pairs_flags(teacher_ckpt, tmp_path / ("p" * 244 + ".npz"), num=2))
+    one_line_error(e, "too long")
+    monkeypatch.setattr(
+        G, "write_rows", lambda path, *a: (_ for _ in ()).throw(OSError(28, "No space left on device", path))
+    )
+    with pytest.raises(SystemExit) as e:  # a full disk
+        G.main(pairs_flags(teacher_ckpt, tmp_path / "full.npz", num=2))
+    one_line_error(e, "full.npz.partial/noise.npy: No space left on device")

@@ -93,7 +93,7 @@ def test_gen_pairs_and_lmm_on_latents(tmp_path):
     E.main(["--data", data, "--outdir", str(teacher), "--batch", "4", "--duration", str(4 / 1e6), "--lr-rampup",
             "0", "--grid", "0", "--channel-mult", "1,2", *TINY_FLAGS[:2], *TINY_FLAGS[4:]])  # fmt: skip
     gen_pairs.main(["--ckpt", str(teacher), "--num-pairs", "8", "--batch", "4", "--nfe", "3", "--out", pairs])
-    p = gen_pairs.load_pairs(pairs)
+    p = lmm.load_pairs(pairs)[0]
     assert p["noise"].shape == p["data"].shape == (8, 4, 4, 4) and p["meta"]["data"] == meta  # latent units
     out, flags = tmp_path / "lmm", ["--pairs", pairs, "--tiny", "--batch", "4", "--duration", str(8 / 1e6)]
     with pytest.raises(SystemExit, match="error: .* are latents of .*--loss l2 --adv-start off"):
@@ -116,8 +116,8 @@ def test_dansm_trains_on_latents_reports_and_generate_decodes_them(tmp_path):
     meta = json.loads((tmp_path / "lat.json").read_text())
     assert D.parse_args(["--data", data]).xflip == "off"  # latents: mirrored only if asked
     assert D.parse_args(["--data", "shapes"]).xflip == "copies"
-    x, _ = D.load_data(data)
-    y = D.get_batch(x, None, torch.tensor([3, 19]), "cpu")[0]  # as they are; 16 + 3: mirrored
+    x = D.load_data(data)
+    y = D.get_batch(x, torch.tensor([3, 19]), "cpu")  # as they are; 16 + 3: mirrored
     assert torch.equal(y[0], torch.from_numpy(np.array(x[3])).float()) and torch.equal(y[1], y[0].flip(2))
     out = tmp_path / "run"
     D.main(["--data", data, "--outdir", str(out), "--batch", "4", "--match-size", "8", "--duration", str(12 / 1e6),

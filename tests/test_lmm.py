@@ -1,6 +1,7 @@
 """lmm.py: Eq. 3 on exact line denoisers, the sampler of App. A.4, SOT, the adaptive weight, DiffAugment, the
 discriminators, Table 7's training configurations, resume, torchrun and bad input."""
 
+import fcntl
 import json
 import os
 import sys
@@ -321,31 +322,13 @@ def edm_format_teacher(path, label_dim=10, augment_dim=9, res=16):
     return str(path)
 
 
-def lmm_flags(tmp_path, name, steps, extra=(), pairs=None, data=None):
-    return [
-        "--pairs",
-        pairs or write_pairs(tmp_path / "pairs.npz"),
-        "--outdir",
-        str(tmp_path / name),
-        *TINY_FLAGS,
-        "--batch",
-        "8",
-        "--duration",
-        str(8 * steps / 1e6),
-        "--log-every",
-        "1",
-        "--grid",
-        "4",
-        "--lpips-random-trunk",
-        "--lpips-res",
-        "32",
-        "--lpips-res-pre",
-        "16",
-        "--disc",
-        "patch",
-        *(["--data", data] if data else []),
-        *extra,
-    ]
+def lmm_flags(tmp_path, name, steps, extra=(), pairs=None, data=None, cond=True):
+    """A tiny run of `steps` steps of 8 pairs (class-conditional unless cond=False), LPIPS on a random VGG."""
+    pairs = pairs or write_pairs(tmp_path / "pairs.npz")
+    flags = ["--pairs", pairs, "--outdir", str(tmp_path / name), *TINY_FLAGS, "--batch", "8", "--duration"]
+    flags += [str(8 * steps / 1e6), "--log-every", "1", "--grid", "4", "--lpips-random-trunk", "--lpips-res"]
+    flags += ["32", "--lpips-res-pre", "16", "--disc", "patch", *(["--cond"] if cond else [])]
+    return flags + (["--data", data] if data else []) + list(extra)
 
 
 def read_log(outdir):
@@ -374,7 +357,7 @@ def test_table7_configurations_train(tmp_path, npz_data, column):
         assert ("L_G" in r) == (adv and r["step"] == 3) and ("L_D" in r) == (adv and r["step"] == 4)
     if adv:
         assert 0.01 <= log[2]["lambda_adapt"] <= 10 and {"D_real", "D_fake"} <= set(log[3])
-    ckpt = E.load_checkpoint(str(tmp_path / column))
+    ckpt = L.load_checkpoint(str(tmp_path / column))
     assert ckpt["method"] == "lmm" and ckpt["step"] == 4 and (ckpt["state"]["disc"] is not None) == adv
     assert ckpt["net_kwargs"]["label_dim"] == 3 and ckpt["net_kwargs"]["schedule"]["steps"] == 18
     net = L.build_net(ckpt["net_kwargs"])
@@ -434,7 +417,7 @@ def test_g_period_alternates_generator_and_discriminator_steps(tmp_path, npz_dat
         for r, kind in zip(log, kinds.split(), strict=True):
             assert ("L_G" in r) == ("G" in kind and r["step"] > 1), (k, r)
     run = tmp_path / "k2"
-    before, after = (E.load_checkpoint(str(run / f"ckpt-000000{s}.pt")) for s in (2, 3))  # step 3: D only
+    before, after = (L.load_checkpoint(str(run / f"ckpt-000000{s}.pt")) for s in (2, 3))  # step 3: D only
     for key in ("net", "ema"):
         assert all(torch.equal(before[key][n], after[key][n]) for n in before[key]), key
     assert any(
@@ -451,7 +434,9 @@ def test_training_reduces_the_lines_loss(tmp_path):
     )
     np.savez(tmp_path / "ramp.npz", noise=rng.standard_normal((32, 3, 16, 16)).astype(np.float32), data=ramp)
     pairs = str(tmp_path / "ramp.npz")
-    flags = lmm_flags(tmp_path, "learn", 60, ["--loss", "l2", "--adv-start", "off", "--lr", "2e-3"], pairs)
+    flags = lmm_flags(
+        tmp_path, "learn", 60, ["--loss", "l2", "--adv-start", "off", "--lr", "2e-3"], pairs, cond=False
+    )
     L.main(flags + ["--log-every", "10", "--grid", "0"])
     losses = [r["L_lines"] for r in read_log(tmp_path / "learn")]
     assert losses[-1] < 0.5 * losses[0], losses
@@ -463,8 +448,8 @@ def test_resume_equals_uninterrupted(tmp_path, npz_data, one_thread):
     L.main(lmm_flags(tmp_path, "full", 4, extra, pairs, npz_data))
     L.main(lmm_flags(tmp_path, "cut", 2, extra, pairs, npz_data))
     L.main(lmm_flags(tmp_path, "cut", 4, extra + ["--resume", str(tmp_path / "cut")], pairs, npz_data))
-    a = E.load_checkpoint(str(tmp_path / "full"))
-    b = E.load_checkpoint(str(tmp_path / "cut"))
+    a = L.load_checkpoint(str(tmp_path / "full"))
+    b = L.load_checkpoint(str(tmp_path / "cut"))
     assert a["step"] == b["step"] == 4
     for key in ("net", "ema"):
         for k in a[key]:
@@ -497,7 +482,7 @@ def test_torchrun_two_ranks(tmp_path, npz_data):
     log = read_log(tmp_path / "ddp")
     assert [x["step"] for x in log] == [1, 2, 3] and "L_D" in log[2] and np.isfinite(log[1]["lambda_adapt"])
     assert "2 process(es)" in r.stdout and "from --init" in r.stdout
-    ckpt = E.load_checkpoint(str(tmp_path / "ddp"))
+    ckpt = L.load_checkpoint(str(tmp_path / "ddp"))
     assert ckpt["step"] == 3 and all(torch.isfinite(t).all() for t in ckpt["net"].values())
 
 
@@ -525,7 +510,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, npz_data, case, match):
     elif case == "resolution":
         pairs, extra, data = write_pairs(tmp_path / "p8.npz", res=8), ["--adv-start", "0"], npz_data
     elif case == "cond":
-        pairs, extra = write_pairs(tmp_path / "u.npz", labels=False), extra + ["--cond", "on"]
+        pairs = write_pairs(tmp_path / "u.npz", labels=False)
     elif case == "sot":
         extra = extra + ["--sot", "0,18"]
     elif case == "no-data":
@@ -543,11 +528,9 @@ def test_conditional_pairs_need_labelled_real_images(tmp_path):
     with pytest.raises(SystemExit, match="no labels for the discriminator"):
         L.main(lmm_flags(tmp_path, "bad", 2, ["--adv-start", "0"], data=str(tmp_path / "nolabels.npz")))
     L.main(
-        lmm_flags(
-            tmp_path, "ok", 1, ["--adv-start", "0", "--cond", "off"], data=str(tmp_path / "nolabels.npz")
-        )
+        lmm_flags(tmp_path, "ok", 1, ["--adv-start", "0"], data=str(tmp_path / "nolabels.npz"), cond=False)
     )
-    assert E.load_checkpoint(str(tmp_path / "ok"))["net_kwargs"]["label_dim"] == 0
+    assert L.load_checkpoint(str(tmp_path / "ok"))["net_kwargs"]["label_dim"] == 0
 
 
 def test_generate_is_per_image_seeded_and_matches_the_pairs_noise(tmp_path, one_thread, monkeypatch):
@@ -577,11 +560,16 @@ def test_generate_is_per_image_seeded_and_matches_the_pairs_noise(tmp_path, one_
         outs.append(np.load(out))
     assert np.array_equal(outs[0]["images"], outs[1]["images"])  # eta per image, not per batch
     assert outs[0]["images"].shape == (6, 16, 16, 3) and list(outs[0]["seeds"]) == [3, 4, 5, 6, 7, 8]
-    noise, labels, _ = L.inputs_for_seeds([3, 4], (3, 16, 16), 3)
-    identity = SimpleNamespace(sample=lambda net, x0, nfe, labels=None: (x0, 1))  # pairs 0, 1 of seed 3:
+    seen = []  # what --generate feeds the sampler for seeds 3, 4: pairs 0, 1 of gen_pairs.py --seed 3
+    monkeypatch.setattr(
+        L, "sample", lambda net, x, nfe, lab, *a, **k: (seen.append((x, lab)), (x[:, :1] * 0, 1))[1]
+    )
+    L.main(["--generate", "2", "--ckpt", ckpt, "--out", str(tmp_path / "spy.npz"), "--seed", "3"])
+    monkeypatch.undo()
+    identity = SimpleNamespace(sample=lambda net, x0, nfe, labels=None: (x0, 1))
     ref_noise, _, ref_labels, _ = gen_pairs.make_pairs(identity, None, 0, 2, 3, (3, 16, 16), 3, 1, 2, "cpu")
-    assert torch.equal(noise, ref_noise) and torch.equal(labels, ref_labels)
-    assert list(outs[0]["labels"][:2]) == labels.tolist()
+    assert torch.equal(seen[0][0], ref_noise) and torch.equal(seen[0][1], ref_labels)
+    assert list(outs[0]["labels"][:2]) == ref_labels.tolist()
     with pytest.raises(SystemExit, match="0..17") as e:
         L.main(
             ["--generate", "2", "--ckpt", ckpt, "--out", str(tmp_path / "x.npz"), "--step-indices", "0,18"]
@@ -589,11 +577,11 @@ def test_generate_is_per_image_seeded_and_matches_the_pairs_noise(tmp_path, one_
     assert "\n" not in str(e.value)
     sampled = []
     monkeypatch.setattr(L, "sample", lambda *a, **k: sampled.append(1))
-    with pytest.raises(SystemExit, match="missing or not writable") as e:
+    with pytest.raises(SystemExit, match="No such file or directory") as e:
         L.main(["--generate", "2", "--ckpt", ckpt, "--out", str(tmp_path / "no" / "such" / "x.npz")])
     assert "\n" not in str(e.value) and not sampled  # before any sampling
     monkeypatch.undo()
-    L.atomic_save({**E.load_checkpoint(ckpt), "method": "edm_teacher"}, str(tmp_path / "edm.pt"))
+    L.atomic_save({**L.load_checkpoint(ckpt), "method": "edm_teacher"}, str(tmp_path / "edm.pt"))
     with pytest.raises(SystemExit, match="'edm_teacher' checkpoint"):
         L.main(["--generate", "2", "--ckpt", str(tmp_path / "edm.pt"), "--out", str(tmp_path / "x.npz")])
 
@@ -607,19 +595,21 @@ def test_ctm_discriminator_trains_on_the_cpu(tmp_path, npz_data):
     assert [r["step"] for r in log] == [1, 2]
     for r in log:  # two adversarial steps, each with N_theta's and D's update
         assert all(np.isfinite(r[k]) for k in ("L_lines", "L_G", "lambda_adapt", "L_D", "D_real", "D_fake"))
-    disc = E.load_checkpoint(str(tmp_path / "ctm"))["state"]["disc"]
+    disc = L.load_checkpoint(str(tmp_path / "ctm"))["state"]["disc"]
     assert disc and not any(".backbone." in k for k in disc)
 
 
 def test_init_from_a_converted_official_edm_checkpoint_loads_every_key(tmp_path):
     teacher = edm_format_teacher(tmp_path / "edm.pt")  # augment_dim 9, label_dim 10
     pairs = write_pairs(tmp_path / "p10.npz", classes=10)
-    flags = ["--loss", "l2", "--adv-start", "off", "--grid", "0", "--lr", "0", "--init", teacher]
+    flags = ["--loss", "l2", "--adv-start", "off", "--grid", "0", "--lr", "1e-30", "--init", teacher]
     L.main(lmm_flags(tmp_path, "init", 1, flags, pairs))
-    ck, t = E.load_checkpoint(str(tmp_path / "init")), torch.load(teacher, weights_only=True)
+    ck, t = L.load_checkpoint(str(tmp_path / "init")), torch.load(teacher, weights_only=True)
     assert ck["net_kwargs"]["augment_dim"] == 9 and ck["net_kwargs"]["label_dim"] == 10
     assert ck["net_kwargs"]["schedule"]["steps"] == 18
-    assert set(ck["net"]) == set(t["ema"]) and all(torch.equal(ck["net"][k], v) for k, v in t["ema"].items())
+    assert set(ck["net"]) == set(t["ema"])  # every key, and the teacher's EMA values (one step of lr 1e-30)
+    for k, v in t["ema"].items():
+        torch.testing.assert_close(ck["net"][k], v, rtol=1e-6, atol=1e-12)
     net = L.build_net(ck["net_kwargs"])
     net.load_state_dict(ck["ema"])
     x, _ = L.sample(net, torch.randn(2, 3, 16, 16), 1, labels=torch.tensor([3, 9]))
@@ -640,7 +630,7 @@ def test_init_from_a_converted_official_edm_checkpoint_loads_every_key(tmp_path)
     ]
     for bad, match in cases:
         with pytest.raises(SystemExit, match=match) as e:
-            L.main(lmm_flags(tmp_path, "bad", 1, flags, bad))
+            L.main(lmm_flags(tmp_path, "bad", 1, flags, bad, cond="u.npz" not in bad))
         assert "\n" not in str(e.value)
     for snapshot in ("edm-cifar10-32x32-cond-vp.pkl", "https://x.org/edm-cifar10-32x32-cond-vp.pkl"):
         convert = f"python tools/convert_edm.py {snapshot} edm-cifar10-32x32-cond-vp.pt"
@@ -658,7 +648,7 @@ def test_pairs_from_a_teacher_trained_on_an_npz_need_no_data_flag(tmp_path, npz_
     out = tmp_path / "pairs.npz"
     gen_pairs.main(["--ckpt", str(teacher), "--num-pairs", "16", "--out", str(out), "--batch", "8"]
                    + ["--nfe", "3", "--cond"])  # fmt: skip
-    assert gen_pairs.load_pairs(str(out))["meta"]["dataset"] == os.path.abspath(npz_data)
+    assert L.load_pairs(str(out))[0]["meta"]["dataset"] == os.path.abspath(npz_data)
     capsys.readouterr()
     L.main(lmm_flags(tmp_path, "lmm", 2, ["--loss", "l2", "--adv-start", "0", "--grid", "0"], str(out)))
     printed = capsys.readouterr().out
@@ -753,7 +743,7 @@ def test_adm_teacher_to_pairs_to_lmm(tmp_path):
         assert f["label"].shape == (8,) and f["label"].max() < 5 and f["data"].shape == (8, 3, 16, 16)
     flags = ["--loss", "l2", "--adv-start", "off", "--grid", "0", "--init", str(tmp_path / "adm.pt")]
     L.main(lmm_flags(tmp_path, "lmm-adm", 2, flags, pairs))
-    ck = E.load_checkpoint(str(tmp_path / "lmm-adm"))
+    ck = L.load_checkpoint(str(tmp_path / "lmm-adm"))
     assert ck["net_kwargs"]["arch"] == "adm" and ck["step"] == 2 and "model.out_conv.weight" in ck["ema"]
 
 
@@ -774,3 +764,154 @@ def test_real_images_are_mirrored_at_random_as_ctms_loader(tmp_path, npz_data, m
     same = (reals["random"] == reals["off"]).flatten(1).all(1)
     mirrored = (reals["random"] == reals["off"].flip(3)).flatten(1).all(1)
     assert (same | mirrored).all() and mirrored.any() and same.any()
+
+
+# --- nothing lost, nothing silently wrong (issue 35) ---
+
+L2 = ["--loss", "l2", "--adv-start", "off", "--grid", "0"]
+
+
+def test_resuming_another_runs_checkpoint_into_a_run_folder_is_refused(tmp_path):
+    L.main(lmm_flags(tmp_path, "a", 1, L2))
+    L.main(lmm_flags(tmp_path, "b", 1, L2 + ["--seed", "1"]))
+    before = (tmp_path / "b" / "ckpt-0000001.pt").read_bytes()
+    with pytest.raises(
+        SystemExit, match=r"b holds another run \(step 1\); resume .*a into its own folder"
+    ) as e:
+        L.main(lmm_flags(tmp_path, "b", 2, L2 + ["--resume", str(tmp_path / "a")]))
+    assert "\n" not in str(e.value) and (tmp_path / "b" / "ckpt-0000001.pt").read_bytes() == before
+    L.main(
+        lmm_flags(tmp_path, "c", 2, L2 + ["--resume", str(tmp_path / "a" / "ckpt-0000001.pt")])
+    )  # a new folder
+    L.main(lmm_flags(tmp_path, "b", 2, L2 + ["--resume", str(tmp_path / "a"), "--overwrite"]))
+    assert sorted(os.listdir(tmp_path / "b")) == [".lock", "ckpt-0000002.pt", "latest.pt", "log.jsonl"]
+    assert (
+        [r["step"] for r in read_log(tmp_path / "b")] == [r["step"] for r in read_log(tmp_path / "c")] == [2]
+    )
+
+
+def test_non_finite_weights_are_never_saved_or_sampled_and_flags_refuse_nan(tmp_path):
+    L.main(lmm_flags(tmp_path, "run", 1, L2))
+    ck = L.load_checkpoint(str(tmp_path / "run"))
+    ck["ema"]["model.dec.16x16_aux_conv.bias"][0] = float("nan")  # one EMA weight
+    L.atomic_save(ck, str(tmp_path / "run" / "ckpt-0000001.pt"))
+    with pytest.raises(
+        SystemExit, match="non-finite weights at step 2: not saved; the newest checkpoint"
+    ) as e:
+        L.main(lmm_flags(tmp_path, "run", 2, L2 + ["--resume", str(tmp_path / "run")]))
+    assert "\n" not in str(e.value) and not (tmp_path / "run" / "ckpt-0000002.pt").exists()
+    with pytest.raises(SystemExit, match="non-finite samples"):
+        L.main(["--generate", "2", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "s.npz")])
+    assert not (tmp_path / "s.npz").exists() and not (tmp_path / "s.png").exists()
+    for flag in ("--ema-decay", "--lr", "--lr-d", "--duration", "--dropout", "--adv-start", "--adapt-clamp"):
+        for bad in ("nan", "inf", "-inf"):
+            with pytest.raises(SystemExit):
+                L.parse_args(["--pairs", "p.npz", flag, bad])
+
+
+def test_generate_never_replaces_a_grid_or_shares_its_output_and_runs_keep_user_files(tmp_path):
+    L.main(lmm_flags(tmp_path, "run", 1, L2))
+    png = tmp_path / "s.png"
+    png.write_bytes(b"mine")
+    with pytest.raises(SystemExit, match="s.png exists; pass --overwrite"):
+        L.main(["--generate", "2", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "s.npz")])
+    assert png.read_bytes() == b"mine" and not (tmp_path / "s.npz").exists()
+    fd = os.open(tmp_path / "t.npz.lock", os.O_RDWR | os.O_CREAT)  # a second job on t.npz
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(SystemExit, match="t.npz is locked by a running job"):
+        L.main(["--generate", "2", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "t.npz")])
+    os.close(fd)
+    (tmp_path / "run" / "notes.tmp2024").write_text("mine")
+    (tmp_path / "run" / "ckpt-0000009.pt.tmp77").write_text("a killed save")
+    L.main(lmm_flags(tmp_path, "run", 2, L2 + ["--resume", str(tmp_path / "run")]))
+    assert sorted(os.listdir(tmp_path / "run")) == [
+        ".lock", "ckpt-0000001.pt", "ckpt-0000002.pt", "latest.pt", "log.jsonl", "notes.tmp2024"
+    ]  # fmt: skip
+
+
+def test_a_checkpoint_member_marked_as_a_directory_is_refused(tmp_path):
+    L.main(lmm_flags(tmp_path, "run", 1, L2))
+    path = tmp_path / "run" / "ckpt-0000001.pt"
+    data, at = bytearray(path.read_bytes()), 0
+    while (at := data.find(b"PK\x01\x02", at + 1)) > 0:  # central-directory records: name at 46, attr at 38
+        if b"/data/" in data[at + 46 : at + 46 + int.from_bytes(data[at + 28 : at + 30], "little")]:
+            data[at + 38] |= 0x10  # one bit: "directory", which the CRC check does not cover
+            break
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=r"flipped.pt is corrupt: its member .*/data/.* is damaged") as e:
+        L.load_checkpoint(str(tmp_path / "flipped.pt"))
+    assert "\n" not in str(e.value)
+
+
+def test_an_outdir_or_an_out_folder_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="file: File exists") as e:
+        L.main(lmm_flags(tmp_path, "file", 1, L2))
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+    L.main(lmm_flags(tmp_path, "run", 1, L2))
+    with pytest.raises(SystemExit, match="Not a directory") as e:
+        L.main(
+            ["--generate", "1", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "file" / "s.npz")]
+        )
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+
+
+def test_real_images_with_bad_labels_or_cut_short_are_one_line(tmp_path, npz_data):
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    bad = dict(
+        float=np.arange(8) * 0.5, huge=np.full(8, 2**40), neg=-np.ones(8, np.int64), bool=np.ones(8, bool)
+    )
+    for name, labels in bad.items():
+        np.savez(tmp_path / f"{name}.npz", images=images, labels=labels)
+        with pytest.raises(SystemExit, match="labels must be class indices in"):
+            L.load_data(str(tmp_path / f"{name}.npz"))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "data.npz").read_bytes()[:5000])  # npz_data, cut
+    np.save(tmp_path / "big.npy", images)
+    head = (tmp_path / "big.npy").read_bytes()
+    (tmp_path / "big.npy").write_bytes(head.replace(b"(8, 16, 16, 3)", b"(9, 16, 16, 3)"))  # N overstated
+    for name in ("cut.npz", "big.npy"):
+        with pytest.raises(SystemExit, match=f"cannot read --data .*{name}") as e:
+            L.load_data(str(tmp_path / name))
+        assert "\n" not in str(e.value)
+
+
+def test_a_checkpoint_with_the_wrong_content_is_one_line(tmp_path):
+    L.main(lmm_flags(tmp_path, "run", 1, L2))
+    ck = L.load_checkpoint(str(tmp_path / "run"))
+    cases = dict(tensor=torch.zeros(3), no_kwargs={k: v for k, v in ck.items() if k != "net_kwargs"},
+                 future=dict(ck, version=99), arch=dict(ck, net_kwargs=dict(ck["net_kwargs"], arch="nope")),
+                 shape=dict(ck, ema={k: v[:1] for k, v in ck["ema"].items()}))  # fmt: skip
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+        with pytest.raises(SystemExit) as e:
+            L.main(
+                ["--generate", "1", "--ckpt", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / "s.npz")]
+            )
+        assert (
+            str(e.value).startswith("error: ") and f"{name}.pt" in str(e.value) and "\n" not in str(e.value)
+        )
+    with pytest.raises(
+        SystemExit, match=r"no_kwargs.pt is not a checkpoint of this project: it has no \['net_k"
+    ):
+        L.main(lmm_flags(tmp_path, "run", 2, L2 + ["--resume", str(tmp_path / "no_kwargs.pt")]))
+
+
+def test_sample_refuses_a_schedule_it_cannot_use():
+    net = LineDenoiser(torch.ones(1))
+    for bad in (
+        dict(rho=float("nan")),
+        dict(sigma_min=0.0),
+        dict(sigma_max=float("inf")),
+        dict(sched_steps=2.5),
+    ):
+        with pytest.raises(ValueError, match="the schedule needs"):
+            L.sample(net, torch.randn(1, 1, 2, 2), 1, **bad)
+
+
+def test_resuming_with_another_number_of_processes_says_the_noise_changes(tmp_path, capsys):
+    L.main(lmm_flags(tmp_path, "run", 1, L2))
+    ck = L.load_checkpoint(str(tmp_path / "run"))
+    L.atomic_save(dict(ck, state=dict(ck["state"], world=2)), str(tmp_path / "run" / "ckpt-0000001.pt"))
+    capsys.readouterr()
+    L.main(lmm_flags(tmp_path, "run", 2, L2 + ["--resume", str(tmp_path / "run")]))
+    assert "note: saved with 2 process(es), resumed with 1" in capsys.readouterr().out

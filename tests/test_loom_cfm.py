@@ -1,7 +1,8 @@
 """loom_cfm.py: the counter-based noise against a Python reference and N(0, 1), Theorem 1 (non-increasing
 cost, stationarity, no improving swap in a tried minibatch, larger minibatch no worse), the noise marginal per
 epoch, random flips, the paper's defaults, resume with the assignment (also after SIGTERM), a 2-rank torchrun
-with the same tau, generation, bad input."""
+with the same tau, generation, bad input; issue 35: another run's folder, non-finite numbers, weights and
+samples, existing and locked outputs, corrupt / foreign / misshapen checkpoints, OS errors, Ctrl-C."""
 
 import inspect
 import math
@@ -237,7 +238,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, npz_data, one_thread):
         L.main(argv)
     with open(os.path.join(out, "ckpt-0000001.pt"), "r+b") as f:  # flipped bytes inside the tensor data
         f.seek(os.path.getsize(f.name) // 2), f.write(b"\xff" * 64)
-    with pytest.raises(SystemExit, match=r"cannot load .*latest.pt: .*CRC check") as e:
+    with pytest.raises(SystemExit, match=r"latest.pt is corrupt: its member .* is damaged") as e:
         L.main(argv + ["--resume", out])
     assert "\n" not in str(e.value)
     for bad in (["--caches", "0"], ["--solver", "midpoint", "--nfe", "3"], ["--ema-decay", "2"], ["--xflip"]):
@@ -340,3 +341,116 @@ def test_a_pickle_never_runs_and_a_non_finite_loss_stops_before_a_checkpoint(tmp
     with pytest.raises(SystemExit, match="non-finite loss at step 1"):
         L.main(argv)
     assert not [n for n in os.listdir(out) if n.endswith(".pt")]
+
+
+def test_a_run_is_resumed_only_into_its_own_folder_unless_overwritten(tmp_path, npz_data, one_thread):
+    a, argv_a = tiny(tmp_path / "a", npz_data, steps=1)
+    b, argv_b = tiny(tmp_path / "b", npz_data, steps=1)
+    L.main(argv_a), L.main(argv_b)
+    _, argv = tiny(tmp_path / "b", npz_data, steps=2)
+    with pytest.raises(SystemExit, match="holds a run at step 1") as e:
+        L.main(argv + ["--resume", a])  # b's checkpoints and log are not mixed with a's run
+    assert "\n" not in str(e.value) and [r["step"] for r in read_log(b)] == [1]
+    L.main(argv + ["--resume", os.path.join(a, "latest.pt"), "--overwrite"])  # replaces b's run
+    assert sorted(n for n in os.listdir(b) if n.startswith("ckpt")) == ["ckpt-0000002.pt"]
+    assert [r["step"] for r in read_log(b)] == [2]
+    _, argv = tiny(tmp_path / "c", npz_data, steps=2)
+    L.main(argv + ["--resume", a])  # into a new folder: fine
+    c, b2 = (torch.load(os.path.join(d, "latest.pt"), weights_only=True) for d in (tmp_path / "c" / "run", b))
+    assert c["step"] == b2["step"] == 2 and all(torch.equal(c["net"][k], b2["net"][k]) for k in c["net"])
+    open(os.path.join(a, "notes.tmp2024"), "w").close()  # a user's file, not a temporary of this file's
+    open(os.path.join(a, "ckpt-0000002.pt.tmp"), "w").close()  # what a kill during a save leaves
+    _, argv = tiny(tmp_path / "a", npz_data, steps=2)
+    L.main(argv + ["--resume", a])
+    assert os.path.exists(os.path.join(a, "notes.tmp2024")) and not os.path.exists(a + "/ckpt-0000002.pt.tmp")
+
+
+def test_non_finite_numbers_weights_and_samples_stop_with_one_line(tmp_path, npz_data, one_thread):
+    for bad in (["--lr", "nan"], ["--sigma-min", "inf"], ["--duration", "inf"], ["--grad-clip", "nan"],
+                ["--seed", "-1"], ["--batch", "0"], ["--dropout", "1.5"], ["--channel-mult", ""]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            L.parse_args(["--data", npz_data, *bad])
+    out, argv = tiny(tmp_path, npz_data, steps=1)
+    L.main(argv)
+    ckpt = torch.load(os.path.join(out, "latest.pt"), weights_only=True)
+    next(iter(ckpt["ema"].values())).view(-1)[0] = float("nan")  # one EMA weight
+    torch.save(ckpt, os.path.join(out, "ckpt-0000001.pt"))
+    _, argv = tiny(tmp_path, npz_data, steps=2)
+    with pytest.raises(SystemExit, match="non-finite weights at step 2: not saved") as e:
+        L.main(argv + ["--resume", out])
+    assert "\n" not in str(e.value) and not os.path.exists(os.path.join(out, "ckpt-0000002.pt"))
+    samples = str(tmp_path / "s.npz")
+    with pytest.raises(SystemExit, match="non-finite samples"):
+        L.main(["--generate", "2", "--ckpt", out, "--out", samples, "--nfe", "2"])
+    assert not os.path.exists(samples) and not os.path.exists(tmp_path / "s.png")
+
+
+def test_generate_refuses_its_existing_outputs_and_a_second_job_on_them(tmp_path, npz_data, one_thread):
+    import fcntl
+
+    out, argv = tiny(tmp_path, npz_data, steps=1)
+    L.main(argv)
+    samples, png = str(tmp_path / "s.npz"), str(tmp_path / "s.png")
+    open(png, "w").close()
+    with pytest.raises(SystemExit, match=f"{png} exists; pass --overwrite"):
+        L.main(["--generate", "2", "--ckpt", out, "--out", samples, "--nfe", "2"])
+    assert os.path.getsize(png) == 0 and not os.path.exists(samples)
+    other = str(tmp_path / "t.npz")
+    with open(other + ".lock", "a") as held:  # another job's lock on t.npz
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match="locked by a running job"):
+            L.main(["--generate", "2", "--ckpt", out, "--out", other, "--nfe", "2"])
+    assert not os.path.exists(other)
+
+
+def test_corrupt_foreign_and_misshapen_checkpoints_are_one_line(tmp_path, npz_data, one_thread):
+    out, argv = tiny(tmp_path, npz_data, steps=1)
+    L.main(argv)
+    path = os.path.join(out, "ckpt-0000001.pt")
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    at = data.index(b"PK\x01\x02") + 38  # the first member's external attributes in the central directory
+    data[at] ^= 0x10  # bit 4: "a directory"; the CRC check does not cover it
+    bad = str(tmp_path / "dir-bit.pt")
+    with open(bad, "wb") as f:
+        f.write(data)
+    with pytest.raises(SystemExit, match=r"dir-bit.pt is corrupt: its member .* is damaged"):
+        L.load_checkpoint(bad)
+    ckpt = torch.load(path, weights_only=True)
+    tiny_adm = {**ckpt["net_kwargs"], "arch": "adm"}
+    for name, obj, msg in (("tensor", torch.zeros(3), "not a loom_cfm.py checkpoint"),
+                           ("nokw", {k: v for k, v in ckpt.items() if k != "net_kwargs"}, "lacks net_kwargs"),
+                           ("future", {**ckpt, "version": 2}, "of version 1"),
+                           ("arch", {**ckpt, "net_kwargs": {**ckpt["net_kwargs"], "arch": "vit"}}, "cannot build"),
+                           ("shape", {**ckpt, "net_kwargs": tiny_adm}, "cannot build")):  # fmt: skip
+        torch.save(obj, tmp_path / f"{name}.pt")
+        for cmd in (["--generate", "1", "--ckpt", str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / "s.npz")],
+                    [*argv, "--resume", str(tmp_path / f"{name}.pt"), "--outdir", str(tmp_path / name)]):  # fmt: skip
+            with pytest.raises(SystemExit, match=msg) as e:
+                L.main(cmd)
+            assert "\n" not in str(e.value), name
+
+
+def test_os_errors_ctrl_c_and_bad_tolerances_are_one_line(tmp_path, npz_data, monkeypatch, one_thread):
+    out, argv = tiny(tmp_path, npz_data, steps=1)
+    L.main(argv)
+    open(tmp_path / "file", "w").close()
+    with pytest.raises(SystemExit, match="file: ") as e:  # --outdir is a file
+        L.main([*argv, "--outdir", str(tmp_path / "file"), "--overwrite"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="file/s.npz") as e:  # --out in a folder that is a file
+        L.main(["--generate", "1", "--ckpt", out, "--out", str(tmp_path / "file" / "s.npz"), "--nfe", "2"])
+    assert "\n" not in str(e.value)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(L, "sample", interrupted)
+    with pytest.raises(SystemExit) as e:
+        L.main(["--generate", "1", "--ckpt", out, "--out", str(tmp_path / "s.npz"), "--nfe", "2"])
+    assert e.value.code == 130 and not os.path.exists(tmp_path / "s.npz")
+    monkeypatch.undo()
+    x = torch.randn(2, 3)
+    for atol, rtol in ((0, 0), (1e-300, 1e-300), ("abc", 1e-5)):  # torchdiffeq: AssertionError, TypeError
+        with pytest.raises(ValueError, match="dopri5 with atol="):
+            L.sample(lambda x, t: x, x, 0, solver="dopri5", atol=atol, rtol=rtol)

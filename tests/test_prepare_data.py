@@ -309,3 +309,54 @@ def test_a_missing_vae_is_one_line_naming_it_and_its_folder(tmp_path, image_fold
     r = subprocess.run([sys.executable, TOOL, str(src), str(tmp_path / "o.npy"), "--scale", "nan"],
                        capture_output=True, text=True, env=env, cwd=ROOT)  # fmt: skip
     assert r.returncode == 2 and "--scale" in r.stderr
+
+
+def test_sixteen_bit_grayscale_becomes_eight_bit_by_rounding_not_clipping(tmp_path):
+    (tmp_path / "g16").mkdir()
+    v = (np.arange(64, dtype=np.uint16) * 1031).reshape(8, 8)  # 0 ... 64953
+    Image.fromarray(v).save(tmp_path / "g16" / "a.png")  # mode I;16: a 16-bit PNG
+    assert Image.open(tmp_path / "g16" / "a.png").mode.startswith("I")
+    P.main([str(tmp_path / "g16"), str(tmp_path / "g.npy")])
+    assert np.array_equal(read_back(tmp_path / "g.npy")[0][0, ..., 0], np.round(v / 257).astype(np.uint8))
+
+
+def test_labels_sizes_and_damage_are_found_before_the_work_in_one_line(tmp_path, monkeypatch):
+    img = np.zeros((8, 8, 3), np.uint8)
+    (tmp_path / "big").mkdir()
+    Image.fromarray(img).save(tmp_path / "big" / "a.png")
+    (tmp_path / "big" / "dataset.json").write_text(json.dumps({"labels": [["a.png", 2**40]]}))
+    np.savez(tmp_path / "in.npz", data=np.zeros((2, 12288), np.uint8), labels=np.array([1, 2**40]))
+    (tmp_path / "late").mkdir()  # the last image has another size: found before any image is decoded
+    for name, x in (("a.png", img), ("b.png", img), ("c.png", np.zeros((16, 16, 3), np.uint8))):
+        Image.fromarray(x).save(tmp_path / "late" / name)
+    write_edm_dataset(tmp_path / "d.zip", np.zeros((3, 8, 8, 3), np.uint8), [0, 1, 2], zipped=True)
+    data = bytearray((tmp_path / "d.zip").read_bytes())
+    at = data.index(b"IDAT", data.index(b"img00000002.png")) + 8  # inside the third image's stored bytes
+    data[at : at + 4] = b"\xff\xff\xff\xff"  # its CRC no longer holds
+    (tmp_path / "damaged.zip").write_bytes(bytes(data))
+    decoded = []
+    monkeypatch.setattr(P, "decode", lambda *a: decoded.append(1))
+    cases = {"big": "below 2\\*\\*16", "in.npz": "1..65536", "late": "must share one size",
+             "damaged.zip": "cannot read image .*img00000002.png.*(CRC|BadZipFile)"}  # fmt: skip
+    for name, words in cases.items():
+        with pytest.raises(SystemExit, match=words) as e:
+            P.main([str(tmp_path / name), str(tmp_path / "out.npy")])
+        assert "\n" not in str(e.value) and not decoded, name
+    assert sorted(os.listdir(tmp_path)) == ["big", "d.zip", "damaged.zip", "in.npz", "late"]
+
+
+def test_output_problems_and_bad_numbers_are_one_line_before_the_work(tmp_path):
+    (tmp_path / "src").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "src" / "a.png")
+    (tmp_path / "file").write_text("")
+    for out in (
+        tmp_path / "file" / "o.npy",
+        tmp_path / ("o" * 240 + ".npy"),
+    ):  # a folder that is a file; OUT.labels.npy.tmpPID too long
+        with pytest.raises(SystemExit, match="cannot write") as e:
+            P.main([str(tmp_path / "src"), str(out)])
+        assert "\n" not in str(e.value)
+    for flag, value in (("--batch", str(2**20 + 1)), ("--seed", "-1"), ("--resolution", "0")):
+        with pytest.raises(SystemExit) as e:
+            P.main([str(tmp_path / "src"), str(tmp_path / "o.npy"), flag, value])
+        assert e.value.code == 2, flag

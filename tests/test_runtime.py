@@ -79,7 +79,8 @@ def test_checkpoint_save_is_atomic_and_latest_points_at_newest(npz_data, tmp_pat
 @pytest.mark.parametrize("module", MODULES)
 def test_a_failed_save_never_leaves_a_half_written_file_under_the_final_name(tmp_path, monkeypatch, module):
     M, path = MODULES[module], str(tmp_path / "ckpt-0000001.pt")
-    M.atomic_save({"step": 1}, path)
+    ckpt = dict(method=module, version=1, net_kwargs={}, net={}, ema={})  # the keys a loader requires
+    M.atomic_save(dict(ckpt, step=1), path)
     assert os.listdir(tmp_path) == ["ckpt-0000001.pt"] and M.load_checkpoint(path)["step"] == 1
     save = torch.save
 
@@ -91,7 +92,7 @@ def test_a_failed_save_never_leaves_a_half_written_file_under_the_final_name(tmp
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        M.atomic_save({"step": 2}, path)
+        M.atomic_save(dict(ckpt, step=2), path)
     assert M.load_checkpoint(path)["step"] == 1  # the old file, whole
 
 
@@ -119,7 +120,8 @@ def test_checkpoint_loader_never_executes_pickled_code(tmp_path, module):
 @pytest.mark.parametrize("module", MODULES)
 def test_a_corrupt_or_truncated_checkpoint_is_one_line(tmp_path, module):
     M, path = MODULES[module], tmp_path / "ckpt-0000001.pt"
-    torch.save({"step": 1, "w": torch.arange(20000.0)}, path)  # 80 kB: the middle is tensor data
+    ckpt = dict(method=module, version=1, net_kwargs={}, net={}, ema={}, step=1)  # a loader's keys
+    torch.save(dict(ckpt, w=torch.arange(20000.0)), path)  # 80 kB: the middle is tensor data
     data, mid = bytearray(path.read_bytes()), path.stat().st_size // 2
     data[mid : mid + 4] = bytes(b ^ 0xFF for b in data[mid : mid + 4])
     (tmp_path / "flipped.pt").write_bytes(bytes(data))  # torch.load alone would read changed weights

@@ -1,9 +1,9 @@
 """Official EDM snapshots (.pkl) -> our checkpoint (.pt), which loads with torch.load(weights_only=True).
 
 EDM's snapshots are pickles in which every layer is rebuilt by torch_utils.persistence's
-_reconstruct_persistent_obj(meta), which EXECUTES meta["module_src"]. We never do: our only unpickler
-of foreign files resolves an allow-list of globals, keeps persistent objects as inert metadata, and loads the
-EMA weights by key into edm_teacher's UNet (EDM's keys).
+_reconstruct_persistent_obj(meta), which EXECUTES meta["module_src"]. We never do: our only unpickler of
+foreign files resolves an allow-list of globals, keeps persistent objects as inert metadata (each module read
+once), and loads the EMA weights by key into edm_teacher's UNet (EDM's keys).
 Supported: EDMPrecond over SongUNet DDPM++ (EDM's "-vp" snapshots -> arch ddpmpp), SongUNet NCSN++ ("-ve"
 -> ncsnpp) and DhariwalUNet (ImageNet-64's "-adm" -> adm). The .pt: a student's --init, a --ckpt anywhere.
 
@@ -22,6 +22,8 @@ import os
 import pickle
 import shutil
 import sys
+import types
+import urllib.request
 import warnings
 
 import numpy as np
@@ -50,17 +52,6 @@ class _Persistent:
         self.meta = meta
 
 
-class _Container:
-    """Stands in for torch.nn.ModuleDict/ModuleList/Sequential: keeps the pickled __dict__."""
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-
-
-def _load_storage(blob):
-    return torch.load(io.BytesIO(blob), weights_only=True)  # a legacy torch.save blob of one storage
-
-
 def _numpy_scalar(dtype, data):
     if dtype.hasobject:  # an object scalar would be built from raw pointer bytes
         raise pickle.UnpicklingError("refusing a numpy object scalar")
@@ -76,7 +67,7 @@ class EDMUnpickler(pickle.Unpickler):
         ("builtins", "set"): set,
         ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
         ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch.storage", "_load_from_bytes"): _load_storage,
+        ("torch.storage", "_load_from_bytes"): lambda blob: torch.load(io.BytesIO(blob), weights_only=True),
         ("numpy.core.multiarray", "scalar"): _numpy_scalar,
         ("numpy._core.multiarray", "scalar"): _numpy_scalar,
         ("torch_utils.persistence", "_reconstruct_persistent_obj"): _Persistent,
@@ -85,15 +76,19 @@ class EDMUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if module == "torch.nn.modules.container" and name in ("ModuleDict", "ModuleList", "Sequential"):
-            return _Container
+            return types.SimpleNamespace  # inert: keeps the pickled __dict__
         if (module, name) in self.SAFE:
             return self.SAFE[(module, name)]
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (not on the allow-list)")
 
 
-def _edm_state_dict(obj, prefix="", out=None):
-    """Walk the pickled module tree: parameters and persistent buffers by key, as nn.Module.state_dict()."""
-    out = {} if out is None else out
+def _edm_state_dict(obj, prefix="", out=None, seen=None):
+    """Walk the pickled module tree: parameters and persistent buffers by key, as nn.Module.state_dict().
+    Each module once: a crafted graph of shared children would otherwise take 2**depth steps."""
+    out, seen = ({}, set()) if out is None else (out, seen)
+    if id(obj) in seen:
+        raise pickle.UnpicklingError(f"module {prefix[:-1]} appears twice: not a tree of modules")
+    seen.add(id(obj))
     state = obj.meta["state"] if isinstance(obj, _Persistent) else obj.__dict__
     skip = state.get("_non_persistent_buffers_set", set())
     for key, t in [*state.get("_parameters", {}).items(), *state.get("_buffers", {}).items()]:
@@ -101,7 +96,7 @@ def _edm_state_dict(obj, prefix="", out=None):
             out[prefix + key] = t.detach().clone() if isinstance(t, torch.Tensor) else t
     for key, child in state.get("_modules", {}).items():
         if child is not None:
-            _edm_state_dict(child, f"{prefix}{key}.", out)
+            _edm_state_dict(child, f"{prefix}{key}.", out, seen)
     return out
 
 
@@ -110,8 +105,6 @@ def fetch_file(url, cache_dir):
     dest = os.path.join(cache_dir, os.path.basename(url))
     if os.path.isfile(dest):
         return dest
-    import urllib.request
-
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{dest}.tmp{os.getpid()}"
     try:
@@ -127,8 +120,7 @@ def import_edm_pickle(path):
     """An official EDM snapshot (.pkl) -> a checkpoint dict in our format, with the EMA weights.
     Every failure (a bad opcode, a missing key, a recursion bomb, ...) ends in one line naming the file."""
     if not os.path.isfile(path):
-        example = EDM_URL + "edm-cifar10-32x32-cond-vp.pkl"
-        fail(f"EDM snapshot not found: {path} (official ones are named like {example})")
+        fail(f"EDM snapshot not found: {path} (official ones: {EDM_URL}edm-cifar10-32x32-cond-vp.pkl)")
     try:
         return _import_edm_pickle(path)
     except Exception as e:  # fail() raises SystemExit, which passes through with its own message
@@ -145,7 +137,11 @@ def _import_edm_pickle(path):
         fail(f"{path} has no EDM network under 'ema' (is it an EDM training snapshot?)")
     name, kw = ema.meta.get("class_name"), dict(ema.meta["state"].get("_init_kwargs", {}))
     if name != "EDMPrecond":
-        fail(f"{path}: preconditioning {name!r} is not supported (only EDMPrecond)")
+        fail(f"{path}: preconditioning {name if isinstance(name, str) else type(name)} is not supported")
+    flat = (int, float, str, type(None))  # EDM's values: numbers, names, lists of them (nothing deep to walk)
+    for v in kw.values():
+        if not isinstance(v, flat) and not (type(v) in (list, tuple) and all(isinstance(x, flat) for x in v)):
+            fail(f"{path}: EDMPrecond's init kwargs hold other values than numbers, names and lists of them")
     model_type = kw.get("model_type", "DhariwalUNet")  # EDMPrecond's default is ADM's DhariwalUNet
     if model_type == "SongUNet":
         config = tuple(kw.get(k, v) for k, v in zip(SONGUNET_KEYS.split(), SONGUNET["ddpmpp"], strict=True))
@@ -173,14 +169,11 @@ def _import_edm_pickle(path):
 
     try:
         edm_teacher.build_net(net_kwargs).load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:  # missing or extra keys, other shapes; an arch it does not build
         fail(f"{path}: weights do not match the {arch} network: {str(e).splitlines()[0]}")
-    except ValueError as e:  # an arch this edm_teacher.py does not build
-        fail(f"{path}: {e}")
-    state = dict(source="EDM snapshot", edm_init_kwargs=json.loads(json.dumps(kw)))
     return dict(method="edm_teacher", version=1, args=dict(imported_from=os.path.abspath(path)),
                 net_kwargs=net_kwargs, net=state_dict, ema=state_dict, opt=None, step=0, kimg=0.0,
-                state=state)  # fmt: skip
+                state=dict(source="EDM snapshot", edm_init_kwargs=json.loads(json.dumps(kw))))  # fmt: skip
 
 
 def main(argv=None):
@@ -193,14 +186,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.path.exists(args.out) and not args.overwrite:
         fail(f"{args.out} exists; pass --overwrite to replace it")
-    path = args.snapshot
-    if path.startswith(("http://", "https://")):
-        path = fetch_file(path, args.cache_dir)
+    path = fetch_file(args.snapshot, args.cache_dir) if "://" in args.snapshot else args.snapshot
     ckpt = import_edm_pickle(path)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, args.out)
+    try:  # a full disk, a read-only folder, a name too long (torch.save: RuntimeError): one line
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        torch.save(ckpt, tmp := f"{args.out}.tmp{os.getpid()}")
+        os.replace(tmp, args.out)
+    except (OSError, RuntimeError) as e:
+        fail(f"cannot write {args.out}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     kw, n = ckpt["net_kwargs"], sum(t.numel() for t in ckpt["ema"].values())
     print(f"{args.out}: {kw['arch']} at {kw['img_resolution']}px, label_dim {kw['label_dim']}, {n:,} weights")
 

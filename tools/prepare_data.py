@@ -6,13 +6,12 @@ The method files memory-map the result (`np.load(OUT.npy, mmap_mode="r")`). Besi
 classes; latents: the VAE, posterior mean or sample, scale). --vae encodes [-1, 1] images --batch at a time; a
 stopped run resumes (OUT.npy.partial + .json); --scale 1 is DANSM's "no scaling" (docs/latents.md: LOOM's).
 
-Sources
-  a folder or .zip of .png/.jpg images, taken in the order of their sorted relative paths, with EDM's
-    optional dataset.json labels ({"labels": [[file, label], ...]}, as EDM's dataset_tool.py writes them);
-    palette and alpha images become RGB, grayscale stays one channel;
-  downsampled ImageNet (Imagenet64_train_npz: train_data_batch_*.npz, 'data' [N, 3*64*64] uint8 CHW
-    flattened, 'labels' from 1): a folder of those files (in natural order: 1, 2, ..., 10) or one of them.
-Images must be square and, unless --resolution resizes them all (PIL's LANCZOS filter, no crop), of one size.
+Sources: a folder or .zip of .png/.jpg images in the order of their sorted relative paths, with EDM's
+optional dataset.json labels ({"labels": [[file, label], ...]}, as EDM's dataset_tool.py writes them); palette
+and alpha images become RGB, grayscale (8 or 16 bit) one 8-bit channel; all square and, unless --resolution
+resizes them (PIL's LANCZOS, no crop), of one size, checked before the work. Or downsampled ImageNet
+(Imagenet64_train_npz: train_data_batch_*.npz, 'data' [N, 3*64*64] uint8 CHW flattened, 'labels' from 1):
+a folder of those files (in natural order: 1, 2, ..., 10) or one of them.
 
 Commands
   python tools/prepare_data.py datasets/cifar10-32x32.zip datasets/cifar10.npy
@@ -25,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import pathlib
 import re
 import zipfile
 
@@ -46,15 +46,14 @@ def fit(x, res):
 
 
 def decode(data, name):
-    """One image file's bytes -> uint8 [H, W, C]; palette and alpha images become RGB, never index values."""
+    """An image's bytes -> uint8 [H, W, C]: palette, alpha -> RGB (never indices); 16-bit gray -> v / 257."""
     try:
         img = Image.open(io.BytesIO(data))
-        x = np.atleast_3d(np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB")))
+        if img.mode.startswith("I"):  # I;16, I: 16-bit grayscale (PIL's convert would clip it at 255)
+            return np.round(np.asarray(img, np.float64) / 257).clip(0, 255).astype(np.uint8)[..., None]
+        return np.atleast_3d(np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB")))
     except Exception as e:
         fail(f"cannot read image {name} ({type(e).__name__}: {e})")
-    if x.shape[0] != x.shape[1]:
-        fail(f"{name} is {x.shape[1]}x{x.shape[0]}: images must be square (crop them first)")
-    return x
 
 
 def dataset_json(data, files, src):
@@ -68,8 +67,8 @@ def dataset_json(data, files, src):
         return None
     if missing := [f for f in files if f not in table]:
         fail(f"{src}/dataset.json has no label for {len(missing)} image(s), e.g. {missing[0]}")
-    if bad := [table[f] for f in files if type(table[f]) is not int or table[f] < 0]:
-        fail(f"{src}/dataset.json: labels must be class indices 0, 1, ...; found {bad[0]!r}")
+    if bad := [table[f] for f in files if type(table[f]) is not int or not 0 <= table[f] < 2**16]:
+        fail(f"{src}/dataset.json: labels must be class indices 0, 1, ... below 2**16; found {bad[0]!r}")
     return np.asarray([table[f] for f in files], np.int64)
 
 
@@ -78,10 +77,7 @@ def image_source(src, res):
     if os.path.isdir(src):
         walk = ((d, f) for d, _, fs in os.walk(src) for f in fs)
         names = sorted(os.path.relpath(os.path.join(d, f), src).replace(os.sep, "/") for d, f in walk)
-
-        def read(name):
-            with open(os.path.join(src, name), "rb") as f:
-                return f.read()
+        read = lambda name: pathlib.Path(src, name).read_bytes()  # noqa: E731
     else:
         z = zipfile.ZipFile(src)
         names, read = sorted(z.namelist()), z.read
@@ -89,19 +85,22 @@ def image_source(src, res):
     if not files:
         fail(f"no .png/.jpg images found in {src}")
     labels = dataset_json(read("dataset.json"), files, src) if "dataset.json" in names else None
+
+    def header(name):  # (width, height, channels) from the file's header: every image checked before the work
+        try:
+            with Image.open(io.BytesIO(read(name))) as img:
+                return (*img.size, 1 if img.mode == "L" or img.mode.startswith("I") else 3)
+        except Exception as e:  # a cut-off file or zip member, not an image
+            fail(f"cannot read image {src}/{name} ({type(e).__name__}: {e})")
+
+    shapes = [header(f) for f in tqdm(files, unit="img", desc="sizes", disable=len(files) < 10000)]
+    w0, _, c0 = shapes[0]
+    if bad := [i for i, (w, h, c) in enumerate(shapes) if w != h or c != c0 or not res and w != w0]:
+        fail(f"{src}/{files[bad[0]]} is {shapes[bad[0]]} (W, H, C), {files[0]} {shapes[0]}: images must be "
+             "square and must share one size (--resolution R resizes them all) and colour mode")  # fmt: skip
     hwc = fit(decode(read(files[0]), f"{src}/{files[0]}"), res).shape
-
-    def chunks():
-        for name in files:
-            x = fit(decode(read(name), f"{src}/{name}"), res)
-            if x.shape != hwc:
-                fail(
-                    f"{src}/{name} has shape {x.shape} (H, W, C) but {files[0]} has {hwc}: images must share "
-                    "one size and colour mode (--resolution R resizes them all)"
-                )
-            yield x[None]
-
-    return len(files), hwc, chunks(), labels
+    chunks = (fit(decode(read(name), f"{src}/{name}"), res)[None] for name in files)
+    return len(files), hwc, chunks, labels
 
 
 def npy_header(f):
@@ -131,8 +130,8 @@ def imagenet_source(src, res, chunk=1024):
             fail(f"{path}: 'data' must be C-ordered uint8 [N, 3*S*S] (CHW flattened); got {dtype} {shape}")
         if sizes and side != sizes[0][1]:
             fail(f"{path} holds {side}x{side} images but {paths[0]} holds {sizes[0][1]}x{sizes[0][1]}")
-        if len(y) != shape[0] or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 1):
-            fail(f"{path}: 'labels' must be {shape[0]} integer classes counted from 1 (ImageNet's)")
+        if len(y) != shape[0] or y.dtype.kind not in "iu" or len(y) and not 0 < y.min() <= y.max() <= 2**16:
+            fail(f"{path}: 'labels' must be {shape[0]} integer classes 1..65536 (ImageNet's, counted from 1)")
         sizes.append((shape[0], side))
         labels.append(y.astype(np.int64) - 1)
 
@@ -235,12 +234,15 @@ def main(argv=None):
     src, out, res = args.source, args.out, args.resolution
     if not out.endswith(".npy"):
         p.error(f"OUT must end in .npy: {out}")
-    if res is not None and res < 1 or args.batch < 1:
-        p.error(f"--resolution and --batch must be positive: {res}, {args.batch}")
+    if res is not None and res < 1 or not 1 <= args.batch <= 2**20 or not 0 <= args.seed < 2**40:
+        p.error(f"--resolution, --batch must be in [1, 2**20], --seed in [0, 2**40): {res}, {args.batch}")
     if not os.path.exists(src):
         fail(f"source not found: {src} (an image folder, an EDM dataset .zip or ImageNet-64 .npz batches)")
     if os.path.exists(out) and not args.overwrite:
         fail(f"{out} exists; pass --overwrite to replace it")
+    folder, longest = os.path.dirname(os.path.abspath(out)), len(os.path.basename(out)) + 18
+    if not os.access(folder, os.W_OK | os.X_OK) or longest > 255:  # + 18: OUT.labels.npy.tmpPID
+        fail(f"cannot write {out}: its folder is missing or read-only, or the name is too long")
     npz_dir = os.path.isdir(src) and any(f.endswith(".npz") for f in os.listdir(src))
     if src.endswith(".npz") or npz_dir:
         kind, (n, hwc, chunks, labels) = "imagenet64", imagenet_source(src, res)
@@ -279,6 +281,10 @@ def main(argv=None):
         os.replace(tmp, out)
         if args.vae:
             os.remove(f"{tmp}.json")
+    except OSError as e:  # a full disk, a read-only folder: one line
+        fail(f"{e.filename or out}: {e.strerror or e}")
+    except (zipfile.BadZipFile, EOFError, ValueError) as e:  # a source damaged or cut off after its header
+        fail(f"{src} is damaged or cut off ({type(e).__name__}: {e})")
     finally:
         if os.path.exists(tmp) and not args.vae:  # a stopped encoding stays, to be resumed
             os.remove(tmp)
