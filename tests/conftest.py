@@ -7,6 +7,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# pyproject.toml runs two workers (two cores): one torch thread each, not two each that thrash
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
 
 # The tests' tiny UNet, as command-line flags and as net_kwargs.
 TINY_FLAGS = ["--model-channels", "16", "--channel-mult", "1,2", "--num-blocks", "1", "--attn-res", "8"]

@@ -1,4 +1,4 @@
-"""One command-line vocabulary (DESIGN.md section 10), checked on every script's --help: the same word means
+"""One command-line vocabulary, checked on every script's --help: the same word means
 the same thing in every file, and every number a flag takes is finite."""
 
 import argparse
